@@ -1,0 +1,440 @@
+"""Configuration: one TOML file, parsed once at start into frozen dataclasses.
+
+Every option is declared once in :data:`SCHEMA` with its type, default and the reason for the default;
+``config.example.toml`` documents the same options for users. Errors name the file, the line, the key,
+what was expected and what was found, e.g.::
+
+    /home/a/.config/inverse-cloud/config.toml: line 3: [relay] port: expected an integer 1-65535, got "x"
+
+Unknown keys get a "did you mean" from :func:`difflib.get_close_matches`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import os
+import re
+import tomllib
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from .errors import ConfigError
+
+__all__ = [
+    "AcmeConfig",
+    "Config",
+    "RelayConfig",
+    "ServerConfig",
+    "default_config_path",
+    "default_data_dir",
+    "default_state_dir",
+    "load",
+    "parse_hostport",
+]
+
+LETSENCRYPT = "https://acme-v02.api.letsencrypt.org/directory"
+LETSENCRYPT_STAGING = "https://acme-staging-v02.api.letsencrypt.org/directory"
+
+
+def _xdg(var: str, fallback: str) -> Path:
+    value = os.environ.get(var)
+    return Path(value) if value and os.path.isabs(value) else Path.home() / fallback
+
+
+def default_config_path() -> Path:
+    return _xdg("XDG_CONFIG_HOME", ".config") / "inverse-cloud" / "config.toml"
+
+
+def default_data_dir() -> Path:
+    return _xdg("XDG_DATA_HOME", ".local/share") / "inverse-cloud"
+
+
+def default_state_dir() -> Path:
+    return _xdg("XDG_STATE_HOME", ".local/state") / "inverse-cloud"
+
+
+def parse_hostport(text: str) -> tuple[str, int]:
+    """``"127.0.0.1:8443"`` or ``"[::1]:8443"`` -> (host, port). Raises ValueError."""
+    m = re.fullmatch(r"\[([0-9a-fA-F:.]+)\]:(\d+)|([^:\[\]]+):(\d+)", text.strip())
+    if not m:
+        raise ValueError("expected HOST:PORT, e.g. 127.0.0.1:8443")
+    host = m.group(1) or m.group(3)
+    port = int(m.group(2) or m.group(4))
+    if not 0 <= port <= 65535:
+        raise ValueError("port must be 0-65535")
+    return host, port
+
+
+@dataclass(frozen=True)
+class ServerConfig:
+    domain: str
+    https_listen: tuple[str, int]
+    http_listen: tuple[str, int]
+    data_dir: Path
+    state_dir: Path
+    max_body_bytes: int
+    body_grace_s: float
+    body_min_rate_bps: int
+    idle_timeout_s: float
+    handshake_timeout_s: float
+    max_connections: int
+    radicale_threads: int
+    auth_delay_s: float
+    shutdown_timeout_s: float
+    log_level: str
+    control_socket: Path
+
+    @property
+    def storage_dir(self) -> Path:
+        return self.data_dir / "collections"
+
+    @property
+    def htpasswd_path(self) -> Path:
+        return self.data_dir / "users.htpasswd"
+
+    @property
+    def cert_dir(self) -> Path:
+        return self.state_dir / "tls"
+
+
+@dataclass(frozen=True)
+class RelayConfig:
+    enabled: bool
+    host: str
+    port: int
+    user: str
+    key_file: Path
+    takeover_key_file: Path
+    host_key: str
+    listen_host: str
+    https_port: int
+    http_port: int
+    keepalive_interval_s: float
+    keepalive_count_max: int
+    connect_timeout_s: float
+
+    @property
+    def known_hosts_path(self) -> Path:
+        return self.key_file.parent / "relay_known_hosts"
+
+
+@dataclass(frozen=True)
+class AcmeConfig:
+    enabled: bool
+    directory: str
+    email: str
+    ca_bundle: Path | None
+    eab_kid: str
+    eab_hmac_key: str
+    key_type: str
+    check_interval_s: float
+    account_dir: Path
+
+
+@dataclass(frozen=True)
+class Config:
+    path: Path | None
+    server: ServerConfig
+    relay: RelayConfig
+    acme: AcmeConfig
+    radicale_extra: Mapping[str, Mapping[str, str]] = field(default_factory=dict)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Schema: (key, checker, default). A default of _REQUIRED means the key must be given.
+# Defaults and their reasons live in config.example.toml next to each option.
+
+_REQUIRED = object()
+Checker = Callable[[Any], Any]
+
+
+def _str(v: Any) -> str:
+    if not isinstance(v, str):
+        raise ValueError("expected a string")
+    return v
+
+
+def _nonempty(v: Any) -> str:
+    s = _str(v).strip()
+    if not s:
+        raise ValueError("expected a non-empty string")
+    return s
+
+
+def _domain(v: Any) -> str:
+    s = _nonempty(v).lower().rstrip(".")
+    if not re.fullmatch(r"(?=.{1,253}$)([a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?\.)*[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?", s):
+        raise ValueError("expected a DNS name such as contacts.example.org")
+    return s
+
+
+def _bool(v: Any) -> bool:
+    if not isinstance(v, bool):
+        raise ValueError("expected true or false")
+    return v
+
+
+def _int_range(lo: int, hi: int) -> Checker:
+    def check(v: Any) -> int:
+        if isinstance(v, bool) or not isinstance(v, int) or not lo <= v <= hi:
+            raise ValueError(f"expected an integer {lo}-{hi}")
+        return v
+
+    return check
+
+
+def _float_range(lo: float, hi: float) -> Checker:
+    def check(v: Any) -> float:
+        if isinstance(v, bool) or not isinstance(v, int | float) or not lo <= v <= hi:
+            raise ValueError(f"expected a number {lo:g}-{hi:g}")
+        return float(v)
+
+    return check
+
+
+def _hostport(v: Any) -> tuple[str, int]:
+    return parse_hostport(_str(v))
+
+
+def _path(v: Any) -> Path:
+    return Path(os.path.expanduser(_nonempty(v)))
+
+
+def _choice(*choices: str) -> Checker:
+    def check(v: Any) -> str:
+        if v not in choices:
+            raise ValueError("expected one of " + ", ".join(f'"{c}"' for c in choices))
+        return str(v)
+
+    return check
+
+
+def _host_key(v: Any) -> str:
+    s = _str(v).strip()
+    if s and not re.fullmatch(r"(ssh-ed25519|ecdsa-sha2-nistp\d+|ssh-rsa|rsa-sha2-\d+) [A-Za-z0-9+/=]+", s):
+        raise ValueError('expected an OpenSSH public key line such as "ssh-ed25519 AAAAC3..."')
+    return s
+
+
+SCHEMA: dict[str, dict[str, tuple[Checker, Any]]] = {
+    "server": {
+        "domain": (_domain, _REQUIRED),
+        "https_listen": (_hostport, "127.0.0.1:8443"),
+        "http_listen": (_hostport, "127.0.0.1:8080"),
+        "data_dir": (_path, None),
+        "state_dir": (_path, None),
+        "max_body_bytes": (_int_range(1024, 1 << 30), 4 * 1024 * 1024),
+        "body_grace_s": (_float_range(1, 3600), 10.0),
+        "body_min_rate_bps": (_int_range(1, 1 << 30), 1024),
+        "idle_timeout_s": (_float_range(1, 3600), 30.0),
+        "handshake_timeout_s": (_float_range(1, 60), 10.0),
+        "max_connections": (_int_range(4, 100_000), 512),
+        "radicale_threads": (_int_range(1, 64), 4),
+        "auth_delay_s": (_float_range(0, 10), 1.0),
+        "shutdown_timeout_s": (_float_range(0, 600), 15.0),
+        "log_level": (_choice("debug", "info", "warning", "error"), "info"),
+        "control_socket": (_path, None),
+    },
+    "relay": {
+        "enabled": (_bool, None),
+        "host": (_str, ""),
+        "port": (_int_range(1, 65535), 22),
+        "user": (_nonempty, "inverse-cloud"),
+        "key_file": (_path, None),
+        "takeover_key_file": (_path, None),
+        "host_key": (_host_key, ""),
+        "listen_host": (_nonempty, "127.0.0.1"),
+        "https_port": (_int_range(1, 65535), 44353),
+        "http_port": (_int_range(1, 65535), 8053),
+        "keepalive_interval_s": (_float_range(1, 600), 10.0),
+        "keepalive_count_max": (_int_range(1, 100), 3),
+        "connect_timeout_s": (_float_range(1, 300), 15.0),
+    },
+    "acme": {
+        "enabled": (_bool, None),
+        "directory": (_nonempty, LETSENCRYPT),
+        "staging": (_bool, False),
+        "email": (_str, ""),
+        "ca_bundle": (_path, None),
+        "eab_kid": (_str, ""),
+        "eab_hmac_key": (_str, ""),
+        "key_type": (_choice("ecdsa-p256", "ecdsa-p384", "rsa-2048", "rsa-3072"), "ecdsa-p256"),
+        "check_interval_s": (_float_range(1, 86400), 600.0),
+    },
+}
+
+# Radicale options a user may not override through [radicale.*]: they are what keeps the server safe.
+_RADICALE_LOCKED = {
+    ("auth", "type"), ("auth", "htpasswd_filename"), ("rights", "type"),
+    ("server", "hosts"), ("server", "ssl"), ("server", "script_name"),
+    ("storage", "filesystem_folder"),
+}
+
+
+def _locate(text: str, section: str | None, key: str | None) -> int | None:
+    """Best-effort line number (1-based) of ``key`` inside ``[section]`` (or of the header itself)."""
+    current: str | None = None
+    header_line = None
+    for n, raw in enumerate(text.splitlines(), 1):
+        line = raw.strip()
+        m = re.match(r"^\[+\s*([^\]]+?)\s*\]+", line)
+        if m:
+            current = m.group(1).strip().strip('"')
+            if current == section and header_line is None:
+                header_line = n
+            continue
+        if key is not None and current == section:
+            km = re.match(r'^"?([A-Za-z0-9_.-]+)"?\s*=', line)
+            if km and km.group(1) == key:
+                return n
+    return header_line
+
+
+class _Errors:
+    def __init__(self, path: Path | None, text: str) -> None:
+        self.path, self.text = path, text
+
+    def fail(self, section: str | None, key: str | None, what: str) -> ConfigError:
+        where = str(self.path) if self.path else "config"
+        line = _locate(self.text, section, key)
+        if line is not None:
+            where += f": line {line}"
+        name = f"[{section}] {key}" if section and key else (f"[{section}]" if section else (key or ""))
+        return ConfigError(f"{where}: {name}: {what}" if name else f"{where}: {what}")
+
+
+def _describe(v: Any) -> str:
+    return f'"{v}"' if isinstance(v, str) else repr(v)
+
+
+def load(path: Path, overrides: Mapping[str, Mapping[str, Any]] | None = None) -> Config:
+    """Read and check ``path``. ``overrides`` (from command-line flags) win over the file.
+
+    :raises ConfigError: with one line naming file, line, key and what was expected.
+    """
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise ConfigError(
+            f"{path}: no such config file (run `inverse-cloud init` to create one, or pass --config)"
+        ) from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"{path}: cannot read config file: {exc}") from None
+    return loads(text, path, overrides)
+
+
+def loads(text: str, path: Path | None = None,
+          overrides: Mapping[str, Mapping[str, Any]] | None = None) -> Config:
+    errors = _Errors(path, text)
+    try:
+        raw = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
+        # tomllib's message carries "(at line L, column C)"; put the file name in front of it.
+        msg = str(exc)
+        m = re.search(r"\(at line (\d+), column (\d+)\)", msg)
+        if m:
+            msg = msg[: m.start()].strip()
+            where = f"{path or 'config'}: line {m.group(1)}, column {m.group(2)}"
+        else:
+            where = f"{path or 'config'}"
+        if msg.startswith("Cannot overwrite a value"):
+            msg += " (a key or table is defined twice)"
+        raise ConfigError(f"{where}: TOML syntax error: {msg}") from None
+    for section, extra in (overrides or {}).items():
+        raw.setdefault(section, {}).update(extra)
+
+    known = set(SCHEMA) | {"radicale"}
+    for section in raw:
+        if section not in known:
+            hint = difflib.get_close_matches(section, sorted(known), n=1)
+            raise errors.fail(None, f"[{section}]", "unknown section" + (
+                f' (did you mean "[{hint[0]}]"?)' if hint else f"; known: {', '.join(sorted(known))}"))
+        if not isinstance(raw[section], dict):
+            raise errors.fail(None, section, "expected a [table]")
+
+    values: dict[str, dict[str, Any]] = {}
+    for section, schema in SCHEMA.items():
+        given = raw.get(section, {})
+        for key in given:
+            if key not in schema:
+                hint = difflib.get_close_matches(key, list(schema), n=1)
+                raise errors.fail(section, key, "unknown key" + (
+                    f' (did you mean "{hint[0]}"?)' if hint else f"; known keys: {', '.join(schema)}"))
+        out: dict[str, Any] = {}
+        for key, (check, default) in schema.items():
+            if key in given:
+                try:
+                    out[key] = check(given[key])
+                except ValueError as exc:
+                    raise errors.fail(section, key, f"{exc}, got {_describe(given[key])}") from None
+            elif default is _REQUIRED:
+                raise errors.fail(section, key, "missing required key")
+            else:
+                out[key] = default
+        values[section] = out
+
+    radicale_extra = _radicale_extra(raw.get("radicale", {}), errors)
+    return _build(path, values, radicale_extra)
+
+
+def _radicale_extra(raw: Any, errors: _Errors) -> dict[str, dict[str, str]]:
+    """``[radicale.<section>] option = value`` passes options through to Radicale unchanged."""
+    out: dict[str, dict[str, str]] = {}
+    for section, options in raw.items():
+        if not isinstance(options, dict):
+            raise errors.fail("radicale", section,
+                              "expected a table such as [radicale.storage] holding Radicale options")
+        for option, value in options.items():
+            if (section, option) in _RADICALE_LOCKED:
+                raise errors.fail(f"radicale.{section}", option,
+                                  "is set by inverse-cloud itself and cannot be overridden")
+            if isinstance(value, bool):
+                value = "True" if value else "False"
+            out.setdefault(section, {})[option] = str(value)
+    return out
+
+
+def _build(path: Path | None, v: dict[str, dict[str, Any]], radicale_extra: dict[str, dict[str, str]]) -> Config:
+    s = v["server"]
+    data_dir: Path = s["data_dir"] or default_data_dir()
+    state_dir: Path = s["state_dir"] or default_state_dir()
+    runtime = os.environ.get("XDG_RUNTIME_DIR")
+    control = s["control_socket"] or (
+        Path(runtime) / "inverse-cloud.sock" if runtime and os.path.isabs(runtime)
+        else state_dir / "control.sock")
+    server = ServerConfig(
+        domain=s["domain"], https_listen=s["https_listen"], http_listen=s["http_listen"],
+        data_dir=data_dir, state_dir=state_dir, max_body_bytes=s["max_body_bytes"],
+        body_grace_s=s["body_grace_s"], body_min_rate_bps=s["body_min_rate_bps"], idle_timeout_s=s["idle_timeout_s"],
+        handshake_timeout_s=s["handshake_timeout_s"], max_connections=s["max_connections"],
+        radicale_threads=s["radicale_threads"], auth_delay_s=s["auth_delay_s"],
+        shutdown_timeout_s=s["shutdown_timeout_s"], log_level=s["log_level"], control_socket=control,
+    )
+    r = v["relay"]
+    ssh_dir = data_dir / "ssh"
+    relay = RelayConfig(
+        enabled=bool(r["host"]) if r["enabled"] is None else r["enabled"],
+        host=r["host"], port=r["port"], user=r["user"],
+        key_file=r["key_file"] or ssh_dir / "id_ed25519",
+        takeover_key_file=r["takeover_key_file"] or ssh_dir / "id_ed25519_takeover",
+        host_key=r["host_key"], listen_host=r["listen_host"], https_port=r["https_port"],
+        http_port=r["http_port"], keepalive_interval_s=r["keepalive_interval_s"],
+        keepalive_count_max=r["keepalive_count_max"], connect_timeout_s=r["connect_timeout_s"],
+    )
+    a = v["acme"]
+    directory = LETSENCRYPT_STAGING if a["staging"] and a["directory"] == LETSENCRYPT else a["directory"]
+    acme = AcmeConfig(
+        enabled=relay.enabled if a["enabled"] is None else a["enabled"],
+        directory=directory, email=a["email"], ca_bundle=a["ca_bundle"], eab_kid=a["eab_kid"],
+        eab_hmac_key=a["eab_hmac_key"], key_type=a["key_type"], check_interval_s=a["check_interval_s"],
+        account_dir=data_dir / "acme",
+    )
+    return Config(path=path, server=server, relay=relay, acme=acme, radicale_extra=radicale_extra)
+
+
+def replace_server(cfg: Config, **changes: Any) -> Config:
+    """A copy of ``cfg`` with some [server] fields changed (tests and flags)."""
+    return dataclasses.replace(cfg, server=dataclasses.replace(cfg.server, **changes))

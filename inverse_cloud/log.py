@@ -1,0 +1,80 @@
+"""Logging set-up: one line per event on stderr.
+
+Under systemd (``JOURNAL_STREAM`` set) lines carry an ``<N>`` syslog priority prefix and no timestamp,
+because journald adds both (sd-daemon(3)). Elsewhere a short timestamp is added. Tracebacks are only
+printed at debug level (Radicale's habit): at INFO an exception is reduced to its one-line message.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+
+__all__ = ["setup"]
+
+_PRIORITY = {
+    logging.DEBUG: 7,
+    logging.INFO: 6,
+    logging.WARNING: 4,
+    logging.ERROR: 3,
+    logging.CRITICAL: 2,
+}
+
+
+class _OneLineFormatter(logging.Formatter):
+    def __init__(self, journald: bool, debug: bool) -> None:
+        fmt = "%(levelname)s %(name)s: %(message)s" if journald else (
+            "%(asctime)s %(levelname)s %(name)s: %(message)s")
+        super().__init__(fmt, datefmt="%H:%M:%S")
+        self._journald = journald
+        self._debug = debug
+
+    def format(self, record: logging.LogRecord) -> str:
+        if record.exc_info and not self._debug:
+            # One line: keep the exception's message, drop the traceback.
+            exc = record.exc_info[1]
+            record = logging.makeLogRecord(record.__dict__)
+            record.msg = f"{record.getMessage()} ({type(exc).__name__}: {exc})" if exc else record.getMessage()
+            record.args = None
+            record.exc_info = None
+            record.exc_text = None
+        line = super().format(record)
+        if not self._debug:
+            line = line.replace("\n", " | ")
+        if self._journald:
+            line = f"<{_PRIORITY.get(record.levelno, 6)}>{line}"
+        return line
+
+
+class _AiohttpParserNoise(logging.Filter):
+    """aiohttp logs a malformed request as "Error handling request" with a traceback. A bad request
+    from the internet is not an error of ours: keep one short line at INFO level."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.name == "aiohttp.server" and record.getMessage().startswith("Error handling request"):
+            exc = record.exc_info[1] if record.exc_info else None
+            record.levelno, record.levelname = logging.INFO, "INFO"
+            record.msg = f"bad request: {type(exc).__name__ if exc else 'malformed'}: {exc}"
+            record.args = None
+            record.exc_info = None
+        return True
+
+
+def setup(level: str = "info") -> None:
+    """Configure the root logger once. ``level`` is debug|info|warning|error."""
+    numeric = getattr(logging, level.upper(), logging.INFO)
+    journald = bool(os.environ.get("JOURNAL_STREAM"))
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(_OneLineFormatter(journald, numeric <= logging.DEBUG))
+    handler.addFilter(_AiohttpParserNoise())
+    root = logging.getLogger()
+    for old in list(root.handlers):
+        root.removeHandler(old)
+    root.addHandler(handler)
+    root.setLevel(numeric)
+    # Radicale is chatty at INFO (a line per request and per login); our access log covers that.
+    logging.getLogger("radicale").setLevel(max(numeric, logging.WARNING))
+    logging.getLogger("asyncssh").setLevel(max(numeric, logging.WARNING))
+    logging.getLogger("acme").setLevel(max(numeric, logging.WARNING))
+    logging.getLogger("urllib3").setLevel(max(numeric, logging.WARNING))

@@ -1,0 +1,89 @@
+"""Radicale, configured explicitly from our config.
+
+``radicale.config.load([])`` starts from Radicale's built-in defaults and reads *no* file, so neither
+``/etc/radicale/config`` nor ``RADICALE_CONFIG`` can change what we serve. The options that keep the
+server safe are set here and cannot be overridden from ``[radicale.*]`` (see config._RADICALE_LOCKED).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from typing import Any
+
+from .config import Config
+
+__all__ = ["PREDEFINED_COLLECTIONS", "build_application", "radicale_options"]
+
+# Every user gets an address book and a calendar at first login, so a phone finds something to sync
+# and Thunderbird (which cannot create collections) has a target.
+PREDEFINED_COLLECTIONS = {
+    "contacts": {"tag": "VADDRESSBOOK", "D:displayname": "Contacts"},
+    "calendar": {
+        "tag": "VCALENDAR",
+        "D:displayname": "Calendar",
+        "C:supported-calendar-component-set": "VEVENT,VTODO,VJOURNAL",
+    },
+}
+
+
+def radicale_options(cfg: Config) -> dict[str, dict[str, str]]:
+    s = cfg.server
+    options: dict[str, dict[str, str]] = {
+        "server": {
+            # Used by Radicale only when proxy headers are present; we strip those, and pass
+            # SCRIPT_NAME ourselves. Set anyway so a header we missed cannot move the prefix.
+            "script_name": "/radicale",
+            # Limits enforced in front of Radicale too (web.py); these are Radicale's own checks.
+            # Radicale caps max_resource_size at 80% of max_content_length: leave room above ours.
+            "max_content_length": str(s.max_body_bytes * 5 // 4 + 1),
+            "max_resource_size": str(s.max_body_bytes),
+            # Radicale sleeps in the worker thread on 5xx; we never want a thread asleep.
+            "delay_on_error": "0",
+        },
+        "auth": {
+            "type": "htpasswd",
+            "htpasswd_filename": str(s.htpasswd_path),
+            "htpasswd_encryption": "autodetect",
+            # The failed-login delay is applied by web.py with an async sleep: Radicale's own
+            # is a time.sleep that would hold a worker thread (reliability.md finding 5).
+            "delay": "0",
+            # bcrypt costs ~0.2 s per check: cache good logins so a sync does not pay it per request.
+            "cache_logins": "True",
+            # Re-read the user file only when its size or mtime changes (user add/remove take effect).
+            "htpasswd_cache": "True",
+        },
+        "rights": {"type": "owner_only"},
+        "storage": {
+            "filesystem_folder": str(s.storage_dir),
+            "predefined_collections": json.dumps(PREDEFINED_COLLECTIONS),
+        },
+        "logging": {"level": "warning", "mask_passwords": "True"},
+    }
+    for section, values in cfg.radicale_extra.items():
+        options.setdefault(section, {}).update(values)
+    return options
+
+
+def build_application(cfg: Config) -> Any:
+    """A Radicale WSGI application for ``cfg``. Imports Radicale lazily (it is the heaviest import)."""
+    import radicale.app
+    import radicale.config
+
+    from .errors import ConfigError
+
+    configuration = radicale.config.load([])
+    try:
+        configuration.update(radicale_options(cfg), "inverse-cloud config", privileged=True)
+    except (RuntimeError, ValueError) as exc:
+        # Only [radicale.*] pass-through options can be wrong here; Radicale names option and section.
+        where = cfg.path or "config"
+        raise ConfigError(f"{where}: [radicale.*]: {exc}".replace(" in inverse-cloud config", "")) from None
+    # Radicale narrates its set-up at WARNING (creating folders, optional modules); only errors matter here.
+    radicale_log = logging.getLogger("radicale")
+    level = radicale_log.level
+    radicale_log.setLevel(logging.ERROR)
+    try:
+        return radicale.app.Application(configuration)
+    finally:
+        radicale_log.setLevel(level)

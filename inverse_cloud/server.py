@@ -1,0 +1,124 @@
+"""The DAV server component: HTTPS (Radicale) and HTTP (ACME + redirect) listeners in this process."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from typing import Any
+
+from aiohttp import web
+
+from .config import Config
+from .listeners import CappedSite, bind_socket
+from .radicale_app import build_application
+from .tls import CertStore, TLSManager
+from .web import (
+    ChallengeStore,
+    PeerDirectory,
+    StorageGuard,
+    access_logger_class,
+    make_http_app,
+    make_https_app,
+)
+from .wsgi import RadicaleBridge
+
+__all__ = ["DavServer", "check_http_parser"]
+
+log = logging.getLogger(__name__)
+
+
+def check_http_parser() -> None:
+    """Refuse to run on aiohttp's lenient pure-Python parser (CVE-2023-47627, CVE-2024-23829)."""
+    from aiohttp import http_parser
+
+    from .errors import StartupError
+
+    try:
+        from aiohttp import _http_parser
+    except ImportError:
+        raise StartupError("aiohttp's C HTTP parser is not available (the pure-Python one is lenient "
+                           "and had request-smuggling bugs); reinstall aiohttp from a wheel") from None
+    if http_parser.HttpRequestParser is not getattr(_http_parser, "HttpRequestParser", None):
+        raise StartupError("aiohttp is using its pure-Python HTTP parser (AIOHTTP_NO_EXTENSIONS set?); "
+                           "unset AIOHTTP_NO_EXTENSIONS")
+
+
+class DavServer:
+    """Owns both listeners, the Radicale bridge and the TLS manager."""
+
+    name = "dav-server"
+
+    def __init__(self, cfg: Config, *, public_https_port: int = 443) -> None:
+        self.cfg = cfg
+        s = cfg.server
+        self.challenges = ChallengeStore()
+        self.peers = PeerDirectory()
+        self.tls = TLSManager(CertStore(s.cert_dir), s.domain)
+        self.guard = StorageGuard(s.storage_dir, s.data_dir / ".has-data")
+        self.public_https_port = public_https_port
+        self.bridge: RadicaleBridge | None = None
+        self._runners: list[web.AppRunner] = []
+        self._sites: list[CappedSite] = []
+        self.https_port = 0
+        self.http_port = 0
+        self.home_handler: Any = None
+
+    async def start(self) -> None:
+        s = self.cfg.server
+        check_http_parser()
+        https_sock = bind_socket(*s.https_listen, "[server] https_listen")
+        try:
+            http_sock = bind_socket(*s.http_listen, "[server] http_listen")
+        except BaseException:
+            https_sock.close()
+            raise
+        loop = asyncio.get_running_loop()
+        s.storage_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+        # Radicale's import and set-up read files: off the loop.
+        app = await loop.run_in_executor(None, build_application, self.cfg)
+        self.tls.load()
+        self.bridge = RadicaleBridge(
+            app, threads=s.radicale_threads, max_body_bytes=s.max_body_bytes, body_grace_s=s.body_grace_s,
+            body_min_rate_bps=s.body_min_rate_bps, auth_delay_s=s.auth_delay_s,
+            remote_of=self.peers.remote_of, on_response=self.guard.note_success, gate=self.guard.gate)
+        common: dict[str, Any] = dict(
+            keepalive_timeout=s.idle_timeout_s, shutdown_timeout=s.shutdown_timeout_s,
+            access_log_class=access_logger_class(self.peers), handle_signals=False,
+            # Request bodies are read by the bridge under its own limits; this bounds everything else.
+            max_line_size=8190, max_field_size=8190, max_headers=100, lingering_time=2.0,
+        )
+        https_runner = web.AppRunner(make_https_app(self.bridge, self.home_handler), **common)
+        http_runner = web.AppRunner(make_http_app(self.challenges, s.domain, self.public_https_port), **common)
+        for runner in (https_runner, http_runner):
+            await runner.setup()
+            self._runners.append(runner)
+        https_site = CappedSite(https_runner, https_sock, ssl_context=self.tls.listening_context,
+                                handshake_timeout_s=s.handshake_timeout_s, max_connections=s.max_connections)
+        http_site = CappedSite(http_runner, http_sock, ssl_context=None,
+                               handshake_timeout_s=s.handshake_timeout_s, max_connections=s.max_connections)
+        for site in (https_site, http_site):
+            await site.start()
+            self._sites.append(site)
+        self.https_port, self.http_port = https_site.port, http_site.port
+        log.info("serving DAV on https://%s:%d/radicale/ and ACME/redirects on http://%s:%d/",
+                 s.https_listen[0], self.https_port, s.http_listen[0], self.http_port)
+
+    def reload(self) -> None:
+        self.tls.load()
+        if self.bridge is not None:
+            self.bridge.replace_app(build_application(self.cfg))
+
+    async def aclose(self) -> None:
+        # Stop accepting on every listener first, then drain each server.
+        for site in self._sites:
+            await site.stop()
+        in_flight = self.bridge.in_flight if self.bridge else 0
+        if in_flight:
+            log.info("draining %d in-flight request(s) (up to %.0f s)", in_flight, self.cfg.server.shutdown_timeout_s)
+        for runner in self._runners:
+            await runner.cleanup()
+        self._runners.clear()
+        self._sites.clear()
+        if self.bridge is not None:
+            bridge = self.bridge
+            await asyncio.get_running_loop().run_in_executor(None, bridge.close)

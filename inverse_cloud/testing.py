@@ -1,0 +1,175 @@
+"""Helpers shared by tests/, integration/ and bench/: waiting with a deadline, free ports, and an
+``inverse-cloud serve`` child process that is always stopped by pid. Not used by the server itself."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import ssl
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, TypeVar
+
+__all__ = ["ServeProcess", "free_port", "init_instance", "wait_until"]
+
+T = TypeVar("T")
+
+
+def wait_until(predicate: Callable[[], T], timeout_s: float, what: str, interval_s: float = 0.02,
+               on_timeout: Callable[[], str] | None = None) -> T:
+    """Poll ``predicate`` until it returns a truthy value; return that value.
+
+    :raises TimeoutError: naming ``what`` (plus ``on_timeout()``, e.g. a child's stderr) after the deadline.
+    """
+    deadline = time.monotonic() + timeout_s
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if time.monotonic() >= deadline:
+            extra = f"\n{on_timeout()}" if on_timeout else ""
+            raise TimeoutError(f"timed out after {timeout_s:.0f} s waiting for {what}{extra}")
+        time.sleep(interval_s)  # polling interval of a deadline loop, not a wait for a server
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    with socket.socket() as s:
+        s.bind((host, 0))
+        return int(s.getsockname()[1])
+
+
+def init_instance(root: Path, *, domain: str = "laptop.test", user: str = "alice", password: str = "correct horse",  # noqa: S107 (test fixture)
+                  extra_toml: str = "", relay: str = "", acme_directory: str = "", acme_ca_bundle: str = "",
+                  python: str = sys.executable) -> Path:
+    """Run ``inverse-cloud init`` non-interactively into ``root``; return the config path.
+    ``extra_toml`` is appended to the [server] table (e.g. "max_body_bytes = 1048576")."""
+    root.mkdir(parents=True, exist_ok=True)
+    pw = root / "password"
+    pw.write_text(password)
+    cfg = root / "config.toml"
+    args = [python, "-m", "inverse_cloud.cli", "init", "--non-interactive", "--config", str(cfg),
+            "--data-dir", str(root / "data"), "--state-dir", str(root / "state"), "--domain", domain,
+            "--user", user, "--password-file", str(pw), "--https-listen", f"127.0.0.1:{free_port()}",
+            "--http-listen", f"127.0.0.1:{free_port()}", "--relay", relay, "--acme-email", ""]
+    if acme_directory:
+        args += ["--acme-directory", acme_directory]
+    if acme_ca_bundle:
+        args += ["--acme-ca-bundle", acme_ca_bundle]
+    subprocess.run(args, check=True, capture_output=True, text=True, timeout=60)
+    if extra_toml:
+        text = cfg.read_text()
+        text = text.replace("[server]\n", "[server]\n" + extra_toml.rstrip("\n") + "\n", 1)
+        cfg.write_text(text)
+    return cfg
+
+
+@dataclass
+class ServeProcess:
+    """``inverse-cloud serve`` as a child process. Use as a context manager; it is always stopped."""
+
+    config: Path
+    env: dict[str, str] = field(default_factory=dict)
+    python: str = sys.executable
+    proc: subprocess.Popen[bytes] | None = None
+    log_path: Path | None = None
+
+    def _ports(self) -> tuple[int, int]:
+        from .config import load
+
+        cfg = load(self.config)
+        return cfg.server.https_listen[1], cfg.server.http_listen[1]
+
+    @property
+    def https_port(self) -> int:
+        return self._ports()[0]
+
+    @property
+    def http_port(self) -> int:
+        return self._ports()[1]
+
+    def start(self, timeout_s: float = 30) -> ServeProcess:
+        self.log_path = self.config.parent / f"serve-{int(time.time() * 1000)}.log"
+        env = {**os.environ, **self.env}
+        env.pop("RADICALE_CONFIG", None) if "RADICALE_CONFIG" not in self.env else None
+        with open(self.log_path, "wb") as log:
+            self.proc = subprocess.Popen([self.python, "-m", "inverse_cloud.cli", "serve", "--config",
+                                          str(self.config)], stdout=log, stderr=subprocess.STDOUT, env=env)
+        self.wait_ready(timeout_s)
+        return self
+
+    def wait_ready(self, timeout_s: float = 30) -> None:
+        port = self.https_port
+
+        def ready() -> bool:
+            assert self.proc is not None
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"inverse-cloud serve exited with {self.proc.returncode}:\n{self.log()}")
+            return tls_handshake_ok("127.0.0.1", port)
+
+        wait_until(ready, timeout_s, f"inverse-cloud serve on port {port}", on_timeout=self.log)
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace") if self.log_path and self.log_path.exists() else ""
+
+    @property
+    def pid(self) -> int:
+        assert self.proc is not None
+        return self.proc.pid
+
+    def signal(self, sig: int) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            os.kill(self.proc.pid, sig)
+
+    def stop(self, timeout_s: float = 30) -> int:
+        """SIGTERM, wait; SIGKILL if it does not exit in time. Returns the exit code."""
+        if self.proc is None:
+            return 0
+        if self.proc.poll() is None:
+            os.kill(self.proc.pid, signal.SIGTERM)
+            try:
+                self.proc.wait(timeout_s)
+            except subprocess.TimeoutExpired:
+                os.kill(self.proc.pid, signal.SIGKILL)
+                self.proc.wait(10)
+        return int(self.proc.returncode)
+
+    def kill(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            os.kill(self.proc.pid, signal.SIGKILL)
+            self.proc.wait(10)
+
+    def __enter__(self) -> ServeProcess:
+        return self.start() if self.proc is None else self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.stop()
+
+
+def tls_handshake_ok(host: str, port: int) -> bool:
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    ctx.check_hostname = False
+    ctx.verify_mode = ssl.CERT_NONE
+    try:
+        with socket.create_connection((host, port), timeout=2) as raw, ctx.wrap_socket(raw):
+            return True
+    except OSError:
+        return False
+
+
+def served_certificate_serial(host: str, port: int, server_name: str = "laptop.test") -> int:
+    """The serial of the leaf certificate a fresh handshake to ``host:port`` presents."""
+    from cryptography import x509
+
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    ctx.check_hostname = False
+    ctx.verify_mode = ssl.CERT_NONE
+    with socket.create_connection((host, port), timeout=5) as raw, \
+            ctx.wrap_socket(raw, server_hostname=server_name) as s:
+        der = s.getpeercert(binary_form=True)
+    assert der is not None
+    return int(x509.load_der_x509_certificate(der).serial_number)

@@ -1,0 +1,214 @@
+"""The two aiohttp applications: HTTPS (DAV) and HTTP (ACME challenges + redirect), and the small
+shared pieces other components plug into:
+
+* :class:`ChallengeStore`: HTTP-01 tokens the ACME client publishes (``set``/``remove``);
+* :class:`PeerDirectory`: the real client address for connections the tunnel hands to our listeners
+  over loopback (the tunnel registers its local source port before sending a byte);
+* :class:`StorageGuard`: refuses ``/radicale/`` when a store that has held data is missing or empty.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+from typing import Any
+
+from aiohttp import web
+from aiohttp.abc import AbstractAccessLogger
+
+from .fsutil import atomic_write
+from .wsgi import WRITE_METHODS, RadicaleBridge, WsgiResult
+
+__all__ = [
+    "AccessLogger",
+    "access_logger_class",
+    "ChallengeStore",
+    "PeerDirectory",
+    "StorageGuard",
+    "make_http_app",
+    "make_https_app",
+    "redirect_target",
+]
+
+log = logging.getLogger(__name__)
+
+ACME_PREFIX = "/.well-known/acme-challenge/"
+DAV_ROOT = "/radicale/"
+
+
+class ChallengeStore:
+    """In-memory HTTP-01 tokens: ``token -> key authorization``."""
+
+    def __init__(self) -> None:
+        self._tokens: dict[str, str] = {}
+
+    def set(self, token: str, key_authorization: str) -> None:
+        self._tokens[token] = key_authorization
+
+    def remove(self, token: str) -> None:
+        self._tokens.pop(token, None)
+
+    def get(self, token: str) -> str | None:
+        return self._tokens.get(token)
+
+    def __len__(self) -> int:
+        return len(self._tokens)
+
+
+class PeerDirectory:
+    """Maps a loopback source port (the tunnel's side of a hand-off connection) to the address the
+    relay saw. Lookups fall back to the socket peer, so direct connections need no registration."""
+
+    def __init__(self) -> None:
+        self._by_port: dict[int, tuple[str, int]] = {}
+
+    def register(self, local_port: int, origin: tuple[str, int]) -> None:
+        self._by_port[local_port] = origin
+
+    def unregister(self, local_port: int) -> None:
+        self._by_port.pop(local_port, None)
+
+    def resolve(self, peername: Any) -> tuple[str, int]:
+        if not peername:
+            return ("unknown", 0)
+        host, port = peername[0], int(peername[1])
+        return self._by_port.get(port, (host, port)) if host in ("127.0.0.1", "::1") else (host, port)
+
+    def remote_of(self, request: web.Request) -> tuple[str, int]:
+        peer = request.transport.get_extra_info("peername") if request.transport else None
+        return self.resolve(peer)
+
+
+class StorageGuard:
+    """Refuse to serve DAV from a missing, empty or unreadable store once this installation has held
+    data: Radicale would create an empty root and phones would delete their contacts
+    (reliability.md finding 10)."""
+
+    def __init__(self, storage_dir: Path, marker: Path) -> None:
+        self.root = storage_dir / "collection-root"
+        self.storage_dir = storage_dir
+        self.marker = marker
+        self._has_data = marker.exists()
+        self._logged_at = 0.0
+
+    def problem(self) -> str | None:
+        if not self._has_data:
+            return None
+        try:
+            entries = os.listdir(self.root)
+        except FileNotFoundError:
+            return f"storage folder {self.root} is missing"
+        except OSError as exc:
+            return f"storage folder {self.root} is unreadable ({exc.strerror})"
+        if not [e for e in entries if not e.startswith(".")]:
+            return f"storage folder {self.root} is empty"
+        return None
+
+    def gate(self, request: web.Request) -> web.Response | None:
+        problem = self.problem()
+        if problem is None:
+            return None
+        now = time.monotonic()
+        if now - self._logged_at > 60:
+            self._logged_at = now
+            log.error("%s; refusing to serve /radicale/ because this installation has held data before "
+                      "(restore the folder, or remove %s to start over with an empty store)", problem, self.marker)
+        return web.Response(status=503, text=f"{problem}; the server refuses to serve an empty store\n",
+                            headers={"Retry-After": "300"})
+
+    def note_success(self, request: web.Request, result: WsgiResult) -> None:
+        if self._has_data or result.status >= 300:
+            return
+        try:
+            if any(not e.startswith(".") for e in os.listdir(self.root)):
+                atomic_write(self.marker, b"this installation has stored DAV data\n", mode=0o600)
+                self._has_data = True
+        except OSError:
+            pass
+
+
+def redirect_target(domain: str, https_port: int, path_qs: str) -> str:
+    """Where the HTTP listener sends everything that is not an ACME challenge (pure)."""
+    if not path_qs.startswith("/") or path_qs.startswith("//"):
+        path_qs = "/"
+    port = "" if https_port == 443 else f":{https_port}"
+    return f"https://{domain}{port}{path_qs}"
+
+
+def make_http_app(challenges: ChallengeStore, domain: str, public_https_port: int = 443) -> web.Application:
+    """Port 80: ACME tokens, and 308 to https://<configured domain>/... for everything else.
+    Never DAV, never ``WWW-Authenticate``, never the Host the client sent."""
+
+    async def handler(request: web.Request) -> web.StreamResponse:
+        path = request.path
+        if path.startswith(ACME_PREFIX) and request.method in ("GET", "HEAD"):
+            token = path[len(ACME_PREFIX):]
+            answer = challenges.get(token) if token and "/" not in token else None
+            if answer is None:
+                return web.Response(status=404, text="no such challenge\n")
+            return web.Response(text=answer, content_type="application/octet-stream")
+        target = redirect_target(domain, public_https_port, request.raw_path)
+        return web.Response(status=308, headers={"Location": target}, text=f"see {target}\n")
+
+    app = web.Application(client_max_size=64 * 1024)
+    app.router.add_route("*", "/{tail:.*}", handler)
+    return app
+
+
+def make_https_app(bridge: RadicaleBridge,
+                   home: Callable[[web.Request], Awaitable[web.StreamResponse]] | None = None
+                   ) -> web.Application:
+    """Port 443: Radicale under /radicale/, discovery redirects, the phone page at /."""
+
+    async def well_known(request: web.Request) -> web.StreamResponse:
+        # RFC 6764 section 5; DAVx5 and Thunderbird follow 301 and keep PROPFIND (landscape.md 3.1/3.2).
+        raise web.HTTPMovedPermanently(DAV_ROOT)
+
+    async def root(request: web.Request) -> web.StreamResponse:
+        if request.method == "PROPFIND" or home is None or request.method not in ("GET", "HEAD"):
+            raise web.HTTPMovedPermanently(DAV_ROOT)
+        return await home(request)
+
+    async def not_found(request: web.Request) -> web.StreamResponse:
+        return web.Response(status=404, text="not found\n")
+
+    app = web.Application(client_max_size=64 * 1024)
+    app.router.add_route("*", "/.well-known/carddav", well_known)
+    app.router.add_route("*", "/.well-known/caldav", well_known)
+    app.router.add_route("*", "/", root)
+    app.router.add_route("*", "/radicale", bridge.handle)
+    app.router.add_route("*", "/radicale/{tail:.*}", bridge.handle)
+    app.router.add_route("*", "/{tail:.*}", not_found)
+    return app
+
+
+def access_logger_class(peers: PeerDirectory) -> type[AbstractAccessLogger]:
+    """An access logger that names the real client (the relay's view for tunnelled connections)."""
+
+    class _Logger(AccessLogger):
+        pass
+
+    _Logger.peers = peers
+    return _Logger
+
+
+class AccessLogger(AbstractAccessLogger):
+    """One line per request with the real client address (never credentials)."""
+
+    peers: PeerDirectory | None = None
+
+    def log(self, request: web.BaseRequest, response: web.StreamResponse, time: float) -> None:
+        if not self.logger.isEnabledFor(logging.INFO):
+            return
+        peer = request.transport.get_extra_info("peername") if request.transport else None
+        remote = self.peers.resolve(peer) if self.peers else (peer or ("-",))
+        self.logger.info('%s "%s %s" %s %s %.1fms "%s"', remote[0], request.method, request.path,
+                         response.status, response.body_length, time * 1000,
+                         request.headers.get("User-Agent", "-")[:120])
+
+
+def is_write(method: str) -> bool:
+    return method in WRITE_METHODS

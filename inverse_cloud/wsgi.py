@@ -1,0 +1,276 @@
+"""The bridge from aiohttp to Radicale's WSGI application.
+
+What Radicale's own server would give it and an embedding must supply (reliability.md 1.8, 1.9):
+
+* the request body is read *before* Radicale runs, on the event loop, under a size limit (413 as soon
+  as the limit is passed, without reading the rest) and a minimum-rate deadline (408 for a trickle),
+  spooled to a temporary file past 256 KiB: a worker thread never waits on a slow client;
+* Radicale runs in a dedicated, bounded thread pool; requests whose credentials are not known good
+  may use only part of it, so a password-guessing flood cannot starve a syncing phone;
+* the failed-login delay is an ``asyncio.sleep`` here, not Radicale's ``time.sleep`` in a thread;
+* spoofable headers (``X-Remote-User``, ``X-Script-Name``, ``X-Forwarded-*``, ...) never reach Radicale;
+  ``REMOTE_ADDR`` is the real client (the relay's view, for tunnelled connections);
+* inputs Radicale would answer with 500 (a Basic header that is not base64) are answered 401 here.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import binascii
+import hashlib
+import io
+import logging
+import random
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Iterable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import IO, Any
+from urllib.parse import unquote_to_bytes
+
+from aiohttp import web
+
+__all__ = ["BodyError", "RadicaleBridge", "WsgiResult", "build_environ", "read_body"]
+
+log = logging.getLogger(__name__)
+
+SCRIPT_NAME = "/radicale"
+SPOOL_MAX_MEMORY = 256 * 1024
+
+# Header names (WSGI form) a client must never be able to set: Radicale trusts them as a reverse
+# proxy's word (landscape.md 0.4, reliability.md 1.8).
+STRIPPED = frozenset({
+    "HTTP_X_REMOTE_USER", "HTTP_X_SCRIPT_NAME", "HTTP_X_REMOTE_ADDR", "HTTP_X_FORWARDED_FOR",
+    "HTTP_X_FORWARDED_HOST", "HTTP_X_FORWARDED_PROTO", "HTTP_X_FORWARDED_SERVER",
+    "HTTP_X_FORWARDED_PORT", "HTTP_FORWARDED", "HTTP_X_REAL_IP", "HTTP_REMOTE_USER",
+    "HTTP_CONTENT_TYPE", "HTTP_CONTENT_LENGTH", "HTTP_PROXY",
+})
+
+WRITE_METHODS = frozenset({"PUT", "DELETE", "MKCOL", "MKCALENDAR", "PROPPATCH", "MOVE", "COPY", "POST"})
+
+
+class BodyError(Exception):
+    def __init__(self, status: int, reason: str) -> None:
+        super().__init__(reason)
+        self.status = status
+        self.reason = reason
+
+
+async def read_body(request: web.Request, max_bytes: int, grace_s: float, min_rate_bps: int,
+                    clock: Callable[[], float] = time.monotonic) -> IO[bytes]:
+    """Read the whole request body into a spooled temporary file.
+
+    The body must keep up a minimum rate after a grace period (Apache ``mod_reqtimeout`` style):
+    by ``grace_s + received / min_rate_bps`` seconds after the start, more must have arrived.
+
+    :raises BodyError: 413 past ``max_bytes``; 408 for a body too slow; 400 for a truncated body.
+    """
+    declared = request.content_length
+    if declared is not None and declared > max_bytes:
+        raise BodyError(413, f"body of {declared} bytes is over the {max_bytes}-byte limit")
+    spool: IO[bytes] = tempfile.SpooledTemporaryFile(max_size=SPOOL_MAX_MEMORY)  # noqa: SIM115
+    start = clock()
+    received = 0
+    try:
+        while True:
+            remaining = start + grace_s + received / min_rate_bps - clock()
+            if remaining <= 0:
+                raise BodyError(408, f"request body too slow ({received} bytes in {clock() - start:.0f} s)")
+            try:
+                async with asyncio.timeout(remaining):
+                    chunk = await request.content.readany()
+            except TimeoutError:
+                raise BodyError(408, f"request body too slow ({received} bytes in {clock() - start:.0f} s)"
+                                ) from None
+            if not chunk:
+                break
+            received += len(chunk)
+            if received > max_bytes:
+                raise BodyError(413, f"body over the {max_bytes}-byte limit")
+            spool.write(chunk)
+        if declared is not None and received != declared:
+            raise BodyError(400, "request body shorter than Content-Length")
+    except BaseException:
+        spool.close()
+        raise
+    spool.seek(0)
+    return spool
+
+
+def build_environ(request: web.Request, body: IO[bytes], body_length: int,
+                  remote: tuple[str, int], server: tuple[str, int]) -> dict[str, Any]:
+    """The WSGI environ for a request under ``/radicale`` (pure: no I/O)."""
+    raw_path = request.raw_path.split("?", 1)[0]
+    path_info = raw_path[len(SCRIPT_NAME):] if raw_path.startswith(SCRIPT_NAME) else raw_path
+    environ: dict[str, Any] = {
+        "REQUEST_METHOD": request.method,
+        "SCRIPT_NAME": SCRIPT_NAME,
+        # PEP 3333: PATH_INFO is the percent-decoded path as latin-1 text.
+        "PATH_INFO": unquote_to_bytes(path_info).decode("latin-1"),
+        "QUERY_STRING": request.query_string,
+        "SERVER_NAME": server[0],
+        "SERVER_PORT": str(server[1]),
+        "SERVER_PROTOCOL": f"HTTP/{request.version.major}.{request.version.minor}",
+        "REMOTE_ADDR": remote[0],
+        "REMOTE_PORT": str(remote[1]),
+        "HTTPS": "on",
+        "wsgi.version": (1, 0),
+        "wsgi.url_scheme": "https",
+        "wsgi.input": body,
+        "wsgi.errors": sys.stderr,
+        "wsgi.multithread": True,
+        "wsgi.multiprocess": False,
+        "wsgi.run_once": False,
+    }
+    if request.content_type and "Content-Type" in request.headers:
+        environ["CONTENT_TYPE"] = request.headers["Content-Type"]
+    if body_length or request.method in WRITE_METHODS:
+        environ["CONTENT_LENGTH"] = str(body_length)
+    for name, value in request.headers.items():
+        key = "HTTP_" + name.upper().replace("-", "_")
+        if key in STRIPPED:
+            continue
+        environ[key] = f"{environ[key]},{value}" if key in environ else value
+    return environ
+
+
+def valid_basic_auth(header: str) -> bool:
+    """False for a ``Basic`` credential Radicale would crash on (not base64, not UTF-8, no colon)."""
+    if not header.startswith("Basic"):
+        return True
+    token = header[len("Basic"):].strip()
+    try:
+        decoded = base64.b64decode(token.encode("ascii"), validate=True).decode("utf-8")
+    except (binascii.Error, UnicodeError, ValueError):
+        return False
+    user = decoded.split(":", 1)[0]
+    return ":" in decoded and 0 < len(user) <= 256
+
+
+@dataclass
+class WsgiResult:
+    status: int
+    reason: str
+    headers: list[tuple[str, str]]
+    body: bytes
+
+
+def _run_wsgi(app: Callable[..., Iterable[bytes]], environ: dict[str, Any]) -> WsgiResult:
+    """Runs in a worker thread: call the application and collect its whole answer."""
+    captured: dict[str, Any] = {}
+
+    def start_response(status: str, headers: list[tuple[str, str]], exc_info: Any = None) -> Callable[..., Any]:
+        captured["status"], captured["headers"] = status, headers
+        return lambda _data: None
+
+    try:
+        chunks = app(environ, start_response)
+        try:
+            body = b"".join(chunks)
+        finally:
+            close = getattr(chunks, "close", None)
+            if close is not None:
+                close()
+    finally:
+        environ["wsgi.input"].close()
+    code, _, reason = captured["status"].partition(" ")
+    return WsgiResult(int(code), reason, captured["headers"], body)
+
+
+class RadicaleBridge:
+    """Serves ``/radicale/*`` from a WSGI app in a bounded thread pool."""
+
+    def __init__(self, app: Callable[..., Iterable[bytes]], *, threads: int, max_body_bytes: int,
+                 body_grace_s: float, body_min_rate_bps: int, auth_delay_s: float,
+                 remote_of: Callable[[web.Request], tuple[str, int]],
+                 on_response: Callable[[web.Request, WsgiResult], None] | None = None,
+                 gate: Callable[[web.Request], web.Response | None] | None = None) -> None:
+        self.app = app
+        self.threads = threads
+        self.executor = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="radicale")
+        # Requests whose credentials have not been seen to work may hold at most half the workers.
+        self._unverified = asyncio.Semaphore(max(1, threads // 2))
+        self._known_good: dict[str, float] = {}
+        self.max_body_bytes = max_body_bytes
+        self.body_grace_s = body_grace_s
+        self.body_min_rate_bps = body_min_rate_bps
+        self.auth_delay_s = auth_delay_s
+        self.remote_of = remote_of
+        self.on_response = on_response
+        self.gate = gate
+        self.in_flight = 0
+
+    def replace_app(self, app: Callable[..., Iterable[bytes]]) -> None:
+        """Swap the WSGI app (SIGHUP); requests already running finish with the old one."""
+        self.app = app
+        self._known_good.clear()
+
+    def _credential_key(self, request: web.Request) -> str | None:
+        header = request.headers.get("Authorization")
+        if not header:
+            return None
+        return hashlib.sha256(header.encode("utf-8", "surrogateescape")).hexdigest()
+
+    async def handle(self, request: web.Request) -> web.StreamResponse:
+        if self.gate is not None:
+            refused = self.gate(request)
+            if refused is not None:
+                return refused
+        auth = request.headers.get("Authorization", "")
+        if not valid_basic_auth(auth):
+            await self._failure_delay()
+            return web.Response(status=401, text="Malformed Basic credentials\n",
+                                headers={"WWW-Authenticate": 'Basic realm="inverse-cloud"'})
+        try:
+            body = await read_body(request, self.max_body_bytes, self.body_grace_s, self.body_min_rate_bps)
+        except BodyError as exc:
+            log.info("%s %s from %s: %s", request.method, request.path, self.remote_of(request)[0], exc.reason)
+            resp = web.Response(status=exc.status, text=exc.reason + "\n")
+            resp.force_close()
+            return resp
+        length = body.seek(0, io.SEEK_END)
+        body.seek(0)
+        remote = self.remote_of(request)
+        sockname = request.transport.get_extra_info("sockname") if request.transport else None
+        server = (request.host.split(":")[0], int(sockname[1]) if sockname else 443)
+        environ = build_environ(request, body, length, remote, server)
+        key = self._credential_key(request)
+        known = key is not None and self._known_good.get(key, 0) > time.monotonic()
+        loop = asyncio.get_running_loop()
+        self.in_flight += 1
+        try:
+            if known:
+                result = await loop.run_in_executor(self.executor, _run_wsgi, self.app, environ)
+            else:
+                async with self._unverified:
+                    result = await loop.run_in_executor(self.executor, _run_wsgi, self.app, environ)
+        except Exception:
+            log.exception("Radicale failed on %s %s", request.method, request.path)
+            body.close()
+            return web.Response(status=500, text="Internal server error\n")
+        finally:
+            self.in_flight -= 1
+        if key is not None:
+            if result.status == 401:
+                self._known_good.pop(key, None)
+            elif result.status < 400:
+                self._known_good[key] = time.monotonic() + 300
+        if result.status == 401 and auth:
+            await self._failure_delay()
+        if self.on_response is not None:
+            self.on_response(request, result)
+        headers = [(k, v) for k, v in result.headers if k.lower() not in ("content-length", "connection")]
+        resp = web.Response(status=result.status, reason=result.reason or None, body=result.body)
+        for k, v in headers:
+            resp.headers.add(k, v)
+        return resp
+
+    async def _failure_delay(self) -> None:
+        if self.auth_delay_s > 0:
+            await asyncio.sleep(self.auth_delay_s * (0.5 + random.random()))
+
+    def close(self) -> None:
+        self.executor.shutdown(wait=True, cancel_futures=False)
