@@ -15,6 +15,6 @@ fi
 VENV="${VENV:-.venv}"
 [ -x "$VENV/bin/python" ] || python3 -m venv "$VENV"
 "$VENV/bin/pip" install -q --disable-pip-version-check -e ".[test]"
-"$VENV/bin/ruff" check inverse_cloud tests integration bench
+"$VENV/bin/ruff" check .
 "$VENV/bin/mypy"
 "$VENV/bin/python" -m pytest -p no:cacheprovider "$@"
