@@ -41,6 +41,30 @@ def check_http_parser() -> None:
     if http_parser.HttpRequestParser is not getattr(_http_parser, "HttpRequestParser", None):
         raise StartupError("aiohttp is using its pure-Python HTTP parser (AIOHTTP_NO_EXTENSIONS set?); "
                            "unset AIOHTTP_NO_EXTENSIONS")
+    check_versions()
+
+
+# The first releases with the fixes reliability.md lists (aiohttp: idle-connection closing #13681 and the
+# 2026 smuggling CVEs; asyncssh: Terrapin CVE-2023-48795). pip pins these too; this catches a venv that
+# was altered by hand or a distribution package shadowing ours.
+MINIMUM_VERSIONS = {"aiohttp": (3, 14, 5), "asyncssh": (2, 14, 2)}
+
+
+def check_versions() -> None:
+    from importlib.metadata import PackageNotFoundError, version
+
+    from .errors import StartupError
+
+    for name, minimum in MINIMUM_VERSIONS.items():
+        try:
+            text = version(name)
+        except PackageNotFoundError:
+            continue
+        parts = tuple(int(p) for p in text.split(".")[:3] if p.isdigit())
+        if parts < minimum:
+            raise StartupError(f"{name} {text} is older than {'.'.join(map(str, minimum))}, which has security "
+                               f"fixes inverse-cloud relies on; upgrade it (pip install -U '{name}>="
+                               f"{'.'.join(map(str, minimum))}')")
 
 
 class DavServer:
