@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections.abc import Callable
 from typing import Any
 
 from aiohttp import web
@@ -20,7 +21,7 @@ from .web import (
     make_http_app,
     make_https_app,
 )
-from .wsgi import RadicaleBridge
+from .wsgi import RadicaleBridge, WsgiResult
 
 __all__ = ["DavServer", "check_http_parser"]
 
@@ -86,6 +87,8 @@ class DavServer:
         self.https_port = 0
         self.http_port = 0
         self.home_handler: Any = None
+        # Called after every Radicale response (status reporting records the last sync per client).
+        self.response_hooks: list[Callable[[web.Request, WsgiResult], None]] = []
 
     async def start(self) -> None:
         s = self.cfg.server
@@ -104,7 +107,7 @@ class DavServer:
         self.bridge = RadicaleBridge(
             app, threads=s.radicale_threads, max_body_bytes=s.max_body_bytes, body_grace_s=s.body_grace_s,
             body_min_rate_bps=s.body_min_rate_bps, auth_delay_s=s.auth_delay_s,
-            remote_of=self.peers.remote_of, on_response=self.guard.note_success, gate=self.guard.gate)
+            remote_of=self.peers.remote_of, on_response=self._on_response, gate=self.guard.gate)
         common: dict[str, Any] = dict(
             keepalive_timeout=s.idle_timeout_s, shutdown_timeout=s.shutdown_timeout_s,
             access_log_class=access_logger_class(self.peers), handle_signals=False,
@@ -126,6 +129,14 @@ class DavServer:
         self.https_port, self.http_port = https_site.port, http_site.port
         log.info("serving DAV on https://%s:%d/radicale/ and ACME/redirects on http://%s:%d/",
                  s.https_listen[0], self.https_port, s.http_listen[0], self.http_port)
+
+    def _on_response(self, request: web.Request, result: WsgiResult) -> None:
+        self.guard.note_success(request, result)
+        for hook in self.response_hooks:
+            try:
+                hook(request, result)
+            except Exception as exc:  # boundary: bookkeeping must never fail a request
+                log.error("response hook failed: %s", exc, exc_info=True)
 
     def reload(self) -> None:
         self.tls.load()

@@ -39,6 +39,11 @@ class Supervisor:
         self.on_ready: list[Callable[[], None]] = []
         self.on_stopping: list[Callable[[], None]] = []
 
+    @property
+    def components(self) -> tuple[Component, ...]:
+        """Every component added, in start order (status reporting reads their ``status()``)."""
+        return tuple(self._components)
+
     def add(self, component: Component) -> Component:
         self._components.append(component)
         reload = getattr(component, "reload", None)
