@@ -307,7 +307,26 @@ class _Errors:
 
 
 def _describe(v: Any) -> str:
+    if isinstance(v, bool):
+        return "true" if v else "false"  # TOML's spelling, not Python's
     return f'"{v}"' if isinstance(v, str) else repr(v)
+
+
+def _name_at(text: str, line_no: int) -> str | None:
+    """``[section] key`` (or ``[section]`` for a header) written on line ``line_no``, if any."""
+    lines = text.splitlines()
+    line = lines[line_no - 1].strip() if 0 < line_no <= len(lines) else ""
+    header = re.match(r"^\[+\s*([^\]]+?)\s*\]+", line)
+    if header:
+        return f"[{header.group(1)}]"
+    key = re.match(r'^"?([A-Za-z0-9_.-]+)"?\s*=', line)
+    if not key:
+        return None
+    for raw in reversed(lines[: line_no - 1]):
+        sm = re.match(r"^\s*\[+\s*([^\]]+?)\s*\]+", raw)
+        if sm:
+            return f"[{sm.group(1)}] {key.group(1)}"
+    return key.group(1)
 
 
 def load(path: Path, overrides: Mapping[str, Mapping[str, Any]] | None = None) -> Config:
@@ -340,8 +359,11 @@ def loads(text: str, path: Path | None = None,
             where = f"{path or 'config'}: line {m.group(1)}, column {m.group(2)}"
         else:
             where = f"{path or 'config'}"
-        if msg.startswith("Cannot overwrite a value"):
-            msg += " (a key or table is defined twice)"
+        name = _name_at(text, int(m.group(1))) if m else None
+        if msg.startswith(("Cannot overwrite a value", "Cannot declare")):
+            msg = f"{name} is defined twice" if name else msg + " (a key or table is defined twice)"
+        elif name:
+            msg = f"{name}: {msg[:1].lower()}{msg[1:]}"
         raise ConfigError(f"{where}: TOML syntax error: {msg}") from None
     for section, extra in (overrides or {}).items():
         raw.setdefault(section, {}).update(extra)
@@ -350,7 +372,7 @@ def loads(text: str, path: Path | None = None,
     for section in raw:
         if section not in known:
             hint = difflib.get_close_matches(section, sorted(known), n=1)
-            raise errors.fail(None, f"[{section}]", "unknown section" + (
+            raise errors.fail(section, None, "unknown section" + (
                 f' (did you mean "[{hint[0]}]"?)' if hint else f"; known: {', '.join(sorted(known))}"))
         if not isinstance(raw[section], dict):
             raise errors.fail(None, section, "expected a [table]")
@@ -373,7 +395,8 @@ def loads(text: str, path: Path | None = None,
             elif default is _REQUIRED:
                 raise errors.fail(section, key, "missing required key")
             else:
-                out[key] = default
+                # Defaults go through the same checker, so "127.0.0.1:8443" becomes ("127.0.0.1", 8443).
+                out[key] = default if default is None else check(default)
         values[section] = out
 
     radicale_extra = _radicale_extra(raw.get("radicale", {}), errors)
