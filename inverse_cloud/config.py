@@ -132,6 +132,9 @@ class AcmeConfig:
     key_type: str
     check_interval_s: float
     account_dir: Path
+    self_check_address: tuple[str, int] | None = None
+    dns_server: tuple[str, int] | None = None
+    caa_issuer: str = ""
 
 
 @dataclass(frozen=True)
@@ -199,6 +202,10 @@ def _hostport(v: Any) -> tuple[str, int]:
     return parse_hostport(_str(v))
 
 
+def _opt_hostport(v: Any) -> tuple[str, int] | None:
+    return parse_hostport(v) if _str(v).strip() else None
+
+
 def _path(v: Any) -> Path:
     return Path(os.path.expanduser(_nonempty(v)))
 
@@ -263,6 +270,9 @@ SCHEMA: dict[str, dict[str, tuple[Checker, Any]]] = {
         "eab_hmac_key": (_str, ""),
         "key_type": (_choice("ecdsa-p256", "ecdsa-p384", "rsa-2048", "rsa-3072"), "ecdsa-p256"),
         "check_interval_s": (_float_range(1, 86400), 600.0),
+        "self_check_address": (_opt_hostport, None),
+        "dns_server": (_opt_hostport, None),
+        "caa_issuer": (_str, ""),
     },
 }
 
@@ -453,7 +463,8 @@ def _build(path: Path | None, v: dict[str, dict[str, Any]], radicale_extra: dict
         enabled=relay.enabled if a["enabled"] is None else a["enabled"],
         directory=directory, email=a["email"], ca_bundle=a["ca_bundle"], eab_kid=a["eab_kid"],
         eab_hmac_key=a["eab_hmac_key"], key_type=a["key_type"], check_interval_s=a["check_interval_s"],
-        account_dir=data_dir / "acme",
+        account_dir=data_dir / "acme", self_check_address=a["self_check_address"], dns_server=a["dns_server"],
+        caa_issuer=a["caa_issuer"].strip().lower(),
     )
     return Config(path=path, server=server, relay=relay, acme=acme, radicale_extra=radicale_extra)
 
