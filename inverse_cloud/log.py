@@ -54,11 +54,27 @@ class _AiohttpParserNoise(logging.Filter):
     def filter(self, record: logging.LogRecord) -> bool:
         if record.name == "aiohttp.server" and record.getMessage().startswith("Error handling request"):
             exc = record.exc_info[1] if record.exc_info else None
+            source = record.getMessage()[len("Error handling request"):].strip()
             record.levelno, record.levelname = logging.INFO, "INFO"
-            record.msg = f"bad request: {type(exc).__name__ if exc else 'malformed'}: {exc}"
+            record.msg = f"bad request {source}: {short_reason(exc)}".replace("  ", " ")
             record.args = None
             record.exc_info = None
         return True
+
+
+def short_reason(exc: BaseException | None) -> str:
+    """aiohttp's parser errors span lines and quote the offending bytes (which may hold credentials):
+    keep the words, drop the quoted bytes and the caret line."""
+    if exc is None:
+        return "malformed request"
+    text = str(getattr(exc, "message", "") or exc)
+    words = []
+    for line in text.splitlines():
+        line = line.strip()
+        if not line or line == "^" or line.startswith(("b'", 'b"')):
+            continue
+        words.append(line.split(": b'", 1)[0].split(': b"', 1)[0].rstrip(":"))
+    return f"{type(exc).__name__}: {'; '.join(words)[:160] or 'malformed request'}"
 
 
 def setup(level: str = "info") -> None:

@@ -107,7 +107,8 @@ class DavServer:
         self.bridge = RadicaleBridge(
             app, threads=s.radicale_threads, max_body_bytes=s.max_body_bytes, body_grace_s=s.body_grace_s,
             body_min_rate_bps=s.body_min_rate_bps, auth_delay_s=s.auth_delay_s,
-            remote_of=self.peers.remote_of, on_response=self._on_response, gate=self.guard.gate)
+            remote_of=self.peers.remote_of, on_response=self._on_response, gate=self.guard.gate,
+            storage_dir=s.storage_dir)
         common: dict[str, Any] = dict(
             keepalive_timeout=s.idle_timeout_s, shutdown_timeout=s.shutdown_timeout_s,
             access_log_class=access_logger_class(self.peers), handle_signals=False,

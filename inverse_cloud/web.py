@@ -20,7 +20,7 @@ from aiohttp import web
 from aiohttp.abc import AbstractAccessLogger
 
 from .fsutil import atomic_write
-from .wsgi import WRITE_METHODS, RadicaleBridge, WsgiResult
+from .wsgi import NOTE_KEY, WRITE_METHODS, RadicaleBridge, WsgiResult
 
 __all__ = [
     "AccessLogger",
@@ -203,11 +203,16 @@ class AccessLogger(AbstractAccessLogger):
     def log(self, request: web.BaseRequest, response: web.StreamResponse, time: float) -> None:
         if not self.logger.isEnabledFor(logging.INFO):
             return
-        peer = request.transport.get_extra_info("peername") if request.transport else None
+        if request.method == "UNKNOWN" and not request.headers and response.status >= 400:
+            # aiohttp's stand-in for a request it could not parse: log.py already wrote its one line.
+            return
+        # The protocol caches the peer address: it is still known after a refused request's forced close.
+        peer = getattr(request.protocol, "peername", None)
         remote = self.peers.resolve(peer) if self.peers else (peer or ("-",))
-        self.logger.info('%s "%s %s" %s %s %.1fms "%s"', remote[0], request.method, request.path,
+        note = request.get(NOTE_KEY)
+        self.logger.info('%s "%s %s" %s %s %.1fms "%s"%s', remote[0], request.method, request.path,
                          response.status, response.body_length, time * 1000,
-                         request.headers.get("User-Agent", "-")[:120])
+                         request.headers.get("User-Agent", "-")[:120], f" ({note})" if note else "")
 
 
 def is_write(method: str) -> bool:

@@ -18,22 +18,26 @@ from __future__ import annotations
 import asyncio
 import base64
 import binascii
+import errno
 import hashlib
 import io
 import logging
+import os
 import random
 import sys
 import tempfile
+import threading
 import time
 from collections.abc import Callable, Iterable
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from pathlib import Path
 from typing import IO, Any
 from urllib.parse import unquote_to_bytes
 
 from aiohttp import web
 
-__all__ = ["BodyError", "RadicaleBridge", "WsgiResult", "build_environ", "read_body"]
+__all__ = ["NOTE_KEY", "BodyError", "RadicaleBridge", "WsgiResult", "build_environ", "read_body"]
 
 log = logging.getLogger(__name__)
 
@@ -50,6 +54,32 @@ STRIPPED = frozenset({
 })
 
 WRITE_METHODS = frozenset({"PUT", "DELETE", "MKCOL", "MKCALENDAR", "PROPPATCH", "MOVE", "COPY", "POST"})
+
+# request[NOTE_KEY]: why a request was refused or what Radicale said about it. The access logger appends
+# it to the request's line, so a bad request costs one log line, not two or three.
+NOTE_KEY = web.RequestKey("inverse_cloud.note", str)
+NOTE_MAX_CHARS = 200
+
+
+class _RadicaleLogCapture(logging.Filter):
+    """Collects what Radicale logs while a worker thread runs one request (its "Bad PUT request",
+    "invalid path", "Failed login" lines), so it becomes part of that request's single log line."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.local = threading.local()
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        notes: list[str] | None = getattr(self.local, "notes", None)
+        if notes is None:
+            return True
+        if len(notes) < 4:
+            notes.append(record.getMessage().split("\n", 1)[0][:NOTE_MAX_CHARS])
+        return False
+
+
+_capture = _RadicaleLogCapture()
+logging.getLogger("radicale").addFilter(_capture)
 
 
 class BodyError(Exception):
@@ -156,6 +186,7 @@ class WsgiResult:
     reason: str
     headers: list[tuple[str, str]]
     body: bytes
+    notes: list[str] = field(default_factory=list)
 
 
 def _run_wsgi(app: Callable[..., Iterable[bytes]], environ: dict[str, Any]) -> WsgiResult:
@@ -166,6 +197,8 @@ def _run_wsgi(app: Callable[..., Iterable[bytes]], environ: dict[str, Any]) -> W
         captured["status"], captured["headers"] = status, headers
         return lambda _data: None
 
+    notes: list[str] = []
+    _capture.local.notes = notes
     try:
         chunks = app(environ, start_response)
         try:
@@ -175,9 +208,24 @@ def _run_wsgi(app: Callable[..., Iterable[bytes]], environ: dict[str, Any]) -> W
             if close is not None:
                 close()
     finally:
+        _capture.local.notes = None
         environ["wsgi.input"].close()
     code, _, reason = captured["status"].partition(" ")
-    return WsgiResult(int(code), reason, captured["headers"], body)
+    return WsgiResult(int(code), reason, captured["headers"], body, notes)
+
+
+def is_storage_full(storage_dir: Path | None, notes: list[str], needed_bytes: int) -> bool:
+    """Did a failed write fail for lack of space (ENOSPC/EDQUOT in Radicale's words, or a full disk)?"""
+    words = (os.strerror(errno.ENOSPC), os.strerror(errno.EDQUOT), f"[Errno {errno.ENOSPC}]")
+    if any(w in note for note in notes for w in words):
+        return True
+    if storage_dir is None:
+        return False
+    try:
+        st = os.statvfs(storage_dir)
+    except OSError:
+        return False
+    return st.f_bavail * st.f_frsize < needed_bytes + 64 * 1024 or st.f_favail == 0
 
 
 class RadicaleBridge:
@@ -187,8 +235,10 @@ class RadicaleBridge:
                  body_grace_s: float, body_min_rate_bps: int, auth_delay_s: float,
                  remote_of: Callable[[web.Request], tuple[str, int]],
                  on_response: Callable[[web.Request, WsgiResult], None] | None = None,
-                 gate: Callable[[web.Request], web.Response | None] | None = None) -> None:
+                 gate: Callable[[web.Request], web.Response | None] | None = None,
+                 storage_dir: Path | None = None) -> None:
         self.app = app
+        self.storage_dir = storage_dir
         self.threads = threads
         self.executor = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="radicale")
         # Requests whose credentials have not been seen to work may hold at most half the workers.
@@ -221,15 +271,21 @@ class RadicaleBridge:
                 return refused
         auth = request.headers.get("Authorization", "")
         if not valid_basic_auth(auth):
+            request[NOTE_KEY] = "malformed Basic credentials"
             await self._failure_delay()
             return web.Response(status=401, text="Malformed Basic credentials\n",
                                 headers={"WWW-Authenticate": 'Basic realm="inverse-cloud"'})
         try:
             body = await read_body(request, self.max_body_bytes, self.body_grace_s, self.body_min_rate_bps)
         except BodyError as exc:
-            log.info("%s %s from %s: %s", request.method, request.path, self.remote_of(request)[0], exc.reason)
+            request[NOTE_KEY] = exc.reason
             resp = web.Response(status=exc.status, text=exc.reason + "\n")
             resp.force_close()
+            await resp.prepare(request)
+            await resp.write_eof()
+            # Close now: aiohttp would otherwise "linger", reading and discarding the rest of the body for
+            # lingering_time -- a refused 100 MB upload read anyway, a trickler given more time.
+            request.protocol.force_close()
             return resp
         length = body.seek(0, io.SEEK_END)
         body.seek(0)
@@ -260,6 +316,18 @@ class RadicaleBridge:
                 self._known_good[key] = time.monotonic() + 300
         if result.status == 401 and auth:
             await self._failure_delay()
+        if result.status >= 500 and request.method in WRITE_METHODS and is_storage_full(
+                self.storage_dir, result.notes, length):
+            where = self.storage_dir or "the storage folder"
+            log.error("storage %s: no space left on device; %s %s refused with 507 (free some space; the stored "
+                      "data is intact)", where, request.method, request.path)
+            result = WsgiResult(507, "Insufficient Storage", [("Content-Type", "text/plain; charset=utf-8")],
+                                b"Insufficient Storage: the server's disk is full; nothing was changed\n")
+        elif result.status >= 500:
+            log.error("Radicale answered %d to %s %s: %s", result.status, request.method, request.path,
+                      "; ".join(result.notes) or "no details")
+        elif result.notes:
+            request[NOTE_KEY] = "; ".join(result.notes)
         if self.on_response is not None:
             self.on_response(request, result)
         headers = [(k, v) for k, v in result.headers if k.lower() not in ("content-length", "connection")]
