@@ -434,10 +434,9 @@ def _build(path: Path | None, v: dict[str, dict[str, Any]], radicale_extra: dict
     s = v["server"]
     data_dir: Path = s["data_dir"] or default_data_dir()
     state_dir: Path = s["state_dir"] or default_state_dir()
-    runtime = os.environ.get("XDG_RUNTIME_DIR")
-    control = s["control_socket"] or (
-        Path(runtime) / "inverse-cloud.sock" if runtime and os.path.isabs(runtime)
-        else state_dir / "control.sock")
+    # Derived from the config alone (not $XDG_RUNTIME_DIR, which cron jobs and ssh sessions may lack), so
+    # `status` finds the socket of the server that runs with this config wherever it is called from.
+    control = s["control_socket"] or state_dir / "control.sock"
     server = ServerConfig(
         domain=s["domain"], https_listen=s["https_listen"], http_listen=s["http_listen"],
         data_dir=data_dir, state_dir=state_dir, max_body_bytes=s["max_body_bytes"],
