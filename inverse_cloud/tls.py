@@ -210,6 +210,7 @@ class CertStore:
             except CertStoreError:
                 pass
         cert_pem, key_pem = make_self_signed(domain)
+        ensure_private_dir(self.root)
         ensure_private_dir(d)
         atomic_write(d / "privkey.pem", key_pem)
         atomic_write(d / "fullchain.pem", cert_pem)
