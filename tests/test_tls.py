@@ -1,0 +1,296 @@
+"""The certificate store and the swap decision: a new pair is served only once proven; a corrupt or
+mismatched pair is refused with one log line while the old certificate keeps being served (checked with
+real handshakes against a listening socket); files are 0600 in 0700 directories; the TLS policy is
+Mozilla intermediate (TLS 1.2+, AEAD only)."""
+
+from __future__ import annotations
+
+import asyncio
+import datetime as dt
+import logging
+import socket
+import ssl
+import stat
+import threading
+import warnings
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import pytest
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import NameOID
+
+from inverse_cloud.errors import CertStoreError
+from inverse_cloud.testing import served_certificate_serial
+from inverse_cloud.tls import CertStore, TLSManager, server_context
+
+DOMAIN = "laptop.test"
+
+
+def _key() -> ec.EllipticCurvePrivateKey:
+    return ec.generate_private_key(ec.SECP256R1())
+
+
+def _pem_key(key: ec.EllipticCurvePrivateKey) -> bytes:
+    return key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                             serialization.NoEncryption())
+
+
+class TestCA:
+    """A throwaway CA issuing leaf certificates for DOMAIN (what Pebble would hand out)."""
+
+    __test__ = False
+
+    def __init__(self) -> None:
+        self.key = _key()
+        name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "inverse-cloud test CA")])
+        now = dt.datetime.now(dt.UTC)
+        self.cert = (x509.CertificateBuilder().subject_name(name).issuer_name(name)
+                     .public_key(self.key.public_key()).serial_number(x509.random_serial_number())
+                     .not_valid_before(now - dt.timedelta(hours=1)).not_valid_after(now + dt.timedelta(days=30))
+                     .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+                     .sign(self.key, hashes.SHA256()))
+
+    def issue(self, domain: str = DOMAIN) -> tuple[bytes, bytes, int]:
+        """(fullchain PEM, key PEM, serial)."""
+        key = _key()
+        now = dt.datetime.now(dt.UTC)
+        leaf = (x509.CertificateBuilder()
+                .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, domain)]))
+                .issuer_name(self.cert.subject).public_key(key.public_key())
+                .serial_number(x509.random_serial_number())
+                .not_valid_before(now - dt.timedelta(minutes=5)).not_valid_after(now + dt.timedelta(days=7))
+                .add_extension(x509.SubjectAlternativeName([x509.DNSName(domain)]), critical=False)
+                .sign(self.key, hashes.SHA256()))
+        chain = leaf.public_bytes(serialization.Encoding.PEM) + self.cert.public_bytes(serialization.Encoding.PEM)
+        return chain, _pem_key(key), leaf.serial_number
+
+
+@pytest.fixture
+def store(tmp_path) -> CertStore:
+    return CertStore(tmp_path / "state" / "tls")
+
+
+@pytest.fixture
+async def listening(store) -> AsyncIterator[tuple[TLSManager, int]]:
+    """A TLS listener on loopback that serves whatever the manager holds (as DavServer does)."""
+    mgr = TLSManager(store, DOMAIN)
+    assert mgr.load() is True
+
+    async def echo(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        writer.close()
+
+    server = await asyncio.start_server(echo, "127.0.0.1", 0, ssl=mgr.listening_context,
+                                        ssl_handshake_timeout=5)
+    try:
+        yield mgr, server.sockets[0].getsockname()[1]
+    finally:
+        server.close()
+        await server.wait_closed()
+
+
+async def served_serial(port: int) -> int:
+    return await asyncio.to_thread(served_certificate_serial, "127.0.0.1", port)
+
+
+def mode(path: Path) -> int:
+    return stat.S_IMODE(path.stat().st_mode)
+
+
+# --- the decision -----------------------------------------------------------------------------------
+
+def test_first_load_serves_self_signed_and_writes_private_files(store, caplog):
+    """No issued pair: a self-signed certificate is made (0600 key in 0700 dirs), logged as such."""
+    mgr = TLSManager(store, DOMAIN)
+    with caplog.at_level(logging.INFO, "inverse_cloud.tls"):
+        assert mgr.load() is True
+    assert mgr.info is not None and mgr.info.self_signed and mgr.info.names == (DOMAIN,)
+    assert any("self-signed" in r.getMessage() for r in caplog.records)
+    for d in (store.root, store.selfsigned_dir):
+        assert mode(d) == 0o700, d
+    assert mode(store.selfsigned_dir / "privkey.pem") == 0o600
+    # Nothing changed on disk: a second load keeps it, and does not regenerate it.
+    serial = mgr.info.serial
+    assert mgr.load() is False
+    assert TLSManager(store, DOMAIN).load() and TLSManager(store, DOMAIN).prepare(store.selfsigned_dir, True)[
+        1].serial == serial
+
+
+def test_saved_pair_is_versioned_private_and_atomic(store):
+    ca = TestCA()
+    chain, key, serial = ca.issue()
+    version = store.save(chain, key)
+    assert version.name == format(serial, "x")
+    assert store.current_dir.resolve() == version.resolve()
+    assert store.has_issued()
+    assert mode(version) == 0o700 and mode(store.root / "live") == 0o700
+    assert mode(version / "privkey.pem") == 0o600 and mode(version / "fullchain.pem") == 0o600
+    assert not [p for p in store.root.iterdir() if p.name.startswith(".current")]
+
+
+def test_store_refuses_unparsable_chain(store):
+    with pytest.raises(CertStoreError):
+        store.save(b"-----BEGIN CERTIFICATE-----\nnot base64\n-----END CERTIFICATE-----\n", b"")
+    assert not store.has_issued()
+
+
+def test_prune_keeps_current_and_newest(store):
+    ca = TestCA()
+    versions = [store.save(*ca.issue()[:2]) for _ in range(5)]
+    store.prune(keep=2)
+    left = sorted(p.name for p in (store.root / "live").iterdir())
+    assert versions[-1].name in left and len(left) <= 3
+
+
+async def test_new_pair_is_swapped_in_for_new_handshakes(listening, store, caplog):
+    """self-signed -> issued A -> issued B: each load() returns True and a fresh handshake shows the
+    new serial; re-loading the same pair changes nothing."""
+    mgr, port = listening
+    first = mgr.info
+    assert first is not None and await served_serial(port) == first.serial
+    ca = TestCA()
+    for _ in range(2):
+        chain, key, serial = ca.issue()
+        store.save(chain, key)
+        assert mgr.load() is True
+        assert mgr.info is not None and mgr.info.serial == serial and not mgr.info.self_signed
+        assert await served_serial(port) == serial
+    assert mgr.load() is False
+
+
+async def test_open_connection_keeps_its_certificate_across_a_swap(listening, store):
+    """A connection established before the swap keeps working; only new handshakes see the new pair."""
+    mgr, port = listening
+
+    def hold_open_then_check() -> tuple[int, int]:
+        ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+        ctx.check_hostname, ctx.verify_mode = False, ssl.CERT_NONE
+        with socket.create_connection(("127.0.0.1", port), timeout=5) as raw, \
+                ctx.wrap_socket(raw, server_hostname=DOMAIN) as s:
+            before = x509.load_der_x509_certificate(s.getpeercert(True) or b"").serial_number
+            chain, key, _ = TestCA().issue()
+            store.save(chain, key)
+            assert mgr.load() is True
+            still = x509.load_der_x509_certificate(s.getpeercert(True) or b"").serial_number
+        return before, still
+
+    before, still = await asyncio.to_thread(hold_open_then_check)
+    assert before == still
+    assert await served_serial(port) != before
+
+
+@pytest.mark.parametrize("damage", ["truncated chain", "garbage chain", "mismatched key", "missing key",
+                                    "empty key"])
+async def test_corrupt_pair_is_refused_and_old_one_served(listening, store, caplog, damage):
+    """A pair on disk that cannot work is refused with one ERROR line; the certificate in memory keeps
+    being served (handshakes still succeed with the same serial)."""
+    mgr, port = listening
+    ca = TestCA()
+    chain, key, good_serial = ca.issue()
+    store.save(chain, key)
+    assert mgr.load() is True
+    # A renewal writes a new version that turns out broken.
+    chain2, key2, _ = ca.issue()
+    version = store.save(chain2, key2)
+    if damage == "truncated chain":
+        (version / "fullchain.pem").write_bytes(chain2[: len(chain2) // 3])
+    elif damage == "garbage chain":
+        (version / "fullchain.pem").write_bytes(b"\x00garbage")
+    elif damage == "mismatched key":
+        (version / "privkey.pem").write_bytes(_pem_key(_key()))
+    elif damage == "missing key":
+        (version / "privkey.pem").unlink()
+    else:
+        (version / "privkey.pem").write_bytes(b"")
+    caplog.clear()
+    with caplog.at_level(logging.INFO, "inverse_cloud.tls"):
+        assert mgr.load() is False
+    errors = [r for r in caplog.records if r.levelno >= logging.WARNING]
+    assert len(errors) == 1 and "refused" in errors[0].getMessage() and "\n" not in errors[0].getMessage()
+    assert mgr.info is not None and mgr.info.serial == good_serial
+    for _ in range(3):
+        assert await served_serial(port) == good_serial
+
+
+def test_first_load_with_a_bad_issued_pair_falls_back_to_self_signed(store, caplog):
+    chain, key, _ = TestCA().issue()
+    version = store.save(chain, key)
+    (version / "privkey.pem").write_bytes(_pem_key(_key()))
+    mgr = TLSManager(store, DOMAIN)
+    assert mgr.load() is True
+    assert mgr.info is not None and mgr.info.self_signed
+
+
+def test_prepare_checks_key_matches(store, tmp_path):
+    chain, _, _ = TestCA().issue()
+    d = tmp_path / "pair"
+    d.mkdir()
+    (d / "fullchain.pem").write_bytes(chain)
+    (d / "privkey.pem").write_bytes(_pem_key(_key()))
+    with pytest.raises(CertStoreError, match="unusable"):
+        TLSManager(store, DOMAIN).prepare(d, False)
+
+
+# --- policy -----------------------------------------------------------------------------------------
+
+def test_context_policy_is_mozilla_intermediate(store):
+    d = store.ensure_self_signed(DOMAIN)
+    ctx = server_context(d / "fullchain.pem", d / "privkey.pem")
+    assert ctx.minimum_version == ssl.TLSVersion.TLSv1_2
+    ciphers = ctx.get_ciphers()
+    assert ciphers and all(c["aead"] for c in ciphers), [c["name"] for c in ciphers if not c["aead"]]
+    assert all("ECDHE" in c["name"] or c["protocol"] == "TLSv1.3" for c in ciphers)
+    assert ctx.options & ssl.OP_NO_COMPRESSION and ctx.options & ssl.OP_NO_RENEGOTIATION
+
+
+def client_handshake(port: int, lo: ssl.TLSVersion, hi: ssl.TLSVersion) -> str:
+    """Handshake as a client limited to versions lo..hi, offering every cipher an old phone would."""
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    ctx.check_hostname, ctx.verify_mode = False, ssl.CERT_NONE
+    ctx.set_ciphers("ALL:@SECLEVEL=0")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)  # TLS 1.0/1.1 are deprecated: that is the point
+        ctx.minimum_version, ctx.maximum_version = lo, hi
+    with socket.create_connection(("127.0.0.1", port), timeout=5) as raw, \
+            ctx.wrap_socket(raw, server_hostname=DOMAIN) as s:
+        return str(s.version())
+
+
+def handshake_with_permissive_server(tmp_path: Path, version: ssl.TLSVersion) -> str:
+    """The same client against a server that still allows TLS 1.0 (control for the test below)."""
+    d = CertStore(tmp_path / "permissive").ensure_self_signed(DOMAIN)
+    srv = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    srv.set_ciphers("ALL:@SECLEVEL=0")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)
+        srv.minimum_version = ssl.TLSVersion.TLSv1
+    srv.load_cert_chain(d / "fullchain.pem", d / "privkey.pem")
+    with socket.create_server(("127.0.0.1", 0)) as listener:
+        def accept_one() -> None:
+            conn, _ = listener.accept()
+            try:
+                srv.wrap_socket(conn, server_side=True).close()
+            except (ssl.SSLError, OSError):
+                conn.close()
+
+        t = threading.Thread(target=accept_one)
+        t.start()
+        try:
+            return client_handshake(listener.getsockname()[1], version, version)
+        finally:
+            t.join(5)
+
+
+@pytest.mark.parametrize(("version", "name"), [(ssl.TLSVersion.TLSv1, "TLSv1"), (ssl.TLSVersion.TLSv1_1, "TLSv1.1")])
+async def test_old_tls_versions_are_refused(listening, tmp_path, version, name):
+    """A client that can only speak TLS 1.0/1.1 cannot complete a handshake; TLS 1.2 and 1.3 can. The
+    control shows the local OpenSSL can do the old version, so the refusal is our server's."""
+    _, port = listening
+    with pytest.raises((ssl.SSLError, ConnectionError)):
+        await asyncio.to_thread(client_handshake, port, version, version)
+    assert await asyncio.to_thread(handshake_with_permissive_server, tmp_path, version) == name
+    tls12, tls13 = ssl.TLSVersion.TLSv1_2, ssl.TLSVersion.TLSv1_3
+    assert await asyncio.to_thread(client_handshake, port, tls12, tls12) == "TLSv1.2"
+    assert await asyncio.to_thread(client_handshake, port, tls12, tls13) == "TLSv1.3"
