@@ -1,16 +1,305 @@
-"""Sub-commands and serve-time components of one feature area (see cli.EXTENSIONS)."""
+"""``inverse-cloud cert status | renew [--force] | caa`` and the certificate manager in ``serve``.
+
+``cert status`` reads the files (certificate store, renewal state, account), so it works whether or not the
+server runs. ``cert renew`` asks a running server (request file + SIGHUP to the pid in the manager's lock
+file) and waits for its answer; with no server running it does the work itself, with a temporary HTTP-01
+listener on ``[server] http_listen``.
+"""
 
 from __future__ import annotations
 
 import argparse
+import asyncio
+import datetime as dt
+import json
+import os
+import signal
+import sys
+import time
+from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
+from . import config as config_mod
 from .config import Config
+from .errors import AcmeError
+
+__all__ = ["add_commands", "serve_hook"]
+
+RENEW_WAIT_S = 300.0
 
 
-def add_commands(sub: Any, common: argparse.ArgumentParser) -> None:
-    """Add this area's sub-commands to the inverse-cloud parser."""
+def _load(args: argparse.Namespace) -> Config:
+    path = Path(args.config).expanduser() if args.config else config_mod.default_config_path()
+    return config_mod.load(path)
 
 
 def serve_hook(cfg: Config, supervisor: Any, server: Any) -> None:
-    """Add this area's components to ``serve`` (called in start order, after the DAV server)."""
+    """Add the certificate manager to ``serve`` when ``[acme] enabled`` (default: when a relay is configured)."""
+    if not cfg.acme.enabled:
+        return
+    from .cert_manager import CertManager
+
+    supervisor.add(CertManager(cfg, server))
+
+
+def add_commands(sub: Any, common: argparse.ArgumentParser) -> None:
+    # --config goes on the leaf parsers only: a sub-parser's default would overwrite the parent's value.
+    p = sub.add_parser("cert", help="the TLS certificate: status, renew, CAA record")
+    csub = p.add_subparsers(dest="cert_command", required=True, metavar="ACTION")
+    s = csub.add_parser("status", parents=[common], help="served certificate, next renewal, last error, CAA")
+    s.add_argument("--json", action="store_true", help="machine-readable output")
+    s.set_defaults(func=cmd_status)
+    r = csub.add_parser("renew", parents=[common], help="check now and renew if due (--force: renew anyway)")
+    r.add_argument("--force", action="store_true", help="renew even if the certificate is not due "
+                   "(still honours the CA's Retry-After)")
+    r.add_argument("--timeout", type=float, default=RENEW_WAIT_S, metavar="S",
+                   help=f"how long to wait for a running server's answer (default {RENEW_WAIT_S:.0f})")
+    r.set_defaults(func=cmd_renew)
+    c = csub.add_parser("caa", parents=[common], help="print the CAA record that pins our ACME account")
+    c.set_defaults(func=cmd_caa)
+
+
+# --- status -----------------------------------------------------------------------------------------
+
+def _disk_cert(cfg: Config) -> dict[str, Any] | None:
+    from cryptography import x509
+
+    chain = cfg.server.cert_dir / "current" / "fullchain.pem"
+    try:
+        leaf = x509.load_pem_x509_certificates(chain.read_bytes())[0]
+    except FileNotFoundError:
+        return None
+    except (OSError, ValueError) as exc:
+        return {"error": f"{chain} unreadable ({exc})"}
+    try:
+        names = leaf.extensions.get_extension_for_class(x509.SubjectAlternativeName).value.get_values_for_type(
+            x509.DNSName)
+    except x509.ExtensionNotFound:
+        names = []
+    return {"serial": format(leaf.serial_number, "x"), "names": names, "issuer": leaf.issuer.rfc4514_string(),
+            "not_before": leaf.not_valid_before_utc.isoformat(), "not_after": leaf.not_valid_after_utc.isoformat(),
+            "path": str(chain.resolve())}
+
+
+def status_document(cfg: Config) -> dict[str, Any]:
+    """What ``cert status`` shows, from the files only."""
+    from .acme_client import AccountStore
+    from .caa import issuer_domain_for, recommended_record
+    from .cert_manager import StateFiles
+    from .certs import next_attempt_at
+
+    files = StateFiles(cfg)
+    state = files.load_state()
+    holder = files.holder()
+    account = AccountStore(cfg.acme.account_dir).account_uri(cfg.acme.directory)
+    issuer = issuer_domain_for(cfg.acme.directory, cfg.acme.caa_issuer)
+    now = dt.datetime.now(dt.UTC)
+    nxt = next_attempt_at(state, now)
+
+    def iso(t: dt.datetime | None) -> str:
+        return t.isoformat() if t else ""
+
+    return {
+        "domain": cfg.server.domain, "acme_enabled": cfg.acme.enabled, "directory": cfg.acme.directory,
+        "server": {"running": bool(holder and holder[1] == "serve"), "pid": holder[0] if holder else None},
+        "certificate": _disk_cert(cfg),
+        "next_renewal": iso(state.next_renewal_at), "next_action": state.next_action,
+        "last_check": iso(state.last_check_at), "last_success": iso(state.last_success_at),
+        "failures": state.failures, "last_error": state.last_error,
+        "next_attempt": iso(nxt) if nxt and nxt > now else "",
+        "account": account,
+        "caa": {"state": state.caa_state or "not checked", "detail": state.caa_detail,
+                "checked_at": iso(state.caa_checked_at),
+                "record": recommended_record(cfg.server.domain, issuer, account) if issuer and account else ""},
+    }
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    cfg = _load(args)
+    doc = status_document(cfg)
+    if args.json:
+        print(json.dumps(doc, indent=1))
+        return 0 if doc["certificate"] and not doc["failures"] else 1
+    cert = doc["certificate"]
+    srv = doc["server"]
+    print(f"domain:       {doc['domain']} (ACME {'on' if doc['acme_enabled'] else 'off'}, {doc['directory']})")
+    print(f"server:       {'running, pid ' + str(srv['pid']) if srv['running'] else 'not running'}")
+    if cert is None:
+        print("certificate:  none issued yet (a self-signed stand-in is served)")
+    elif "error" in cert:
+        print(f"certificate:  {cert['error']}")
+    else:
+        print(f"certificate:  serial {cert['serial']} for {', '.join(cert['names'])}, valid {cert['not_before']} "
+              f"to {cert['not_after']}")
+        print(f"              issued by {cert['issuer']}")
+    if doc["next_renewal"]:
+        print(f"next renewal: {doc['next_renewal']} ({doc['next_action'] or 'wait'})")
+    print(f"last success: {doc['last_success'] or 'never'}; last check: {doc['last_check'] or 'never'}")
+    if doc["failures"]:
+        print(f"failures:     {doc['failures']} in a row; next attempt {doc['next_attempt'] or 'now'}")
+        print(f"last error:   {doc['last_error']}")
+    print(f"ACME account: {doc['account'] or 'none yet'}")
+    caa_doc = doc["caa"]
+    print(f"CAA:          {caa_doc['state']}" + (f": {caa_doc['detail']}" if caa_doc["detail"] else "")
+          + (f" (checked {caa_doc['checked_at']})" if caa_doc["checked_at"] else ""))
+    if caa_doc["state"] != "ok" and caa_doc["record"]:
+        print(f"              publish: {caa_doc['record']}")
+    return 0 if cert and "error" not in cert and not doc["failures"] else 1
+
+
+# --- renew ------------------------------------------------------------------------------------------
+
+def cmd_renew(args: argparse.Namespace) -> int:
+    from .cert_manager import StateFiles
+
+    cfg = _load(args)
+    files = StateFiles(cfg)
+    holder = files.holder()
+    if holder is not None and holder[1] != "serve":
+        raise AcmeError(f"another `inverse-cloud cert` command (pid {holder[0]}) is obtaining a certificate; "
+                        "wait for it to finish")
+    if holder is not None:
+        return _renew_via_server(cfg, files, holder[0], args.force, args.timeout)
+    return asyncio.run(_renew_standalone(cfg, args.force))
+
+
+def _renew_via_server(cfg: Config, files: Any, pid: int, force: bool, timeout_s: float) -> int:
+    from .fsutil import atomic_write
+
+    requested = dt.datetime.now(dt.UTC)
+    atomic_write(files.request, json.dumps({"force": force, "at": requested.isoformat()}).encode(), mode=0o600)
+    try:
+        os.kill(pid, signal.SIGHUP)
+    except ProcessLookupError:
+        raise AcmeError(f"the server (pid {pid}) is gone; run `inverse-cloud cert renew` again") from None
+    print(f"asked the running server (pid {pid}) to check the certificate{' (forced)' if force else ''}",
+          file=sys.stderr)
+    deadline = time.monotonic() + timeout_s
+    while True:
+        state = files.load_state()
+        if state.last_check_at is not None and state.last_check_at >= requested:
+            return _report(cfg, state, requested)
+        if time.monotonic() > deadline:
+            raise AcmeError(f"no answer from the server (pid {pid}) within {timeout_s:.0f} s; see its log "
+                            "(journalctl --user -u inverse-cloud)")
+        time.sleep(0.2)  # CLI polling interval while the server works
+
+
+def _report(cfg: Config, state: Any, since: dt.datetime) -> int:
+    if state.last_success_at is not None and state.last_success_at >= since:
+        print(f"certificate for {cfg.server.domain} renewed: serial {state.last_serial}")
+        return 0
+    if state.last_failure_at is not None and state.last_failure_at >= since:
+        print(f"inverse-cloud: {state.last_error}", file=sys.stderr)
+        return 1
+    when = state.next_renewal_at.isoformat() if state.next_renewal_at else "unknown"
+    if state.next_action == "wait" and state.failures:
+        print(f"not retrying yet: {state.failures} failure(s), next attempt {when} "
+              f"(last error: {state.last_error})")
+        return 1
+    print(f"certificate for {cfg.server.domain} is not due for renewal (next renewal {when}); "
+          "`cert renew --force` renews anyway")
+    return 0
+
+
+async def _renew_standalone(cfg: Config, force: bool) -> int:
+    """No server running: obtain/renew here, answering HTTP-01 on ``[server] http_listen`` meanwhile."""
+    from aiohttp import web
+
+    from .cert_manager import CertManager
+    from .listeners import bind_socket
+    from .tls import CertStore, TLSManager
+    from .web import ChallengeStore, make_http_app
+
+    loop = asyncio.get_running_loop()
+    loop.add_signal_handler(signal.SIGHUP, lambda: None)  # the lock file names us; a stray SIGHUP must not kill
+    tls = TLSManager(CertStore(cfg.server.cert_dir), cfg.server.domain)
+    await loop.run_in_executor(None, tls.load)
+    challenges = ChallengeStore()
+    sock = bind_socket(*cfg.server.http_listen, "[server] http_listen")
+    runner = web.AppRunner(make_http_app(challenges, cfg.server.domain), handle_signals=False)
+    await runner.setup()
+    site = web.SockSite(runner, sock)
+    await site.start()
+    server = SimpleNamespace(challenges=challenges, tls=tls, https_port=0)
+    manager = CertManager(cfg, server)
+    files = manager.files
+    try:
+        lock = await loop.run_in_executor(None, files.try_lock, "cli")
+        if lock is None:
+            raise AcmeError("another inverse-cloud process took the certificate lock; try again")
+        manager._lock_fd = lock
+        manager.state = await loop.run_in_executor(None, files.load_state)
+        manager._account = await loop.run_in_executor(None, manager.driver.accounts.account_uri,
+                                                      cfg.acme.directory)
+        since = dt.datetime.now(dt.UTC)
+        manager.request_check(force)
+        await manager.check()
+        code = _report(cfg, manager.state, since)
+        if code == 0 and manager.state.last_success_at is not None and manager.state.last_success_at >= since:
+            print("stored; `inverse-cloud serve` uses it (a running server: send SIGHUP)", file=sys.stderr)
+        return code
+    finally:
+        await manager.aclose()
+        await runner.cleanup()
+        loop.remove_signal_handler(signal.SIGHUP)
+
+
+# --- caa --------------------------------------------------------------------------------------------
+
+def cmd_caa(args: argparse.Namespace) -> int:
+    from .acme_client import AccountStore
+    from .caa import evaluate, issuer_domain_for, lookup_caa_sync, recommended_record
+
+    cfg = _load(args)
+    directory = cfg.acme.directory
+    account = AccountStore(cfg.acme.account_dir).account_uri(directory)
+    if not account:
+        account = _register_account(cfg)
+    issuer = issuer_domain_for(directory, cfg.acme.caa_issuer)
+    if not issuer:
+        print(f"inverse-cloud: the CAA issuer domain of {directory} is not known here: set [acme] caa_issuer to "
+              "the value your CA documents (Let's Encrypt: letsencrypt.org); with a placeholder:", file=sys.stderr)
+        print(recommended_record(cfg.server.domain, "ISSUER-DOMAIN", account))
+        return 1
+    print(recommended_record(cfg.server.domain, issuer, account))
+    try:
+        records, owner = lookup_caa_sync(cfg.server.domain, cfg.acme.dns_server)
+    except OSError as exc:
+        print(f"; DNS now: unknown ({exc})")
+        return 0
+    verdict = evaluate(records, issuer, account, owner)
+    print(f"; DNS now: {verdict.state}: {verdict.detail}" + (f" (records at {owner})" if owner else ""))
+    if not verdict.is_ok:
+        print("; publish the record above at your DNS provider; keep the account key "
+              f"({cfg.acme.account_dir}/account-key.pem) backed up: a new key needs a new record")
+    return 0
+
+
+def _register_account(cfg: Config) -> str:
+    """Register (or look up) the account for the persisted key, outside a running server."""
+    from .acme_client import AcmeDriver
+    from .cert_manager import StateFiles
+
+    files = StateFiles(cfg)
+    holder = files.holder()
+    if holder is not None:
+        raise AcmeError(f"no ACME account yet and a server (pid {holder[0]}) is running: it creates the account "
+                        "with its first order; run `inverse-cloud cert caa` again after that")
+
+    async def register() -> str:
+        driver = AcmeDriver(cfg.acme, cfg.server.domain)
+        loop = asyncio.get_running_loop()
+        fd = await loop.run_in_executor(None, files.try_lock, "cli")
+        if fd is None:
+            raise AcmeError("another inverse-cloud process holds the certificate lock; try again")
+        try:
+            return await driver.ensure_account()
+        finally:
+            await driver.aclose()
+            os.close(fd)
+
+    uri = asyncio.run(register())
+    print(f"registered ACME account {uri} at {cfg.acme.directory}", file=sys.stderr)
+    return uri

@@ -249,7 +249,8 @@ class RenewalState:
     ari_end: dt.datetime | None = None
     ari_time: dt.datetime | None = None
     ari_next_fetch: dt.datetime | None = None
-    # Last decision (informational: status and logs).
+    # Last check and its decision (informational: status, and `cert renew` waiting for the server).
+    last_check_at: dt.datetime | None = None
     next_renewal_at: dt.datetime | None = None
     next_action: str = ""
     # CAA (caa.py): state is one of caa.STATES; detail is one line.

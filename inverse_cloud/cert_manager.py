@@ -1,0 +1,513 @@
+"""The certificate manager component: obtains and renews the domain's certificate while ``serve`` runs.
+
+Loop (all on the event loop; ACME and DNS run in threads):
+
+* a short probe tick (``min(check_interval_s, 10 s)``, monotonic) compares how far the wall clock and the
+  monotonic clock advanced: a difference means suspend/resume or a clock change, and triggers a check at
+  once (a laptop's monotonic timers stop while the lid is shut; reliability.md finding 9);
+* a full check at least every ``[acme] check_interval_s`` of wall-clock time, and whenever the decision's
+  due time (wall clock) has passed: refresh ARI if due, then :func:`certs.decide`;
+* when due: public-path self-check, order (acme_client), store atomically, hot-swap, then prove that a fresh
+  TLS handshake to our own listener presents the new serial;
+* failures are one log line each (what, next try, how long the current certificate lasts), the streak is
+  persisted in ``state_dir``/acme-state.json; serving never stops;
+* CAA is looked up at start and once a day (and after the first issuance): WARNING while it does not pin
+  our account.
+
+``inverse-cloud cert renew`` talks to a running manager through a request file plus SIGHUP (the pid is in
+the lock file ``state_dir``/acme.lock, held while the manager runs, also by a stand-alone ``cert renew``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import datetime as dt
+import fcntl
+import json
+import logging
+import os
+import random
+import secrets
+import ssl
+import time
+from collections.abc import Callable
+from typing import Any
+
+import aiohttp
+from cryptography import x509
+
+from . import caa
+from .acme_client import AcmeDriver
+from .certs import (
+    RenewalState,
+    Validity,
+    aware,
+    choose_in_window,
+    decide,
+    failure_level,
+    human_duration,
+    next_attempt_at,
+)
+from .certs import ari_cert_id as _ari_cert_id
+from .config import Config
+from .errors import AcmeError, CertStoreError, ConfigError, InverseCloudError, RateLimited
+from .fsutil import atomic_write, ensure_private_dir
+
+__all__ = ["CertManager", "StateFiles", "check_public_path", "served_certificate_serial"]
+
+log = logging.getLogger(__name__)
+
+JUMP_TOLERANCE_S = 30.0      # wall vs monotonic drift beyond this is a suspend/resume or a clock change
+CAA_INTERVAL_S = 86400.0     # the issue: "once a day"
+ACME_PREFIX = "/.well-known/acme-challenge/"
+
+
+class StateFiles:
+    """Paths under ``[server] state_dir`` shared by the component and ``inverse-cloud cert``."""
+
+    def __init__(self, cfg: Config) -> None:
+        root = cfg.server.state_dir
+        self.root = root
+        self.state = root / "acme-state.json"
+        self.lock = root / "acme.lock"
+        self.request = root / "acme-renew-request.json"
+
+    def load_state(self) -> RenewalState:
+        try:
+            return RenewalState.from_json(self.state.read_text(encoding="utf-8"))
+        except FileNotFoundError:
+            return RenewalState()
+        except (OSError, ValueError) as exc:
+            log.warning("renewal state %s unreadable (%s); starting with a clean failure history", self.state, exc)
+            return RenewalState()
+
+    def save_state(self, state: RenewalState) -> None:
+        ensure_private_dir(self.root)
+        atomic_write(self.state, state.to_json().encode(), mode=0o600)
+
+    def try_lock(self, role: str = "serve") -> int | None:
+        """Take the manager lock (fd) or None if another process holds it. The file says who holds it."""
+        ensure_private_dir(self.root)
+        fd = os.open(self.lock, os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            return None
+        os.ftruncate(fd, 0)
+        os.write(fd, f"{os.getpid()} {role}\n".encode())
+        return fd
+
+    def holder(self) -> tuple[int, str] | None:
+        """(pid, role) of the process holding the lock ("serve" or "cli"), or None when nobody does."""
+        if not self.lock.exists():
+            return None
+        fd = os.open(self.lock, os.O_RDWR)
+        try:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                pass
+            else:
+                return None
+        finally:
+            os.close(fd)
+        try:
+            pid, _, role = self.lock.read_text().strip().partition(" ")
+            return int(pid), role or "serve"
+        except (OSError, ValueError):
+            return (0, "serve")
+
+
+def utc(ts: float) -> dt.datetime:
+    return dt.datetime.fromtimestamp(ts, dt.UTC)
+
+
+def _fmt(t: dt.datetime | None) -> str:
+    return t.astimezone(dt.UTC).strftime("%Y-%m-%d %H:%M:%S UTC") if t else "-"
+
+
+def _connect_host(host: str) -> str:
+    return {"0.0.0.0": "127.0.0.1", "::": "::1", "": "127.0.0.1"}.get(host, host)  # noqa: S104 (a listen address)
+
+
+async def served_certificate_serial(host: str, port: int, server_name: str, timeout_s: float = 10.0) -> int:
+    """The serial of the leaf a *fresh* TLS handshake to ``host:port`` presents (asyncio's TLS client)."""
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    ctx.check_hostname = False
+    ctx.verify_mode = ssl.CERT_NONE  # we compare serials; trust is the phone's business
+    _reader, writer = await asyncio.wait_for(
+        asyncio.open_connection(_connect_host(host), port, ssl=ctx, server_hostname=server_name), timeout_s)
+    try:
+        sslobj = writer.get_extra_info("ssl_object")
+        der = sslobj.getpeercert(binary_form=True) if sslobj is not None else None
+    finally:
+        writer.close()
+        with contextlib.suppress(OSError, ssl.SSLError, TimeoutError):
+            await asyncio.wait_for(writer.wait_closed(), 2)
+    if not der:
+        raise CertStoreError(f"no certificate presented by {host}:{port}")
+    return int(x509.load_der_x509_certificate(der).serial_number)
+
+
+async def check_public_path(domain: str, challenges: Any, address: tuple[str, int] | None,
+                            timeout_s: float = 5.0, window_s: float = 10.0) -> str | None:
+    """Fetch ``http://<domain>/.well-known/acme-challenge/<probe>`` the way the CA will; None when our own
+    probe comes back, else the reason (one phrase). Connection refusals are retried for ``window_s``
+    (the tunnel may still be coming up); other answers are final.
+    """
+    token = "inverse-cloud-self-check-" + secrets.token_urlsafe(18)
+    value = secrets.token_urlsafe(32)
+    host, port = address or (domain, 80)
+    url_host = f"[{host}]" if ":" in host else host
+    url = f"http://{url_host}:{port}{ACME_PREFIX}{token}"
+    where = f"{host}:{port}"
+    challenges.set(token, value)
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + window_s
+    try:
+        async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=timeout_s)) as session:
+            while True:
+                retry = False
+                try:
+                    async with session.get(url, headers={"Host": domain}, allow_redirects=False) as resp:
+                        body = (await resp.content.read(4096)).decode("utf-8", "replace").strip()
+                        if resp.status == 200 and body == value:
+                            return None
+                        why = (f"{where} answered HTTP {resp.status}" if resp.status != 200
+                               else f"{where} answered with another token (something else serves port 80)")
+                except aiohttp.ClientConnectorDNSError as exc:
+                    why = f"{host} does not resolve ({exc.os_error.strerror or exc.os_error})"
+                except aiohttp.ClientConnectorError as exc:
+                    why = f"connecting to {where} failed ({exc.os_error.strerror or exc.os_error})"
+                    retry = True
+                except (TimeoutError, aiohttp.ClientError) as exc:
+                    why = f"no answer from {where} ({type(exc).__name__})"
+                if not retry or loop.time() + 0.5 > deadline:
+                    return why
+                await asyncio.sleep(0.5)  # production retry interval while the tunnel connects
+    finally:
+        challenges.remove(token)
+
+
+class CertManager:
+    """Supervisor component. ``server`` provides ``challenges``, ``tls`` (TLSManager) and ``https_port``
+    (0: do not verify the served certificate, e.g. a stand-alone ``cert renew``)."""
+
+    name = "cert-manager"
+
+    def __init__(self, cfg: Config, server: Any, *, driver: AcmeDriver | None = None,
+                 clock: Callable[[], float] = time.time, monotonic: Callable[[], float] = time.monotonic,
+                 rng: Callable[[], float] = random.random) -> None:
+        self.cfg = cfg
+        self.server = server
+        self.domain = cfg.server.domain
+        self.files = StateFiles(cfg)
+        self.driver = driver or AcmeDriver(cfg.acme, self.domain)
+        self.clock, self.monotonic, self.rng = clock, monotonic, rng
+        self.state = RenewalState()
+        self.probe_s = min(cfg.acme.check_interval_s, 10.0)
+        self.issuer = caa.issuer_domain_for(cfg.acme.directory, cfg.acme.caa_issuer)
+        self._lock_fd: int | None = None
+        self._task: asyncio.Task[None] | None = None
+        self._wake: asyncio.Event | None = None
+        self._force = False
+        self._due_at: float | None = None
+        self._busy = False
+        self._ari_offered: bool | None = None
+        self._ari_retry_at: dt.datetime | None = None
+        self._account = ""
+        self._lock_warned = False
+        self._next_caa = 0.0
+        self.checks = 0        # how many full checks ran (tests)
+        self.attempts = 0      # how many attempts (self-check + order) started
+
+    # --- component protocol ----------------------------------------------------------------------------
+
+    async def start(self) -> None:
+        loop = asyncio.get_running_loop()
+        self.state = await loop.run_in_executor(None, self.files.load_state)
+        self._account = await loop.run_in_executor(None, self.driver.accounts.account_uri, self.cfg.acme.directory)
+        self._wake = asyncio.Event()
+        self._task = asyncio.create_task(self._loop(), name="cert-manager")
+
+    async def aclose(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+            self._task = None
+        await self.driver.aclose()
+        if self._lock_fd is not None:
+            os.close(self._lock_fd)
+            self._lock_fd = None
+
+    def reload(self) -> None:
+        """SIGHUP: pick up a ``cert renew`` request (request file) and check now."""
+        try:
+            req = json.loads(self.files.request.read_text(encoding="utf-8"))
+            self.files.request.unlink()
+            self._force = self._force or bool(req.get("force"))
+            log.info("certificate check requested (cert renew%s)", " --force" if req.get("force") else "")
+        except FileNotFoundError:
+            pass
+        except (OSError, ValueError) as exc:
+            log.warning("renew request %s unreadable (%s); checking anyway", self.files.request, exc)
+        if self._wake is not None:
+            self._wake.set()
+
+    def request_check(self, force: bool = False) -> None:
+        self._force = self._force or force
+        if self._wake is not None:
+            self._wake.set()
+
+    def status(self) -> dict[str, Any]:
+        now = utc(self.clock())
+        info = getattr(self.server.tls, "info", None)
+        validity = self._validity()
+        s = self.state
+        level = failure_level(validity, now, s.failures) if s.failures else logging.INFO
+        caa_ok = s.caa_state == "ok"
+        record = caa.recommended_record(self.domain, self.issuer, self._account) if (
+            self.issuer and self._account) else ""
+        return {
+            "state": "renewing" if self._busy else ("failing" if s.failures else "ok"),
+            "healthy": level < logging.ERROR,
+            "serial": info.serial_hex if info else "",
+            "self_signed": bool(info.self_signed) if info else None,
+            "not_after": info.not_after.isoformat() + "Z" if info else "",
+            "next_renewal": s.next_renewal_at.isoformat() if s.next_renewal_at else "",
+            "next_action": s.next_action,
+            "last_error": s.last_error,
+            "failures": s.failures,
+            "last_success": s.last_success_at.isoformat() if s.last_success_at else "",
+            "account": self._account,
+            "directory": self.cfg.acme.directory,
+            "caa": {"state": s.caa_state or "not checked", "ok": caa_ok, "detail": s.caa_detail,
+                    "checked_at": s.caa_checked_at.isoformat() if s.caa_checked_at else "", "record": record},
+        }
+
+    # --- loop ------------------------------------------------------------------------------------------
+
+    async def _loop(self) -> None:
+        assert self._wake is not None
+        last_wall, last_mono = self.clock(), self.monotonic()
+        next_check = 0.0
+        checked = self.state.caa_checked_at
+        self._next_caa = checked.timestamp() + CAA_INTERVAL_S if checked and self._account else 0.0
+        while True:
+            wall, mono = self.clock(), self.monotonic()
+            drift = (wall - last_wall) - (mono - last_mono)
+            last_wall, last_mono = wall, mono
+            woke = self._wake.is_set()
+            self._wake.clear()
+            jumped = abs(drift) > JUMP_TOLERANCE_S
+            if jumped:
+                log.info("wall clock moved %+.0f s against the monotonic clock (suspend/resume or clock change); "
+                         "checking the certificate now", drift)
+                if drift < 0:
+                    self._next_caa = min(self._next_caa, wall)  # not a day + the jump until the next CAA check
+            if woke or jumped or wall >= next_check or (self._due_at is not None and wall >= self._due_at):
+                try:
+                    await self.check()
+                except Exception as exc:  # boundary: the manager must survive anything and keep serving
+                    log.error("certificate check failed unexpectedly: %s", exc, exc_info=True)
+                next_check = self.clock() + self.cfg.acme.check_interval_s
+            if self.clock() >= self._next_caa:
+                await self.check_caa()
+                self._next_caa = self.clock() + CAA_INTERVAL_S
+            wall = self.clock()
+            timeout = min(self.probe_s, max(0.0, next_check - wall))
+            if self._due_at is not None:
+                timeout = min(timeout, max(0.0, self._due_at - wall))
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._wake.wait(), max(timeout, 0.01))
+
+    def _validity(self) -> Validity | None:
+        info = getattr(self.server.tls, "info", None)
+        if info is None or info.self_signed or self.domain not in info.names:
+            return None
+        return Validity(info.serial_hex, aware(info.not_before), aware(info.not_after))
+
+    def _lock(self) -> bool:
+        if self._lock_fd is None:
+            self._lock_fd = self.files.try_lock()
+            if self._lock_fd is None:
+                if not self._lock_warned:
+                    holder = self.files.holder()
+                    log.warning("another process (pid %s) is obtaining a certificate for this installation; "
+                                "waiting for it", holder[0] if holder else "?")
+                    self._lock_warned = True
+                return False
+        return True
+
+    async def check(self) -> None:
+        """One full check: ARI refresh (if due), decision, and an attempt when due."""
+        self.checks += 1
+        loop = asyncio.get_running_loop()
+        if not await loop.run_in_executor(None, self._lock):
+            self._due_at = self.clock() + self.probe_s
+            return
+        force, self._force = self._force, False
+        now = utc(self.clock())
+        validity = self._validity()
+        if validity is not None and not validity.is_expired(now):
+            await self._refresh_ari(validity, now)
+        decision = decide(validity, now, self.state, force=force)
+        self._note_decision(decision.at if not decision.is_due else now, decision.action)
+        if decision.is_due:
+            if validity is not None and validity.is_expired(now):
+                log.warning("certificate expired according to the local clock (valid until %s); renewing now",
+                            _fmt(validity.not_after))
+            await self._attempt(decision.action, decision.reason, validity)
+            decision = decide(self._validity(), utc(self.clock()), self.state)
+            self._note_decision(decision.at, decision.action)
+        self.state.last_check_at = utc(self.clock())
+        await loop.run_in_executor(None, self.files.save_state, self.state)
+
+    def _note_decision(self, at: dt.datetime, action: str) -> None:
+        self.state.next_renewal_at = at
+        self.state.next_action = action
+        self._due_at = at.timestamp()
+
+    async def _refresh_ari(self, validity: Validity, now: dt.datetime) -> None:
+        s = self.state
+        if self._ari_offered is False or (self._ari_retry_at is not None and now < self._ari_retry_at) or (
+                s.ari_serial == validity.serial_hex and s.ari_next_fetch and now < s.ari_next_fetch):
+            return
+        info = self.server.tls.info
+        try:
+            pem = await asyncio.get_running_loop().run_in_executor(None, (info.path / "fullchain.pem").read_bytes)
+            cert_id = _ari_cert_id(x509.load_pem_x509_certificates(pem)[0])
+            window, retry_s = await self.driver.renewal_info(cert_id)
+        except (OSError, ValueError, InverseCloudError) as exc:
+            # "We want to stop errors around ARI preventing renewal" (certbot): fall back to the lifetime rule.
+            log.info("renewal info (ARI) unavailable: %s; using the certificate's lifetime", exc)
+            self._ari_retry_at = now + dt.timedelta(hours=1)
+            return
+        if window is None:
+            self._ari_offered = False
+            return
+        self._ari_offered = True
+        if s.ari_serial != validity.serial_hex or (s.ari_start, s.ari_end) != (window.start, window.end):
+            s.ari_time = choose_in_window(window, self.rng())
+            log.info("the CA suggests renewing between %s and %s (ARI); chose %s", _fmt(window.start),
+                     _fmt(window.end), _fmt(s.ari_time))
+        s.ari_serial, s.ari_start, s.ari_end = validity.serial_hex, window.start, window.end
+        wait = min(max(retry_s if retry_s is not None else 6 * 3600.0, 60.0), 86400.0)
+        s.ari_next_fetch = now + dt.timedelta(seconds=wait)
+
+    # --- one attempt -----------------------------------------------------------------------------------
+
+    async def _attempt(self, action: str, reason: str, validity: Validity | None) -> None:
+        self._busy = True
+        self.attempts += 1
+        started = self.monotonic()
+        verb = "obtaining" if action == "obtain" else "renewing"
+        try:
+            log.info("%s a certificate for %s (%s)", verb, self.domain, reason)
+            problem = await check_public_path(self.domain, self.server.challenges, self.cfg.acme.self_check_address)
+            if problem is not None:
+                self._fail(f"public path http://{self.domain}/ does not reach this laptop ({problem}); "
+                           "not requesting a certificate", "path", validity)
+                return
+            replaces = ""
+            if validity is not None and self._ari_offered and self.state.ari_serial == validity.serial_hex:
+                replaces = await self._cert_id()
+            try:
+                issued = await self.driver.issue(self.server.challenges, replaces=replaces)
+            except RateLimited as exc:
+                self._fail(str(exc), "ca", validity, exc.retry_after_s)
+                return
+            except (AcmeError, ConfigError) as exc:
+                self._fail(str(exc), "ca", validity)
+                return
+            if self._account != self.driver.accounts.account_uri(self.cfg.acme.directory):
+                self._account = self.driver.accounts.account_uri(self.cfg.acme.directory)
+                self._next_caa = 0.0  # the record to check names the account: check it now
+            try:
+                serial = await self._install(issued.chain_pem, issued.key_pem)
+            except InverseCloudError as exc:
+                self._fail(f"the new certificate could not be put in service: {exc}", "ca", validity)
+                return
+            self.state.record_success(utc(self.clock()), format(serial, "x"))
+            info = self.server.tls.info
+            log.info("certificate %s: serial %x valid until %s; %s (%.2f s)",
+                     "obtained" if action == "obtain" else "renewed", serial, _fmt(aware(info.not_after)),
+                     "a fresh handshake to our listener presents it" if self.server.https_port else "stored",
+                     self.monotonic() - started)
+        finally:
+            self._busy = False
+
+    async def _cert_id(self) -> str:
+        try:
+            pem = await asyncio.get_running_loop().run_in_executor(
+                None, (self.server.tls.info.path / "fullchain.pem").read_bytes)
+            return _ari_cert_id(x509.load_pem_x509_certificates(pem)[0])
+        except (OSError, ValueError):
+            return ""
+
+    async def _install(self, chain_pem: bytes, key_pem: bytes) -> int:
+        """Store, swap, and prove: the served serial must be the new one.
+
+        :raises CertStoreError: storing or swapping failed, or the listener still presents another serial.
+        """
+        tls = self.server.tls
+        serial = int(x509.load_pem_x509_certificates(chain_pem)[0].serial_number)
+        loop = asyncio.get_running_loop()
+
+        def store_and_swap() -> None:
+            tls.store.save(chain_pem, key_pem)
+            tls.load()
+            with contextlib.suppress(OSError):
+                tls.store.prune(keep=3)
+
+        await loop.run_in_executor(None, store_and_swap)
+        if tls.info is None or tls.info.serial != serial:
+            raise CertStoreError(f"stored serial {serial:x} but the TLS manager kept serving another certificate")
+        port = self.server.https_port
+        if port:
+            host = self.cfg.server.https_listen[0]
+            served = await served_certificate_serial(host, port, self.domain)
+            if served != serial:
+                raise CertStoreError(f"a fresh handshake to {host}:{port} presents serial {served:x}, "
+                                     f"not the new {serial:x}")
+        return serial
+
+    def _fail(self, error: str, kind: str, validity: Validity | None, retry_after_s: float | None = None) -> None:
+        now = utc(self.clock())
+        self.state.record_failure(now, error, "path" if kind == "path" else "ca", retry_after_s)
+        nxt = next_attempt_at(self.state, now) or now
+        if validity is None:
+            current = "serving a self-signed certificate meanwhile (phones will not connect)"
+        elif validity.is_expired(now):
+            current = f"the current certificate EXPIRED at {_fmt(validity.not_after)}"
+        else:
+            current = (f"current certificate valid until {_fmt(validity.not_after)} "
+                       f"({human_duration(validity.remaining(now).total_seconds())} left)")
+        what = "" if kind == "path" else ("obtaining a certificate failed: " if validity is None
+                                          else "certificate renewal failed: ")
+        wait = human_duration((nxt - now).total_seconds())
+        when = f"next attempt at {_fmt(nxt)} (in {wait})" if retry_after_s else f"retry in {wait} (at {_fmt(nxt)})"
+        log.log(failure_level(validity, now, self.state.failures), "%s%s; %s; %s", what, error, when, current)
+
+    # --- CAA -------------------------------------------------------------------------------------------
+
+    async def check_caa(self) -> caa.CaaVerdict:
+        verdict = await caa.lookup_caa(self.domain, self.issuer, self._account, self.cfg.acme.dns_server)
+        s = self.state
+        changed = (s.caa_state, s.caa_detail) != (verdict.state, verdict.detail)
+        s.caa_state, s.caa_detail, s.caa_checked_at = verdict.state, verdict.detail, utc(self.clock())
+        if verdict.state == "ok":
+            (log.info if changed else log.debug)("CAA for %s: %s", self.domain, verdict.detail)
+        elif verdict.state == "unknown" and not self._account:
+            log.info("CAA for %s not checked yet: %s", self.domain, verdict.detail)
+        else:
+            fix = (f"; publish: {caa.recommended_record(self.domain, self.issuer, self._account)}"
+                   if self.issuer and self._account else "; see: inverse-cloud cert caa")
+            log.warning("CAA for %s: %s (%s): the relay could obtain a certificate for this name%s",
+                        self.domain, verdict.state, verdict.detail, fix)
+        await asyncio.get_running_loop().run_in_executor(None, self.files.save_state, self.state)
+        return verdict
+
