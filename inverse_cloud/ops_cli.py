@@ -1,16 +1,297 @@
-"""Sub-commands and serve-time components of one feature area (see cli.EXTENSIONS)."""
+"""Living with it: ``status``, ``doctor``, ``phone``, ``service``, ``export``/``import``, and the
+serve-time pieces behind them (control socket, systemd notifications, the phone page).
+
+Exit codes of ``status`` and ``doctor``: 0 healthy, 1 degraded (or a link is broken), 2 not running /
+bad configuration.
+"""
 
 from __future__ import annotations
 
 import argparse
+import asyncio
+import json
+import secrets
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
 from typing import Any
 
+from . import config as config_mod
 from .config import Config
+from .errors import ConfigError, UserError
 
+__all__ = ["add_commands", "serve_hook"]
+
+PROBE_TTL_S = 60.0
+
+
+def _config_path(args: argparse.Namespace) -> Path:
+    return Path(args.config).expanduser() if args.config else config_mod.default_config_path()
+
+
+def _load(args: argparse.Namespace) -> Config:
+    return config_mod.load(_config_path(args))
+
+
+# --- serve ------------------------------------------------------------------------------------------
+
+def serve_hook(cfg: Config, supervisor: Any, server: Any) -> None:
+    """Add the phone page, the control socket and systemd notifications to ``serve``."""
+    from .control import ControlServer
+    from .phone import HomePage
+    from .status import SyncTracker, collect, snapshot
+    from .systemd import Notifier, SystemdComponent, short_summary
+
+    started_at = time.time()
+    tracker = SyncTracker()
+    server.response_hooks.append(tracker.note)
+    page = HomePage(cfg.server.domain, cfg.server.htpasswd_path, cfg.server.storage_dir,
+                    auth_delay_s=cfg.server.auth_delay_s)
+    server.home_handler = page  # read by DavServer.start(), which runs after this hook
+    supervisor.add(page)
+
+    control = ControlServer(cfg.server.control_socket)
+
+    async def status_cmd(_request: dict[str, Any]) -> Any:
+        return await collect(cfg, server, supervisor.components, tracker, started_at)
+
+    async def probe_cmd(_request: dict[str, Any]) -> Any:
+        # doctor's "does public HTTP reach this process" test: a random token we serve for a minute.
+        # The token and its answer are chosen here, so the socket cannot be used to publish content.
+        token = "inverse-cloud-probe-" + secrets.token_urlsafe(18)
+        value = secrets.token_urlsafe(32)
+        server.challenges.set(token, value)
+        asyncio.get_running_loop().call_later(PROBE_TTL_S, server.challenges.remove, token)
+        return {"token": token, "value": value, "expires_in_s": PROBE_TTL_S}
+
+    control.register("status", status_cmd)
+    control.register("probe", probe_cmd)
+    supervisor.add(control)
+
+    sd = SystemdComponent(Notifier(), lambda: short_summary(
+        snapshot(cfg, server, supervisor.components, tracker, started_at)))
+    supervisor.add(sd)
+    supervisor.on_ready.append(sd.ready)
+    supervisor.on_stopping.append(sd.stopping)
+
+
+# --- status -----------------------------------------------------------------------------------------
+
+def cmd_status(args: argparse.Namespace) -> int:
+    from .control import ControlError, NotRunning, ask
+    from .status import format_text
+
+    cfg = _load(args)
+    try:
+        doc = ask(cfg.server.control_socket, "status", timeout_s=args.timeout)
+    except NotRunning as exc:
+        if args.json:
+            print(json.dumps({"health": "not running", "error": str(exc)}))
+        else:
+            print(f"{exc}; start it with `systemctl --user start inverse-cloud` or `inverse-cloud serve`")
+        return 2
+    except ControlError as exc:
+        if args.json:
+            print(json.dumps({"health": "unknown", "error": str(exc)}))
+        else:
+            print(f"inverse-cloud: {exc}", file=sys.stderr)
+        return 2
+    print(json.dumps(doc, indent=2, sort_keys=True) if args.json else format_text(doc))
+    return 0 if doc.get("health") == "healthy" else 1
+
+
+# --- phone ------------------------------------------------------------------------------------------
+
+def cmd_phone(args: argparse.Namespace) -> int:
+    from . import users
+    from .phone import account, render_terminal
+
+    cfg = _load(args)
+    known = users.list_users(cfg.server.htpasswd_path)
+    user = args.user or (known[0] if known else "")
+    if not user:
+        raise UserError(f"no DAV user in {cfg.server.htpasswd_path}; add one: inverse-cloud user add NAME")
+    if user not in known:
+        raise UserError(f"no user {user!r} in {cfg.server.htpasswd_path} (known: {', '.join(known) or 'none'})")
+    print(render_terminal(account(user, cfg.server.domain)))
+    return 0
+
+
+# --- service ----------------------------------------------------------------------------------------
+
+def _user_manager_reachable() -> bool:
+    if not shutil.which("systemctl"):
+        return False
+    try:
+        return subprocess.run(["systemctl", "--user", "show-environment"], capture_output=True,
+                              timeout=10).returncode == 0
+    except (OSError, subprocess.TimeoutExpired):
+        return False
+
+
+def _linger_enabled() -> bool | None:
+    if not shutil.which("loginctl"):
+        return None
+    import getpass
+
+    try:
+        out = subprocess.run(["loginctl", "show-user", getpass.getuser(), "--property=Linger"],
+                             capture_output=True, text=True, timeout=10)
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    if out.returncode != 0:
+        return None
+    return out.stdout.strip() == "Linger=yes"
+
+
+def _linger_hint() -> str:
+    import getpass
+
+    return ("so it also runs when you are not logged in (after a reboot, too), run once:\n"
+            f"    loginctl enable-linger {getpass.getuser()}")
+
+
+def cmd_service(args: argparse.Namespace) -> int:
+    from .fsutil import atomic_write
+    from .systemd import UNIT_NAME, render_unit, unit_path
+
+    path = Path(args.unit_dir) / UNIT_NAME if args.unit_dir else unit_path()
+    manager = not args.no_systemctl and _user_manager_reachable()
+
+    def systemctl(*argv: str) -> int:
+        return subprocess.run(["systemctl", "--user", *argv], timeout=60).returncode
+
+    if args.action == "install":
+        cfg = _load(args)  # refuse to install a unit for a config that does not load
+        assert cfg.path is not None
+        text = render_unit(cfg.path.absolute(), python=sys.executable, stop_timeout_s=cfg.server.shutdown_timeout_s)
+        atomic_write(path, text.encode("utf-8"), mode=0o644)
+        print(f"wrote {path}")
+        if manager:
+            if systemctl("daemon-reload") or systemctl("enable", "--now", UNIT_NAME):
+                raise UserError(f"systemctl --user enable --now {UNIT_NAME} failed; see: journalctl --user -u "
+                                "inverse-cloud")
+            print(f"enabled and started {UNIT_NAME}; logs: journalctl --user -u inverse-cloud -f")
+        else:
+            print("no systemd user manager reachable from here; to start it, run:\n"
+                  f"    systemctl --user daemon-reload && systemctl --user enable --now {UNIT_NAME}")
+        if _linger_enabled() is not True:
+            print(_linger_hint())
+        print("next: inverse-cloud status   (then `inverse-cloud phone` to set up the phone)")
+        return 0
+    if args.action == "uninstall":
+        if manager:
+            systemctl("disable", "--now", UNIT_NAME)
+        if path.exists():
+            path.unlink()
+            print(f"removed {path}")
+        else:
+            print(f"no unit at {path}")
+        if manager:
+            systemctl("daemon-reload")
+        print("your data is untouched (inverse-cloud export FILE backs it up)")
+        return 0
+    # status
+    if not path.exists():
+        print(f"not installed (no {path}); install with: inverse-cloud service install")
+        return 2
+    print(f"unit: {path}")
+    linger = _linger_enabled()
+    if linger is False:
+        print("linger is off: the service stops when you log out; " + _linger_hint())
+    if manager:
+        return subprocess.run(["systemctl", "--user", "status", "--no-pager", UNIT_NAME], timeout=30).returncode
+    print("no systemd user manager reachable from here (try `systemctl --user status inverse-cloud`)")
+    return 0
+
+
+# --- export / import --------------------------------------------------------------------------------
+
+def cmd_export(args: argparse.Namespace) -> int:
+    from .backup import export_backup
+
+    cfg = _load(args)
+    result = export_backup(cfg, Path(args.file))
+    print(f"wrote {result.path} ({result.files} files, {result.items} items, {result.bytes} bytes; storage "
+          f"locked for {result.locked_s * 1000:.0f} ms)")
+    print("it holds your contacts, calendars, passwords (hashed), the ACME account key and the SSH keys: "
+          "keep it private")
+    return 0
+
+
+def cmd_import(args: argparse.Namespace) -> int:
+    from .backup import import_backup
+
+    path = _config_path(args)
+    cfg = config_mod.load(path) if path.exists() else None
+    result = import_backup(Path(args.file), cfg, config_path=path,
+                           data_dir=Path(args.data_dir).expanduser().absolute() if args.data_dir else None)
+    print(f"restored {result.files} files ({result.items} items) into {result.data_dir}; Radicale verified the store")
+    if result.config_written:
+        print(f"wrote {result.config_written} from the export (check listen addresses and paths)")
+    if result.moved_aside:
+        print(f"the empty store that was there is kept at {result.moved_aside}")
+    print("next: inverse-cloud service install   (or inverse-cloud serve)")
+    return 0
+
+
+# --- doctor -----------------------------------------------------------------------------------------
+
+def cmd_doctor(args: argparse.Namespace) -> int:
+    from .doctor import DoctorOptions, format_report, parse_connect_to, parse_resolve, run_doctor
+
+    path = _config_path(args)
+    try:
+        opts = DoctorOptions(resolve=parse_resolve(args.resolve), connect_to=parse_connect_to(args.connect_to),
+                             cafile=Path(args.cacert) if args.cacert else None, timeout_s=args.timeout)
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from None
+    report = asyncio.run(run_doctor(path, opts))
+    print(json.dumps(report.as_dict(), indent=2) if args.json else format_report(report))
+    return report.exit_code
+
+
+# --- parser -----------------------------------------------------------------------------------------
 
 def add_commands(sub: Any, common: argparse.ArgumentParser) -> None:
     """Add this area's sub-commands to the inverse-cloud parser."""
+    p = sub.add_parser("status", parents=[common], help="what the running server is doing (exit 0 healthy, "
+                       "1 degraded, 2 not running)")
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+    p.add_argument("--timeout", type=float, default=10.0, metavar="S", help=argparse.SUPPRESS)
+    p.set_defaults(func=cmd_status)
 
+    p = sub.add_parser("doctor", parents=[common], help="walk the path a phone takes and name the first broken "
+                       "link, with the fix")
+    p.add_argument("--resolve", action="append", default=[], metavar="HOST:ADDR",
+                   help="answer DNS for HOST with ADDR instead of asking DNS (repeatable)")
+    p.add_argument("--connect-to", action="append", default=[], metavar="HOST:PORT:ADDR:PORT",
+                   help="like curl: connect there instead when the public path is probed (repeatable)")
+    p.add_argument("--cacert", metavar="FILE", help="CA file to check the public certificate against "
+                   "(default: the system's)")
+    p.add_argument("--timeout", type=float, default=10.0, metavar="S", help="per-step timeout (default 10)")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_doctor)
 
-def serve_hook(cfg: Config, supervisor: Any, server: Any) -> None:
-    """Add this area's components to ``serve`` (called in start order, after the DAV server)."""
+    p = sub.add_parser("phone", parents=[common], help="show the phone/Thunderbird set-up with a QR code")
+    p.add_argument("--user", metavar="NAME", help="DAV user (default: the first one)")
+    p.set_defaults(func=cmd_phone)
+
+    p = sub.add_parser("service", parents=[common], help="install|uninstall|status of the systemd user unit")
+    p.add_argument("action", choices=["install", "uninstall", "status"])
+    p.add_argument("--unit-dir", metavar="DIR", help="write the unit here (default ~/.config/systemd/user)")
+    p.add_argument("--no-systemctl", action="store_true", help="only write/remove the file; do not call systemctl")
+    p.set_defaults(func=cmd_service)
+
+    p = sub.add_parser("export", parents=[common], help="write a consistent backup (contacts, calendars, users, "
+                       "keys, config) to FILE")
+    p.add_argument("file", metavar="FILE")
+    p.set_defaults(func=cmd_export)
+
+    p = sub.add_parser("import", parents=[common], help="restore a backup into an empty store (new laptop)")
+    p.add_argument("file", metavar="FILE")
+    p.add_argument("--data-dir", metavar="DIR", help="where to restore when there is no config yet")
+    p.set_defaults(func=cmd_import)
+

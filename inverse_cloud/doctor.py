@@ -1,0 +1,567 @@
+"""``inverse-cloud doctor``: walk the path a phone takes and name the first broken link, with the fix.
+
+The chain, in order (each link is a function returning a :class:`Check`; the walk stops at the first
+failure and lists the rest as not checked)::
+
+    config valid -> keys' permissions -> DNS points at the relay -> relay reachable, host key matches
+    -> server running -> forwards bound -> public HTTP reaches this process (probe token)
+    -> public HTTPS presents *our* key (nobody in between terminates TLS) and a trusted chain
+    -> DAV asks for authentication -> CAA pins our ACME account
+
+Tests (and users debugging DNS) can override name resolution like curl: ``--resolve HOST:ADDR`` answers
+DNS, ``--connect-to HOST:PORT:ADDR:PORT`` redirects the public probes.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hashlib
+import json
+import socket
+import ssl
+import stat
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from cryptography import x509
+from cryptography.hazmat.primitives import serialization
+
+from . import config as config_mod
+from .config import Config
+from .errors import ConfigError
+
+__all__ = ["Check", "DoctorOptions", "Report", "dns_records", "format_report", "parse_connect_to",
+           "parse_resolve", "run_doctor"]
+
+HEALTHY_TUNNEL_STATES = frozenset({"up", "connected", "ready"})
+
+
+@dataclass(frozen=True)
+class DoctorOptions:
+    resolve: dict[str, list[str]] = field(default_factory=dict)
+    connect_to: dict[tuple[str, int], tuple[str, int]] = field(default_factory=dict)
+    cafile: Path | None = None
+    timeout_s: float = 10.0
+
+
+@dataclass
+class Check:
+    name: str
+    state: str  # ok | fail | warn | skip | not checked
+    detail: str = ""
+    fix: str = ""
+
+
+@dataclass
+class Report:
+    checks: list[Check] = field(default_factory=list)
+    records: list[str] = field(default_factory=list)
+    config_ok: bool = True
+
+    @property
+    def first_broken(self) -> Check | None:
+        return next((c for c in self.checks if c.state == "fail"), None)
+
+    @property
+    def exit_code(self) -> int:
+        if not self.config_ok:
+            return 2
+        return 1 if any(c.state in ("fail", "warn") for c in self.checks) else 0
+
+    def as_dict(self) -> dict[str, Any]:
+        broken = self.first_broken
+        return {"ok": self.exit_code == 0, "first_broken": broken.name if broken else None,
+                "checks": [c.__dict__ for c in self.checks], "dns_records": self.records}
+
+
+def parse_resolve(items: list[str]) -> dict[str, list[str]]:
+    """``["host:127.0.0.2", "host:[::1]"]`` -> ``{"host": ["127.0.0.2", "::1"]}``. Raises ValueError."""
+    out: dict[str, list[str]] = {}
+    for item in items:
+        host, sep, addr = item.partition(":")
+        if not sep or not host or not addr:
+            raise ValueError(f"--resolve {item}: expected HOST:ADDR")
+        out.setdefault(host.lower().rstrip("."), []).append(addr.strip("[]"))
+    return out
+
+
+def parse_connect_to(items: list[str]) -> dict[tuple[str, int], tuple[str, int]]:
+    """curl's ``HOST1:PORT1:HOST2:PORT2``. Raises ValueError."""
+    out: dict[tuple[str, int], tuple[str, int]] = {}
+    for item in items:
+        parts = item.split(":")
+        if len(parts) != 4 or not all(p.isdigit() for p in (parts[1], parts[3])):
+            raise ValueError(f"--connect-to {item}: expected HOST:PORT:ADDR:PORT")
+        out[(parts[0].lower(), int(parts[1]))] = (parts[2], int(parts[3]))
+    return out
+
+
+def dns_records(cfg: Config, relay_addrs: list[str], account_uri: str) -> list[str]:
+    """The DNS records the user should have, as zone-file lines (pure)."""
+    from .caa import issuer_domain_for, recommended_record
+
+    d = cfg.server.domain
+    lines = []
+    for addr in relay_addrs or ["<relay IPv4 address>"]:
+        lines.append(f"{d}. A{'AAA' if ':' in addr else ''} {addr}")
+    issuer = issuer_domain_for(cfg.acme.directory, cfg.acme.caa_issuer) or "<your CA's issuer domain>"
+    lines.append(recommended_record(d, issuer, account_uri or "<account URL: shown after the first certificate>"))
+    parent = d.split(".", 1)[1] if "." in d else d
+    lines += [
+        f"_carddavs._tcp.{parent}. SRV 0 1 443 {d}.   ; optional: clients given only {parent} find the server",
+        f"_caldavs._tcp.{parent}. SRV 0 1 443 {d}.",
+        f'_carddavs._tcp.{parent}. TXT "path=/radicale/"',
+        f'_caldavs._tcp.{parent}. TXT "path=/radicale/"',
+    ]
+    return lines
+
+
+# --- helpers ------------------------------------------------------------------------------------------
+
+class _Ctx:
+    def __init__(self, path: Path, opts: DoctorOptions) -> None:
+        self.path = path
+        self.opts = opts
+        self.cfg: Config | None = None
+        self.status: dict[str, Any] | None = None
+        self.relay_addrs: list[str] = []
+
+    async def resolve(self, host: str) -> list[str]:
+        """Addresses of ``host``: ``--resolve`` overrides, else ``[acme] dns_server``, else the system."""
+        override = self.opts.resolve.get(host.lower().rstrip("."))
+        if override:
+            return list(override)
+        with contextlib.suppress(ValueError):
+            socket.inet_pton(socket.AF_INET6 if ":" in host else socket.AF_INET, host)
+            return [host]
+        assert self.cfg is not None
+        loop = asyncio.get_running_loop()
+        if self.cfg.acme.dns_server is not None:
+            return await loop.run_in_executor(None, _dns_addresses, host, self.cfg.acme.dns_server)
+        infos = await loop.getaddrinfo(host, None, type=socket.SOCK_STREAM)
+        return sorted({str(i[4][0]) for i in infos})
+
+    async def public_target(self, port: int) -> tuple[str, int]:
+        assert self.cfg is not None
+        domain = self.cfg.server.domain
+        mapped = self.opts.connect_to.get((domain, port))
+        if mapped is not None:
+            return mapped
+        addrs = await self.resolve(domain)
+        if not addrs:
+            raise OSError(f"{domain} has no address")
+        return addrs[0], port
+
+
+def _dns_addresses(host: str, server: tuple[str, int]) -> list[str]:
+    import dns.exception
+    import dns.resolver
+
+    resolver = dns.resolver.Resolver(configure=False)
+    resolver.nameservers = [server[0]]
+    resolver.port = server[1]
+    resolver.lifetime = 5.0
+    out: list[str] = []
+    for rtype in ("A", "AAAA"):
+        try:
+            answer = resolver.resolve(host, rtype, raise_on_no_answer=False)
+        except dns.resolver.NXDOMAIN:
+            return []
+        except dns.exception.DNSException as exc:
+            raise OSError(f"DNS query for {host} {rtype} at {server[0]}:{server[1]} failed: {exc}") from exc
+        out += [rd.to_text() for rd in (answer.rrset or [])]
+    return sorted(set(out))
+
+
+async def _http(addr: tuple[str, int], host: str, method: str, path: str, timeout_s: float,
+                tls: ssl.SSLContext | None = None, headers: dict[str, str] | None = None
+                ) -> tuple[int, dict[str, str], bytes, bytes | None]:
+    """One HTTP/1.1 request with ``Connection: close``; returns (status, headers, body, peer cert DER)."""
+    async with asyncio.timeout(timeout_s):
+        reader, writer = await asyncio.open_connection(addr[0], addr[1], ssl=tls,
+                                                       server_hostname=host if tls else None)
+        try:
+            der = None
+            if tls is not None:
+                sslobj = writer.get_extra_info("ssl_object")
+                der = sslobj.getpeercert(binary_form=True) if sslobj else None
+            extra = "".join(f"{k}: {v}\r\n" for k, v in (headers or {}).items())
+            writer.write(f"{method} {path} HTTP/1.1\r\nHost: {host}\r\nUser-Agent: inverse-cloud-doctor\r\n"
+                         f"Connection: close\r\nContent-Length: 0\r\n{extra}\r\n".encode("latin-1"))
+            await writer.drain()
+            raw = await reader.read(1 << 20)
+            while len(raw) < (1 << 20):
+                chunk = await reader.read(1 << 16)
+                if not chunk:
+                    break
+                raw += chunk
+        finally:
+            writer.close()
+            with contextlib.suppress(OSError, ssl.SSLError):
+                await writer.wait_closed()
+    head, _, body = raw.partition(b"\r\n\r\n")
+    lines = head.decode("latin-1").split("\r\n")
+    if not lines or not lines[0].startswith("HTTP/"):
+        raise OSError(f"not an HTTP answer: {raw[:40]!r}")
+    status = int(lines[0].split(" ", 2)[1])
+    hdrs = {}
+    for line in lines[1:]:
+        k, _, v = line.partition(":")
+        hdrs[k.strip().lower()] = v.strip()
+    return status, hdrs, body, der
+
+
+def _spki_sha256_of_cert(der: bytes) -> str:
+    cert = x509.load_der_x509_certificate(der)
+    return hashlib.sha256(cert.public_key().public_bytes(
+        serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo)).hexdigest()
+
+
+def _account_uri(cfg: Config) -> str:
+    try:
+        meta = json.loads((cfg.acme.account_dir / "account.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return ""
+    uri = (meta.get("accounts") or {}).get(cfg.acme.directory, "")
+    return uri if isinstance(uri, str) else ""
+
+
+def _describe(exc: BaseException) -> str:
+    if isinstance(exc, TimeoutError):
+        return "timed out"
+    if isinstance(exc, ConnectionRefusedError):
+        return "connection refused"
+    return str(exc) or type(exc).__name__
+
+
+# --- the links ----------------------------------------------------------------------------------------
+
+async def check_config(ctx: _Ctx) -> Check:
+    try:
+        ctx.cfg = config_mod.load(ctx.path)
+    except ConfigError as exc:
+        return Check("config", "fail", str(exc), f"fix {ctx.path} (or run `inverse-cloud init`)")
+    return Check("config", "ok", f"{ctx.path} is valid")
+
+
+def _mode_problem(path: Path, want: int, is_dir: bool) -> str | None:
+    try:
+        st = path.stat()
+    except FileNotFoundError:
+        return None
+    mode = stat.S_IMODE(st.st_mode)
+    if mode & 0o077:
+        return f"{'folder' if is_dir else 'file'} {path} has mode {mode:04o}; run: chmod {want:o} {path}"
+    return None
+
+
+async def check_keys(ctx: _Ctx) -> Check:
+    cfg = ctx.cfg
+    assert cfg is not None
+    s = cfg.server
+    dirs = [s.data_dir, cfg.relay.key_file.parent, cfg.acme.account_dir]
+    files = [cfg.relay.key_file, cfg.relay.takeover_key_file, s.htpasswd_path]
+    if cfg.path is not None:
+        files.append(cfg.path)
+    if cfg.acme.account_dir.is_dir():
+        files += [p for p in sorted(cfg.acme.account_dir.iterdir()) if p.is_file()]
+    if s.cert_dir.is_dir():
+        tls_keys = sorted(s.cert_dir.glob("*/privkey.pem")) + sorted(s.cert_dir.glob("live/*/privkey.pem"))
+        files += tls_keys
+        dirs += sorted({k.parent for k in tls_keys})
+    for d in dirs:
+        problem = _mode_problem(d, 0o700, True)
+        if problem:
+            return Check("keys' permissions", "fail", problem, f"chmod 700 {d}")
+    for f in files:
+        problem = _mode_problem(f, 0o600, False)
+        if problem:
+            return Check("keys' permissions", "fail", problem, f"chmod 600 {f}")
+    if cfg.relay.enabled and not cfg.relay.key_file.exists():
+        return Check("keys' permissions", "fail", f"no SSH key at {cfg.relay.key_file}",
+                     "run `inverse-cloud init --force` or set [relay] key_file")
+    return Check("keys' permissions", "ok", f"{len(files)} secret file(s) are 0600 in 0700 folders")
+
+
+async def check_dns(ctx: _Ctx) -> Check:
+    cfg = ctx.cfg
+    assert cfg is not None
+    if not cfg.relay.enabled:
+        return Check("DNS", "skip", "no relay configured: phones reach this laptop only on the local network")
+    domain = cfg.server.domain
+    try:
+        relay = await ctx.resolve(cfg.relay.host)
+    except OSError as exc:
+        return Check("DNS", "fail", f"the relay host {cfg.relay.host} does not resolve ({_describe(exc)})",
+                     "check [relay] host in the config")
+    ctx.relay_addrs = relay
+    try:
+        addrs = await ctx.resolve(domain)
+    except OSError as exc:
+        addrs, why = [], _describe(exc)
+    else:
+        why = "no A/AAAA record"
+    want = ", ".join(relay)
+    if not addrs:
+        return Check("DNS", "fail", f"{domain} does not resolve ({why})",
+                     f"add a DNS record: {domain}. A {relay[0] if relay else '<relay address>'}")
+    if not set(addrs) & set(relay):
+        return Check("DNS", "fail", f"{domain} points at {', '.join(addrs)}, but the relay is {want}",
+                     f"change the A/AAAA record of {domain} to {want} (and wait for the old TTL)")
+    stray = sorted(set(addrs) - set(relay))
+    if stray:
+        return Check("DNS", "fail", f"{domain} points at {', '.join(addrs)}; {', '.join(stray)} is not the relay "
+                     f"({want}), so some phones go elsewhere", f"remove the records for {', '.join(stray)}")
+    return Check("DNS", "ok", f"{domain} -> {', '.join(addrs)} (the relay)")
+
+
+def _pinned_keys(cfg: Config) -> list[str]:
+    keys = []
+    if cfg.relay.host_key:
+        keys.append(" ".join(cfg.relay.host_key.split()[:2]))
+    try:
+        for line in cfg.relay.known_hosts_path.read_text(encoding="utf-8").splitlines():
+            parts = line.split()
+            if len(parts) >= 3 and not line.startswith("#"):
+                keys.append(f"{parts[1]} {parts[2]}")
+    except OSError:
+        pass
+    return keys
+
+
+def _fingerprint(openssh_line: str) -> str:
+    import asyncssh
+
+    try:
+        return str(asyncssh.import_public_key(openssh_line).get_fingerprint("sha256"))
+    except (asyncssh.KeyImportError, ValueError):
+        return openssh_line[:30]
+
+
+async def check_relay(ctx: _Ctx) -> Check:
+    import asyncssh
+
+    cfg = ctx.cfg
+    assert cfg is not None
+    if not cfg.relay.enabled:
+        return Check("relay", "skip", "no relay configured")
+    where = f"{cfg.relay.host}:{cfg.relay.port}"
+    pinned = _pinned_keys(cfg)
+    # Ask for the key type we pinned: a server with several host keys would otherwise pick its favourite.
+    algs = sorted({p.split()[0] for p in pinned}) or ()
+    try:
+        key = await asyncio.wait_for(asyncssh.get_server_host_key(
+            cfg.relay.host, cfg.relay.port, config=None, server_host_key_algs=algs), ctx.opts.timeout_s)
+    except (OSError, TimeoutError, asyncssh.Error) as exc:
+        return Check("relay", "fail", f"relay {where} is unreachable ({_describe(exc)})",
+                     "is the VPS up, sshd running and its port open? (try: ssh -p "
+                     f"{cfg.relay.port} {cfg.relay.user}@{cfg.relay.host})")
+    if key is None:
+        return Check("relay", "fail", f"relay {where} sent no host key", "check the relay's sshd")
+    got = key.export_public_key("openssh").decode().split()
+    got_line = f"{got[0]} {got[1]}"
+    if not pinned:
+        return Check("relay", "fail", f"no host key pinned for relay {where}",
+                     "run `inverse-cloud relay-setup` (it pins the relay's host key)")
+    if got_line not in pinned:
+        return Check("relay", "fail", f"relay host key changed: expected {_fingerprint(pinned[0])}, got "
+                     f"{_fingerprint(got_line)}",
+                     "if you rebuilt the relay: inverse-cloud relay-setup --accept-new-host-key; otherwise "
+                     "someone may be impersonating it: do not connect")
+    return Check("relay", "ok", f"relay {where} answers with the pinned host key {_fingerprint(got_line)}")
+
+
+async def check_running(ctx: _Ctx) -> Check:
+    from .control import ControlError, NotRunning, ask_async
+
+    cfg = ctx.cfg
+    assert cfg is not None
+    try:
+        ctx.status = await ask_async(cfg.server.control_socket, "status", timeout_s=ctx.opts.timeout_s)
+    except NotRunning as exc:
+        return Check("server running", "fail", str(exc),
+                     "start it: systemctl --user start inverse-cloud (or inverse-cloud serve)")
+    except ControlError as exc:
+        return Check("server running", "fail", str(exc), "see: journalctl --user -u inverse-cloud")
+    assert ctx.status is not None
+    return Check("server running", "ok", f"pid {ctx.status.get('pid')}, up {ctx.status.get('uptime_s')} s")
+
+
+async def check_forwards(ctx: _Ctx) -> Check:
+    cfg = ctx.cfg
+    assert cfg is not None and ctx.status is not None
+    if not cfg.relay.enabled:
+        return Check("forwards bound", "skip", "no relay configured")
+    tunnel = ctx.status.get("tunnel")
+    if not tunnel:
+        return Check("forwards bound", "fail", "the running server reports no tunnel",
+                     "restart it after configuring [relay] (systemctl --user restart inverse-cloud)")
+    state = str(tunnel.get("state", "unknown"))
+    if state.lower() not in HEALTHY_TUNNEL_STATES:
+        err = tunnel.get("last_error") or "no error recorded"
+        return Check("forwards bound", "fail", f"tunnel is {state}: {err}",
+                     "see `inverse-cloud status`; the tunnel retries by itself, the error says what blocks it")
+    forwards = tunnel.get("forwards")
+    return Check("forwards bound", "ok", f"tunnel {state}" + (f", forwards {forwards}" if forwards else ""))
+
+
+async def check_public_http(ctx: _Ctx) -> Check:
+    from .control import ControlError, ask_async
+
+    cfg = ctx.cfg
+    assert cfg is not None
+    domain = cfg.server.domain
+    try:
+        probe = await ask_async(cfg.server.control_socket, "probe", timeout_s=ctx.opts.timeout_s)
+        target = await ctx.public_target(80)
+        status, _h, body, _ = await _http(target, domain, "GET", f"/.well-known/acme-challenge/{probe['token']}",
+                                          ctx.opts.timeout_s)
+    except ControlError as exc:
+        return Check("public HTTP", "fail", str(exc), "see: journalctl --user -u inverse-cloud")
+    except (OSError, TimeoutError) as exc:
+        return Check("public HTTP", "fail", f"http://{domain}/ does not answer ({_describe(exc)})",
+                     "the relay must forward its port 80 to the tunnel's HTTP port: re-run the NAT part of "
+                     "`inverse-cloud relay-setup` on the relay")
+    if status != 200 or body.strip() != str(probe["value"]).encode():
+        return Check("public HTTP", "fail", f"http://{domain}/.well-known/acme-challenge/<probe> answered {status} "
+                     "without our probe token: something else answers on the relay's port 80",
+                     "stop the other web server on the relay, or forward only /.well-known/acme-challenge/ "
+                     "to the tunnel (relay-setup prints the snippet)")
+    return Check("public HTTP", "ok", f"http://{domain}/ reaches this process (probe token answered)")
+
+
+async def check_public_https(ctx: _Ctx) -> Check:
+    cfg = ctx.cfg
+    assert cfg is not None and ctx.status is not None
+    domain = cfg.server.domain
+    ours = (ctx.status.get("certificate") or {}).get("key_sha256", "")
+    no_verify = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    no_verify.check_hostname = False
+    no_verify.verify_mode = ssl.CERT_NONE
+    try:
+        target = await ctx.public_target(443)
+        _s, _h, _b, der = await _http(target, domain, "HEAD", "/", ctx.opts.timeout_s, tls=no_verify)
+    except (OSError, TimeoutError, ssl.SSLError) as exc:
+        return Check("public HTTPS", "fail", f"https://{domain}/ does not answer ({_describe(exc)})",
+                     "the relay must forward its port 443 to the tunnel's HTTPS port (relay-setup's NAT rules)")
+    if der is None:
+        return Check("public HTTPS", "fail", f"https://{domain}/ presented no certificate", "")
+    theirs = _spki_sha256_of_cert(der)
+    if ours and theirs != ours:
+        return Check("public HTTPS", "fail", f"https://{domain}/ presents a certificate whose key is not ours "
+                     f"(sha256 {theirs[:16]}…, ours {ours[:16]}…): something between the phone and this laptop "
+                     "terminates TLS", "check DNS and the relay's forwarding; do not sync until this is fixed")
+    verify = ssl.create_default_context(cafile=str(ctx.opts.cafile) if ctx.opts.cafile else None)
+    try:
+        await _http(target, domain, "HEAD", "/", ctx.opts.timeout_s, tls=verify)
+    except ssl.SSLCertVerificationError as exc:
+        served = (ctx.status.get("certificate") or {}).get("served") or {}
+        fix = ("no certificate from the CA yet: see `inverse-cloud status` for the last ACME error"
+               if served.get("self_signed") else "see `inverse-cloud status` for the certificate and ACME state")
+        return Check("public HTTPS", "fail", f"https://{domain}/ presents our key, but phones will not trust it "
+                     f"({exc.verify_message or exc.reason})", fix)
+    except (OSError, TimeoutError, ssl.SSLError) as exc:
+        return Check("public HTTPS", "fail", f"https://{domain}/ failed on the second connection "
+                     f"({_describe(exc)})", "")
+    return Check("public HTTPS", "ok", f"https://{domain}/ presents our key (sha256 {theirs[:16]}…) with a "
+                 "trusted chain: nobody in between terminates TLS")
+
+
+async def check_dav(ctx: _Ctx) -> Check:
+    cfg = ctx.cfg
+    assert cfg is not None
+    domain = cfg.server.domain
+    verify = ssl.create_default_context(cafile=str(ctx.opts.cafile) if ctx.opts.cafile else None)
+    try:
+        target = await ctx.public_target(443)
+        status, hdrs, _b, _ = await _http(target, domain, "PROPFIND", "/radicale/", ctx.opts.timeout_s, tls=verify,
+                                          headers={"Depth": "0"})
+        wk_status, wk_hdrs, _b2, _ = await _http(target, domain, "PROPFIND", "/.well-known/carddav",
+                                                 ctx.opts.timeout_s, tls=verify, headers={"Depth": "0"})
+    except (OSError, TimeoutError, ssl.SSLError) as exc:
+        return Check("DAV", "fail", f"PROPFIND https://{domain}/radicale/ failed ({_describe(exc)})", "")
+    if status != 401 or "basic" not in hdrs.get("www-authenticate", "").lower():
+        return Check("DAV", "fail", f"PROPFIND /radicale/ without credentials answered {status}, not 401 with "
+                     "Basic authentication", "see: journalctl --user -u inverse-cloud")
+    if wk_status not in (301, 308) or not wk_hdrs.get("location", "").endswith("/radicale/"):
+        return Check("DAV", "fail", f"/.well-known/carddav answered {wk_status}, not a redirect to /radicale/",
+                     "something other than inverse-cloud answers on https")
+    return Check("DAV", "ok", "PROPFIND /radicale/ asks for credentials (401 Basic); /.well-known/carddav "
+                 "redirects to /radicale/")
+
+
+async def check_caa(ctx: _Ctx) -> Check:
+    from .caa import issuer_domain_for, lookup_caa, recommended_record
+
+    cfg = ctx.cfg
+    assert cfg is not None
+    if not cfg.relay.enabled or not cfg.acme.enabled:
+        return Check("CAA", "skip", "no relay or no ACME: nobody else can pass a challenge for this name")
+    issuer = issuer_domain_for(cfg.acme.directory, cfg.acme.caa_issuer)
+    account = _account_uri(cfg)
+    if not account:
+        return Check("CAA", "warn", "no ACME account yet, so no CAA record can be recommended",
+                     "wait for the first certificate, then run doctor again")
+    verdict = await lookup_caa(cfg.server.domain, issuer, account, cfg.acme.dns_server)
+    record = recommended_record(cfg.server.domain, issuer or "<issuer>", account)
+    if verdict.state == "ok":
+        return Check("CAA", "ok", f"CAA pins our ACME account: the relay cannot get a certificate ({verdict.detail})")
+    if verdict.state == "unknown":
+        return Check("CAA", "warn", f"CAA could not be checked: {verdict.detail}", f"publish: {record}")
+    return Check("CAA", "fail", f"CAA {verdict.state}: {verdict.detail}; the relay could obtain a certificate "
+                 "for this name" if verdict.state != "blocks-us" else f"CAA {verdict.state}: {verdict.detail}",
+                 f"publish: {record}")
+
+
+CHAIN: list[Callable[[_Ctx], Awaitable[Check]]] = [
+    check_config, check_keys, check_dns, check_relay, check_running, check_forwards, check_public_http,
+    check_public_https, check_dav, check_caa,
+]
+NAMES = ["config", "keys' permissions", "DNS", "relay", "server running", "forwards bound", "public HTTP",
+         "public HTTPS", "DAV", "CAA"]
+
+
+async def run_doctor(path: Path, opts: DoctorOptions) -> Report:
+    """Walk the chain; stop at the first failed link."""
+    ctx = _Ctx(path, opts)
+    report = Report()
+    for i, link in enumerate(CHAIN):
+        try:
+            check = await link(ctx)
+        except Exception as exc:  # boundary: a bug in one link must still produce a report
+            check = Check(NAMES[i], "fail", f"check failed unexpectedly: {type(exc).__name__}: {exc}", "")
+        report.checks.append(check)
+        if check.state == "fail":
+            if check.name == "config":
+                report.config_ok = False
+            report.checks += [Check(n, "not checked") for n in NAMES[i + 1:]]
+            break
+    if ctx.cfg is not None and ctx.cfg.relay.enabled:
+        if not ctx.relay_addrs:
+            with contextlib.suppress(OSError):
+                ctx.relay_addrs = await ctx.resolve(ctx.cfg.relay.host)
+        report.records = dns_records(ctx.cfg, ctx.relay_addrs, _account_uri(ctx.cfg))
+    return report
+
+
+_MARK = {"ok": "ok  ", "fail": "FAIL", "warn": "warn", "skip": "skip", "not checked": " -- "}
+
+
+def format_report(report: Report) -> str:
+    lines = []
+    for c in report.checks:
+        lines.append(f"[{_MARK.get(c.state, c.state)}] {c.name}" + (f": {c.detail}" if c.detail else ""))
+        if c.fix and c.state in ("fail", "warn"):
+            lines.append(f"       fix: {c.fix}")
+    broken = report.first_broken
+    lines.append("")
+    lines.append(f"first broken link: {broken.name}" if broken else
+                 ("all links work" if report.exit_code == 0 else "all links work, with warnings"))
+    if report.records:
+        lines.append("")
+        lines.append("DNS records for this set-up:")
+        lines += [f"  {r}" for r in report.records]
+    return "\n".join(lines)
