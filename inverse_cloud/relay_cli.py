@@ -1,16 +1,245 @@
-"""Sub-commands and serve-time components of one feature area (see cli.EXTENSIONS)."""
+"""``inverse-cloud relay-setup`` and the tunnel component of ``serve`` (see cli.EXTENSIONS).
+
+relay-setup renders what the relay needs (:mod:`inverse_cloud.relay`), prints it or writes it (``--output``)
+or applies it over SSH as an admin (``--apply``), then fetches the relay's host key, shows its SHA256
+fingerprint for the user to confirm, and pins it in the config file (a one-line text edit).
+"""
 
 from __future__ import annotations
 
 import argparse
+import asyncio
+import json
+import re
+import subprocess
+import sys
+from pathlib import Path
 from typing import Any
 
+from . import relay
 from .config import Config
+from .errors import ConfigError, HostKeyMismatch, InverseCloudError, TunnelError
+
+__all__ = ["add_commands", "fetch_host_key", "serve_hook", "set_config_value"]
 
 
 def add_commands(sub: Any, common: argparse.ArgumentParser) -> None:
-    """Add this area's sub-commands to the inverse-cloud parser."""
+    """Add ``relay-setup`` to the inverse-cloud parser."""
+    p = sub.add_parser(
+        "relay-setup", parents=[common],
+        help="print (or apply) what the relay needs, and pin the relay's SSH host key",
+        description="Renders the relay's user, authorized_keys, sshd Match block and NAT rules for review; "
+                    "then fetches the relay's host key, shows its fingerprint and pins it in the config.")
+    p.add_argument("--output", metavar="DIR", help="write the files into DIR instead of printing them")
+    p.add_argument("--apply", metavar="ADMIN@RELAY[:PORT]",
+                   help="run the generated setup.sh on the relay over ssh as ADMIN (root, or sudo without "
+                        "password); idempotent; checks `sshd -t` before reloading sshd")
+    p.add_argument("--nat", choices=["nft", "iptables", "none"], default="nft",
+                   help="how setup.sh maps public 443/80 to the forwarded ports (default: nft; 'none' when "
+                        "80/443 are used by a web server: see nginx-*.conf)")
+    p.add_argument("--yes", action="store_true", help="accept the fetched host key without asking")
+    p.add_argument("--accept-new-host-key", action="store_true",
+                   help="replace a pinned host key that differs (the relay was rebuilt)")
+    p.add_argument("--no-pin", action="store_true", help="do not contact the relay; only render the files")
+    p.add_argument("--client-alive-interval", type=int, default=15, metavar="S",
+                   help="relay sshd ClientAliveInterval for the tunnel user (default 15)")
+    p.add_argument("--client-alive-count-max", type=int, default=3, metavar="N",
+                   help="relay sshd ClientAliveCountMax (default 3: a dead session is dropped after ~45 s)")
+    p.add_argument("--authorized-keys-file", metavar="PATH", default="",
+                   help="where the relay keeps the tunnel user's keys (default /etc/ssh/inverse-cloud/USER.keys)")
+    p.set_defaults(func=cmd_relay_setup)
 
 
 def serve_hook(cfg: Config, supervisor: Any, server: Any) -> None:
-    """Add this area's components to ``serve`` (called in start order, after the DAV server)."""
+    """Add the tunnel after the DAV server (so it starts after, and stops before, the listeners)."""
+    if cfg.relay.enabled and cfg.relay.host:
+        from .tunnel import Tunnel
+
+        supervisor.add(Tunnel(cfg, server))
+
+
+# --- config text edit ---------------------------------------------------------------------------------
+
+def set_config_value(text: str, section: str, key: str, literal: str) -> str:
+    """Set ``key = literal`` inside ``[section]`` of TOML ``text``, replacing the key's line (or its
+    commented-out default line), else adding it right after the header. Everything else is untouched."""
+    lines = text.splitlines(keepends=True)
+    start = None
+    for i, line in enumerate(lines):
+        m = re.match(r"^\s*\[\s*([^\]]+?)\s*\]\s*(#.*)?$", line)
+        if m:
+            if start is not None:
+                end = i
+                break
+            if m.group(1) == section:
+                start = i
+    else:
+        end = len(lines)
+    if start is None:
+        sep = "" if not text or text.endswith("\n") else "\n"
+        return f"{text}{sep}\n[{section}]\n{key} = {literal}\n"
+    new = f"{key} = {literal}\n"
+    for pattern in (rf"^\s*{re.escape(key)}\s*=", rf"^\s*#\s*{re.escape(key)}\s*="):
+        for i in range(start + 1, end):
+            if re.match(pattern, lines[i]):
+                lines[i] = new
+                return "".join(lines)
+    lines.insert(start + 1, new)
+    return "".join(lines)
+
+
+def _toml_string(value: str) -> str:
+    return json.dumps(value)   # a JSON string is a valid TOML basic string
+
+
+# --- host key -----------------------------------------------------------------------------------------
+
+# Preference when fetching: ed25519 first (what sshd on Debian offers), RSA last.
+FETCH_ALGS = ["ssh-ed25519", "ecdsa-sha2-nistp256", "ecdsa-sha2-nistp384", "ecdsa-sha2-nistp521",
+              "rsa-sha2-512", "rsa-sha2-256"]
+
+
+def fetch_host_key(host: str, port: int, timeout_s: float = 15.0) -> str:
+    """The relay's host key as an OpenSSH public key line (``ssh-ed25519 AAAA...``).
+
+    :raises TunnelError: the relay cannot be reached or sent no key.
+    """
+    import asyncssh
+
+    async def fetch() -> asyncssh.SSHKey | None:
+        return await asyncio.wait_for(asyncssh.get_server_host_key(
+            host, port, config=None, server_host_key_algs=FETCH_ALGS), timeout_s)
+
+    try:
+        key = asyncio.run(fetch())
+    except (OSError, TimeoutError, asyncssh.Error) as exc:
+        raise TunnelError(f"cannot fetch the host key of relay {host}:{port}: "
+                          f"{getattr(exc, 'strerror', None) or exc or type(exc).__name__}") from None
+    if key is None:
+        raise TunnelError(f"relay {host}:{port} sent no host key")
+    return " ".join(key.export_public_key("openssh").decode().split()[:2])
+
+
+def fingerprint(key_line: str) -> str:
+    import asyncssh
+
+    key = asyncssh.import_public_key(key_line)
+    return f"{key.get_fingerprint('sha256')} ({key.get_algorithm()})"
+
+
+def _same_key(a: str, b: str) -> bool:
+    return a.split()[:2] == b.split()[:2]
+
+
+def pin_host_key(cfg: Config, offered: str, *, yes: bool, accept_new: bool) -> bool:
+    """Write ``offered`` into [relay] host_key after confirmation. True if the file changed.
+
+    :raises HostKeyMismatch: another key is pinned and ``accept_new`` is not set.
+    """
+    assert cfg.path is not None
+    fp = fingerprint(offered)
+    if cfg.relay.host_key and _same_key(cfg.relay.host_key, offered):
+        print(f"relay host key {fp} is already pinned in {cfg.path}")
+        return False
+    if cfg.relay.host_key and not accept_new:
+        raise HostKeyMismatch(
+            f"relay host key changed: expected {fingerprint(cfg.relay.host_key)}, got {fp}; if you rebuilt the "
+            "relay run `inverse-cloud relay-setup --accept-new-host-key`")
+    print(f"relay {cfg.relay.host}:{cfg.relay.port} host key: {fp}")
+    if not yes:
+        if not sys.stdin.isatty():
+            raise ConfigError("confirm the relay host key: check it on the relay with "
+                              "`ssh-keygen -lf /etc/ssh/ssh_host_ed25519_key.pub`, then run again with --yes")
+        answer = input("Does it match `ssh-keygen -lf /etc/ssh/ssh_host_ed25519_key.pub` on the relay? [y/N] ")
+        if answer.strip().lower() not in ("y", "yes"):
+            raise ConfigError("host key not confirmed; nothing was pinned")
+    from .fsutil import atomic_write
+
+    text = cfg.path.read_text(encoding="utf-8")
+    atomic_write(cfg.path, set_config_value(text, "relay", "host_key", _toml_string(offered)).encode(), mode=0o600)
+    print(f"pinned in {cfg.path}; restart `inverse-cloud serve` to use it")
+    return True
+
+
+# --- the command --------------------------------------------------------------------------------------
+
+def _public_key(path: Path) -> str:
+    pub = path.with_suffix(".pub") if path.with_suffix(".pub").exists() else Path(f"{path}.pub")
+    try:
+        return pub.read_text(encoding="utf-8").strip()
+    except FileNotFoundError:
+        pass
+    import asyncssh
+
+    try:
+        return asyncssh.read_private_key(str(path)).export_public_key("openssh").decode().strip()
+    except (OSError, asyncssh.KeyImportError) as exc:
+        raise ConfigError(f"relay key {path} cannot be read ({exc}); run `inverse-cloud init` to create it") from None
+
+
+def spec_for(cfg: Config, args: argparse.Namespace) -> relay.RelaySpec:
+    return relay.RelaySpec(
+        domain=cfg.server.domain, user=cfg.relay.user, tunnel_key=_public_key(cfg.relay.key_file),
+        takeover_key=_public_key(cfg.relay.takeover_key_file), listen_host=cfg.relay.listen_host,
+        https_port=cfg.relay.https_port, http_port=cfg.relay.http_port,
+        client_alive_interval_s=args.client_alive_interval, client_alive_count_max=args.client_alive_count_max,
+        authorized_keys_file=args.authorized_keys_file)
+
+
+def _parse_admin(text: str) -> tuple[str, str, int]:
+    user, _, hostport = text.rpartition("@")
+    host, port = hostport, 22
+    if hostport.count(":") == 1:
+        host, _, p = hostport.partition(":")
+        if not p.isdigit() or not 0 < int(p) < 65536:
+            raise ConfigError(f"--apply {text}: port must be 1-65535")
+        port = int(p)
+    if not user or not host:
+        raise ConfigError(f"--apply {text}: expected ADMIN@RELAY[:PORT]")
+    return user, host, port
+
+
+def apply_over_ssh(target: str, script: str) -> None:
+    """Run ``script`` on the relay as ADMIN through the user's own OpenSSH client.
+
+    :raises InverseCloudError: ssh or the script failed (its last line is shown).
+    """
+    user, host, port = _parse_admin(target)
+    remote = "sh -s" if user == "root" else "sudo -n sh -s"
+    proc = subprocess.run(["ssh", "-p", str(port), "-o", "ConnectTimeout=15", f"{user}@{host}", remote],
+                          input=script, text=True, capture_output=True, timeout=300, check=False)
+    sys.stdout.write(proc.stdout)
+    if proc.returncode != 0:
+        last = (proc.stderr.strip().splitlines() or [f"exit code {proc.returncode}"])[-1]
+        raise InverseCloudError(f"applying the relay set-up on {host} as {user} failed: {last}")
+
+
+def cmd_relay_setup(args: argparse.Namespace) -> int:
+    from .cli import load_config
+
+    cfg = load_config(args)
+    if not cfg.relay.host:
+        raise ConfigError(f"{cfg.path}: [relay] host is empty; set it (or run `inverse-cloud init --relay "
+                          "USER@HOST`) first")
+    if not 1 <= args.client_alive_interval <= 3600 or not 1 <= args.client_alive_count_max <= 100:
+        raise ConfigError("--client-alive-interval must be 1-3600 and --client-alive-count-max 1-100")
+    spec = spec_for(cfg, args)
+    files = relay.bundle(spec, args.nat)
+    if args.output:
+        from .fsutil import atomic_write
+
+        out = Path(args.output).expanduser()
+        for name, content in files.items():
+            atomic_write(out / name, content.encode(), mode=0o755 if name.endswith(".sh") else 0o644)
+        print(f"wrote {', '.join(files)} to {out}")
+    elif not args.apply:
+        for name, content in files.items():
+            print(f"===== {name} " + "=" * max(0, 60 - len(name)))
+            print(content)
+    if args.apply:
+        apply_over_ssh(args.apply, files["setup.sh"])
+    if args.no_pin:
+        return 0
+    offered = fetch_host_key(cfg.relay.host, cfg.relay.port, cfg.relay.connect_timeout_s)
+    pin_host_key(cfg, offered, yes=args.yes, accept_new=args.accept_new_host_key)
+    return 0

@@ -1,0 +1,359 @@
+"""Relay-side text for ``inverse-cloud relay-setup`` (pure: no I/O, no clock).
+
+What the relay gets, and why:
+
+* a system user whose every key line has a forced command (so its ``/bin/sh`` login shell can only ever
+  run those commands: sshd runs a forced command through the login shell, ``nologin`` would refuse it);
+* ``authorized_keys`` with two keys:
+  - the tunnel key: ``restrict,port-forwarding,permitlisten=...`` for exactly the two ports and
+    ``command="/bin/false"`` (a session on it runs nothing);
+  - the takeover key: ``restrict,command=...`` whose forced command ends the tunnel user's *other* sshd
+    sessions. After a network change the relay keeps the dead session and its forwarded port until
+    ClientAlive fires (and not at all while something keeps connecting to the port); the laptop uses
+    this key when its listen is refused, then reconnects (reliability.md finding 3);
+* an sshd ``Match User`` drop-in: ``AllowTcpForwarding remote`` (``restrict,port-forwarding`` alone
+  re-enables *local* forwards, OpenSSH regress/forward-control.sh), ``PermitListen``, ``PermitOpen none``,
+  no TTY/X11/agent, ClientAlive 15 s x 3. No ``ForceCommand``: it would override the takeover command;
+* public 80/443 mapped onto the forwarded ports with DNAT (client address preserved), as nftables and
+  iptables, or nginx on a relay whose 80/443 already serve something (SNI routing, no TLS termination);
+* an idempotent ``setup.sh`` for ``--apply`` that checks ``sshd -t`` before reloading sshd.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import shlex
+from dataclasses import dataclass
+
+__all__ = [
+    "RelaySpec",
+    "authorized_keys",
+    "bundle",
+    "iptables_rules",
+    "nftables_rules",
+    "nginx_http_vhost",
+    "nginx_stream",
+    "readme",
+    "setup_script",
+    "sshd_dropin",
+    "takeover_command",
+]
+
+# The forced command of the takeover key, run by sh on the relay as the tunnel user. $PPID is this
+# session's own sshd process (it forked the shell), so every other sshd process of the user -- the
+# per-session child that holds a stale forwarded listener -- is ended, and its port freed at once.
+# ``sshd-session`` is the per-session binary's name from OpenSSH 9.8 on. No double quotes: the text
+# sits inside command="..." in authorized_keys.
+_TAKEOVER = ("n=0; for p in $(pgrep -u $(id -u) -x 'sshd|sshd-session'); do "
+             "[ $p = $PPID ] || { kill $p && n=$((n+1)); }; done; "
+             "echo inverse-cloud takeover: ended $n other session'(s)'")
+
+
+@dataclass(frozen=True)
+class RelaySpec:
+    """Everything the relay-side text depends on."""
+
+    domain: str
+    user: str
+    tunnel_key: str            # OpenSSH public key line of [relay] key_file
+    takeover_key: str          # OpenSSH public key line of [relay] takeover_key_file
+    listen_host: str = "127.0.0.1"
+    https_port: int = 44353
+    http_port: int = 8053
+    client_alive_interval_s: int = 15
+    client_alive_count_max: int = 3
+    authorized_keys_file: str = ""   # default: /etc/ssh/inverse-cloud/<user>.keys
+    home: str = ""                   # default: /var/lib/<user>
+    dropin_path: str = ""            # default: /etc/ssh/sshd_config.d/inverse-cloud-<user>.conf
+
+    @property
+    def keys_path(self) -> str:
+        return self.authorized_keys_file or f"/etc/ssh/inverse-cloud/{self.user}.keys"
+
+    @property
+    def home_dir(self) -> str:
+        return self.home or f"/var/lib/{self.user}"
+
+    @property
+    def dropin(self) -> str:
+        return self.dropin_path or f"/etc/ssh/sshd_config.d/inverse-cloud-{self.user}.conf"
+
+    @property
+    def listen_is_loopback(self) -> bool:
+        if self.listen_host == "localhost":
+            return True
+        try:
+            return ipaddress.ip_address(self.listen_host).is_loopback
+        except ValueError:
+            return False
+
+
+def _key_body(line: str) -> str:
+    """``type base64 [comment]`` -> ``type base64 comment`` with a safe one-line comment."""
+    parts = line.strip().split(None, 2)
+    if len(parts) < 2:
+        raise ValueError(f"not an OpenSSH public key line: {line[:40]!r}")
+    comment = parts[2].replace("\n", " ") if len(parts) > 2 else ""
+    return " ".join([parts[0], parts[1]] + ([comment] if comment else []))
+
+
+def takeover_command() -> str:
+    return _TAKEOVER
+
+
+def authorized_keys(spec: RelaySpec) -> str:
+    listen = ",".join(f'permitlisten="{spec.listen_host}:{p}"' for p in (spec.https_port, spec.http_port))
+    return (
+        f"# inverse-cloud keys for {spec.domain}; installed as {spec.keys_path} (root-owned, 0644)\n"
+        "# Tunnel key: the two reverse forwards and nothing else (a session runs /bin/false).\n"
+        f'restrict,port-forwarding,{listen},command="/bin/false" {_key_body(spec.tunnel_key)}\n'
+        "# Takeover key: can only end this user's other sshd sessions (a stale one holding the ports).\n"
+        f'restrict,command="{_TAKEOVER}" {_key_body(spec.takeover_key)}\n'
+    )
+
+
+def sshd_dropin(spec: RelaySpec) -> str:
+    return (
+        f"# {spec.dropin} -- generated by `inverse-cloud relay-setup` for {spec.domain}.\n"
+        "# Only the tunnel user gets forwarding, and only reverse forwards on its two ports.\n"
+        f"Match User {spec.user}\n"
+        f"    AuthorizedKeysFile {spec.keys_path}\n"
+        "    AuthenticationMethods publickey\n"
+        "    PasswordAuthentication no\n"
+        "    KbdInteractiveAuthentication no\n"
+        "    # remote only: restrict,port-forwarding in authorized_keys would also allow -L (forward-control.sh)\n"
+        "    AllowTcpForwarding remote\n"
+        f"    PermitListen {spec.listen_host}:{spec.https_port} {spec.listen_host}:{spec.http_port}\n"
+        "    PermitOpen none\n"
+        "    # clientspecified: the laptop asks for "
+        f"{spec.listen_host}; the NAT below maps public 443/80 there\n"
+        "    GatewayPorts clientspecified\n"
+        "    AllowAgentForwarding no\n"
+        "    AllowStreamLocalForwarding no\n"
+        "    X11Forwarding no\n"
+        "    PermitTTY no\n"
+        "    PermitTunnel no\n"
+        "    PermitUserRC no\n"
+        "    # A session that stops answering is dropped (and its ports freed) after about "
+        f"{spec.client_alive_interval_s * spec.client_alive_count_max} s\n"
+        f"    ClientAliveInterval {spec.client_alive_interval_s}\n"
+        f"    ClientAliveCountMax {spec.client_alive_count_max}\n"
+        "    # no ForceCommand here: it would override the takeover key's command\n"
+    )
+
+
+def _dnat_target(spec: RelaySpec, port: int) -> str:
+    return f"{'127.0.0.1' if spec.listen_host == 'localhost' else spec.listen_host}:{port}"
+
+
+def nftables_rules(spec: RelaySpec) -> str:
+    """The seed post's scheme: public 443 -> https forward, 80 -> http forward, DNAT in PREROUTING (phones)
+    and OUTPUT (the relay itself), so the phone's address stays the source the laptop sees."""
+    https, http = _dnat_target(spec, spec.https_port), _dnat_target(spec, spec.http_port)
+    sysctl = ("# DNAT to a loopback address needs: sysctl -w net.ipv4.conf.all.route_localnet=1\n"
+              if spec.listen_is_loopback else "")
+    return (
+        f"# inverse-cloud NAT for {spec.domain}: public :443 -> {https}, public :80 -> {http}\n"
+        "# Load: nft -f THIS_FILE (replaces only the inverse_cloud table). IPv4 only: publish no AAAA record.\n"
+        f"{sysctl}"
+        "table ip inverse_cloud\n"
+        "delete table ip inverse_cloud\n"
+        "table ip inverse_cloud {\n"
+        "    chain prerouting {\n"
+        "        type nat hook prerouting priority dstnat; policy accept;\n"
+        f"        fib daddr type local tcp dport 443 dnat to {https}\n"
+        f"        fib daddr type local tcp dport 80 dnat to {http}\n"
+        "    }\n"
+        "    chain output {\n"
+        "        type nat hook output priority -100; policy accept;\n"
+        f"        fib daddr type local ip daddr != 127.0.0.0/8 tcp dport 443 dnat to {https}\n"
+        f"        fib daddr type local ip daddr != 127.0.0.0/8 tcp dport 80 dnat to {http}\n"
+        "    }\n"
+        "}\n"
+    )
+
+
+def iptables_rules(spec: RelaySpec) -> str:
+    """The same scheme as ``iptables-restore --noflush`` input (its own chains, so reloads are idempotent)."""
+    https, http = _dnat_target(spec, spec.https_port), _dnat_target(spec, spec.http_port)
+    return (
+        f"# inverse-cloud NAT for {spec.domain} (iptables-restore --noflush < THIS_FILE)\n"
+        + ("# needs: sysctl -w net.ipv4.conf.all.route_localnet=1\n" if spec.listen_is_loopback else "")
+        + "*nat\n"
+        ":INVERSE_CLOUD_PRE - [0:0]\n"
+        ":INVERSE_CLOUD_OUT - [0:0]\n"
+        "-F INVERSE_CLOUD_PRE\n"
+        "-F INVERSE_CLOUD_OUT\n"
+        f"-A INVERSE_CLOUD_PRE -p tcp -m addrtype --dst-type LOCAL --dport 443 -j DNAT --to-destination {https}\n"
+        f"-A INVERSE_CLOUD_PRE -p tcp -m addrtype --dst-type LOCAL --dport 80 -j DNAT --to-destination {http}\n"
+        f"-A INVERSE_CLOUD_OUT -p tcp ! -d 127.0.0.0/8 -m addrtype --dst-type LOCAL --dport 443 "
+        f"-j DNAT --to-destination {https}\n"
+        f"-A INVERSE_CLOUD_OUT -p tcp ! -d 127.0.0.0/8 -m addrtype --dst-type LOCAL --dport 80 "
+        f"-j DNAT --to-destination {http}\n"
+        "COMMIT\n"
+    )
+
+
+def nginx_http_vhost(spec: RelaySpec) -> str:
+    """Port 80 on a relay whose nginx already serves other sites: the domain's requests (ACME HTTP-01 and
+    redirects only: the laptop never serves DAV over HTTP) go to the forwarded HTTP port."""
+    http = _dnat_target(spec, spec.http_port)
+    return (
+        f"# /etc/nginx/sites-enabled/inverse-cloud-{spec.domain}.conf (inside http {{}})\n"
+        "# The laptop sees nginx's address here, not the phone's (only ACME and redirects use port 80).\n"
+        "server {\n"
+        "    listen 80;\n"
+        f"    server_name {spec.domain};\n"
+        "    location / {\n"
+        f"        proxy_pass http://{http};\n"
+        "        proxy_set_header Host $host;\n"
+        "        proxy_connect_timeout 5s;\n"
+        "        # laptop offline: close the connection, never an error page\n"
+        "        proxy_intercept_errors on;\n"
+        "        error_page 502 504 = @offline;\n"
+        "    }\n"
+        "    location @offline { return 444; }\n"
+        "}\n"
+    )
+
+
+def nginx_stream(spec: RelaySpec) -> str:
+    """Port 443 shared with an existing HTTPS server: route by SNI at the TCP level (``ssl_preread``),
+    so the relay never terminates the laptop's TLS."""
+    https = _dnat_target(spec, spec.https_port)
+    return (
+        "# Top level of nginx.conf (NOT inside http {}), e.g. /etc/nginx/stream.d/inverse-cloud.conf with\n"
+        "# `include /etc/nginx/stream.d/*.conf;` in nginx.conf. Debian: apt install libnginx-mod-stream.\n"
+        "# Move your existing HTTPS server from :443 to 127.0.0.1:8443 (listen 127.0.0.1:8443 ssl;).\n"
+        "# The laptop sees nginx's address, not the phone's, in this variant.\n"
+        "stream {\n"
+        "    map $ssl_preread_server_name $inverse_cloud_upstream {\n"
+        f"        {spec.domain} {https};\n"
+        "        default 127.0.0.1:8443;\n"
+        "    }\n"
+        "    server {\n"
+        "        listen 443;\n"
+        "        ssl_preread on;\n"
+        "        proxy_pass $inverse_cloud_upstream;\n"
+        "        proxy_connect_timeout 5s;\n"
+        "    }\n"
+        "}\n"
+    )
+
+
+def readme(spec: RelaySpec) -> str:
+    alive = spec.client_alive_interval_s * spec.client_alive_count_max
+    return (
+        f"What the relay needs for {spec.domain} (review, then run setup.sh as root on the relay,\n"
+        "or let `inverse-cloud relay-setup --apply ADMIN@RELAY` do it):\n"
+        "\n"
+        f"1. A system user {spec.user!r} with /bin/sh as shell (every key line has a forced command, so the\n"
+        "   shell only ever runs those) and no password.\n"
+        f"2. {spec.keys_path}: the tunnel key (reverse forwards to {spec.listen_host}:{spec.https_port} and\n"
+        f"   {spec.listen_host}:{spec.http_port} only) and the takeover key (ends this user's stale sessions).\n"
+        f"3. {spec.dropin}: the sshd Match block (Debian's sshd_config includes sshd_config.d/*.conf).\n"
+        f"4. Public 443 -> {spec.https_port} and 80 -> {spec.http_port}: nftables.conf (or iptables.rules),\n"
+        "   DNAT keeps the phone's address. If 80/443 already serve a web site, use nginx-http.conf and\n"
+        "   nginx-stream.conf instead (SNI routing: the relay still never decrypts anything).\n"
+        "\n"
+        "When the laptop is offline nothing listens on the forwarded ports: the relay's 443 refuses the\n"
+        "connection (nginx variant: closes it). Phones report \"server unreachable\" and retry later; the\n"
+        "relay never answers with an HTTP error page a client could take for \"collection gone\".\n"
+        "\n"
+        "IPv6: these rules cover IPv4 only. Publish an A record for the domain and NO AAAA record: a\n"
+        "half-working AAAA makes phones on IPv6 fail intermittently.\n"
+        "\n"
+        f"A dead laptop session is dropped after about {alive} s (ClientAlive); the laptop does not wait for\n"
+        "that: when its listen is refused it ends the stale session with the takeover key and reconnects.\n"
+        "The relay sees the server name (SNI), timing and sizes, never contents or passwords.\n"
+    )
+
+
+def setup_script(spec: RelaySpec, nat: str = "nft") -> str:
+    """An idempotent script for root on the relay. ``nat`` is nft | iptables | none."""
+    if nat not in ("nft", "iptables", "none"):
+        raise ValueError(f"nat must be nft, iptables or none, not {nat!r}")
+    q = shlex.quote
+    keys, dropin = authorized_keys(spec), sshd_dropin(spec)
+    nat_block = {
+        "nft": ("NAT_FILE=/etc/inverse-cloud/nat.nft\n"
+                "write_file \"$NAT_FILE\" 0644 <<'INVERSE_CLOUD_EOF'\n" + nftables_rules(spec)
+                + "INVERSE_CLOUD_EOF\n"
+                "nft -f \"$NAT_FILE\"\n"
+                "if [ -f /etc/nftables.conf ] && ! grep -q \"$NAT_FILE\" /etc/nftables.conf; then\n"
+                "    echo \"include \\\"$NAT_FILE\\\"\" >> /etc/nftables.conf\n"
+                "fi\n"),
+        "iptables": ("NAT_FILE=/etc/inverse-cloud/nat.iptables\n"
+                     "write_file \"$NAT_FILE\" 0644 <<'INVERSE_CLOUD_EOF'\n" + iptables_rules(spec)
+                     + "INVERSE_CLOUD_EOF\n"
+                     "iptables-restore --noflush < \"$NAT_FILE\"\n"
+                     "iptables -t nat -C PREROUTING -j INVERSE_CLOUD_PRE 2>/dev/null || "
+                     "iptables -t nat -A PREROUTING -j INVERSE_CLOUD_PRE\n"
+                     "iptables -t nat -C OUTPUT -j INVERSE_CLOUD_OUT 2>/dev/null || "
+                     "iptables -t nat -A OUTPUT -j INVERSE_CLOUD_OUT\n"
+                     "echo 'note: make the iptables rules persistent (e.g. netfilter-persistent save)'\n"),
+        "none": "echo 'NAT not touched (--nat none): map public 443/80 yourself (see README)'\n",
+    }[nat]
+    localnet = ("write_file /etc/sysctl.d/60-inverse-cloud.conf 0644 <<'INVERSE_CLOUD_EOF'\n"
+                "net.ipv4.conf.all.route_localnet = 1\n"
+                "INVERSE_CLOUD_EOF\n"
+                "sysctl -q -p /etc/sysctl.d/60-inverse-cloud.conf\n")
+    if not spec.listen_is_loopback or nat == "none":
+        localnet = ""
+    return (
+        "#!/bin/sh\n"
+        f"# inverse-cloud relay set-up for {spec.domain}: idempotent, run as root on the relay.\n"
+        "set -eu\n"
+        f"U={q(spec.user)}\n"
+        f"KEYS={q(spec.keys_path)}\n"
+        f"DROPIN={q(spec.dropin)}\n"
+        "[ \"$(id -u)\" = 0 ] || { echo 'run as root' >&2; exit 1; }\n"
+        "command -v pgrep >/dev/null || { echo 'pgrep (procps) is needed by the takeover key' >&2; exit 1; }\n"
+        "write_file() {  # write_file PATH MODE < content: atomic, root-owned\n"
+        "    mkdir -p \"$(dirname \"$1\")\"\n"
+        "    cat > \"$1.tmp.$$\"\n"
+        "    chmod \"$2\" \"$1.tmp.$$\"; chown root:root \"$1.tmp.$$\"\n"
+        "    mv -f \"$1.tmp.$$\" \"$1\"\n"
+        "}\n"
+        "if ! id -u \"$U\" >/dev/null 2>&1; then\n"
+        f"    useradd --system --home-dir {q(spec.home_dir)} --no-create-home --shell /bin/sh "
+        "--comment 'inverse-cloud tunnel' \"$U\"\n"
+        "fi\n"
+        "# forced commands run through the login shell; '*': no password, yet not 'locked' (OpenSSH\n"
+        "# refuses '!'-locked accounts when UsePAM is off)\n"
+        "usermod --shell /bin/sh -p '*' \"$U\"\n"
+        "write_file \"$KEYS\" 0644 <<'INVERSE_CLOUD_EOF'\n" + keys + "INVERSE_CLOUD_EOF\n"
+        "OLD=\"\"\n"
+        "if [ -f \"$DROPIN\" ]; then OLD=\"$DROPIN.bak.$$\"; cp -p \"$DROPIN\" \"$OLD\"; fi\n"
+        "write_file \"$DROPIN\" 0644 <<'INVERSE_CLOUD_EOF'\n" + dropin + "INVERSE_CLOUD_EOF\n"
+        "if ! grep -Eqi '^[[:space:]]*Include[[:space:]]+/etc/ssh/sshd_config.d/\\*\\.conf' "
+        "/etc/ssh/sshd_config; then\n"
+        "    echo \"warning: /etc/ssh/sshd_config has no 'Include /etc/ssh/sshd_config.d/*.conf'; \"\\\n"
+        "         \"add it at the top\" >&2\n"
+        "fi\n"
+        "mkdir -p /run/sshd\n"
+        "if ! sshd -t; then\n"
+        "    echo 'sshd -t failed: restoring the previous drop-in, sshd not reloaded' >&2\n"
+        "    if [ -n \"$OLD\" ]; then mv -f \"$OLD\" \"$DROPIN\"; else rm -f \"$DROPIN\"; fi\n"
+        "    exit 1\n"
+        "fi\n"
+        "[ -z \"$OLD\" ] || rm -f \"$OLD\"\n"
+        "systemctl reload ssh 2>/dev/null || systemctl reload sshd 2>/dev/null || "
+        "kill -HUP \"$(cat /run/sshd.pid)\"\n"
+        + localnet + nat_block +
+        "echo \"inverse-cloud: relay ready for user $U\"\n"
+    )
+
+
+def bundle(spec: RelaySpec, nat: str = "nft") -> dict[str, str]:
+    """File name -> content, in the order ``relay-setup`` shows them."""
+    return {
+        "README.txt": readme(spec),
+        "authorized_keys": authorized_keys(spec),
+        "sshd_config.d/inverse-cloud.conf": sshd_dropin(spec),
+        "nftables.conf": nftables_rules(spec),
+        "iptables.rules": iptables_rules(spec),
+        "nginx-http.conf": nginx_http_vhost(spec),
+        "nginx-stream.conf": nginx_stream(spec),
+        "setup.sh": setup_script(spec, nat),
+    }

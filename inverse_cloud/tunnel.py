@@ -1,0 +1,680 @@
+"""The SSH link to the relay: two reverse forwards (relay HTTPS/HTTP ports -> our listeners), kept up.
+
+* One asyncssh connection with client keepalive on (asyncssh's default is off; a frozen link is otherwise
+  never noticed, asyncssh#321), the relay's pinned host key as the ONLY trusted key (never
+  ``known_hosts=None``, never ``~/.ssh/config`` or the agent), our one key.
+* Reconnects forever in a background task, with capped exponential backoff and jitter
+  (:data:`BACKOFF_S`); errors that retrying cannot fix (host key changed, key rejected, listen refused
+  after a takeover) retry slowly, with one clear line. The local listeners keep serving throughout.
+* A refused listen usually means the relay still holds the port for our previous, dead session (after a
+  network change it keeps it until ClientAlive fires). We then end that session with the takeover key
+  (see :mod:`inverse_cloud.relay`) and reconnect at once.
+* Each forwarded connection is handed to our listener over loopback TCP. The socket is bound first, so
+  its source port is known and registered with the DAV server's :class:`~inverse_cloud.web.PeerDirectory`
+  (relay-seen client address -> REMOTE_ADDR, access log) before the first byte is sent.
+* ``TCP_QUICKACK`` is re-armed on the SSH socket after every read (Linux): otherwise a response of
+  >= ~100 KB followed by the next request stalls ~40 ms (the relay's Nagle meets our delayed ACK).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import datetime as dt
+import logging
+import random
+import socket
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Protocol
+
+import asyncssh
+
+from .config import Config
+from .errors import AuthRejected, ConfigError, ForwardRefused, HostKeyMismatch, TunnelError
+from .fsutil import check_private
+
+__all__ = [
+    "BACKOFF_S",
+    "FORWARD_REFUSED_RETRY_S",
+    "SLOW_RETRY_S",
+    "Failure",
+    "Tunnel",
+    "classify",
+    "quickack_supported",
+    "retry_delay",
+]
+
+log = logging.getLogger(__name__)
+
+# Reconnect schedule after consecutive transient failures (seconds, before jitter). The first retry comes
+# within a second (reliability.md F1: "first retry <= 2 s"); the cap keeps a long outage from turning into
+# hour-long gaps once the network is back.
+BACKOFF_S: tuple[float, ...] = (1, 2, 4, 8, 16, 32, 60)
+# Errors retrying cannot fix (host key changed, key rejected): a human must act; retry rarely so that
+# the fix (e.g. relay-setup on the relay) is picked up without a restart.
+SLOW_RETRY_S = 300.0
+# Listen still refused right after a takeover: a permitlisten/PermitListen mismatch, or another laptop.
+FORWARD_REFUSED_RETRY_S = 60.0
+# How long the takeover session may take (connect + forced command).
+TAKEOVER_TIMEOUT_S = 15.0
+# A forwarded connection's peer mapping outlives the connection a little, so that a request still being
+# logged when the tunnel side closes is attributed to the relay-seen client.
+PEER_LINGER_S = 5.0
+
+
+def retry_delay(attempt: int, kind: str, rand: float) -> float:
+    """Seconds to wait before the next connection attempt (pure).
+
+    :param attempt: consecutive failures so far, counting from 0
+    :param kind: ``transient`` | ``refused`` | ``fatal`` (see :class:`Failure`)
+    :param rand: a number in [0, 1): half of each delay is fixed, half is jitter
+    """
+    if kind == "fatal":
+        base = SLOW_RETRY_S
+    elif kind == "refused":
+        base = FORWARD_REFUSED_RETRY_S
+    else:
+        base = BACKOFF_S[min(max(attempt, 0), len(BACKOFF_S) - 1)]
+    return base * (0.5 + 0.5 * rand)
+
+
+@dataclass(frozen=True)
+class Failure:
+    """Why an attempt failed, in one line. ``kind`` chooses the retry schedule: ``transient`` (network),
+    ``refused`` (listen refused after a takeover) or ``fatal`` (a human must act)."""
+
+    kind: str
+    message: str
+
+
+def classify(exc: BaseException, *, relay: str, expected_fp: str, offered_fp: str | None, key_file: Path,
+             user: str) -> Failure:
+    """Turn an exception from connecting/forwarding into a :class:`Failure` (pure)."""
+    if isinstance(exc, HostKeyMismatch | AuthRejected):
+        return Failure("fatal", str(exc))
+    if isinstance(exc, ForwardRefused):
+        return Failure("refused", str(exc))
+    if isinstance(exc, ConfigError):
+        return Failure("fatal", str(exc))
+    if isinstance(exc, asyncssh.HostKeyNotVerifiable):
+        got = offered_fp or "a key that could not be read"
+        return Failure("fatal", f"relay host key changed: expected {expected_fp}, got {got}; if you rebuilt the "
+                                "relay run `inverse-cloud relay-setup --accept-new-host-key`")
+    if isinstance(exc, asyncssh.KeyExchangeFailed) and "host key" in str(exc).lower():
+        return Failure("fatal", f"relay host key changed: expected {expected_fp}, but the relay offers no host key "
+                                "of that type; if you rebuilt the relay run `inverse-cloud relay-setup "
+                                "--accept-new-host-key`")
+    if isinstance(exc, asyncssh.PermissionDenied):
+        return Failure("fatal", f"relay {relay} refused our key {key_file} for user {user!r}; install "
+                                f"{key_file}.pub on the relay (run `inverse-cloud relay-setup`)")
+    if isinstance(exc, asyncssh.DisconnectError):
+        return Failure("transient", f"relay closed the connection ({exc.reason or type(exc).__name__})")
+    if isinstance(exc, TimeoutError):
+        return Failure("transient", "timed out")
+    if isinstance(exc, ConnectionRefusedError):
+        return Failure("transient", "connection refused")
+    if isinstance(exc, ConnectionResetError):
+        return Failure("transient", "connection reset")
+    if isinstance(exc, OSError):
+        return Failure("transient", exc.strerror or str(exc) or type(exc).__name__)
+    if isinstance(exc, TunnelError):
+        return Failure("transient", str(exc))
+    return Failure("transient", f"{type(exc).__name__}: {exc}")
+
+
+def quickack_supported() -> bool:
+    return hasattr(socket, "TCP_QUICKACK")
+
+
+class PeerRegistry(Protocol):
+    def register(self, local_port: int, origin: tuple[str, int]) -> None: ...
+
+    def unregister(self, local_port: int) -> None: ...
+
+
+class ForwardTarget(Protocol):
+    """What the tunnel forwards to: the DAV server component (after its ``start()``)."""
+
+    https_port: int
+    http_port: int
+    peers: PeerRegistry
+
+
+# --- the SSH socket with TCP_QUICKACK re-armed after reads ------------------------------------------
+
+class QuickAckProtocol(asyncio.Protocol):
+    """Wraps asyncssh's connection protocol: after every read, set ``TCP_QUICKACK`` so the kernel ACKs at
+    once instead of delaying (it leaves quick-ack mode on its own, hence after *every* read)."""
+
+    def __init__(self, inner: asyncio.Protocol) -> None:
+        self.inner = inner
+        self._sock: Any = None
+        self.rearms = 0
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        sock = transport.get_extra_info("socket")
+        if sock is not None and quickack_supported() and sock.family in (socket.AF_INET, socket.AF_INET6):
+            self._sock = sock
+        self.inner.connection_made(transport)
+
+    def data_received(self, data: bytes) -> None:
+        if self._sock is not None:
+            try:
+                self._sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_QUICKACK, 1)
+                self.rearms += 1
+            except OSError:
+                self._sock = None
+        self.inner.data_received(data)
+
+    def eof_received(self) -> bool | None:
+        return self.inner.eof_received()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._sock = None
+        self.inner.connection_lost(exc)
+
+    def pause_writing(self) -> None:
+        self.inner.pause_writing()
+
+    def resume_writing(self) -> None:
+        self.inner.resume_writing()
+
+
+class QuickAckConnector:
+    """Passed as asyncssh's ``tunnel=``: opens the TCP connection itself so that the protocol can be
+    wrapped in :class:`QuickAckProtocol` (asyncssh offers no other hook into its socket reads)."""
+
+    def __init__(self) -> None:
+        self.protocol: QuickAckProtocol | None = None
+
+    async def create_connection(self, session_factory: Callable[[], Any], remote_host: str,
+                                remote_port: int) -> tuple[Any, Any]:
+        inner: list[Any] = []
+
+        def factory() -> asyncio.Protocol:
+            inner.append(session_factory())
+            self.protocol = QuickAckProtocol(inner[0])
+            return self.protocol
+
+        transport, _ = await asyncio.get_running_loop().create_connection(factory, remote_host, remote_port)
+        return transport, inner[0]
+
+    def close(self) -> None:
+        """asyncssh's tunnel protocol asks for it; the transport is closed by the connection."""
+
+    async def wait_closed(self) -> None:
+        """See :meth:`close`."""
+
+
+# --- one forwarded connection: SSH channel <-> loopback TCP to our listener -------------------------
+
+class _LocalEnd(asyncio.Protocol):
+    def __init__(self, on_close: Callable[[], None]) -> None:
+        self.transport: asyncio.Transport | None = None
+        self.peer: _ChannelEnd | None = None
+        self.eof = False
+        self._on_close = on_close
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        assert isinstance(transport, asyncio.Transport)
+        self.transport = transport
+
+    def data_received(self, data: bytes) -> None:
+        if self.peer is not None:
+            self.peer.write(data)
+
+    def eof_received(self) -> bool:
+        self.eof = True
+        if self.peer is None:
+            return False
+        self.peer.write_eof()
+        return not self.peer.eof      # keep a half-closed connection open until both sides are done
+
+    def pause_writing(self) -> None:
+        if self.peer is not None:
+            self.peer.pause_reading()
+
+    def resume_writing(self) -> None:
+        if self.peer is not None:
+            self.peer.resume_reading()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.transport = None
+        peer, self.peer = self.peer, None
+        if peer is not None:
+            peer.close()
+        self._on_close()
+
+    def write(self, data: bytes) -> None:
+        if self.transport is not None:
+            self.transport.write(data)
+
+    def write_eof(self) -> None:
+        if self.transport is not None and self.transport.can_write_eof():
+            self.transport.write_eof()
+
+    def pause_reading(self) -> None:
+        if self.transport is not None:
+            self.transport.pause_reading()
+
+    def resume_reading(self) -> None:
+        if self.transport is not None:
+            self.transport.resume_reading()
+
+    def close(self) -> None:
+        if self.transport is not None:
+            self.transport.close()
+
+
+class _ChannelEnd(asyncssh.SSHTCPSession[bytes]):
+    def __init__(self, local: _LocalEnd) -> None:
+        self.chan: asyncssh.SSHTCPChannel[bytes] | None = None
+        self.local: _LocalEnd | None = local
+        self.eof = False
+        local.peer = self
+
+    def connection_made(self, chan: asyncssh.SSHTCPChannel[bytes]) -> None:
+        self.chan = chan
+
+    def data_received(self, data: bytes, datatype: asyncssh.DataType) -> None:
+        if self.local is not None:
+            self.local.write(data)
+
+    def eof_received(self) -> bool:
+        self.eof = True
+        if self.local is None:
+            return False
+        self.local.write_eof()
+        return not self.local.eof
+
+    def pause_writing(self) -> None:
+        if self.local is not None:
+            self.local.pause_reading()
+
+    def resume_writing(self) -> None:
+        if self.local is not None:
+            self.local.resume_reading()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.chan = None
+        local, self.local = self.local, None
+        if local is not None:
+            local.close()
+
+    def write(self, data: bytes) -> None:
+        if self.chan is not None:
+            self.chan.write(data)
+
+    def write_eof(self) -> None:
+        if self.chan is not None:
+            self.chan.write_eof()
+
+    def pause_reading(self) -> None:
+        if self.chan is not None:
+            self.chan.pause_reading()
+
+    def resume_reading(self) -> None:
+        if self.chan is not None:
+            self.chan.resume_reading()
+
+    def close(self) -> None:
+        if self.chan is not None:
+            self.chan.close()
+
+
+# --- the component -----------------------------------------------------------------------------------
+
+@dataclass
+class _Forward:
+    name: str
+    relay_port: int
+    bound: bool = False
+    listener: asyncssh.SSHListener | None = None
+
+
+class _Client(asyncssh.SSHClient):
+    """Records the host key the relay offered (for the mismatch line) and why the link went down."""
+
+    def __init__(self) -> None:
+        self.offered_fp: str | None = None
+        self.lost: Exception | None = None
+
+    def validate_host_public_key(self, host: str, addr: str, port: int, key: asyncssh.SSHKey) -> bool:
+        # Only called for a key that is NOT the pinned one: remember it and refuse.
+        self.offered_fp = f"{key.get_fingerprint('sha256')} ({key.get_algorithm()})"
+        return False
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.lost = exc
+
+
+def _iso(t: float | None) -> str | None:
+    if t is None:
+        return None
+    return dt.datetime.fromtimestamp(t, dt.UTC).isoformat(timespec="seconds")
+
+
+def _connect_host(listen_host: str) -> str:
+    return {"0.0.0.0": "127.0.0.1", "::": "::1", "": "127.0.0.1"}.get(listen_host, listen_host)  # noqa: S104
+
+
+class Tunnel:
+    """Supervisor component: keeps the relay's two reverse forwards up. ``start()`` never blocks serving."""
+
+    name = "tunnel"
+
+    def __init__(self, cfg: Config, target: ForwardTarget, *, quickack: bool = True,
+                 wall_clock: Callable[[], float] = time.time) -> None:
+        self.cfg = cfg
+        self.relay = cfg.relay
+        self.target = target
+        self.quickack = quickack and quickack_supported()
+        self._clock = wall_clock
+        self.tag = f"[relay={self.relay.host}:{self.relay.port}]"
+        self.forwards = [_Forward("https", self.relay.https_port), _Forward("http", self.relay.http_port)]
+        self.state = "down"
+        self.connected_since: float | None = None
+        self.reconnects: list[float] = []
+        self.last_error: str | None = None
+        self.host_key: asyncssh.SSHKey | None = None
+        self.expected_fp = ""
+        self._task: asyncio.Task[None] | None = None
+        self._conn: asyncssh.SSHClientConnection | None = None
+        self._connector: QuickAckConnector | None = None
+        self._ever_up = False
+        self._logged: tuple[str, str] | None = None
+        self._took_over_logged = False
+        self._registered: dict[int, object] = {}
+        self.attempts = 0
+        self.takeovers = 0
+        self.connections = 0
+        self.active_channels = 0
+
+    # -- lifecycle --
+
+    async def start(self) -> None:
+        if not self.relay.host_key:
+            self._set_state("failed", "relay host key not pinned; run `inverse-cloud relay-setup`", logging.ERROR)
+            return
+        try:
+            self.host_key = asyncssh.import_public_key(self.relay.host_key)
+        except (asyncssh.KeyImportError, ValueError) as exc:
+            self._set_state("failed", f"[relay] host_key in {self.cfg.path}: cannot be read ({exc}); run "
+                                      "`inverse-cloud relay-setup --accept-new-host-key`", logging.ERROR)
+            return
+        self.expected_fp = f"{self.host_key.get_fingerprint('sha256')} ({self.host_key.get_algorithm()})"
+        self.state = "connecting"
+        self._task = asyncio.create_task(self._run(), name="tunnel")
+
+    async def aclose(self) -> None:
+        task, self._task = self._task, None
+        if task is not None:
+            task.cancel()
+            try:
+                await task
+            except asyncio.CancelledError:
+                pass
+        await self._close_conn()
+        self.state = "down"
+
+    async def _close_conn(self) -> None:
+        conn, self._conn = self._conn, None
+        if conn is None:
+            return
+        # Cancel the forwards first (the relay stops accepting on its ports), then close the link.
+        for fwd in self.forwards:
+            listener, fwd.listener, fwd.bound = fwd.listener, None, False
+            if listener is not None:
+                listener.close()
+                try:
+                    await asyncio.wait_for(listener.wait_closed(), 2)
+                except (TimeoutError, OSError, asyncssh.Error):
+                    pass
+        conn.close()
+        try:
+            await asyncio.wait_for(conn.wait_closed(), 5)
+        except (TimeoutError, OSError, asyncssh.Error):
+            pass
+
+    # -- state --
+
+    def status(self) -> dict[str, Any]:
+        now = self._clock()
+        self.reconnects = [t for t in self.reconnects if now - t < 86400]
+        local = {"https": self.target.https_port, "http": self.target.http_port}
+        return {
+            "state": self.state,
+            "relay": f"{self.relay.host}:{self.relay.port}",
+            "user": self.relay.user,
+            "host_key_fingerprint": self.expected_fp or None,
+            "connected_since": _iso(self.connected_since),
+            "reconnects": [_iso(t) for t in self.reconnects],
+            "last_error": self.last_error,
+            "forwards": [{"name": f.name, "relay_port": f.relay_port, "relay_host": self.relay.listen_host,
+                          "local_port": local[f.name], "bound": f.bound} for f in self.forwards],
+            "takeovers": self.takeovers,
+        }
+
+    def _set_state(self, state: str, error: str | None, level: int) -> None:
+        """Record the state; log only when (state, error) changes -- never once per retry."""
+        self.state = state
+        if error is not None:
+            self.last_error = error
+        key = (state, error or "")
+        if key != self._logged:
+            self._logged = key
+            log.log(level, "%s %s", self.tag, error if error else state)
+
+    # -- the loop --
+
+    async def _run(self) -> None:
+        attempt = 0
+        takeover_tried = False
+        while True:
+            try:
+                await self._session(takeover_tried)
+                attempt, takeover_tried = 0, False
+                continue
+            except _TakeOverNow:
+                takeover_tried = True
+                continue
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:  # boundary: every failure is classified, logged once, retried
+                failure = self._classify(exc)
+                takeover_tried = False
+            delay = retry_delay(attempt, failure.kind, random.random())
+            attempt += 1
+            if failure.kind in ("fatal", "refused"):
+                self._set_state("failed", failure.message, logging.ERROR)
+            elif self.state == "up":
+                self._set_state("down", f"relay link lost ({failure.message}); reconnecting", logging.WARNING)
+            elif self.state == "down":
+                self.last_error = failure.message      # same outage: no new line per retry
+            else:
+                self._set_state("down", f"cannot reach relay ({failure.message}); retrying with backoff",
+                                logging.WARNING)
+            log.debug("%s next attempt in %.1f s (%s)", self.tag, delay, failure.message)
+            await asyncio.sleep(delay)
+
+    def _classify(self, exc: BaseException) -> Failure:
+        return classify(exc, relay=f"{self.relay.host}:{self.relay.port}", expected_fp=self.expected_fp,
+                        offered_fp=None, key_file=self.relay.key_file, user=self.relay.user)
+
+    async def _load_key(self, path: Path, what: str) -> asyncssh.SSHKey:
+        def read() -> asyncssh.SSHKey:
+            check_private(path, what)
+            try:
+                return asyncssh.read_private_key(str(path))
+            except (OSError, asyncssh.KeyImportError, ValueError) as exc:
+                raise ConfigError(f"{what} {path} cannot be read: {exc}") from None
+
+        return await asyncio.to_thread(read)
+
+    async def _connect(self, key: asyncssh.SSHKey, *, keepalive: bool) -> tuple[asyncssh.SSHClientConnection,
+                                                                                 _Client]:
+        assert self.host_key is not None
+        client = _Client()
+        self._connector = QuickAckConnector() if self.quickack and keepalive else None
+        options: dict[str, Any] = {}
+        if self._connector is not None:
+            options["tunnel"] = self._connector
+        if keepalive:
+            options["keepalive_interval"] = self.relay.keepalive_interval_s
+            options["keepalive_count_max"] = self.relay.keepalive_count_max
+        self.attempts += 1
+        try:
+            conn = await asyncssh.connect(
+                self.relay.host, self.relay.port, username=self.relay.user,
+                client_factory=lambda: client,
+                known_hosts=([self.host_key], [], []),   # the pinned key only; never None
+                client_keys=[key], agent_path=None, agent_forwarding=False, config=None,
+                x509_trusted_certs=None, x509_trusted_cert_paths=None,
+                password_auth=False, kbdint_auth=False, host_based_auth=False, gss_auth=False, gss_kex=False,
+                connect_timeout=self.relay.connect_timeout_s, login_timeout=self.relay.connect_timeout_s,
+                **options)
+        except (asyncssh.HostKeyNotVerifiable, asyncssh.KeyExchangeFailed) as exc:
+            failure = classify(exc, relay=f"{self.relay.host}:{self.relay.port}", expected_fp=self.expected_fp,
+                               offered_fp=client.offered_fp, key_file=self.relay.key_file, user=self.relay.user)
+            if failure.kind == "fatal":
+                raise HostKeyMismatch(failure.message) from exc
+            raise
+        return conn, client
+
+    async def _session(self, takeover_tried: bool) -> None:
+        """One connection: connect, bind both forwards, serve until the link drops.
+
+        :raises _TakeOverNow: the listen was refused and a takeover was done: reconnect at once.
+        :raises ForwardRefused: the listen was refused even after a takeover.
+        """
+        key = await self._load_key(self.relay.key_file, "relay key")
+        conn, client = await self._connect(key, keepalive=True)
+        self._conn = conn
+        try:
+            refused = await self._open_forwards(conn)
+        except BaseException:
+            await self._close_conn()
+            raise
+        if refused is not None:
+            await self._close_conn()
+            host = self.relay.listen_host
+            if takeover_tried:
+                raise ForwardRefused(
+                    f"relay refused to listen on {host}:{refused} (check permitlisten in {self.relay.user}'s "
+                    f"authorized_keys and PermitListen in its sshd Match block on the relay: they must name "
+                    f"{host}:{refused} exactly, 'localhost' is not '127.0.0.1'; `inverse-cloud relay-setup` "
+                    "prints them)")
+            if not self._took_over_logged:
+                self._took_over_logged = True
+                log.warning("%s relay port %d still held by a previous session; taking over", self.tag, refused)
+            await self._take_over()
+            raise _TakeOverNow()
+        # Up.
+        now = self._clock()
+        if self._ever_up:
+            self.reconnects.append(now)
+        self._ever_up = True
+        self.connections += 1
+        self.connected_since = now
+        self._took_over_logged = False
+        local = {"https": self.target.https_port, "http": self.target.http_port}
+        self._set_state("up", "tunnel up: " + ", ".join(
+            f"{self.relay.listen_host}:{f.relay_port} -> local :{local[f.name]}" for f in self.forwards)
+            + f" (relay host key {self.expected_fp})", logging.INFO)
+        await conn.wait_closed()      # on cancellation (aclose) self._conn stays set: aclose closes it
+        self.connected_since = None
+        for fwd in self.forwards:
+            fwd.bound, fwd.listener = False, None
+        if self._conn is conn:
+            self._conn = None
+        reason = client.lost
+        raise ConnectionResetError(0, _describe_lost(reason)) if reason is not None else \
+            TunnelError("relay closed the connection")
+
+    async def _open_forwards(self, conn: asyncssh.SSHClientConnection) -> int | None:
+        """Bind every forward; return the relay port of the first refused one (None if all bound)."""
+        for fwd in self.forwards:
+            try:
+                fwd.listener = await conn.create_server(self._factory(fwd), self.relay.listen_host, fwd.relay_port)
+            except asyncssh.ChannelListenError:   # NOT an asyncssh.Error subclass
+                return fwd.relay_port
+            fwd.bound = True
+        return None
+
+    async def _take_over(self) -> None:
+        """End the tunnel user's other sessions on the relay with the takeover key (its forced command)."""
+        self.takeovers += 1
+        try:
+            key = await self._load_key(self.relay.takeover_key_file, "relay takeover key")
+            conn, _ = await asyncio.wait_for(self._connect(key, keepalive=False), TAKEOVER_TIMEOUT_S)
+            async with conn:
+                result = await asyncio.wait_for(conn.run("takeover", check=False), TAKEOVER_TIMEOUT_S)
+            out = str(result.stdout or "").strip().splitlines()
+            log.info("%s %s", self.tag, out[-1] if out else f"takeover exited with {result.exit_status}")
+        except (OSError, asyncssh.Error, TimeoutError, ConfigError) as exc:
+            failure = self._classify(exc)
+            log.warning("%s takeover of the stale session failed: %s; waiting for the relay to drop it "
+                        "(ClientAlive)", self.tag, failure.message.replace("our key", "the takeover key"))
+
+    def _factory(self, fwd: _Forward) -> Callable[[str, int], Any]:
+        def factory(orig_host: str, orig_port: int) -> Any:
+            return self._accept(fwd, orig_host, orig_port)
+
+        return factory
+
+    async def _accept(self, fwd: _Forward, orig_host: str, orig_port: int) -> _ChannelEnd:
+        """A connection arrived on the relay's port: connect to our listener from a known source port."""
+        loop = asyncio.get_running_loop()
+        listen = self.cfg.server.https_listen if fwd.name == "https" else self.cfg.server.http_listen
+        host = _connect_host(listen[0])
+        port = self.target.https_port if fwd.name == "https" else self.target.http_port
+        family = socket.AF_INET6 if ":" in host else socket.AF_INET
+        sock = socket.socket(family, socket.SOCK_STREAM)
+        token = object()
+        src_port = 0
+        try:
+            sock.setblocking(False)
+            sock.bind((host, 0))
+            src_port = sock.getsockname()[1]
+            self._registered[src_port] = token
+            self.target.peers.register(src_port, (orig_host, orig_port))
+            await loop.sock_connect(sock, (host, port))
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            local = _LocalEnd(lambda: self._release(src_port, token))
+            await loop.create_connection(lambda: local, sock=sock)
+        except OSError as exc:
+            sock.close()
+            self._release(src_port, token, linger=False)
+            raise asyncssh.ChannelOpenError(asyncssh.OPEN_CONNECT_FAILED, f"local listener: {exc}") from None
+        self.active_channels += 1
+        return _ChannelEnd(local)
+
+    def _release(self, src_port: int, token: object, linger: bool = True) -> None:
+        if linger:
+            self.active_channels -= 1
+
+        def drop() -> None:
+            if self._registered.get(src_port) is token:
+                del self._registered[src_port]
+                self.target.peers.unregister(src_port)
+
+        if linger:
+            asyncio.get_running_loop().call_later(PEER_LINGER_S, drop)
+        else:
+            drop()
+
+
+class _TakeOverNow(Exception):
+    """Internal: a takeover was done, reconnect without waiting."""
+
+
+def _describe_lost(exc: Exception) -> str:
+    text = str(exc) or type(exc).__name__
+    low = text.lower()
+    if "keepalive" in low or "timeout" in low or "timed out" in low:
+        return "no answer to keepalives"
+    if "reset" in low:
+        return "connection reset"
+    return text
