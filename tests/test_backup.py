@@ -1,0 +1,226 @@
+"""export/import: a snapshot under Radicale's storage lock, restored into an empty store that Radicale's own
+`--verify-storage` accepts; a non-empty store, a damaged file and a running server are refused without
+changing anything."""
+
+from __future__ import annotations
+
+import base64
+import fcntl
+import hashlib
+import io
+import os
+import stat
+import subprocess
+import sys
+import tarfile
+import threading
+from pathlib import Path
+
+import pytest
+
+from inverse_cloud import config as config_mod
+from inverse_cloud.backup import BackupError, export_backup, import_backup, storage_lock
+from inverse_cloud.radicale_app import build_application
+from inverse_cloud.testing import ServeProcess, wait_until
+
+AUTH = "Basic " + base64.b64encode(b"alice:correct horse").decode()
+
+
+def _dav(app, method: str, path: str, body: bytes = b"", ctype: str = "text/vcard") -> int:
+    environ = {
+        "REQUEST_METHOD": method, "SCRIPT_NAME": "/radicale", "PATH_INFO": path, "QUERY_STRING": "",
+        "SERVER_NAME": "laptop.test", "SERVER_PORT": "443", "SERVER_PROTOCOL": "HTTP/1.1", "REMOTE_ADDR": "127.0.0.1",
+        "wsgi.url_scheme": "https", "wsgi.input": io.BytesIO(body), "wsgi.errors": sys.stderr,
+        "CONTENT_LENGTH": str(len(body)), "CONTENT_TYPE": ctype, "HTTP_AUTHORIZATION": AUTH, "HTTP_DEPTH": "1",
+    }
+    status: list[str] = []
+    b"".join(app(environ, lambda s, h, e=None: status.append(s)))
+    return int(status[0].split()[0])
+
+
+def _card(i: int) -> bytes:
+    return (f"BEGIN:VCARD\r\nVERSION:3.0\r\nUID:card-{i}\r\nFN:Person {i}\r\nN:{i};Person;;;\r\n"
+            f"EMAIL:p{i}@example.org\r\nEND:VCARD\r\n").encode()
+
+
+def _event(i: int) -> bytes:
+    return (f"BEGIN:VCALENDAR\r\nVERSION:2.0\r\nPRODID:-//test//EN\r\nBEGIN:VEVENT\r\nUID:ev-{i}\r\n"
+            f"DTSTAMP:20261101T000000Z\r\nDTSTART:2026110{i % 9 + 1}T100000Z\r\nDURATION:PT1H\r\n"
+            f"SUMMARY:Event {i}\r\nEND:VEVENT\r\nEND:VCALENDAR\r\n").encode()
+
+
+def _fill(cfg, cards: int = 5, events: int = 3):
+    app = build_application(cfg)
+    assert _dav(app, "PROPFIND", "/alice/", ctype="application/xml") == 207  # creates the predefined collections
+    for i in range(cards):
+        assert _dav(app, "PUT", f"/alice/contacts/card-{i}.vcf", _card(i)) == 201
+    for i in range(events):
+        assert _dav(app, "PUT", f"/alice/calendar/ev-{i}.ics", _event(i), "text/calendar") == 201
+    return app
+
+
+def _tree_hash(root: Path) -> dict[str, str]:
+    out = {}
+    for p in sorted(root.rglob("*")):
+        if p.is_file() and ".Radicale.cache" not in p.parts and p.name != ".Radicale.lock":
+            out[str(p.relative_to(root))] = hashlib.sha256(p.read_bytes()).hexdigest()
+    return out
+
+
+def _items(cfg) -> dict[str, bytes]:
+    root = cfg.server.storage_dir / "collection-root"
+    return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*"))
+            if p.is_file() and not any(part.startswith(".") for part in p.relative_to(root).parts)}
+
+
+def test_export_then_import_on_a_new_laptop(instance, tmp_path):
+    """export -> a 0600 tar with a manifest -> import with no config on the "new laptop" writes the config
+    with the new data folder, restores every item byte for byte, the user file, the SSH and ACME keys ->
+    `radicale --verify-storage` accepts the restored store -> serve answers alice's old password."""
+    cfg = config_mod.load(instance)
+    _fill(cfg)
+    (cfg.acme.account_dir).mkdir(parents=True, exist_ok=True, mode=0o700)
+    (cfg.acme.account_dir / "account-key.pem").write_bytes(b"not really a key")
+    os.chmod(cfg.acme.account_dir / "account-key.pem", 0o600)
+    dest = tmp_path / "backups" / "ic.tar.gz"
+    result = export_backup(cfg, dest)
+    assert result.items == 8
+    assert stat.S_IMODE(dest.stat().st_mode) == 0o600
+    with tarfile.open(dest) as tar:
+        names = tar.getnames()
+    assert "MANIFEST.json" in names and "config.toml" in names
+    assert "data/users.htpasswd" in names and "data/acme/account-key.pem" in names
+    assert "data/ssh/id_ed25519" in names
+    assert not [n for n in names if ".Radicale.lock" in n or ".Radicale.cache" in n]
+
+    new_root = tmp_path / "new-laptop"
+    new_cfg_path = new_root / "config.toml"
+    out = subprocess.run([sys.executable, "-m", "inverse_cloud.cli", "import", str(dest), "--config",
+                          str(new_cfg_path), "--data-dir", str(new_root / "data")],
+                         capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert "restored" in out.stdout and "Radicale verified the store" in out.stdout
+    new_cfg = config_mod.load(new_cfg_path)
+    assert new_cfg.server.data_dir == new_root / "data"
+    assert _items(new_cfg) == _items(cfg)
+    assert (new_cfg.acme.account_dir / "account-key.pem").read_bytes() == b"not really a key"
+    assert new_cfg.relay.key_file.read_bytes() == cfg.relay.key_file.read_bytes()
+    assert stat.S_IMODE(new_cfg.relay.key_file.stat().st_mode) == 0o600
+    verify = subprocess.run([sys.executable, "-m", "radicale", "--config", "",
+                             f"--storage-filesystem-folder={new_cfg.server.storage_dir}", "--verify-storage"],
+                            capture_output=True, text=True, timeout=120)
+    assert verify.returncode == 0, verify.stderr
+    # The restored server serves the items with alice's old password.
+    with ServeProcess(new_cfg_path) as srv:
+        got = subprocess.run(["curl", "-sk", "-u", "alice:correct horse",
+                              f"https://127.0.0.1:{srv.https_port}/radicale/alice/contacts/card-3.vcf"],
+                             capture_output=True, timeout=30)
+    assert b"UID:card-3" in got.stdout and b"FN:Person 3" in got.stdout
+
+
+def test_import_refuses_a_non_empty_store_and_changes_nothing(instance, tmp_path):
+    """A store holding items (this laptop's, phones synced with it) is never overwritten: exit 1, one line,
+    every file unchanged."""
+    cfg = config_mod.load(instance)
+    _fill(cfg, cards=2, events=1)
+    dest = tmp_path / "b.tar.gz"
+    export_backup(cfg, dest)
+    app = build_application(cfg)
+    assert _dav(app, "PUT", "/alice/contacts/newer.vcf", _card(99)) == 201  # a change after the export
+    before = _tree_hash(cfg.server.data_dir)
+    out = subprocess.run([sys.executable, "-m", "inverse_cloud.cli", "import", str(dest), "--config", str(instance)],
+                         capture_output=True, text=True, timeout=120)
+    assert out.returncode == 1
+    assert "refusing to import: the store" in out.stderr and "already holds 4 item(s)" in out.stderr
+    assert len(out.stderr.strip().splitlines()) == 1
+    assert _tree_hash(cfg.server.data_dir) == before
+
+
+def test_import_refuses_a_damaged_file(instance, tmp_path):
+    """One flipped byte in an item: the checksum check refuses the whole file before anything moves."""
+    cfg = config_mod.load(instance)
+    _fill(cfg, cards=2, events=0)
+    dest = tmp_path / "b.tar.gz"
+    export_backup(cfg, dest)
+    with tarfile.open(dest) as tar:
+        members = [(m, tar.extractfile(m).read() if m.isfile() else b"") for m in tar.getmembers()]
+    bad = tmp_path / "bad.tar.gz"
+    with tarfile.open(bad, "w:gz") as tar:
+        for m, data in members:
+            if m.name.endswith("card-1.vcf"):
+                data = data.replace(b"Person", b"Persoff")
+            m.size = len(data)
+            tar.addfile(m, io.BytesIO(data))
+    fresh = tmp_path / "fresh"
+    with pytest.raises(BackupError, match="does not match its checksum"):
+        import_backup(bad, None, config_path=fresh / "config.toml", data_dir=fresh / "data")
+    assert not (fresh / "config.toml").exists()
+    assert not (fresh / "data" / "collections").exists()
+
+
+def test_import_refuses_while_the_server_runs(instance, tmp_path):
+    cfg = config_mod.load(instance)
+    dest = tmp_path / "empty.tar.gz"
+    export_backup(cfg, dest)
+    with ServeProcess(instance):
+        with pytest.raises(BackupError, match="while inverse-cloud is running"):
+            import_backup(dest, cfg, config_path=instance)
+
+
+def test_export_waits_for_a_writer_and_includes_its_item(instance, tmp_path):
+    """A writer holding Radicale's exclusive lock delays the export; the item it writes before releasing is
+    in the snapshot (nothing half-written, nothing acknowledged missing)."""
+    cfg = config_mod.load(instance)
+    _fill(cfg, cards=1, events=0)
+    coll = cfg.server.storage_dir / "collection-root" / "alice" / "contacts"
+    lock_path = cfg.server.storage_dir / ".Radicale.lock"
+    holder = open(lock_path, "w+")  # noqa: SIM115 -- held across threads on purpose
+    fcntl.flock(holder.fileno(), fcntl.LOCK_EX)
+    results: dict[str, object] = {}
+    started = threading.Event()
+
+    def run() -> None:
+        started.set()
+        results["r"] = export_backup(cfg, tmp_path / "during-write.tar.gz")
+
+    t = threading.Thread(target=run)
+    t.start()
+    try:
+        started.wait(10)
+        # The write in progress: the item is complete before the writer releases the lock.
+        (coll / "late.vcf").write_bytes(_card(42))
+        assert "r" not in results, "export finished while the storage was locked for writing"
+    finally:
+        fcntl.flock(holder.fileno(), fcntl.LOCK_UN)
+        holder.close()
+    t.join(30)
+    result = results["r"]
+    with tarfile.open(tmp_path / "during-write.tar.gz") as tar:
+        assert "data/collections/collection-root/alice/contacts/late.vcf" in tar.getnames()
+    assert result.items == 2  # type: ignore[attr-defined]
+
+
+def test_lock_timeout_is_one_line(tmp_path):
+    storage = tmp_path / "collections"
+    storage.mkdir()
+    holder = open(storage / ".Radicale.lock", "w+")  # noqa: SIM115
+    fcntl.flock(holder.fileno(), fcntl.LOCK_EX)
+    try:
+        with pytest.raises(BackupError, match="stayed locked for 0 s"), storage_lock(storage, timeout_s=0.2):
+            pass
+    finally:
+        holder.close()
+
+
+def test_export_refuses_a_destination_inside_the_data_folder(instance):
+    cfg = config_mod.load(instance)
+    with pytest.raises(BackupError, match="inside the data folder"):
+        export_backup(cfg, cfg.server.data_dir / "x.tar.gz")
+
+
+def test_export_command(instance, tmp_path):
+    out = subprocess.run([sys.executable, "-m", "inverse_cloud.cli", "export", str(tmp_path / "e.tgz"), "--config",
+                          str(instance)], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert "wrote" in out.stdout and "keep it private" in out.stdout
+    wait_until(lambda: (tmp_path / "e.tgz").exists(), 5, "export file")
