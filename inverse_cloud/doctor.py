@@ -404,8 +404,15 @@ async def check_forwards(ctx: _Ctx) -> Check:
         err = tunnel.get("last_error") or "no error recorded"
         return Check("forwards bound", "fail", f"tunnel is {state}: {err}",
                      "see `inverse-cloud status`; the tunnel retries by itself, the error says what blocks it")
-    forwards = tunnel.get("forwards")
-    return Check("forwards bound", "ok", f"tunnel {state}" + (f", forwards {forwards}" if forwards else ""))
+    forwards = tunnel.get("forwards") or []
+    unbound = [f for f in forwards if isinstance(f, dict) and f.get("bound") is False]
+    if unbound:
+        names = ", ".join(f"{f.get('relay_host', '')}:{f.get('relay_port')}" for f in unbound)
+        return Check("forwards bound", "fail", f"the relay did not bind {names}: {tunnel.get('last_error') or ''}",
+                     "check permitlisten for these ports in the relay's authorized_keys (relay-setup renders it)")
+    shown = ", ".join(f"{f.get('name')} relay {f.get('relay_host', '')}:{f.get('relay_port')} -> local "
+                      f"{f.get('local_port')}" for f in forwards if isinstance(f, dict))
+    return Check("forwards bound", "ok", f"tunnel {state}" + (f": {shown}" if shown else ""))
 
 
 async def check_public_http(ctx: _Ctx) -> Check:

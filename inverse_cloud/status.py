@@ -198,17 +198,14 @@ async def collect(cfg: Any, server: Any, components: Any, tracker: SyncTracker |
 
 
 def _caa_pinned(doc: dict[str, Any]) -> bool | None:
+    """True: CAA pins our account; False: it does not (the relay could get a certificate); None: unknown."""
     mgr = doc.get("certificate", {}).get("manager") or {}
     caa = mgr.get("caa")
-    if isinstance(caa, dict):
-        for key in ("ok", "pinned", "pins_account"):
-            if key in caa:
-                return bool(caa[key])
-        return None
-    if isinstance(caa, bool):
-        return caa
-    if isinstance(caa, str):
-        return caa.lower().startswith(("ok", "pinned"))
+    state = caa.get("state") if isinstance(caa, dict) else caa if isinstance(caa, str) else None
+    if state == "ok":
+        return True
+    if state in ("missing", "too-permissive", "blocks-us"):
+        return False
     return None
 
 
@@ -313,13 +310,19 @@ def format_text(doc: dict[str, Any]) -> str:
             if tunnel.get(key):
                 extra.append(f"since {tunnel[key]}")
                 break
-        for key in ("reconnects_24h", "reconnects"):
-            if key in tunnel:
-                extra.append(f"{tunnel[key]} reconnect(s){' in the last day' if key == 'reconnects_24h' else ''}")
-                break
-        if tunnel.get("forwards"):
-            extra.append(f"forwards {tunnel['forwards']}")
-        if tunnel.get("last_error"):
+        reconnects = tunnel.get("reconnects")
+        if isinstance(reconnects, list):
+            extra.append(f"{len(reconnects)} reconnect(s) in the last day")
+        elif reconnects is not None:
+            extra.append(f"{reconnects} reconnect(s)")
+        forwards = tunnel.get("forwards")
+        if isinstance(forwards, list) and forwards and all(isinstance(f, dict) for f in forwards):
+            extra.append("forwards " + ", ".join(
+                f"{f.get('name')} relay:{f.get('relay_port')}->{f.get('local_port')}"
+                f"{'' if f.get('bound', True) else ' (not bound)'}" for f in forwards))
+        elif forwards:
+            extra.append(f"forwards {forwards}")
+        if tunnel.get("last_error") and str(tunnel.get("state", "")).lower() not in HEALTHY_TUNNEL_STATES:
             extra.append(f"last error: {tunnel['last_error']}")
         lines.append(f"tunnel:       {tunnel.get('state', 'unknown')} to {relay.get('host')}:{relay.get('port')}"
                      + (f" ({'; '.join(str(e) for e in extra)})" if extra else ""))
@@ -333,8 +336,14 @@ def format_text(doc: dict[str, Any]) -> str:
         if mgr.get("next_renewal"):
             lines.append(f"              next renewal {mgr['next_renewal']}")
         lines.append(f"              last ACME error: {mgr.get('last_error') or 'none'}")
-        if mgr.get("caa") is not None:
-            lines.append(f"              CAA: {mgr['caa']}")
+        caa = mgr.get("caa")
+        if isinstance(caa, dict):
+            detail = f" ({caa['detail']})" if caa.get("detail") else ""
+            lines.append(f"              CAA: {caa.get('state')}{detail}")
+            if caa.get("state") != "ok" and caa.get("record"):
+                lines.append(f"              publish: {caa['record']}")
+        elif caa is not None:
+            lines.append(f"              CAA: {caa}")
     dav = doc.get("dav") or {}
     if not dav:
         lines.append("DAV:          no user has logged in yet")

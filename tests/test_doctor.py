@@ -1,0 +1,170 @@
+"""`inverse-cloud doctor` names the first broken link. Real parts: a running `serve`, a second instance
+standing in for a TLS-terminating middlebox, an in-process asyncssh server for the relay's host key."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import asyncssh
+import pytest
+
+from inverse_cloud import config as config_mod
+from inverse_cloud.doctor import DoctorOptions, dns_records, parse_connect_to, parse_resolve, run_doctor
+from inverse_cloud.testing import ServeProcess, free_port, init_instance
+
+
+def doctor(cfg: Path, *extra: str) -> tuple[int, dict]:
+    out = subprocess.run([sys.executable, "-m", "inverse_cloud.cli", "doctor", "--json", "--timeout", "5",
+                          "--config", str(cfg), *extra], capture_output=True, text=True, timeout=120)
+    assert "Traceback" not in out.stderr, out.stderr
+    return out.returncode, json.loads(out.stdout)
+
+
+def states(report: dict) -> dict[str, str]:
+    return {c["name"]: c["state"] for c in report["checks"]}
+
+
+def detail(report: dict, name: str) -> str:
+    c = next(c for c in report["checks"] if c["name"] == name)
+    return f"{c['detail']} | fix: {c['fix']}"
+
+
+def connect_to(srv: ServeProcess, http_port: int | None = None, https_port: int | None = None) -> list[str]:
+    return ["--connect-to", f"laptop.test:80:127.0.0.1:{http_port or srv.http_port}",
+            "--connect-to", f"laptop.test:443:127.0.0.1:{https_port or srv.https_port}"]
+
+
+def selfsigned(cfg_path: Path) -> Path:
+    return config_mod.load(cfg_path).server.cert_dir / "selfsigned" / "fullchain.pem"
+
+
+def test_parsers():
+    assert parse_resolve(["A.test:127.0.0.2", "a.test:[::1]"]) == {"a.test": ["127.0.0.2", "::1"]}
+    assert parse_connect_to(["h:80:127.0.0.1:8080"]) == {("h", 80): ("127.0.0.1", 8080)}
+    with pytest.raises(ValueError):
+        parse_resolve(["nohost"])
+    with pytest.raises(ValueError):
+        parse_connect_to(["h:80:x"])
+
+
+def test_bad_config_is_the_first_link(tmp_path):
+    bad = tmp_path / "c.toml"
+    bad.write_text("[server]\ndomain = \"x.test\"\nhttps_listen = 5\n")
+    code, report = doctor(bad)
+    assert code == 2 and report["first_broken"] == "config"
+    assert "[server] https_listen" in detail(report, "config")
+    assert states(report)["DNS"] == "not checked"
+
+
+def test_readable_key_is_named_with_chmod(instance):
+    cfg = config_mod.load(instance)
+    os.chmod(cfg.relay.key_file, 0o644)
+    code, report = doctor(instance)
+    assert code == 1 and report["first_broken"] == "keys' permissions"
+    assert f"chmod 600 {cfg.relay.key_file}" in detail(report, "keys' permissions")
+
+
+def test_not_running_is_named(instance):
+    code, report = doctor(instance)
+    assert code == 1 and report["first_broken"] == "server running"
+    assert "systemctl --user start inverse-cloud" in detail(report, "server running")
+    assert states(report)["DNS"] == "skip"  # no relay: local only
+
+
+def test_local_instance_healthy_then_middlebox_then_wrong_http(instance, tmp_path):
+    """A running local-only instance with its self-signed certificate trusted (--cacert): every link works,
+    exit 0. Then port 443 is pointed at another inverse-cloud (a middlebox with its own key): doctor says
+    the key is not ours. Then port 80 at the other one: it does not answer our probe token. Then port 80
+    at a closed port: does not answer. Without --cacert: our key, but not trusted."""
+    other_cfg = init_instance(tmp_path / "other")
+    with ServeProcess(instance) as srv, ServeProcess(other_cfg) as other:
+        code, report = doctor(instance, *connect_to(srv), "--cacert", str(selfsigned(instance)))
+        assert code == 0, report
+        assert states(report) == {"config": "ok", "keys' permissions": "ok", "DNS": "skip", "relay": "skip",
+                                  "server running": "ok", "forwards bound": "skip", "public HTTP": "ok",
+                                  "public HTTPS": "ok", "DAV": "ok", "CAA": "skip"}
+        assert "nobody in between terminates TLS" in detail(report, "public HTTPS")
+
+        code, report = doctor(instance, *connect_to(srv, https_port=other.https_port),
+                              "--cacert", str(selfsigned(instance)))
+        assert code == 1 and report["first_broken"] == "public HTTPS"
+        assert "whose key is not ours" in detail(report, "public HTTPS")
+
+        code, report = doctor(instance, *connect_to(srv, http_port=other.http_port))
+        assert report["first_broken"] == "public HTTP"
+        assert "without our probe token" in detail(report, "public HTTP")
+
+        code, report = doctor(instance, *connect_to(srv, http_port=free_port()))
+        assert report["first_broken"] == "public HTTP"
+        assert "does not answer (connection refused)" in detail(report, "public HTTP")
+
+        code, report = doctor(instance, *connect_to(srv))
+        assert report["first_broken"] == "public HTTPS"
+        assert "phones will not trust it" in detail(report, "public HTTPS")
+        assert "no certificate from the CA yet" in detail(report, "public HTTPS")
+
+
+@pytest.fixture
+async def ssh_server(tmp_path):
+    """An asyncssh server on a free loopback port with a per-test host key (stands in for the relay's sshd
+    host key exchange; doctor never authenticates)."""
+    key = asyncssh.generate_private_key("ssh-ed25519")
+    server = await asyncssh.listen("127.0.0.1", 0, server_host_keys=[key], reuse_address=True)
+    port = server.sockets[0].getsockname()[1]
+    try:
+        yield port, key.export_public_key("openssh").decode().strip()
+    finally:
+        server.close()
+        await server.wait_closed()
+
+
+def _relay_instance(root: Path, port: int, host_key: str) -> Path:
+    cfg = init_instance(root, relay=f"tunnel@127.0.0.1:{port}")
+    text = cfg.read_text().replace('host_key = ""', f'host_key = "{" ".join(host_key.split()[:2])}"', 1)
+    cfg.write_text(text)
+    return cfg
+
+
+async def test_relay_links(ssh_server, tmp_path):
+    """With a relay configured: DNS elsewhere -> DNS link names both addresses; DNS right and the pinned key
+    -> relay ok (chain goes on to "server running"); another pinned key -> "relay host key changed" with the
+    fix; nothing listening -> unreachable."""
+    port, host_key = ssh_server
+    cfg = _relay_instance(tmp_path / "ic", port, host_key)
+
+    report = await run_doctor(cfg, DoctorOptions(resolve=parse_resolve(["laptop.test:127.0.0.9"]), timeout_s=5))
+    assert report.first_broken is not None and report.first_broken.name == "DNS"
+    assert "points at 127.0.0.9, but the relay is 127.0.0.1" in report.first_broken.detail
+    assert "laptop.test. A 127.0.0.1" in report.records
+
+    good = DoctorOptions(resolve=parse_resolve(["laptop.test:127.0.0.1"]), timeout_s=5)
+    report = await run_doctor(cfg, good)
+    assert [c.state for c in report.checks[:4]] == ["ok", "ok", "ok", "ok"], report.checks
+    assert report.first_broken is not None and report.first_broken.name == "server running"
+
+    other = asyncssh.generate_private_key("ssh-ed25519").export_public_key("openssh").decode()
+    cfg2 = _relay_instance(tmp_path / "ic2", port, other)
+    report = await run_doctor(cfg2, good)
+    assert report.first_broken is not None and report.first_broken.name == "relay"
+    assert "relay host key changed: expected SHA256:" in report.first_broken.detail
+    assert "relay-setup --accept-new-host-key" in report.first_broken.fix
+
+    cfg3 = _relay_instance(tmp_path / "ic3", free_port(), host_key)
+    report = await run_doctor(cfg3, good)
+    assert report.first_broken is not None and report.first_broken.name == "relay"
+    assert "unreachable (connection refused)" in report.first_broken.detail or "unreachable" in \
+        report.first_broken.detail
+
+
+def test_dns_records_include_caa_and_srv(instance):
+    cfg = config_mod.load(instance)
+    lines = dns_records(cfg, ["192.0.2.7", "2001:db8::7"], "https://acme.example/acct/1")
+    assert "laptop.test. A 192.0.2.7" in lines and "laptop.test. AAAA 2001:db8::7" in lines
+    assert any("CAA 0 issue" in ln and "accounturi=https://acme.example/acct/1" in ln
+               and "validationmethods=http-01" in ln for ln in lines)
+    assert any(ln.startswith("_carddavs._tcp.test. SRV 0 1 443 laptop.test.") for ln in lines)
+    assert '_caldavs._tcp.test. TXT "path=/radicale/"' in lines
