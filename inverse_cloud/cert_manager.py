@@ -32,6 +32,7 @@ import secrets
 import ssl
 import time
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import aiohttp
@@ -151,6 +152,10 @@ async def served_certificate_serial(host: str, port: int, server_name: str, time
     return int(x509.load_der_x509_certificate(der).serial_number)
 
 
+def _os_reason(exc: OSError) -> str:
+    return os.strerror(exc.errno).lower() if exc.errno else (exc.strerror or str(exc))
+
+
 async def check_public_path(domain: str, challenges: Any, address: tuple[str, int] | None,
                             timeout_s: float = 5.0, window_s: float = 10.0) -> str | None:
     """Fetch ``http://<domain>/.well-known/acme-challenge/<probe>`` the way the CA will; None when our own
@@ -178,9 +183,9 @@ async def check_public_path(domain: str, challenges: Any, address: tuple[str, in
                         why = (f"{where} answered HTTP {resp.status}" if resp.status != 200
                                else f"{where} answered with another token (something else serves port 80)")
                 except aiohttp.ClientConnectorDNSError as exc:
-                    why = f"{host} does not resolve ({exc.os_error.strerror or exc.os_error})"
+                    why = f"{host} does not resolve ({_os_reason(exc.os_error)})"
                 except aiohttp.ClientConnectorError as exc:
-                    why = f"connecting to {where} failed ({exc.os_error.strerror or exc.os_error})"
+                    why = f"connecting to {where} failed ({_os_reason(exc.os_error)})"
                     retry = True
                 except (TimeoutError, aiohttp.ClientError) as exc:
                     why = f"no answer from {where} ({type(exc).__name__})"
@@ -220,8 +225,13 @@ class CertManager:
         self._account = ""
         self._lock_warned = False
         self._next_caa = 0.0
-        self.checks = 0        # how many full checks ran (tests)
-        self.attempts = 0      # how many attempts (self-check + order) started
+        self._caa_task: asyncio.Task[caa.CaaVerdict] | None = None
+        # DNS look-ups get their own thread: a resolver timing out must not hold up shutdown or renewals.
+        self._dns_executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="caa")
+        self.self_check_window_s = 10.0   # how long connection refusals are retried (tunnel coming up)
+        self.ticks = 0         # loop iterations, full checks, attempts (self-check + order): for tests and status
+        self.checks = 0
+        self.attempts = 0
 
     # --- component protocol ----------------------------------------------------------------------------
 
@@ -233,11 +243,13 @@ class CertManager:
         self._task = asyncio.create_task(self._loop(), name="cert-manager")
 
     async def aclose(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
-            self._task = None
+        for task in (self._task, self._caa_task):
+            if task is not None:
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
+        self._task = self._caa_task = None
+        self._dns_executor.shutdown(wait=False, cancel_futures=True)
         await self.driver.aclose()
         if self._lock_fd is not None:
             os.close(self._lock_fd)
@@ -297,6 +309,7 @@ class CertManager:
         checked = self.state.caa_checked_at
         self._next_caa = checked.timestamp() + CAA_INTERVAL_S if checked and self._account else 0.0
         while True:
+            self.ticks += 1
             wall, mono = self.clock(), self.monotonic()
             drift = (wall - last_wall) - (mono - last_mono)
             last_wall, last_mono = wall, mono
@@ -314,8 +327,9 @@ class CertManager:
                 except Exception as exc:  # boundary: the manager must survive anything and keep serving
                     log.error("certificate check failed unexpectedly: %s", exc, exc_info=True)
                 next_check = self.clock() + self.cfg.acme.check_interval_s
-            if self.clock() >= self._next_caa:
-                await self.check_caa()
+            if self.clock() >= self._next_caa and (self._caa_task is None or self._caa_task.done()):
+                # In its own task: a slow resolver must not delay renewals.
+                self._caa_task = asyncio.create_task(self.check_caa(), name="cert-manager-caa")
                 self._next_caa = self.clock() + CAA_INTERVAL_S
             wall = self.clock()
             timeout = min(self.probe_s, max(0.0, next_check - wall))
@@ -378,6 +392,10 @@ class CertManager:
             return
         info = self.server.tls.info
         try:
+            if self._ari_offered is None:
+                self._ari_offered = await self.driver.supports_ari()
+                if not self._ari_offered:
+                    return
             pem = await asyncio.get_running_loop().run_in_executor(None, (info.path / "fullchain.pem").read_bytes)
             cert_id = _ari_cert_id(x509.load_pem_x509_certificates(pem)[0])
             window, retry_s = await self.driver.renewal_info(cert_id)
@@ -407,7 +425,8 @@ class CertManager:
         verb = "obtaining" if action == "obtain" else "renewing"
         try:
             log.info("%s a certificate for %s (%s)", verb, self.domain, reason)
-            problem = await check_public_path(self.domain, self.server.challenges, self.cfg.acme.self_check_address)
+            problem = await check_public_path(self.domain, self.server.challenges, self.cfg.acme.self_check_address,
+                                              window_s=self.self_check_window_s)
             if problem is not None:
                 self._fail(f"public path http://{self.domain}/ does not reach this laptop ({problem}); "
                            "not requesting a certificate", "path", validity)
@@ -495,7 +514,8 @@ class CertManager:
     # --- CAA -------------------------------------------------------------------------------------------
 
     async def check_caa(self) -> caa.CaaVerdict:
-        verdict = await caa.lookup_caa(self.domain, self.issuer, self._account, self.cfg.acme.dns_server)
+        verdict = await caa.lookup_caa(self.domain, self.issuer, self._account, self.cfg.acme.dns_server,
+                                       executor=self._dns_executor)
         s = self.state
         changed = (s.caa_state, s.caa_detail) != (verdict.state, verdict.detail)
         s.caa_state, s.caa_detail, s.caa_checked_at = verdict.state, verdict.detail, utc(self.clock())
@@ -503,6 +523,8 @@ class CertManager:
             (log.info if changed else log.debug)("CAA for %s: %s", self.domain, verdict.detail)
         elif verdict.state == "unknown" and not self._account:
             log.info("CAA for %s not checked yet: %s", self.domain, verdict.detail)
+        elif verdict.state == "unknown":
+            log.warning("CAA for %s could not be checked: %s; trying again in a day", self.domain, verdict.detail)
         else:
             fix = (f"; publish: {caa.recommended_record(self.domain, self.issuer, self._account)}"
                    if self.issuer and self._account else "; see: inverse-cloud cert caa")

@@ -1,0 +1,263 @@
+"""The certificate manager (inverse_cloud/cert_manager.py) with an injected wall clock and monotonic clock,
+a fake ACME driver (certificates from a throwaway CA dated by the injected clock), a real TLSManager/CertStore
+and a real in-process HTTP-01 listener for the public-path self-check.
+
+Covers F12 (clock jumps +100 d / -2 d), the persisted backoff (F6's restart part), Retry-After holding even
+a forced renewal (F7's rule), and F13 (self-check fails -> no order)."""
+
+from __future__ import annotations
+
+import asyncio
+import datetime as dt
+import logging
+import time
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
+
+import pytest
+from aiohttp import web
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import NameOID
+
+from inverse_cloud import config as config_mod
+from inverse_cloud.acme_client import AccountStore, Issued
+from inverse_cloud.cert_manager import CertManager, StateFiles, served_certificate_serial
+from inverse_cloud.errors import AcmeError, RateLimited
+from inverse_cloud.testing import free_port
+from inverse_cloud.tls import CertStore, TLSManager
+from inverse_cloud.web import ChallengeStore, make_http_app
+
+DOMAIN = "laptop.test"
+DIRECTORY = "https://ca.invalid/dir"
+DAY = 86400.0
+
+
+class FakeClock:
+    def __init__(self) -> None:
+        self.wall = time.time()
+        self.mono = 1000.0
+
+
+class FakeDriver:
+    """Issues certificates from a throwaway CA, valid from the injected wall clock; or raises queued errors."""
+
+    def __init__(self, root: Path, clock: FakeClock, lifetime_s: float = 90 * DAY) -> None:
+        self.accounts = AccountStore(root / "acme")
+        self.clock, self.lifetime_s = clock, lifetime_s
+        self.errors: list[Exception] = []
+        self.orders = 0
+        self.ca_key = ec.generate_private_key(ec.SECP256R1())
+
+    async def issue(self, challenges: Any, *, replaces: str = "") -> Issued:
+        self.orders += 1
+        if self.errors:
+            raise self.errors.pop(0)
+        self.accounts.save_account_uri(DIRECTORY, "https://ca.invalid/acct/1")
+        key = ec.generate_private_key(ec.SECP256R1())
+        nb = dt.datetime.fromtimestamp(self.clock.wall, dt.UTC) - dt.timedelta(seconds=1)
+        issuer = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "Fake CA")])
+        cert = (x509.CertificateBuilder().subject_name(x509.Name([]))
+                .issuer_name(issuer).public_key(key.public_key()).serial_number(x509.random_serial_number())
+                .not_valid_before(nb).not_valid_after(nb + dt.timedelta(seconds=self.lifetime_s))
+                .add_extension(x509.SubjectAlternativeName([x509.DNSName(DOMAIN)]), critical=False)
+                .sign(self.ca_key, hashes.SHA256()))
+        return Issued(cert.public_bytes(serialization.Encoding.PEM),
+                      key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                                        serialization.NoEncryption()), "")
+
+    async def supports_ari(self) -> bool:
+        return False
+
+    async def renewal_info(self, cert_id: str) -> tuple[None, None]:
+        raise AssertionError("not asked: the CA offers no ARI")
+
+    async def aclose(self) -> None:
+        pass
+
+
+def make_cfg(tmp_path: Path, self_check_port: int, check_interval_s: float = 600) -> config_mod.Config:
+    text = f"""
+[server]
+domain = "{DOMAIN}"
+data_dir = "{tmp_path / 'data'}"
+state_dir = "{tmp_path / 'state'}"
+[acme]
+enabled = true
+directory = "{DIRECTORY}"
+self_check_address = "127.0.0.1:{self_check_port}"
+dns_server = "127.0.0.1:{free_port()}"
+caa_issuer = "ca.invalid"
+check_interval_s = {check_interval_s}
+"""
+    return config_mod.loads(text)
+
+
+async def until(pred: Any, timeout_s: float = 10.0, what: str = "condition") -> None:
+    """Poll an in-process condition with a deadline (the manager runs on this loop)."""
+    deadline = time.monotonic() + timeout_s
+    while not pred():
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"timed out waiting for {what}")
+        await asyncio.sleep(0.01)
+
+
+class Harness:
+    def __init__(self, tmp_path: Path) -> None:
+        self.tmp = tmp_path
+        self.clock = FakeClock()
+        self.challenges = ChallengeStore()
+        self.tls = TLSManager(CertStore(tmp_path / "state" / "tls"), DOMAIN)
+        self.server = SimpleNamespace(challenges=self.challenges, tls=self.tls, https_port=0)
+        self.driver = FakeDriver(tmp_path, self.clock)
+        self.runner: web.AppRunner | None = None
+        self.managers: list[CertManager] = []
+
+    async def start_http(self) -> int:
+        self.runner = web.AppRunner(make_http_app(self.challenges, DOMAIN))
+        await self.runner.setup()
+        site = web.TCPSite(self.runner, "127.0.0.1", 0)
+        await site.start()
+        return int(site._server.sockets[0].getsockname()[1])  # type: ignore[union-attr]
+
+    async def manager(self, cfg: config_mod.Config) -> CertManager:
+        self.tls.load()
+        m = CertManager(cfg, self.server, driver=self.driver,  # type: ignore[arg-type]
+                        clock=lambda: self.clock.wall, monotonic=lambda: self.clock.mono, rng=lambda: 0.5)
+        m.probe_s = 0.02
+        m.self_check_window_s = 0.3
+        await m.start()
+        self.managers.append(m)
+        return m
+
+    async def close(self) -> None:
+        for m in self.managers:
+            await m.aclose()
+        if self.runner is not None:
+            await self.runner.cleanup()
+
+
+@pytest.fixture
+async def h(tmp_path):
+    harness = Harness(tmp_path)
+    try:
+        yield harness
+    finally:
+        await harness.close()
+
+
+async def test_clock_jumps_forward_and_back(h, caplog):
+    """F12: obtain at start; +1 h wall jump (no monotonic advance) -> detected, one extra check, nothing due;
+    +100 d -> "expired according to the local clock" -> renewal at once; -2 d -> NotBefore is in the
+    "future": keep serving, check once, no renewal loop."""
+    caplog.set_level(logging.INFO, "inverse_cloud.cert_manager")
+    cfg = make_cfg(h.tmp, await h.start_http(), check_interval_s=DAY)
+    m = await h.manager(cfg)
+    await until(lambda: m.attempts == 1 and not h.tls.info.self_signed, what="first issuance")
+    first = h.tls.info.serial
+
+    checks = m.checks
+    h.clock.wall += 3600
+    await until(lambda: m.checks == checks + 1, what="a check after the +1 h jump")
+    assert "wall clock moved +3600 s" in caplog.text and m.attempts == 1
+
+    h.clock.wall += 100 * DAY
+    await until(lambda: m.attempts == 2 and h.tls.info.serial != first, what="renewal after +100 d")
+    assert "certificate expired according to the local clock" in caplog.text
+    renewed = h.tls.info.serial
+
+    checks, ticks = m.checks, m.ticks
+    h.clock.wall -= 2 * DAY
+    await until(lambda: m.checks == checks + 1 and m.ticks > ticks + 20, what="probes after the -2 d jump")
+    assert "wall clock moved -172800 s" in caplog.text
+    assert m.attempts == 2 and h.tls.info.serial == renewed        # still served, no renewal loop
+    assert m.status()["next_action"] == "wait"
+
+
+async def test_failure_backoff_persists_across_restart(h, caplog):
+    """F6 (restart part): a failed attempt is one line (what, next try, what is served); the streak is in
+    the state file; a new manager does not retry before the backoff has elapsed, then succeeds."""
+    caplog.set_level(logging.INFO, "inverse_cloud.cert_manager")
+    cfg = make_cfg(h.tmp, await h.start_http())
+    h.driver.errors = [AcmeError(f"cannot reach ACME server {DIRECTORY}: connection refused")]
+    m1 = await h.manager(cfg)
+    await until(lambda: m1.attempts == 1 and m1.state.failures == 1, what="a failed attempt")
+    line = next(r for r in caplog.records if "obtaining a certificate failed" in r.getMessage())
+    assert line.levelno == logging.WARNING
+    assert line.getMessage().startswith(f"obtaining a certificate failed: cannot reach ACME server {DIRECTORY}: "
+                                        "connection refused; retry in 1m (at ")
+    assert "serving a self-signed certificate meanwhile" in line.getMessage()
+    await m1.aclose()
+    h.managers.remove(m1)
+    assert StateFiles(cfg).load_state().failures == 1
+
+    m2 = await h.manager(cfg)
+    await until(lambda: m2.checks >= 1 and m2.ticks > 20, what="the restarted manager to tick")
+    assert m2.attempts == 0 and h.driver.orders == 1                   # backoff survived the restart
+    assert m2.status()["failures"] == 1 and "connection refused" in m2.status()["last_error"]
+    h.clock.wall += 61
+    await until(lambda: not h.tls.info.self_signed and StateFiles(cfg).load_state().failures == 0,
+                what="issuance after the backoff, recorded in the state file")
+    assert m2.attempts == 1
+
+
+async def test_retry_after_holds_even_forced_renewals(h, caplog):
+    """F7's rule: after 429 + Retry-After 120, not even ``cert renew --force`` orders before 120 s."""
+    caplog.set_level(logging.INFO, "inverse_cloud.cert_manager")
+    cfg = make_cfg(h.tmp, await h.start_http())
+    h.driver.errors = [RateLimited(f"rate-limited by ACME server {DIRECTORY} at newOrder: slow down", 120.0)]
+    m = await h.manager(cfg)
+    await until(lambda: m.state.failures == 1, what="the rate-limited attempt")
+    assert "rate-limited by ACME server" in caplog.text and "next attempt at " in caplog.text
+    checks = m.checks
+    h.clock.wall += 100
+    m.request_check(force=True)
+    await until(lambda: m.checks > checks, what="the forced check")
+    assert h.driver.orders == 1
+    h.clock.wall += 21
+    await until(lambda: not h.tls.info.self_signed, what="issuance after Retry-After")
+    assert h.driver.orders == 2
+
+
+@pytest.mark.parametrize("answer", ["refused", "404"])
+async def test_broken_public_path_places_no_order(h, caplog, answer):
+    """F13: the self-probe does not come back -> one line naming the public path, no ACME order."""
+    caplog.set_level(logging.INFO, "inverse_cloud.cert_manager")
+    if answer == "refused":
+        port = free_port()
+    else:  # something else answers port 80 (another web server on the relay)
+        async def not_found(request: web.Request) -> web.Response:
+            return web.Response(status=404)
+
+        other = web.Application()
+        other.router.add_route("*", "/{tail:.*}", not_found)
+        runner = web.AppRunner(other)
+        await runner.setup()
+        site = web.TCPSite(runner, "127.0.0.1", 0)
+        await site.start()
+        port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+    try:
+        m = await h.manager(make_cfg(h.tmp, port))
+        await until(lambda: m.state.failures == 1, what="the failed self-check")
+    finally:
+        if answer != "refused":
+            await runner.cleanup()
+    assert h.driver.orders == 0 and h.challenges.get("x") is None and len(h.challenges) == 0
+    assert f"public path http://{DOMAIN}/ does not reach this laptop (" in caplog.text
+    assert "not requesting a certificate; retry in 15s" in caplog.text
+    expected = "failed (connection refused)" if answer == "refused" else "answered HTTP 404"
+    assert expected in caplog.text
+
+
+async def test_served_certificate_serial_reads_a_fresh_handshake(tmp_path):
+    tls = TLSManager(CertStore(tmp_path / "tls"), DOMAIN)
+    tls.load()
+    server = await asyncio.start_server(lambda r, w: w.close(), "127.0.0.1", 0, ssl=tls.listening_context)
+    try:
+        port = server.sockets[0].getsockname()[1]
+        assert await served_certificate_serial("127.0.0.1", port, DOMAIN) == tls.info.serial
+    finally:
+        server.close()
+        await server.wait_closed()
