@@ -460,8 +460,8 @@ class Tunnel:
     def _set_state(self, state: str, error: str | None, level: int) -> None:
         """Record the state; log only when (state, error) changes -- never once per retry."""
         self.state = state
-        if error is not None:
-            self.last_error = error
+        if error is not None and state != "up":
+            self.last_error = error     # kept after recovery: status shows the last problem
         key = (state, error or "")
         if key != self._logged:
             self._logged = key

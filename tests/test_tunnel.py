@@ -1,0 +1,450 @@
+"""Tunnel decisions (backoff table, error classification), the TCP_QUICKACK hook, and the component's
+state machine against an in-process asyncssh server on port 0 standing in for the relay: forwarding with
+the relay-seen address registered before the first byte, stale-listen takeover, permitlisten refusal,
+wrong host key, rejected key, unreachable relay, lost link -- each logged once, not once per retry."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import socket
+from pathlib import Path
+
+import asyncssh
+import pytest
+
+from inverse_cloud import tunnel as tunnel_mod
+from inverse_cloud.config import loads
+from inverse_cloud.errors import AuthRejected, ForwardRefused, HostKeyMismatch
+from inverse_cloud.testing import free_port
+from inverse_cloud.tunnel import (
+    BACKOFF_S,
+    FORWARD_REFUSED_RETRY_S,
+    SLOW_RETRY_S,
+    QuickAckConnector,
+    Tunnel,
+    classify,
+    retry_delay,
+)
+
+# --- pure decisions ------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("attempt,kind,rand,expected", [
+    (0, "transient", 0.0, 0.5), (0, "transient", 0.999999, 1.0), (1, "transient", 0.0, 1.0),
+    (2, "transient", 1.0, 4.0), (6, "transient", 1.0, 60.0), (50, "transient", 1.0, 60.0),
+    (-1, "transient", 1.0, 1.0),
+    (0, "fatal", 0.0, SLOW_RETRY_S / 2), (9, "fatal", 1.0, SLOW_RETRY_S),
+    (0, "refused", 1.0, FORWARD_REFUSED_RETRY_S),
+])
+def test_retry_delay_table(attempt, kind, rand, expected):
+    assert retry_delay(attempt, kind, rand) == pytest.approx(expected, rel=1e-5)
+
+
+def test_backoff_is_capped_and_first_retry_is_quick():
+    assert BACKOFF_S[0] <= 2 and max(BACKOFF_S) == 60 and list(BACKOFF_S) == sorted(BACKOFF_S)
+
+
+CTX = dict(relay="relay.example:22", expected_fp="SHA256:aaa (ssh-ed25519)", key_file=Path("/k/id_ed25519"),
+           user="ictunnel")
+
+
+@pytest.mark.parametrize("exc,kind,needle", [
+    (asyncssh.HostKeyNotVerifiable("Host key is not trusted"), "fatal",
+     "relay host key changed: expected SHA256:aaa (ssh-ed25519), got SHA256:bbb (ssh-rsa); if you rebuilt the "
+     "relay run `inverse-cloud relay-setup --accept-new-host-key`"),
+    (asyncssh.KeyExchangeFailed("No matching host key format found"), "fatal", "offers no host key of that type"),
+    (asyncssh.PermissionDenied("Permission denied"), "fatal",
+     "relay relay.example:22 refused our key /k/id_ed25519 for user 'ictunnel'"),
+    (ConnectionRefusedError(111, "Connection refused"), "transient", "connection refused"),
+    (ConnectionResetError(104, "reset"), "transient", "connection reset"),
+    (TimeoutError(), "transient", "timed out"),
+    (OSError(113, "No route to host"), "transient", "No route to host"),
+    (asyncssh.ConnectionLost("Connection lost"), "transient", "relay closed the connection"),
+    (ForwardRefused("relay refused to listen on 127.0.0.1:1 (check permitlisten ...)"), "refused", "permitlisten"),
+    (HostKeyMismatch("relay host key changed: x"), "fatal", "relay host key changed: x"),
+    (AuthRejected("key rejected"), "fatal", "key rejected"),
+])
+def test_classify(exc, kind, needle):
+    failure = classify(exc, offered_fp="SHA256:bbb (ssh-rsa)", **CTX)
+    assert failure.kind == kind
+    assert needle in failure.message and "\n" not in failure.message
+
+
+# --- the QUICKACK hook ---------------------------------------------------------------------------------
+
+@pytest.mark.skipif(not hasattr(socket, "TCP_QUICKACK"), reason="TCP_QUICKACK is Linux-only")
+async def test_quickack_rearmed_after_every_read():
+    """The connector wraps the protocol asyncssh would use: every read re-arms TCP_QUICKACK on the socket
+    (read back with getsockopt) before the data reaches the inner protocol, which sees every byte."""
+    received = bytearray()
+
+    class Inner(asyncio.Protocol):
+        def connection_made(self, transport):
+            self.transport = transport
+
+        def data_received(self, data):
+            received.extend(data)
+
+    async def serve(reader, writer):
+        for _ in range(5):
+            writer.write(b"x" * 1000)
+            await writer.drain()
+            await asyncio.sleep(0.01)   # separate segments -> separate reads
+        writer.close()
+
+    server = await asyncio.start_server(serve, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    connector = QuickAckConnector()
+    transport, inner = await connector.create_connection(Inner, "127.0.0.1", port)
+    try:
+        assert isinstance(inner, Inner)
+        for _ in range(500):
+            if len(received) >= 5000:
+                break
+            await asyncio.sleep(0.01)
+        assert bytes(received) == b"x" * 5000
+        assert connector.protocol is not None and connector.protocol.rearms >= 2
+        sock = transport.get_extra_info("socket")
+        assert sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_QUICKACK) == 1
+    finally:
+        transport.close()
+        server.close()
+        await server.wait_closed()
+
+
+# --- an in-process relay ---------------------------------------------------------------------------------
+
+class FakeRelay:
+    """asyncssh server on 127.0.0.1:0: accepts the tunnel and takeover keys, grants or refuses listens,
+    runs a stand-in for the takeover command (which frees the 'held' port)."""
+
+    def __init__(self, host_key: asyncssh.SSHKey, allowed: list[asyncssh.SSHKey]) -> None:
+        self.host_key = host_key
+        self.allowed = [k.export_public_key() for k in allowed]
+        self.refuse_listens = 0          # how many tcpip-forward requests to refuse
+        self.refuse_always = False
+        self.takeover_runs = 0
+        self.listen_requests: list[tuple[str, int]] = []
+        self.conns: list[asyncssh.SSHServerConnection] = []
+        self.server: asyncssh.SSHAcceptor | None = None
+        self.port = 0
+
+    async def start(self) -> None:
+        relay = self
+
+        class Server(asyncssh.SSHServer):
+            def connection_made(self, conn):
+                relay.conns.append(conn)
+
+            def begin_auth(self, username):
+                return True
+
+            def public_key_auth_supported(self):
+                return True
+
+            def validate_public_key(self, username, key):
+                return username == "ictunnel" and key.export_public_key() in relay.allowed
+
+            def server_requested(self, listen_host, listen_port):
+                relay.listen_requests.append((listen_host, listen_port))
+                if relay.refuse_always or relay.refuse_listens > 0:
+                    relay.refuse_listens = max(0, relay.refuse_listens - 1)
+                    return False
+                return True
+
+        async def process(proc: asyncssh.SSHServerProcess) -> None:
+            relay.takeover_runs += 1
+            relay.refuse_listens = 0
+            proc.stdout.write("inverse-cloud takeover: ended 1 other session(s)\n")
+            proc.exit(0)
+
+        self.server = await asyncssh.listen("127.0.0.1", 0, server_host_keys=[self.host_key],
+                                            server_factory=Server, process_factory=process)
+        self.port = self.server.sockets[0].getsockname()[1]
+
+    async def aclose(self) -> None:
+        for c in self.conns:
+            c.close()
+        if self.server is not None:
+            self.server.close()
+            await self.server.wait_closed()
+
+
+class Peers:
+    def __init__(self) -> None:
+        self.registered: dict[int, tuple[str, int]] = {}
+        self.events: list[tuple[str, int]] = []
+
+    def register(self, local_port, origin):
+        self.registered[local_port] = origin
+        self.events.append(("register", local_port))
+
+    def unregister(self, local_port):
+        self.registered.pop(local_port, None)
+        self.events.append(("unregister", local_port))
+
+
+class EchoTarget:
+    """Stands in for the DAV server: an echo listener as 'https', whose handler records the peer mapping
+    seen when the first byte arrives."""
+
+    def __init__(self) -> None:
+        self.peers = Peers()
+        self.https_port = 0
+        self.http_port = 0
+        self.seen_origin: list[tuple[str, int] | None] = []
+        self.servers: list[asyncio.Server] = []
+
+    async def start(self) -> None:
+        async def echo(reader, writer):
+            src = writer.get_extra_info("peername")[1]
+            first = True
+            while data := await reader.read(65536):
+                if first:
+                    self.seen_origin.append(self.peers.registered.get(src))
+                    first = False
+                writer.write(data)
+                await writer.drain()
+            writer.write_eof()
+            writer.close()
+
+        for attr in ("https_port", "http_port"):
+            srv = await asyncio.start_server(echo, "127.0.0.1", 0)
+            self.servers.append(srv)
+            setattr(self, attr, srv.sockets[0].getsockname()[1])
+
+    async def aclose(self) -> None:
+        for s in self.servers:
+            s.close()
+            await s.wait_closed()
+
+
+def _write_key(path: Path, key: asyncssh.SSHKey) -> None:
+    path.write_bytes(key.export_private_key("openssh"))
+    path.chmod(0o600)
+
+
+@pytest.fixture
+async def rig(tmp_path, monkeypatch):
+    """Keys, a FakeRelay, an EchoTarget and a config pointing at them; retry delays shortened to 20 ms."""
+    monkeypatch.setattr(tunnel_mod, "retry_delay", lambda attempt, kind, rand: 0.02)
+    host_key = asyncssh.generate_private_key("ssh-ed25519")
+    tun, tko = asyncssh.generate_private_key("ssh-ed25519"), asyncssh.generate_private_key("ssh-ed25519")
+    _write_key(tmp_path / "tun", tun)
+    _write_key(tmp_path / "tko", tko)
+    relay = FakeRelay(host_key, [tun, tko])
+    await relay.start()
+    target = EchoTarget()
+    await target.start()
+
+    def make(**over) -> Tunnel:
+        values = dict(host="127.0.0.1", port=relay.port, user="ictunnel", key_file=str(tmp_path / "tun"),
+                      takeover_key_file=str(tmp_path / "tko"),
+                      host_key=host_key.export_public_key().decode().strip(),
+                      https_port=free_port(), http_port=free_port(), keepalive_interval_s=1,
+                      keepalive_count_max=3, connect_timeout_s=5)
+        values.update(over)
+        relay_toml = "\n".join(f"{k} = {v!r}".replace("'", '"') for k, v in values.items())
+        cfg = loads(f'[server]\ndomain = "laptop.test"\ndata_dir = "{tmp_path}/data"\n'
+                    f'state_dir = "{tmp_path}/state"\n[relay]\n{relay_toml}\n', tmp_path / "config.toml")
+        return Tunnel(cfg, target)
+
+    yield make, relay, target
+    await relay.aclose()
+    await target.aclose()
+
+
+async def wait_for(pred, timeout_s=10.0, what="condition"):
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout_s
+    while not pred():
+        if loop.time() > deadline:
+            raise TimeoutError(f"timed out waiting for {what}")
+        await asyncio.sleep(0.01)
+
+
+def tunnel_lines(caplog) -> list[str]:
+    return [r.getMessage() for r in caplog.records if r.name == "inverse_cloud.tunnel" and r.levelno >= logging.INFO]
+
+
+async def test_forwards_bytes_both_ways_with_origin_registered_first(rig, caplog):
+    """Up -> a client connects to the relay's forwarded port and sends 2 MiB then half-closes: the echo
+    comes back complete, then EOF; our listener already knew the relay-seen origin when the first byte
+    arrived; the mapping is dropped after the connection. One INFO line 'tunnel up'."""
+    caplog.set_level(logging.INFO)
+    make, relay, target = rig
+    t = make()
+    await t.start()
+    try:
+        await wait_for(lambda: t.state == "up", what="tunnel up")
+        port = t.relay.https_port
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        payload = bytes(range(256)) * 8192
+        writer.write(payload)
+        await writer.drain()
+        writer.write_eof()
+        echoed = await asyncio.wait_for(reader.read(-1), 30)
+        assert echoed == payload
+        local_port = writer.get_extra_info("sockname")[1]
+        assert target.seen_origin == [("127.0.0.1", local_port)]
+        writer.close()
+        st = t.status()
+        assert st["state"] == "up" and [f["bound"] for f in st["forwards"]] == [True, True]
+        assert st["connected_since"] and st["reconnects"] == [] and st["last_error"] is None
+        assert [line for line in tunnel_lines(caplog) if "tunnel up" in line] != []
+        assert all(line.startswith("[relay=127.0.0.1:") for line in tunnel_lines(caplog))
+    finally:
+        await t.aclose()
+    assert t.state == "down"
+
+
+async def test_stale_listen_is_taken_over_then_bound(rig, caplog):
+    """The relay refuses the first listen (port held by a dead session): one WARNING 'relay port P still
+    held by a previous session; taking over', the takeover key's command runs once, the reconnect binds
+    both forwards."""
+    caplog.set_level(logging.INFO)
+    make, relay, _ = rig
+    relay.refuse_listens = 1
+    t = make()
+    await t.start()
+    try:
+        await wait_for(lambda: t.state == "up", what="tunnel up after takeover")
+        assert relay.takeover_runs == 1 and t.takeovers == 1
+        held = [m for m in tunnel_lines(caplog) if "still held by a previous session; taking over" in m]
+        assert held == [f"[relay=127.0.0.1:{relay.port}] relay port {t.relay.https_port} still held by a previous "
+                        "session; taking over"]
+    finally:
+        await t.aclose()
+
+
+async def test_listen_refused_after_takeover_names_permitlisten(rig, caplog):
+    """Every listen refused (permitlisten mismatch): after the takeover the tunnel is 'failed' with one
+    ERROR line naming permitlisten/PermitListen and the exact host:port; retries do not repeat it."""
+    caplog.set_level(logging.INFO)
+    make, relay, _ = rig
+    relay.refuse_always = True
+    t = make()
+    await t.start()
+    try:
+        await wait_for(lambda: relay.takeover_runs >= 3, what="three refusal cycles")
+        assert t.state == "failed"
+        errors = [r.getMessage() for r in caplog.records if r.levelno == logging.ERROR]
+        assert len(errors) == 1, errors
+        assert f"relay refused to listen on 127.0.0.1:{t.relay.https_port} (check permitlisten" in errors[0]
+        assert "PermitListen" in errors[0] and "'localhost' is not '127.0.0.1'" in errors[0]
+        assert t.status()["last_error"] == errors[0].split("] ", 1)[1]
+    finally:
+        await t.aclose()
+
+
+async def test_wrong_host_key_is_refused_with_both_fingerprints(rig, caplog):
+    """B8: the pinned key is another ed25519 key: never connected, state failed, one ERROR line with the
+    expected and the received fingerprint and the fix command -- once, however many retries."""
+    caplog.set_level(logging.INFO)
+    make, relay, _ = rig
+    other = asyncssh.generate_private_key("ssh-ed25519").export_public_key().decode().strip()
+    t = make(host_key=other)
+    await t.start()
+    try:
+        await wait_for(lambda: t.attempts >= 3, what="retries")
+        assert t.state == "failed" and t.connections == 0
+        errors = [r.getMessage() for r in caplog.records if r.levelno == logging.ERROR]
+        assert len(errors) == 1
+        want_got = (asyncssh.import_public_key(other).get_fingerprint("sha256"),
+                    relay.host_key.get_fingerprint("sha256"))
+        assert f"relay host key changed: expected {want_got[0]} (ssh-ed25519), got {want_got[1]} (ssh-ed25519)" \
+            in errors[0]
+        assert errors[0].endswith("run `inverse-cloud relay-setup --accept-new-host-key`")
+        assert relay.listen_requests == []
+    finally:
+        await t.aclose()
+
+
+async def test_rsa_host_key_when_ed25519_pinned_is_refused(tmp_path, rig, caplog):
+    """B8: the relay presents only an RSA host key while ed25519 is pinned: refused, one line."""
+    caplog.set_level(logging.INFO)
+    make, _, _ = rig
+    rsa_relay = FakeRelay(asyncssh.generate_private_key("ssh-rsa", key_size=2048), [])
+    await rsa_relay.start()
+    ed = asyncssh.generate_private_key("ssh-ed25519").export_public_key().decode().strip()
+    t = make(port=rsa_relay.port, host_key=ed)
+    await t.start()
+    try:
+        await wait_for(lambda: t.attempts >= 2, what="retries")
+        assert t.state == "failed"
+        assert t.status()["last_error"].startswith("relay host key changed: expected SHA256:")
+    finally:
+        await t.aclose()
+        await rsa_relay.aclose()
+
+
+async def test_rejected_key_names_key_file_and_user(rig, tmp_path, caplog):
+    caplog.set_level(logging.INFO)
+    make, _, _ = rig
+    stranger = asyncssh.generate_private_key("ssh-ed25519")
+    _write_key(tmp_path / "stranger", stranger)
+    t = make(key_file=str(tmp_path / "stranger"))
+    await t.start()
+    try:
+        await wait_for(lambda: t.state == "failed", what="failed")
+        assert t.status()["last_error"] == (
+            f"relay 127.0.0.1:{t.relay.port} refused our key {tmp_path / 'stranger'} for user 'ictunnel'; install "
+            f"{tmp_path / 'stranger'}.pub on the relay (run `inverse-cloud relay-setup`)")
+    finally:
+        await t.aclose()
+
+
+async def test_key_file_mode_checked(rig, tmp_path):
+    make, _, _ = rig
+    (tmp_path / "tun").chmod(0o644)
+    t = make()
+    await t.start()
+    try:
+        await wait_for(lambda: t.state == "failed", what="failed")
+        assert "has mode 0644; must be 0600" in t.status()["last_error"]
+    finally:
+        await t.aclose()
+
+
+async def test_empty_host_key_does_not_connect(rig, caplog):
+    caplog.set_level(logging.INFO)
+    make, relay, _ = rig
+    t = make(host_key="")
+    await t.start()
+    await t.aclose()
+    assert t.attempts == 0 and relay.conns == []
+    assert t.status()["last_error"] == "relay host key not pinned; run `inverse-cloud relay-setup`"
+
+
+async def test_unreachable_relay_logs_once_per_outage(rig, caplog):
+    caplog.set_level(logging.INFO)
+    make, _, _ = rig
+    t = make(port=free_port())
+    await t.start()
+    try:
+        await wait_for(lambda: t.attempts >= 5, what="five attempts")
+        lines = tunnel_lines(caplog)
+        assert lines == [f"[relay=127.0.0.1:{t.relay.port}] cannot reach relay (connection refused); retrying with "
+                         "backoff"]
+        assert t.state == "down"
+    finally:
+        await t.aclose()
+
+
+async def test_lost_link_reconnects_and_is_counted(rig, caplog):
+    """The relay drops the connection: one WARNING 'relay link lost (...); reconnecting', then up again;
+    status lists one reconnect."""
+    caplog.set_level(logging.INFO)
+    make, relay, _ = rig
+    t = make()
+    await t.start()
+    try:
+        await wait_for(lambda: t.state == "up", what="up")
+        relay.conns[-1].close()
+        await wait_for(lambda: t.connections == 2 and t.state == "up", what="reconnected")
+        lost = [m for m in tunnel_lines(caplog) if "relay link lost" in m]
+        assert len(lost) == 1 and lost[0].endswith("; reconnecting")
+        assert len(t.status()["reconnects"]) == 1
+    finally:
+        await t.aclose()
