@@ -218,6 +218,7 @@ class CertManager:
         self._task: asyncio.Task[None] | None = None
         self._wake: asyncio.Event | None = None
         self._force = False
+        self._retry_now = False
         self._due_at: float | None = None
         self._busy = False
         self._ari_offered: bool | None = None
@@ -228,6 +229,7 @@ class CertManager:
         self._caa_task: asyncio.Task[caa.CaaVerdict] | None = None
         # DNS look-ups get their own thread: a resolver timing out must not hold up shutdown or renewals.
         self._dns_executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="caa")
+        self._state_executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="cert-state")
         self.self_check_window_s = 10.0   # how long connection refusals are retried (tunnel coming up)
         self.ticks = 0         # loop iterations, full checks, attempts (self-check + order): for tests and status
         self.checks = 0
@@ -250,6 +252,9 @@ class CertManager:
                     await task
         self._task = self._caa_task = None
         self._dns_executor.shutdown(wait=False, cancel_futures=True)
+        with contextlib.suppress(OSError):
+            await self._save()  # what a cancelled check had recorded in memory
+        self._state_executor.shutdown(wait=True)
         await self.driver.aclose()
         if self._lock_fd is not None:
             os.close(self._lock_fd)
@@ -261,6 +266,7 @@ class CertManager:
             req = json.loads(self.files.request.read_text(encoding="utf-8"))
             self.files.request.unlink()
             self._force = self._force or bool(req.get("force"))
+            self._retry_now = True
             log.info("certificate check requested (cert renew%s)", " --force" if req.get("force") else "")
         except FileNotFoundError:
             pass
@@ -270,7 +276,9 @@ class CertManager:
             self._wake.set()
 
     def request_check(self, force: bool = False) -> None:
+        """The user's early retry (``cert renew``): skip our backoff (never the CA's Retry-After)."""
         self._force = self._force or force
+        self._retry_now = True
         if self._wake is not None:
             self._wake.set()
 
@@ -364,11 +372,12 @@ class CertManager:
             self._due_at = self.clock() + self.probe_s
             return
         force, self._force = self._force, False
+        retry_now, self._retry_now = self._retry_now, False
         now = utc(self.clock())
         validity = self._validity()
         if validity is not None and not validity.is_expired(now):
             await self._refresh_ari(validity, now)
-        decision = decide(validity, now, self.state, force=force)
+        decision = decide(validity, now, self.state, force=force, retry_now=retry_now)
         self._note_decision(decision.at if not decision.is_due else now, decision.action)
         if decision.is_due:
             if validity is not None and validity.is_expired(now):
@@ -378,7 +387,7 @@ class CertManager:
             decision = decide(self._validity(), utc(self.clock()), self.state)
             self._note_decision(decision.at, decision.action)
         self.state.last_check_at = utc(self.clock())
-        await loop.run_in_executor(None, self.files.save_state, self.state)
+        await self._save()
 
     def _note_decision(self, at: dt.datetime, action: str) -> None:
         self.state.next_renewal_at = at
@@ -428,7 +437,7 @@ class CertManager:
             problem = await check_public_path(self.domain, self.server.challenges, self.cfg.acme.self_check_address,
                                               window_s=self.self_check_window_s)
             if problem is not None:
-                self._fail(f"public path http://{self.domain}/ does not reach this laptop ({problem}); "
+                await self._fail(f"public path http://{self.domain}/ does not reach this laptop ({problem}); "
                            "not requesting a certificate", "path", validity)
                 return
             replaces = ""
@@ -437,10 +446,10 @@ class CertManager:
             try:
                 issued = await self.driver.issue(self.server.challenges, replaces=replaces)
             except RateLimited as exc:
-                self._fail(str(exc), "ca", validity, exc.retry_after_s)
+                await self._fail(str(exc), "ca", validity, exc.retry_after_s)
                 return
             except (AcmeError, ConfigError) as exc:
-                self._fail(str(exc), "ca", validity)
+                await self._fail(str(exc), "ca", validity)
                 return
             if self._account != self.driver.accounts.account_uri(self.cfg.acme.directory):
                 self._account = self.driver.accounts.account_uri(self.cfg.acme.directory)
@@ -448,9 +457,10 @@ class CertManager:
             try:
                 serial = await self._install(issued.chain_pem, issued.key_pem)
             except InverseCloudError as exc:
-                self._fail(f"the new certificate could not be put in service: {exc}", "ca", validity)
+                await self._fail(f"the new certificate could not be put in service: {exc}", "ca", validity)
                 return
             self.state.record_success(utc(self.clock()), format(serial, "x"))
+            await self._save()
             info = self.server.tls.info
             log.info("certificate %s: serial %x valid until %s; %s (%.2f s)",
                      "obtained" if action == "obtain" else "renewed", serial, _fmt(aware(info.not_after)),
@@ -494,7 +504,14 @@ class CertManager:
                                      f"not the new {serial:x}")
         return serial
 
-    def _fail(self, error: str, kind: str, validity: Validity | None, retry_after_s: float | None = None) -> None:
+    async def _save(self) -> None:
+        # One writer thread: saves land in the order they were made (the CAA task saves too).
+        await asyncio.get_running_loop().run_in_executor(self._state_executor, self.files.save_state,
+                                                         self.state.copy())
+
+    async def _fail(self, error: str, kind: str, validity: Validity | None,
+                    retry_after_s: float | None = None) -> None:
+        """Record (and persist at once: a crash must not lose the streak) and log one line."""
         now = utc(self.clock())
         self.state.record_failure(now, error, "path" if kind == "path" else "ca", retry_after_s)
         nxt = next_attempt_at(self.state, now) or now
@@ -510,6 +527,7 @@ class CertManager:
         wait = human_duration((nxt - now).total_seconds())
         when = f"next attempt at {_fmt(nxt)} (in {wait})" if retry_after_s else f"retry in {wait} (at {_fmt(nxt)})"
         log.log(failure_level(validity, now, self.state.failures), "%s%s; %s; %s", what, error, when, current)
+        await self._save()
 
     # --- CAA -------------------------------------------------------------------------------------------
 
@@ -530,6 +548,6 @@ class CertManager:
                    if self.issuer and self._account else "; see: inverse-cloud cert caa")
             log.warning("CAA for %s: %s (%s): the relay could obtain a certificate for this name%s",
                         self.domain, verdict.state, verdict.detail, fix)
-        await asyncio.get_running_loop().run_in_executor(None, self.files.save_state, self.state)
+        await self._save()
         return verdict
 

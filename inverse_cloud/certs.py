@@ -337,12 +337,14 @@ def next_attempt_at(state: RenewalState, now: dt.datetime) -> dt.datetime | None
     return base + dt.timedelta(seconds=wait)
 
 
-def decide(cert: Validity | None, now: dt.datetime, state: RenewalState, *, force: bool = False) -> Decision:
+def decide(cert: Validity | None, now: dt.datetime, state: RenewalState, *, force: bool = False,
+           retry_now: bool = False) -> Decision:
     """Renew now, or when next.
 
     ``cert`` is the CA-issued certificate being served (None when only the self-signed stand-in is served,
-    or the served one does not cover the domain). ``force`` skips the renewal window and our own backoff,
-    but never the CA's ``Retry-After``.
+    or the served one does not cover the domain). ``retry_now`` (the user's "early retry", ``cert renew``)
+    skips our own backoff; ``force`` (``cert renew --force``) also skips the renewal window. Neither skips
+    the CA's ``Retry-After``.
     """
     backoff = next_attempt_at(state, now)
     ca_hold = None
@@ -350,7 +352,7 @@ def decide(cert: Validity | None, now: dt.datetime, state: RenewalState, *, forc
         ca_hold = min(state.last_failure_at, now) + dt.timedelta(seconds=state.retry_after_s)
 
     def gated(action: Literal["obtain", "renew"], reason: str) -> Decision:
-        hold = ca_hold if force else backoff
+        hold = ca_hold if (force or retry_now) else backoff
         if hold is not None and hold > now:
             why = "the ACME server asked us to wait" if hold == ca_hold else (
                 f"backing off after {state.failures} failure(s)")

@@ -104,6 +104,12 @@ async def until(pred: Any, timeout_s: float = 10.0, what: str = "condition") -> 
         await asyncio.sleep(0.01)
 
 
+async def settle(m: CertManager) -> None:
+    """Let the manager finish the check in progress and go round its loop (before moving the clock again)."""
+    ticks = m.ticks
+    await until(lambda: m.ticks >= ticks + 2, what="the manager loop to go round")
+
+
 class Harness:
     def __init__(self, tmp_path: Path) -> None:
         self.tmp = tmp_path
@@ -157,16 +163,19 @@ async def test_clock_jumps_forward_and_back(h, caplog):
     m = await h.manager(cfg)
     await until(lambda: m.attempts == 1 and not h.tls.info.self_signed, what="first issuance")
     first = h.tls.info.serial
+    await settle(m)
 
     checks = m.checks
     h.clock.wall += 3600
     await until(lambda: m.checks == checks + 1, what="a check after the +1 h jump")
     assert "wall clock moved +3600 s" in caplog.text and m.attempts == 1
+    await settle(m)
 
     h.clock.wall += 100 * DAY
     await until(lambda: m.attempts == 2 and h.tls.info.serial != first, what="renewal after +100 d")
     assert "certificate expired according to the local clock" in caplog.text
     renewed = h.tls.info.serial
+    await settle(m)
 
     checks, ticks = m.checks, m.ticks
     h.clock.wall -= 2 * DAY

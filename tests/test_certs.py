@@ -114,6 +114,14 @@ def test_force_skips_our_backoff_and_the_window():
     assert decide(LE90, T0 + D, RenewalState(), force=True).action == "renew"
 
 
+def test_early_retry_skips_our_backoff_but_not_the_window():
+    """`cert renew` without --force: retry a failing renewal now, but do not renew a certificate not due."""
+    s = _failed(3, T0 + 70 * D)
+    assert decide(LE90, T0 + 70 * D + M, s, retry_now=True).action == "renew"
+    assert decide(None, T0, _failed(2, T0, kind="path"), retry_now=True).action == "obtain"
+    assert decide(LE90, T0 + D, RenewalState(), retry_now=True).action == "wait"
+
+
 def test_backoff_after_clock_went_backwards_is_bounded_from_now():
     """A failure recorded 'in the future' (the clock jumped back 2 days) must not park renewals for 2 days."""
     failed_at = T0 + 70 * D
