@@ -148,9 +148,13 @@ class DavServer:
         # Stop accepting on every listener first, then drain each server.
         for site in self._sites:
             await site.stop()
-        in_flight = self.bridge.in_flight if self.bridge else 0
-        if in_flight:
-            log.info("draining %d in-flight request(s) (up to %.0f s)", in_flight, self.cfg.server.shutdown_timeout_s)
+        timeout_s = self.cfg.server.shutdown_timeout_s
+        if self.bridge is not None:
+            if self.bridge.active:
+                log.info("draining %d in-flight request(s) (up to %.0f s)", self.bridge.active, timeout_s)
+            left = await self.bridge.drain(timeout_s)
+            if left:
+                log.warning("%d request(s) still running after %.0f s; closing their connections", left, timeout_s)
         for runner in self._runners:
             await runner.cleanup()
         self._runners.clear()

@@ -55,6 +55,9 @@ STRIPPED = frozenset({
 
 WRITE_METHODS = frozenset({"PUT", "DELETE", "MKCOL", "MKCALENDAR", "PROPPATCH", "MOVE", "COPY", "POST"})
 
+# After this long without a Radicale request, free memory is handed back to the OS (see _release_memory).
+IDLE_TRIM_S = 2.0
+
 # request[NOTE_KEY]: why a request was refused or what Radicale said about it. The access logger appends
 # it to the request's line, so a bad request costs one log line, not two or three.
 NOTE_KEY = web.RequestKey("inverse_cloud.note", str)
@@ -228,6 +231,17 @@ def is_storage_full(storage_dir: Path | None, notes: list[str], needed_bytes: in
     return st.f_bavail * st.f_frsize < needed_bytes + 64 * 1024 or st.f_favail == 0
 
 
+def _malloc_trim() -> Callable[[], object] | None:
+    """glibc's ``malloc_trim(0)``, or None where there is none (musl, macOS)."""
+    try:
+        import ctypes
+
+        trim: Callable[[int], int] = ctypes.CDLL("libc.so.6").malloc_trim
+    except (OSError, AttributeError):
+        return None
+    return lambda: trim(0)
+
+
 class RadicaleBridge:
     """Serves ``/radicale/*`` from a WSGI app in a bounded thread pool."""
 
@@ -252,6 +266,13 @@ class RadicaleBridge:
         self.on_response = on_response
         self.gate = gate
         self.in_flight = 0
+        self.active = 0  # requests inside handle(), body reading included
+        self.closing = False
+        self._idle = asyncio.Event()
+        self._idle.set()
+        self._trim = _malloc_trim()
+        self._trim_timer: asyncio.TimerHandle | None = None
+        self._last_done = 0.0
 
     def replace_app(self, app: Callable[..., Iterable[bytes]]) -> None:
         """Swap the WSGI app (SIGHUP); requests already running finish with the old one."""
@@ -265,6 +286,39 @@ class RadicaleBridge:
         return hashlib.sha256(header.encode("utf-8", "surrogateescape")).hexdigest()
 
     async def handle(self, request: web.Request) -> web.StreamResponse:
+        if self.closing:
+            # Shutting down: requests already being handled finish; a new one on a kept-alive connection is
+            # told to come back (the listener is closed: the retry finds the restarted server).
+            resp = web.Response(status=503, text="server is restarting; try again shortly\n",
+                                headers={"Retry-After": "5"})
+            resp.force_close()
+            return resp
+        self.active += 1
+        self._idle.clear()
+        try:
+            return await self._handle(request)
+        finally:
+            self.active -= 1
+            if self.active == 0:
+                self._idle.set()
+
+    async def drain(self, timeout_s: float) -> int:
+        """Refuse new requests; wait up to ``timeout_s`` for those being handled, body reading included.
+
+        This must come before aiohttp's own shutdown: that stops reading from every connection, so a
+        request whose body is still arriving would stall (and end in 408) instead of being stored.
+        Returns how many requests were still running at the deadline.
+        """
+        self.closing = True
+        if self.active:
+            try:
+                async with asyncio.timeout(timeout_s):
+                    await self._idle.wait()
+            except TimeoutError:
+                pass
+        return self.active
+
+    async def _handle(self, request: web.Request) -> web.StreamResponse:
         if self.gate is not None:
             refused = self.gate(request)
             if refused is not None:
@@ -309,6 +363,7 @@ class RadicaleBridge:
             return web.Response(status=500, text="Internal server error\n")
         finally:
             self.in_flight -= 1
+            self._schedule_release()
         if key is not None:
             if result.status == 401:
                 self._known_good.pop(key, None)
@@ -336,9 +391,35 @@ class RadicaleBridge:
             resp.headers.add(k, v)
         return resp
 
+    def _schedule_release(self) -> None:
+        self._last_done = time.monotonic()
+        if self._trim is not None and self._trim_timer is None:
+            self._trim_timer = asyncio.get_running_loop().call_later(IDLE_TRIM_S, self._release_memory)
+
+    def _release_memory(self) -> None:
+        """Once the bridge has been idle for IDLE_TRIM_S: return free heap memory to the OS.
+
+        A sync leaves several MiB of freed heap (parsed vCards, XML trees, response bodies) that glibc
+        keeps mapped; ``malloc_trim`` releases it (dav_bench: RSS after a 1000-card sync 65 -> 60 MiB).
+        It takes well under a millisecond, in a worker thread all the same.
+        """
+        self._trim_timer = None
+        if self._trim is None:
+            return
+        idle_s = time.monotonic() - self._last_done
+        if self.in_flight or idle_s < IDLE_TRIM_S:
+            self._trim_timer = asyncio.get_running_loop().call_later(IDLE_TRIM_S - idle_s if not self.in_flight
+                                                                     else IDLE_TRIM_S, self._release_memory)
+            return
+        try:
+            asyncio.get_running_loop().run_in_executor(self.executor, self._trim)
+        except RuntimeError:   # executor shut down: the server is stopping
+            pass
+
     async def _failure_delay(self) -> None:
         if self.auth_delay_s > 0:
             await asyncio.sleep(self.auth_delay_s * (0.5 + random.random()))
 
     def close(self) -> None:
+        self._trim = None   # a release timer still pending does nothing (close may run outside the loop)
         self.executor.shutdown(wait=True, cancel_futures=False)
