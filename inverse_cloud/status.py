@@ -252,9 +252,15 @@ def assess(doc: dict[str, Any], now: dt.datetime) -> tuple[str, list[str], list[
             notes.append("serving a self-signed certificate (ACME is off)")
         if not_after is not None:
             left = not_after - now
+            not_before = _parse_time(served.get("not_before"))
+            # Renewal is due at a third of the lifetime left; below a sixth (at most 7 days) it is overdue.
+            # Short-lived certificates (6-day, or a test CA's minutes) scale with their lifetime.
+            warn = dt.timedelta(days=CERT_WARN_DAYS)
+            if not_before is not None and not_after > not_before:
+                warn = min(warn, (not_after - not_before) / 6)
             if left.total_seconds() <= 0:
                 problems.append(f"certificate expired at {served.get('not_after')}")
-            elif left < dt.timedelta(days=CERT_WARN_DAYS) and not served.get("self_signed"):
+            elif left < warn and not served.get("self_signed"):
                 problems.append(f"certificate expires in {left.total_seconds() / 86400:.1f} days "
                                 f"({served.get('not_after')}) and was not renewed yet")
     mgr = (doc.get("certificate") or {}).get("manager") or {}

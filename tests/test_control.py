@@ -163,6 +163,11 @@ def _doc(**over):
     ({"tunnel": None}, "degraded", "no tunnel component"),
     ({"certificate": {"served": {"not_after": "2026-11-28T00:00:00Z", "self_signed": False}}}, "degraded",
      "expires in 2.5 days"),
+    # A short-lived certificate (1 h) with 40 min left is not due yet; with 5 min left it is overdue.
+    ({"certificate": {"served": {"not_before": "2026-11-25T11:20:00Z", "not_after": "2026-11-25T12:40:00Z",
+                                 "self_signed": False}}}, "healthy", None),
+    ({"certificate": {"served": {"not_before": "2026-11-25T11:05:00Z", "not_after": "2026-11-25T12:05:00Z",
+                                 "self_signed": False}}}, "degraded", "expires in 0.0 days"),
     ({"certificate": {"served": {"not_after": "2026-11-01T00:00:00Z", "self_signed": False}}}, "degraded",
      "expired"),
     ({"certificate": {"served": {"not_after": "2027-11-01T00:00:00Z", "self_signed": True}}}, "degraded",

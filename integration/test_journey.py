@@ -1,0 +1,304 @@
+"""The whole journey, driven through the CLI as a user would, with real parts: `init` (flags) -> the relay
+(real OpenSSH sshd set up from `relay-setup`'s output, host key pinned by `relay-setup`) -> `serve` ->
+a certificate from Pebble validated through the tunnel -> two vdirsyncer "phones" syncing contacts and a
+calendar both ways through the relay -> `status --json` and `doctor` healthy -> SIGTERM, clean exit ->
+broken links named by `doctor` -> `export` while vdirsyncer writes -> `import` on a fresh data folder
+accepted by `radicale --verify-storage` -> `import` onto a non-empty store refused, nothing changed.
+
+The relay is configured with `relay-setup --output` + `--yes` (integration/relay_sshd.py), not with
+`relay-setup --apply`: --apply needs an admin SSH login to the relay, which this test's sshd does not offer.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import signal
+import ssl
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import pytest
+from pebble import PebbleCA
+from relay_sshd import TEST_USER, configure, relay_sshd, sshd_available
+
+from inverse_cloud import config as config_mod
+from inverse_cloud.testing import ServeProcess, free_port, init_instance, wait_until
+
+PASSWORD = "correct horse"
+CLI = [sys.executable, "-m", "inverse_cloud.cli"]
+
+
+def cli(*args: str, timeout: float = 120) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([*CLI, *args], capture_output=True, text=True, timeout=timeout, check=False)
+
+
+def card(uid: str, name: str) -> str:
+    return f"BEGIN:VCARD\r\nVERSION:3.0\r\nUID:{uid}\r\nFN:{name}\r\nN:{name};;;;\r\nEND:VCARD\r\n"
+
+
+def event(uid: str, summary: str) -> str:
+    return (f"BEGIN:VCALENDAR\r\nVERSION:2.0\r\nPRODID:-//journey//EN\r\nBEGIN:VEVENT\r\nUID:{uid}\r\n"
+            f"DTSTAMP:20261101T000000Z\r\nDTSTART:20261201T100000Z\r\nDURATION:PT1H\r\nSUMMARY:{summary}\r\n"
+            "END:VEVENT\r\nEND:VCALENDAR\r\n")
+
+
+class Phone:
+    """A vdirsyncer instance with its own local folders and status (one phone or one Thunderbird)."""
+
+    def __init__(self, root: Path, name: str, https_port: int, fingerprint: str) -> None:
+        self.root = root / name
+        self.contacts = self.root / "contacts"
+        self.calendar = self.root / "calendar"
+        for d in (self.contacts, self.calendar):
+            d.mkdir(parents=True)
+        base = f"https://127.0.0.1:{https_port}/radicale/alice"
+        remote = f'username = "alice"\npassword = "{PASSWORD}"\nverify_fingerprint = "{fingerprint}"\n'
+        self.config = self.root / "config"
+        self.config.write_text(textwrap.dedent(f"""\
+            [general]
+            status_path = "{self.root / 'status'}"
+
+            [pair contacts]
+            a = "{name}_contacts_local"
+            b = "{name}_contacts_remote"
+            collections = null
+            conflict_resolution = "b wins"
+
+            [storage {name}_contacts_local]
+            type = "filesystem"
+            path = "{self.contacts}"
+            fileext = ".vcf"
+
+            [storage {name}_contacts_remote]
+            type = "carddav"
+            url = "{base}/contacts/"
+            """) + remote + textwrap.dedent(f"""
+            [pair calendar]
+            a = "{name}_calendar_local"
+            b = "{name}_calendar_remote"
+            collections = null
+            conflict_resolution = "b wins"
+
+            [storage {name}_calendar_local]
+            type = "filesystem"
+            path = "{self.calendar}"
+            fileext = ".ics"
+
+            [storage {name}_calendar_remote]
+            type = "caldav"
+            url = "{base}/calendar/"
+            """) + remote)
+        self.discovered = False
+
+    def args(self, *extra: str) -> list[str]:
+        return ["vdirsyncer", "-c", str(self.config), *extra]
+
+    def sync(self) -> None:
+        if not self.discovered:
+            out = subprocess.run(self.args("discover"), capture_output=True, text=True, timeout=120, input="y\n" * 4)
+            assert out.returncode == 0, out.stdout + out.stderr
+            self.discovered = True
+        out = subprocess.run(self.args("sync"), capture_output=True, text=True, timeout=180)
+        assert out.returncode == 0, out.stdout + out.stderr
+
+    def texts(self, folder: Path) -> list[str]:
+        return sorted(p.read_text() for p in folder.iterdir() if p.is_file())
+
+
+def leaf_fingerprint(port: int) -> str:
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    ctx.check_hostname = False
+    ctx.verify_mode = ssl.CERT_NONE
+    import socket
+
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as raw, \
+            ctx.wrap_socket(raw, server_hostname="laptop.test") as s:
+        der = s.getpeercert(binary_form=True)
+    assert der is not None
+    digest = hashlib.sha256(der).hexdigest().upper()
+    return ":".join(digest[i:i + 2] for i in range(0, len(digest), 2))
+
+
+def items_in(storage: Path) -> dict[str, bytes]:
+    """Items (committed files) under collection-root; Radicale's dot-folders (temp, cache) are skipped, and
+    a file that vanishes while we walk (a concurrent write's temp file) is ignored."""
+    import os
+
+    root = storage / "collection-root"
+    out: dict[str, bytes] = {}
+    for dirpath, dirnames, filenames in os.walk(root):
+        dirnames[:] = [d for d in dirnames if not d.startswith(".")]
+        for name in filenames:
+            if name.startswith("."):
+                continue
+            path = Path(dirpath) / name
+            try:
+                out[str(path.relative_to(root))] = path.read_bytes()
+            except FileNotFoundError:
+                continue
+    return out
+
+
+def tree_hash(root: Path) -> dict[str, str]:
+    return {str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(root.rglob("*"))
+            if p.is_file() and ".Radicale.cache" not in p.parts and p.name != ".Radicale.lock"}
+
+
+def doctor(cfg: Path, relay, extra: list[str]) -> tuple[int, dict, str]:
+    out = cli("doctor", "--json", "--timeout", "10", "--config", str(cfg),
+              "--connect-to", f"laptop.test:80:127.0.0.1:{relay.http_port}",
+              "--connect-to", f"laptop.test:443:127.0.0.1:{relay.https_port}", *extra)
+    assert "Traceback" not in out.stderr, out.stderr
+    return out.returncode, json.loads(out.stdout), out.stdout
+
+
+@pytest.mark.slow
+def test_journey(tmp_path):
+    missing = sshd_available()
+    assert missing is None, missing
+    t_start = time.monotonic()
+    steps: list[tuple[str, float]] = []
+
+    def mark(what: str) -> None:
+        steps.append((what, time.monotonic() - t_start))
+
+    # 1. init, as documented, with flags (the ACME directory is our Pebble).
+    ca_root = tmp_path / "pebble"
+    probe_port = free_port()  # pebble needs an http port now; the relay's is set below
+    ca = PebbleCA(ca_root, http_port=probe_port, validity_s=3600)
+    cfg = init_instance(tmp_path / "ic", relay=f"{TEST_USER}@127.0.0.1:{free_port()}", acme_directory=ca.directory,
+                        acme_ca_bundle=str(ca.wfe_ca))
+    configure(cfg, "relay", keepalive_interval_s=2, keepalive_count_max=3, connect_timeout_s=5)
+    mark("init")
+    with relay_sshd(cfg) as relay:  # relay-setup --output (sshd drop-in, authorized_keys) + relay-setup --yes (pin)
+        mark("relay-setup")
+        ca.http_port = relay.http_port  # Pebble validates through the relay's port-80 stand-in
+        configure(cfg, "acme", dns_server=ca.dns_server, self_check_address=f"127.0.0.1:{relay.http_port}",
+                  caa_issuer="pebble.invalid")
+        with ca:  # starts pebble + challtestsrv; stops both by pid
+            ca_file = ca.write_root(tmp_path / "pebble-root.pem")
+            unit_dir = tmp_path / "units"
+            out = cli("service", "install", "--config", str(cfg), "--unit-dir", str(unit_dir), "--no-systemctl")
+            assert out.returncode == 0 and (unit_dir / "inverse-cloud.service").exists(), out.stderr
+
+            srv = ServeProcess(cfg)
+            with srv:
+                mark("serve listening")
+                relay.wait_forwards(30, on_timeout=srv.log)
+
+                def issued() -> dict | None:
+                    st = cli("status", "--json", "--config", str(cfg))
+                    doc = json.loads(st.stdout)
+                    served = (doc.get("certificate") or {}).get("served") or {}
+                    return doc if served and not served.get("self_signed") else None
+
+                doc = wait_until(issued, 120, "a certificate from Pebble through the tunnel", interval_s=0.5,
+                                 on_timeout=srv.log)
+                mark("certificate issued")
+                assert "Pebble" in doc["certificate"]["served"]["issuer"]
+
+                # 2. Two phones sync contacts and a calendar both ways through the relay.
+                fp = leaf_fingerprint(relay.https_port)
+                a = Phone(tmp_path, "phone_a", relay.https_port, fp)
+                b = Phone(tmp_path, "phone_b", relay.https_port, fp)
+                for i in range(3):
+                    (a.contacts / f"c{i}.vcf").write_text(card(f"c{i}", f"Contact {i}"))
+                for i in range(2):
+                    (a.calendar / f"e{i}.ics").write_text(event(f"e{i}", f"Meeting {i}"))
+                a.sync()
+                b.sync()
+                assert len(b.texts(b.contacts)) == 3 and len(b.texts(b.calendar)) == 2
+                edited = next(p for p in b.contacts.iterdir() if "UID:c1" in p.read_text())
+                edited.write_text(card("c1", "Contact One Renamed"))
+                next(p for p in b.calendar.iterdir() if "UID:e0" in p.read_text()).unlink()
+                b.sync()
+                a.sync()
+                assert any("FN:Contact One Renamed" in t for t in a.texts(a.contacts))
+                assert len(a.texts(a.calendar)) == 1 and "UID:e1" in a.texts(a.calendar)[0]
+                mark("two-way sync")
+
+                # 3. status --json and doctor report healthy. The CAA record pins our ACME account.
+                st = cli("status", "--json", "--config", str(cfg))
+                doc = json.loads(st.stdout)
+                assert st.returncode == 0 and doc["health"] == "healthy", (doc["problems"], doc["components"])
+                assert doc["tunnel"]["state"] == "up"
+                assert {c["collection"]: c["items"] for c in doc["dav"]["alice"]} == {"contacts": 3, "calendar": 1}
+                assert {c["user_agent"].split("/")[0] for c in doc["clients"]} == {"vdirsyncer"}
+                account = doc["certificate"]["manager"]["account"]
+                assert account.startswith("https://127.0.0.1:")
+                ca.add_caa("laptop.test", [("issue", f"pebble.invalid; accounturi={account}; "
+                                                     "validationmethods=http-01")])
+                good = ["--resolve", "laptop.test:127.0.0.1", "--cacert", str(ca_file)]
+                code, report, text = doctor(cfg, relay, good)
+                assert code == 0, text
+                assert all(c["state"] == "ok" for c in report["checks"]), text
+                assert any("CAA 0 issue" in r for r in report["dns_records"])
+                mark("status + doctor healthy")
+
+                # 4. Export while a phone is uploading: every item committed before the export began is in it.
+                for i in range(300):
+                    (a.contacts / f"bulk{i}.vcf").write_text(card(f"bulk{i}", f"Bulk {i}"))
+                storage = config_mod.load(cfg).server.storage_dir
+                writer_log = tmp_path / "vdirsyncer-bulk.log"
+                with open(writer_log, "wb") as log_fh:
+                    writer = subprocess.Popen(a.args("sync"), stdout=log_fh, stderr=subprocess.STDOUT)
+                try:
+                    wait_until(lambda: sum("bulk" in k for k in items_in(storage)) >= 20, 60,
+                               "vdirsyncer uploading", interval_s=0.01)
+                    before = items_in(storage)
+                    still_writing = writer.poll() is None
+                    backup = tmp_path / "backup.tar.gz"
+                    out = cli("export", str(backup), "--config", str(cfg))
+                    assert out.returncode == 0, out.stderr
+                finally:
+                    wait_until(lambda: writer.poll() is not None, 180, "vdirsyncer to finish")
+                assert writer.returncode == 0, writer_log.read_text()
+                assert still_writing, "vdirsyncer finished before the export began: the test proved nothing"
+                assert len(before) < 3 + 1 + 300
+                mark("export during writes")
+
+                # 5. SIGTERM: clean exit.
+                srv.signal(signal.SIGTERM)
+                assert srv.proc is not None and srv.proc.wait(60) == 0, srv.log()
+            mark("SIGTERM, exit 0")
+
+            # 6. Broken links: doctor names exactly the one that is broken.
+            code, report, text = doctor(cfg, relay, good)
+            assert report["first_broken"] == "server running", text
+            code, report, text = doctor(cfg, relay, ["--resolve", "laptop.test:127.0.0.9", "--cacert", str(ca_file)])
+            assert report["first_broken"] == "DNS" and "points at 127.0.0.9" in text, text
+            relay.restart(new_host_key=True)
+            code, report, text = doctor(cfg, relay, good)
+            assert report["first_broken"] == "relay" and "relay host key changed" in text, text
+            relay.stop()
+            code, report, text = doctor(cfg, relay, good)
+            assert report["first_broken"] == "relay" and "unreachable" in text, text
+            mark("broken links named")
+
+    # 7. Import on a fresh data folder: Radicale's --verify-storage accepts it; everything committed before
+    #    the export began is there, byte for byte.
+    new = tmp_path / "new-laptop"
+    out = cli("import", str(backup), "--config", str(new / "config.toml"), "--data-dir", str(new / "data"))
+    assert out.returncode == 0, out.stderr
+    new_storage = config_mod.load(new / "config.toml").server.storage_dir
+    verify = subprocess.run([sys.executable, "-m", "radicale", "--config", "",
+                             f"--storage-filesystem-folder={new_storage}", "--verify-storage"],
+                            capture_output=True, text=True, timeout=120)
+    assert verify.returncode == 0, verify.stderr
+    restored = items_in(new_storage)
+    missing_items = [k for k in before if restored.get(k) != before[k]]
+    assert not missing_items, missing_items[:5]
+    mark("import + verify-storage")
+
+    # 8. Import onto the old (non-empty) store is refused and changes nothing.
+    old_data = config_mod.load(cfg).server.data_dir
+    snapshot = tree_hash(old_data)
+    out = cli("import", str(backup), "--config", str(cfg))
+    assert out.returncode == 1 and "refusing to import" in out.stderr, out.stderr
+    assert tree_hash(old_data) == snapshot
+    mark("import onto non-empty refused")
+    print("\njourney timings (s since start): " + ", ".join(f"{w} {t:.1f}" for w, t in steps))
