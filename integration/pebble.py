@@ -36,7 +36,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
-from inverse_cloud.testing import free_port, wait_until
+from inverse_cloud.testing import wait_until
 
 __all__ = ["PebbleCA", "require_pebble"]
 
@@ -47,6 +47,33 @@ def require_pebble() -> None:
     if missing:
         raise RuntimeError(f"{', '.join(missing)} not found on PATH: apt-get install pebble "
                            "(Debian's package ships both binaries)")
+
+
+def _distinct_free_ports(n: int) -> list[int]:
+    """``n`` different ports, free for TCP (and UDP: challtestsrv's DNS binds both), held open together
+    while choosing so the kernel cannot hand out the same one twice."""
+    socks: list[socket.socket] = []
+    ports: list[int] = []
+    try:
+        while len(ports) < n and len(socks) < 10 * n:
+            t = socket.socket()
+            t.bind(("127.0.0.1", 0))
+            socks.append(t)
+            port = t.getsockname()[1]
+            u = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+            try:
+                u.bind(("127.0.0.1", port))
+            except OSError:
+                u.close()
+                continue
+            socks.append(u)
+            ports.append(port)
+    finally:
+        for sock in socks:
+            sock.close()
+    if len(ports) < n:
+        raise RuntimeError("could not find free loopback ports")
+    return ports
 
 
 def _tcp_open(port: int) -> bool:
@@ -108,11 +135,9 @@ class PebbleCA:
         self.nonce_reject = nonce_reject
         self.default_ipv4 = default_ipv4
         self.extra_env = env or {}
-        self.port = free_port()
-        self.mgmt_port = free_port()
-        self.dns_port = free_port()
-        self.chall_mgmt_port = free_port()
-        self.wfe_ca, self._wfe_cert, self._wfe_key = _make_wfe_cert(root / "wfe")
+        self.port, self.mgmt_port, self.dns_port, self.chall_mgmt_port, self.tls_port = _distinct_free_ports(5)
+        self.wfe_ca, self.wfe_cert, self.wfe_key = _make_wfe_cert(root / "wfe")
+        self._log_offset = 0
         self.pebble: subprocess.Popen[bytes] | None = None
         self.challtestsrv: subprocess.Popen[bytes] | None = None
         self.starts = 0
@@ -154,8 +179,8 @@ class PebbleCA:
         config = {"pebble": {
             "listenAddress": f"127.0.0.1:{self.port}",
             "managementListenAddress": f"127.0.0.1:{self.mgmt_port}",
-            "certificate": str(self._wfe_cert), "privateKey": str(self._wfe_key),
-            "httpPort": self.http_port, "tlsPort": free_port(), "ocspResponderURL": "",
+            "certificate": str(self.wfe_cert), "privateKey": str(self.wfe_key),
+            "httpPort": self.http_port, "tlsPort": self.tls_port, "ocspResponderURL": "",
             "externalAccountBindingRequired": False,
             "certificateValidityPeriod": self.validity_s,
         }}
@@ -164,7 +189,9 @@ class PebbleCA:
         env = {**os.environ, "PEBBLE_VA_NOSLEEP": "1", "PEBBLE_AUTHZREUSE": "0", **self.extra_env}
         if self.nonce_reject is not None:
             env["PEBBLE_WFE_NONCEREJECT"] = str(self.nonce_reject)
-        log = open(self.root / "pebble.log", "ab")  # noqa: SIM115 (closed with the process)
+        log_path = self.root / "pebble.log"
+        self._log_offset = log_path.stat().st_size if log_path.exists() else 0
+        log = open(log_path, "ab")  # noqa: SIM115 (closed with the process)
         self.pebble = subprocess.Popen(
             ["pebble", "-config", str(cfg_path), "-dnsserver", self.dns_server, "-strict=false"],
             stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=self.root)
@@ -208,6 +235,24 @@ class PebbleCA:
     def log(self, which: str = "pebble") -> str:
         p = self.root / f"{which}.log"
         return p.read_text(errors="replace")[-6000:] if p.exists() else ""
+
+    def run_log(self) -> str:
+        """Pebble's log since its last (re)start."""
+        p = self.root / "pebble.log"
+        with open(p, "rb") as fh:
+            fh.seek(self._log_offset)
+            return fh.read().decode(errors="replace")
+
+    def orders(self) -> int:
+        """Orders this Pebble run created (badNonce-rejected newOrder requests are not orders)."""
+        return self.run_log().count("Added order ")
+
+    def accounts(self) -> int:
+        """Accounts this Pebble run holds (it logs the count after each new one)."""
+        import re
+
+        counts = re.findall(r"There are now (\d+) accounts in memory", self.run_log())
+        return int(counts[-1]) if counts else 0
 
     # --- management APIs -------------------------------------------------------------------------------
 

@@ -162,9 +162,12 @@ class _LastResponse:
 
     def __init__(self) -> None:
         self._local = threading.local()
+        self.bad_nonces = 0   # badNonce answers seen, including those the library retried by itself
 
     def hook(self, response: requests.Response, *args: Any, **kwargs: Any) -> requests.Response:
         self._local.value = (response.status_code, response.headers.get("Retry-After"), response.url)
+        if response.status_code == 400 and b"badNonce" in response.content[:2048]:
+            self.bad_nonces += 1
         return response
 
     def clear(self) -> None:
@@ -264,6 +267,11 @@ class AcmeDriver:
         if isinstance(exc, AcmeError):
             return exc
         return AcmeError(f"ACME {step} at {where} failed: {type(exc).__name__}: {exc}")
+
+    @property
+    def bad_nonces(self) -> int:
+        """How many badNonce answers the CA gave this driver (all retried)."""
+        return self._last.bad_nonces
 
     # --- account ---------------------------------------------------------------------------------------
 

@@ -314,8 +314,7 @@ class CertManager:
         assert self._wake is not None
         last_wall, last_mono = self.clock(), self.monotonic()
         next_check = 0.0
-        checked = self.state.caa_checked_at
-        self._next_caa = checked.timestamp() + CAA_INTERVAL_S if checked and self._account else 0.0
+        self._next_caa = 0.0   # at start (a user who just published the record restarts to see it), then daily
         while True:
             self.ticks += 1
             wall, mono = self.clock(), self.monotonic()
@@ -431,6 +430,7 @@ class CertManager:
         self._busy = True
         self.attempts += 1
         started = self.monotonic()
+        nonces_before = getattr(self.driver, "bad_nonces", 0)
         verb = "obtaining" if action == "obtain" else "renewing"
         try:
             log.info("%s a certificate for %s (%s)", verb, self.domain, reason)
@@ -462,10 +462,11 @@ class CertManager:
             self.state.record_success(utc(self.clock()), format(serial, "x"))
             await self._save()
             info = self.server.tls.info
-            log.info("certificate %s: serial %x valid until %s; %s (%.2f s)",
+            nonces = getattr(self.driver, "bad_nonces", 0) - nonces_before
+            log.info("certificate %s: serial %x valid until %s; %s (%.2f s%s)",
                      "obtained" if action == "obtain" else "renewed", serial, _fmt(aware(info.not_after)),
                      "a fresh handshake to our listener presents it" if self.server.https_port else "stored",
-                     self.monotonic() - started)
+                     self.monotonic() - started, f"; {nonces} badNonce answer(s) retried" if nonces else "")
         finally:
             self._busy = False
 
