@@ -67,6 +67,7 @@ from inverse_cloud.testing import ServeProcess, free_port, init_instance  # noqa
 __all__ = ["run_workload", "run_workload_async"]
 
 HOST = "laptop.test"
+SETTLE_S = 3.0
 USER = "bench"
 PASSWORD = "bench-password"
 XML_HDR = {"Content-Type": "application/xml; charset=utf-8"}
@@ -357,12 +358,20 @@ class OurSide:
     label = "ours"
 
     def __init__(self, root: Path, chain: bytes, key: bytes, htpasswd_line: str, extra_toml: str,
-                 env: dict[str, str]) -> None:
+                 env: dict[str, str], radicale_opts: Sequence[str] = ()) -> None:
         from inverse_cloud.config import load
         from inverse_cloud.radicale_app import radicale_options
         from inverse_cloud.tls import CertStore
 
         self.config = init_instance(root, domain=HOST, user=USER, password=PASSWORD, extra_toml=extra_toml)
+        tables: dict[str, list[str]] = {}
+        for opt in radicale_opts:
+            name, _, value = opt.partition("=")
+            section, _, key_name = name.partition(".")
+            tables.setdefault(section, []).append(f"{key_name} = {json.dumps(value)}")
+        with open(self.config, "a") as f:
+            for section, lines in tables.items():
+                f.write(f"\n[radicale.{section}]\n" + "\n".join(lines) + "\n")
         cfg = load(self.config)
         if "_filesystem_fsync" in radicale_options(cfg).get("storage", {}):
             raise SystemExit("our config overrides Radicale's _filesystem_fsync: the comparison would be unfair")
@@ -390,14 +399,27 @@ class OurSide:
         return {"inverse_cloud": [self.proc.pid]}
 
 
+def _status_mib(pid: int, field: str) -> float:
+    try:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith(field + ":"):
+                return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return 0.0
+
+
 def memory(pids: dict[str, list[int]]) -> dict[str, Any]:
-    out: dict[str, Any] = {"rss_mib": 0.0, "pss_mib": 0.0, "groups": {}}
+    """RSS and PSS (seed-stack/workload/rss.py), plus the anonymous part of RSS (the heap: what
+    imports and requests leave behind; the rest is shared libraries and mapped files)."""
+    out: dict[str, Any] = {"rss_mib": 0.0, "pss_mib": 0.0, "anon_mib": 0.0, "groups": {}}
     for group, ps in pids.items():
         ms = [mem(p) for p in ps]
-        g = {"pids": ps, "rss_mib": sum(m["rss_mib"] for m in ms), "pss_mib": sum(m["pss_mib"] for m in ms)}
+        g = {"pids": ps, "rss_mib": sum(m["rss_mib"] for m in ms), "pss_mib": sum(m["pss_mib"] for m in ms),
+             "anon_mib": sum(_status_mib(p, "RssAnon") for p in ps)}
         out["groups"][group] = g
-        out["rss_mib"] += g["rss_mib"]
-        out["pss_mib"] += g["pss_mib"]
+        for k in ("rss_mib", "pss_mib", "anon_mib"):
+            out[k] += g[k]
     return out
 
 
@@ -437,8 +459,8 @@ def _fmt(value: float, unit: str) -> str:
         f"{value:.2f} s" if unit == "s" else f"{value:.2f} ms")
 
 
-def report(results: dict[str, list[dict[str, Any]]], mem_after: dict[str, dict[str, Any]], args: argparse.Namespace
-           ) -> list[str]:
+def report(results: dict[str, list[dict[str, Any]]], mem_now: dict[str, dict[str, Any]],
+           mem_after: dict[str, dict[str, Any]], args: argparse.Namespace) -> list[str]:
     lines = [f"dav_bench n={args.n} rounds={args.rounds} ({dt.datetime.now():%Y-%m-%d %H:%M}, "
              f"{os.cpu_count()} CPUs, bcrypt cost {args.bcrypt_rounds}, fsync on both sides)", ""]
     for title, phases in (("wall time", PHASES), ("server CPU (ours: 1 process; seed: radicale+nginx)", CPU_PHASES)):
@@ -451,10 +473,15 @@ def report(results: dict[str, list[dict[str, Any]]], mem_after: dict[str, dict[s
             per = " ".join(f"{_fmt(a, unit)}/{_fmt(b, unit)}" for a, b in zip(ours, seed, strict=True))
             lines.append(f"{name:38} {_fmt(mo, unit):>14} {_fmt(ms, unit):>14} {ratio:6.2f}   {per}")
         lines.append("")
+    for when, mem_set in ((f"{SETTLE_S:.0f} s after the workload", mem_after), ("at the last response", mem_now)):
+        o, s = mem_set["ours"], mem_set["seed"]
+        lines.append(f"memory {when}, MiB RSS/PSS/anon: ours {o['rss_mib']:.1f}/{o['pss_mib']:.1f}/{o['anon_mib']:.1f}"
+                     f" vs seed {s['rss_mib']:.1f}/{s['pss_mib']:.1f}/{s['anon_mib']:.1f} = "
+                     + ", ".join(f"{g} {v['rss_mib']:.1f}/{v['pss_mib']:.1f}/{v['anon_mib']:.1f}"
+                                 for g, v in s["groups"].items()))
     o, s = mem_after["ours"], mem_after["seed"]
-    lines.append(f"memory after the workload: ours RSS {o['rss_mib']:.1f} MiB (PSS {o['pss_mib']:.1f}, "
-                 f"{o.get('threads', 0)} threads) vs seed RSS {s['rss_mib']:.1f} MiB (PSS {s['pss_mib']:.1f}): "
-                 + ", ".join(f"{g} {v['rss_mib']:.1f}/{v['pss_mib']:.1f}" for g, v in s["groups"].items()))
+    lines.append(f"peak RSS: ours {o['peak_rss_mib']:.1f} MiB ({o['threads']} threads), seed radicale "
+                 f"{s['peak_rss_mib']:.1f} MiB ({s['threads']} threads)")
     lines.append("target: every ratio <= 1.00; our RSS < 75 MiB (the seed laptop side incl. autossh+ssh)")
     return lines
 
@@ -472,6 +499,9 @@ def main() -> int:
     ap.add_argument("--server-env", action="append", default=[], metavar="K=V",
                     help="environment for our server process (e.g. MALLOC_ARENA_MAX=2)")
     ap.add_argument("--extra-toml", default="", help="lines appended to our [server] table")
+    ap.add_argument("--radicale-option", action="append", default=[], metavar="SECTION.KEY=VALUE",
+                    help="a Radicale option for our side ([radicale.SECTION] in its config), e.g. "
+                         "storage.use_mtime_and_size_for_item_cache=False")
     ap.add_argument("--state", help="state directory (default: a fresh one under /tmp, removed afterwards)")
     ap.add_argument("--keep", action="store_true", help="keep the state directory (logs, storage)")
     ap.add_argument("--json-out", help="write all figures as JSON here (bench/results/ is git-ignored)")
@@ -494,6 +524,7 @@ def main() -> int:
     results: dict[str, list[dict[str, Any]]] = {"ours": [], "seed": []}
     mem_idle: dict[str, dict[str, Any]] = {}
     mem_after: dict[str, dict[str, Any]] = {}
+    mem_now: dict[str, dict[str, Any]] = {}
     failed = False
     spy: subprocess.Popen[bytes] | None = None
     t_start = time.monotonic()
@@ -501,7 +532,7 @@ def main() -> int:
         seed = SeedSide(state / "seed", state / "cert", args.bcrypt_rounds)
         sides["seed"] = seed
         seed.start()
-        ours = OurSide(state / "ours", chain, key, seed.htpasswd_line(), args.extra_toml, env)
+        ours = OurSide(state / "ours", chain, key, seed.htpasswd_line(), args.extra_toml, env, args.radicale_option)
         sides["ours"] = ours
         ours.start()
         if args.py_spy:
@@ -528,8 +559,16 @@ def main() -> int:
                     f"sync no-change {res['sync_nochange_s'] * 1000:.1f} ms, GET p50 {res['get_p50_ms']:.2f} ms"
                     + ("" if res["ok"] else f"  CHECK FAILED {res['checks']}"))
         for name in active:
-            mem_after[name] = memory(sides[name].pids())
-            mem_after[name]["threads"] = threads_of(sides[name].pids()[next(iter(sides[name].pids()))][0])
+            mem_now[name] = memory(sides[name].pids())
+        # Memory of a server that has been idle for a moment after the sync (what a laptop carries between
+        # syncs). The wait is the measured condition, not a wait for a server to become ready.
+        time.sleep(SETTLE_S)
+        for name in active:
+            pids = sides[name].pids()
+            mem_after[name] = memory(pids)
+            main_pid = pids[next(iter(pids))][0]
+            mem_after[name]["threads"] = threads_of(main_pid)
+            mem_after[name]["peak_rss_mib"] = _status_mib(main_pid, "VmHWM")
     finally:
         for side in list(sides.values())[::-1]:
             side.stop()   # py-spy ends with its target
@@ -537,15 +576,17 @@ def main() -> int:
             spy.wait(30)
     elapsed = time.monotonic() - t_start
     if args.only:
-        print(json.dumps({"results": results[args.only], "memory_after": mem_after}, indent=1))
+        print(json.dumps({"results": results[args.only], "memory_after": mem_after, "memory_at_end": mem_now},
+                         indent=1))
     else:
-        print("\n".join(report(results, mem_after, args)))
+        print("\n".join(report(results, mem_now, mem_after, args)))
     print(f"\n(total {elapsed:.0f} s; state {state}{'' if args.keep or args.state else ' removed'})")
     if args.json_out:
         Path(args.json_out).parent.mkdir(parents=True, exist_ok=True)
         Path(args.json_out).write_text(json.dumps({
             "args": vars(args), "date": dt.datetime.now().isoformat(timespec="seconds"), "results": results,
-            "memory_idle": mem_idle, "memory_after": mem_after, "elapsed_s": elapsed}, indent=1) + "\n")
+            "memory_idle": mem_idle, "memory_at_end": mem_now, "memory_after": mem_after, "elapsed_s": elapsed},
+            indent=1) + "\n")
     if not (args.keep or args.state):
         shutil.rmtree(state, ignore_errors=True)
     return 1 if failed else 0
