@@ -381,6 +381,7 @@ class Tunnel:
         self.host_key: asyncssh.SSHKey | None = None
         self.expected_fp = ""
         self._task: asyncio.Task[None] | None = None
+        self._closing = False
         self._conn: asyncssh.SSHClientConnection | None = None
         self._connector: QuickAckConnector | None = None
         self._ever_up = False
@@ -409,13 +410,17 @@ class Tunnel:
         self._task = asyncio.create_task(self._run(), name="tunnel")
 
     async def aclose(self) -> None:
+        self._closing = True
         task, self._task = self._task, None
-        if task is not None:
+        # Cancel until done: asyncio.wait_for on 3.11 can swallow a cancellation that races with
+        # completion (cpython#86296), so one cancel() is not always enough.
+        for _ in range(50):
+            if task is None or task.done():
+                break
             task.cancel()
-            try:
-                await task
-            except asyncio.CancelledError:
-                pass
+            await asyncio.wait([task], timeout=0.2)
+        if task is not None and task.done() and not task.cancelled() and task.exception() is not None:
+            log.debug("%s tunnel task ended with %r", self.tag, task.exception())
         await self._close_conn()
         self.state = "down"
 
@@ -472,7 +477,7 @@ class Tunnel:
     async def _run(self) -> None:
         attempt = 0
         takeover_tried = False
-        while True:
+        while not self._closing:
             try:
                 await self._session(takeover_tried)
                 attempt, takeover_tried = 0, False
