@@ -254,3 +254,26 @@ def test_corrupt_files_keep_the_loaded_certificate_and_restart_reissues(tmp_path
             log = again.log()
         assert reissued != first and "falling back to a self-signed certificate" in log
         assert ca.accounts() == 1 and account_uri(cfg) == uri
+
+
+def test_cert_renew_and_status_without_a_server(tmp_path):
+    """No server running: `cert renew` answers HTTP-01 on [server] http_listen itself, obtains and stores a
+    certificate; `cert status` reads it from the files; a second `cert renew` says it is not due; `serve`
+    then presents that very certificate."""
+    cfg = init_instance(tmp_path / "ic")
+    port80 = http_port(cfg)
+    with PebbleCA(tmp_path / "pebble", http_port=port80, validity_s=3600) as ca:
+        configure_acme(cfg, ca, port80)
+        root = ca.write_root(tmp_path / "root.pem")
+        none = cert_cli(cfg, "status")
+        assert none.returncode == 1 and "none issued yet" in none.stdout and "not running" in none.stdout
+        out = cert_cli(cfg, "renew")
+        assert out.returncode == 0 and "renewed: serial" in out.stdout, out
+        serial = out.stdout.split("serial ")[1].split()[0]
+        status = cert_cli(cfg, "status")
+        assert status.returncode == 0 and f"serial {serial} for {DOMAIN}" in status.stdout, status
+        again = cert_cli(cfg, "renew")
+        assert again.returncode == 0 and "is not due for renewal" in again.stdout, again
+        with ServeProcess(cfg) as srv:
+            assert verified_serial(srv.https_port, root) == int(serial, 16)
+        assert ca.orders() == 1

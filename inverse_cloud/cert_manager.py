@@ -189,9 +189,9 @@ async def check_public_path(domain: str, challenges: Any, address: tuple[str, in
                     retry = True
                 except (TimeoutError, aiohttp.ClientError) as exc:
                     why = f"no answer from {where} ({type(exc).__name__})"
-                if not retry or loop.time() + 0.5 > deadline:
+                if not retry or loop.time() + 0.1 > deadline:
                     return why
-                await asyncio.sleep(0.5)  # production retry interval while the tunnel connects
+                await asyncio.sleep(0.1)  # retry interval while the tunnel connects (bounded by window_s)
     finally:
         challenges.remove(token)
 
@@ -383,7 +383,10 @@ class CertManager:
                 log.warning("certificate expired according to the local clock (valid until %s); renewing now",
                             _fmt(validity.not_after))
             await self._attempt(decision.action, decision.reason, validity)
-            decision = decide(self._validity(), utc(self.clock()), self.state)
+            validity, now = self._validity(), utc(self.clock())
+            if validity is not None and not validity.is_expired(now):
+                await self._refresh_ari(validity, now)  # a new certificate gets its ARI window at once
+            decision = decide(validity, now, self.state)
             self._note_decision(decision.at, decision.action)
         self.state.last_check_at = utc(self.clock())
         await self._save()

@@ -25,6 +25,7 @@ from cryptography.x509.oid import NameOID
 from inverse_cloud import config as config_mod
 from inverse_cloud.acme_client import AccountStore, Issued
 from inverse_cloud.cert_manager import CertManager, StateFiles, served_certificate_serial
+from inverse_cloud.certs import AriWindow, ari_cert_id
 from inverse_cloud.errors import AcmeError, RateLimited
 from inverse_cloud.testing import free_port
 from inverse_cloud.tls import CertStore, TLSManager
@@ -49,10 +50,14 @@ class FakeDriver:
         self.clock, self.lifetime_s = clock, lifetime_s
         self.errors: list[Exception] = []
         self.orders = 0
+        self.replaces: list[str] = []
         self.ca_key = ec.generate_private_key(ec.SECP256R1())
+        self.ari: AriWindow | None = None   # None: the CA offers no renewalInfo
+        self.ari_asked: list[str] = []
 
     async def issue(self, challenges: Any, *, replaces: str = "") -> Issued:
         self.orders += 1
+        self.replaces.append(replaces)
         if self.errors:
             raise self.errors.pop(0)
         self.accounts.save_account_uri(DIRECTORY, "https://ca.invalid/acct/1")
@@ -63,16 +68,20 @@ class FakeDriver:
                 .issuer_name(issuer).public_key(key.public_key()).serial_number(x509.random_serial_number())
                 .not_valid_before(nb).not_valid_after(nb + dt.timedelta(seconds=self.lifetime_s))
                 .add_extension(x509.SubjectAlternativeName([x509.DNSName(DOMAIN)]), critical=False)
+                .add_extension(x509.AuthorityKeyIdentifier.from_issuer_public_key(self.ca_key.public_key()),
+                               critical=False)
                 .sign(self.ca_key, hashes.SHA256()))
         return Issued(cert.public_bytes(serialization.Encoding.PEM),
                       key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
                                         serialization.NoEncryption()), "")
 
     async def supports_ari(self) -> bool:
-        return False
+        return self.ari is not None
 
-    async def renewal_info(self, cert_id: str) -> tuple[None, None]:
-        raise AssertionError("not asked: the CA offers no ARI")
+    async def renewal_info(self, cert_id: str) -> tuple[AriWindow | None, float | None]:
+        assert self.ari is not None, "not asked: the CA offers no ARI"
+        self.ari_asked.append(cert_id)
+        return self.ari, 6 * 3600.0
 
     async def aclose(self) -> None:
         pass
@@ -270,3 +279,32 @@ async def test_served_certificate_serial_reads_a_fresh_handshake(tmp_path):
     finally:
         server.close()
         await server.wait_closed()
+
+
+async def test_ari_window_moves_renewal_early_and_the_order_replaces_the_old_certificate(h, caplog):
+    """With a CA that offers ARI: after issuance the manager asks renewalInfo for the certificate, picks a
+    time in the suggested window (rng 0.5 -> its middle), renews there -- long before 2/3 of the lifetime --
+    and sends ``replaces`` with the old certificate's ARI id."""
+    caplog.set_level(logging.INFO, "inverse_cloud.cert_manager")
+    cfg = make_cfg(h.tmp, await h.start_http())
+    now = dt.datetime.fromtimestamp(h.clock.wall, dt.UTC)
+    h.driver.ari = AriWindow(now + dt.timedelta(days=5), now + dt.timedelta(days=7))
+    m = await h.manager(cfg)
+    await until(lambda: m.attempts == 1 and not h.tls.info.self_signed, what="first issuance")
+    first = h.tls.info.serial
+    await settle(m)
+    await until(lambda: m.state.ari_time is not None, what="the ARI choice")
+    assert m.state.ari_time == now + dt.timedelta(days=6)
+    assert m.status()["next_renewal"] == (now + dt.timedelta(days=6)).isoformat()
+    assert "the CA suggests renewing between" in caplog.text
+    old_id = ari_cert_id(x509.load_pem_x509_certificates((h.tls.info.path / "fullchain.pem").read_bytes())[0])
+    assert h.driver.ari_asked == [old_id]
+
+    h.clock.wall += 6 * DAY - 60          # just before the chosen time
+    h.clock.mono += 6 * DAY - 60          # (no jump: the clocks moved together, as in a running laptop)
+    await settle(m)
+    assert m.attempts == 1
+    h.clock.wall += 61
+    h.clock.mono += 61
+    await until(lambda: h.tls.info.serial != first, what="the ARI-timed renewal")
+    assert h.driver.replaces == ["", old_id]
