@@ -59,6 +59,9 @@ SLOW_RETRY_S = 300.0
 FORWARD_REFUSED_RETRY_S = 60.0
 # How long the takeover session may take (connect + forced command).
 TAKEOVER_TIMEOUT_S = 15.0
+# Host key algorithms we accept a relay to show (after the pinned key's own); no SHA-1 ssh-rsa.
+HOST_KEY_ALGS = ("ssh-ed25519", "ecdsa-sha2-nistp256", "ecdsa-sha2-nistp384", "ecdsa-sha2-nistp521",
+                 "rsa-sha2-512", "rsa-sha2-256")
 # A forwarded connection's peer mapping outlives the connection a little, so that a request still being
 # logged when the tunnel side closes is attributed to the relay-seen client.
 PEER_LINGER_S = 5.0
@@ -526,6 +529,11 @@ class Tunnel:
         options: dict[str, Any] = {}
         if self._connector is not None:
             options["tunnel"] = self._connector
+        # The pinned key's algorithms first, so a relay that has that key always shows it; the others only
+        # so that a relay WITHOUT it still shows some key, whose fingerprint the mismatch line can name
+        # (it is refused all the same: the pinned key is the only trusted one).
+        pinned = [a.decode() for a in self.host_key.sig_algorithms]
+        options["server_host_key_algs"] = pinned + [a for a in HOST_KEY_ALGS if a not in pinned]
         if keepalive:
             options["keepalive_interval"] = self.relay.keepalive_interval_s
             options["keepalive_count_max"] = self.relay.keepalive_count_max
@@ -595,8 +603,7 @@ class Tunnel:
         if self._conn is conn:
             self._conn = None
         reason = client.lost
-        raise ConnectionResetError(0, _describe_lost(reason)) if reason is not None else \
-            TunnelError("relay closed the connection")
+        raise TunnelError(_describe_lost(reason) if reason is not None else "relay closed the connection")
 
     async def _open_forwards(self, conn: asyncssh.SSHClientConnection) -> int | None:
         """Bind every forward; return the relay port of the first refused one (None if all bound)."""

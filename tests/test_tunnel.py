@@ -373,7 +373,8 @@ async def test_rsa_host_key_when_ed25519_pinned_is_refused(tmp_path, rig, caplog
     try:
         await wait_for(lambda: t.attempts >= 2, what="retries")
         assert t.state == "failed"
-        assert t.status()["last_error"].startswith("relay host key changed: expected SHA256:")
+        err = t.status()["last_error"]
+        assert err.startswith("relay host key changed: expected SHA256:") and err.count("(ssh-rsa)") == 1, err
     finally:
         await t.aclose()
         await rsa_relay.aclose()
