@@ -99,7 +99,12 @@ class ServeProcess:
         with open(self.log_path, "wb") as log:
             self.proc = subprocess.Popen([self.python, "-m", "inverse_cloud.cli", "serve", "--config",
                                           str(self.config)], stdout=log, stderr=subprocess.STDOUT, env=env)
-        self.wait_ready(timeout_s)
+        try:
+            self.wait_ready(timeout_s)
+        except BaseException:
+            # __exit__ never runs when __enter__ raises: stop the child here, or it outlives the test.
+            self.kill()
+            raise
         return self
 
     def wait_ready(self, timeout_s: float = 30) -> None:
