@@ -242,7 +242,11 @@ class HomePage:
                 await self._delay()
             return self._unauthorized("log in with your DAV user name and password\n")
         user, password = creds
-        if not await self.checker.check(user, password):
+        try:
+            ok = await self.checker.check(user, password)
+        except RuntimeError:  # the checker's pool is shut down: the server is stopping
+            return web.Response(status=503, text="shutting down\n", headers={"Retry-After": "30"})
+        if not ok:
             log.info("phone page: failed login for user %r", user[:64])
             await self._delay()
             return self._unauthorized("wrong user name or password\n")
