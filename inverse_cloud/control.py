@@ -96,7 +96,9 @@ class ControlServer:
             self._server = await asyncio.start_unix_server(self._serve, path=str(self.path),
                                                            limit=MAX_LINE_BYTES)
         except OSError as exc:
-            raise StartupError(f"cannot create control socket {self.path}: {exc.strerror}") from exc
+            hint = " (Unix socket paths are limited to 107 bytes: set [server] control_socket to a shorter " \
+                   "path)" if len(os.fsencode(self.path)) > 107 else ""
+            raise StartupError(f"cannot create control socket {self.path}: {exc.strerror or exc}{hint}") from exc
         finally:
             os.umask(old_umask)
         os.chmod(self.path, 0o600)

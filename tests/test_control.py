@@ -242,3 +242,10 @@ def test_status_with_broken_config_exits_2(tmp_path):
                          capture_output=True, text=True, timeout=30, env={**os.environ})
     assert out.returncode == 2
     assert "[server] domain" in out.stderr and "Traceback" not in out.stderr
+
+
+async def test_too_long_socket_path_is_one_line(tmp_path):
+    """A state_dir deep enough to pass the AF_UNIX limit gets a StartupError naming the limit and the fix."""
+    deep = tmp_path / ("d" * 60) / ("e" * 60) / "ctl.sock"
+    with pytest.raises(StartupError, match="limited to 107 bytes: set \\[server\\] control_socket"):
+        await ControlServer(deep).start()
