@@ -256,7 +256,7 @@ SCHEMA: dict[str, dict[str, tuple[Checker, Any]]] = {
         "listen_host": (_nonempty, "127.0.0.1"),
         "https_port": (_int_range(1, 65535), 44353),
         "http_port": (_int_range(1, 65535), 8053),
-        "keepalive_interval_s": (_float_range(1, 600), 10.0),
+        "keepalive_interval_s": (_float_range(1, 600), 5.0),
         "keepalive_count_max": (_int_range(1, 100), 3),
         "connect_timeout_s": (_float_range(1, 300), 15.0),
     },
