@@ -385,6 +385,8 @@ class Tunnel:
         self.expected_fp = ""
         self._task: asyncio.Task[None] | None = None
         self._closing = False
+        self._wake: asyncio.Event | None = None
+        self._requested = False
         self._conn: asyncssh.SSHClientConnection | None = None
         self._connector: QuickAckConnector | None = None
         self._ever_up = False
@@ -410,7 +412,15 @@ class Tunnel:
             return
         self.expected_fp = f"{self.host_key.get_fingerprint('sha256')} ({self.host_key.get_algorithm()})"
         self.state = "connecting"
+        self._wake = asyncio.Event()
         self._task = asyncio.create_task(self._run(), name="tunnel")
+
+    def reload(self) -> None:
+        """SIGHUP: re-establish the link now (a network-change hook can send it): drop a link that may be
+        dead without waiting for keepalives, or skip the rest of a backoff wait."""
+        if self._wake is not None:
+            log.info("%s reconnecting now (SIGHUP)", self.tag)
+            self._wake.set()
 
     async def aclose(self) -> None:
         self._closing = True
@@ -495,7 +505,10 @@ class Tunnel:
                 takeover_tried = False
             delay = retry_delay(attempt, failure.kind, random.random())
             attempt += 1
-            if failure.kind in ("fatal", "refused"):
+            if self._requested:               # SIGHUP dropped the link on purpose: no backoff, no new line
+                self._requested = False
+                self.state, delay, attempt = "connecting", 0.0, 0
+            elif failure.kind in ("fatal", "refused"):
                 self._set_state("failed", failure.message, logging.ERROR)
             elif self.state == "up":
                 self._set_state("down", f"relay link lost ({failure.message}); reconnecting", logging.WARNING)
@@ -505,7 +518,15 @@ class Tunnel:
                 self._set_state("down", f"cannot reach relay ({failure.message}); retrying with backoff",
                                 logging.WARNING)
             log.debug("%s next attempt in %.1f s (%s)", self.tag, delay, failure.message)
-            await asyncio.sleep(delay)
+            await self._sleep_or_wake(delay)
+
+    async def _sleep_or_wake(self, delay_s: float) -> None:
+        assert self._wake is not None
+        try:
+            await asyncio.wait_for(self._wake.wait(), delay_s)
+        except TimeoutError:
+            pass
+        self._wake.clear()
 
     def _classify(self, exc: BaseException) -> Failure:
         return classify(exc, relay=f"{self.relay.host}:{self.relay.port}", expected_fp=self.expected_fp,
@@ -596,7 +617,21 @@ class Tunnel:
         self._set_state("up", "tunnel up: " + ", ".join(
             f"{self.relay.listen_host}:{f.relay_port} -> local :{local[f.name]}" for f in self.forwards)
             + f" (relay host key {self.expected_fp})", logging.INFO)
-        await conn.wait_closed()      # on cancellation (aclose) self._conn stays set: aclose closes it
+        assert self._wake is not None
+        self._wake.clear()
+        closed = asyncio.ensure_future(conn.wait_closed())
+        woken = asyncio.ensure_future(self._wake.wait())
+        try:
+            await asyncio.wait([closed, woken], return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            # on cancellation (aclose) self._conn stays set: aclose closes it
+            for fut in (closed, woken):
+                fut.cancel()
+        if woken.done() and not woken.cancelled() and not closed.done():
+            self._wake.clear()
+            await self._close_conn()
+            self._requested = True
+            client.lost = TunnelError("reconnect requested")
         self.connected_since = None
         for fwd in self.forwards:
             fwd.bound, fwd.listener = False, None

@@ -449,3 +449,22 @@ async def test_lost_link_reconnects_and_is_counted(rig, caplog):
         assert len(t.status()["reconnects"]) == 1
     finally:
         await t.aclose()
+
+
+async def test_sighup_reconnects_at_once(rig, caplog):
+    """reload() (SIGHUP, e.g. from a network-change hook) drops the link and reconnects without backoff:
+    one INFO line 'reconnecting now (SIGHUP)', no 'relay link lost' line, a second connection."""
+    caplog.set_level(logging.INFO)
+    make, relay, _ = rig
+    t = make()
+    await t.start()
+    try:
+        await wait_for(lambda: t.state == "up", what="up")
+        t.reload()
+        await wait_for(lambda: t.connections == 2 and t.state == "up", what="reconnected")
+        lines = tunnel_lines(caplog)
+        assert sum("reconnecting now (SIGHUP)" in m for m in lines) == 1
+        assert not any("relay link lost" in m for m in lines)
+        assert relay.listen_requests.count(("127.0.0.1", t.relay.https_port)) == 2
+    finally:
+        await t.aclose()
