@@ -76,13 +76,67 @@ class _RadicaleLogCapture(logging.Filter):
         notes: list[str] | None = getattr(self.local, "notes", None)
         if notes is None:
             return True
+        message = record.getMessage()
+        if message.startswith("Traceback"):
+            # Radicale logs unexpected exceptions as a formatted traceback on the root logger: keep the
+            # exception line for the request's log line, the whole traceback at debug level only.
+            log.debug("Radicale: %s", message)
+            message = message.strip().rsplit("\n", 1)[-1]
         if len(notes) < 4:
-            notes.append(record.getMessage().split("\n", 1)[0][:NOTE_MAX_CHARS])
+            notes.append(message.split("\n", 1)[0][:NOTE_MAX_CHARS])
         return False
 
 
 _capture = _RadicaleLogCapture()
 logging.getLogger("radicale").addFilter(_capture)
+logging.getLogger().addFilter(_capture)  # Radicale's `logging.error(traceback.format_exc())`
+
+# Methods whose body Radicale parses as XML. Checked in front of it (reliability.md B3): a DTD or entity
+# declaration made Radicale answer 500 (defusedxml refuses them by raising), and deep nesting crashed the
+# whole process (a C stack overflow, SIGSEGV). Both become 400 here; real clients never send either.
+XML_METHODS = frozenset({"PROPFIND", "PROPPATCH", "REPORT", "MKCOL", "MKCALENDAR"})
+MAX_XML_DEPTH = 64
+
+
+class _XmlRefused(Exception):
+    pass
+
+
+def xml_problem(body: IO[bytes]) -> str | None:
+    """Why an XML request body must not reach Radicale, or None. Streams through expat (C, no tree)."""
+    import xml.parsers.expat
+
+    parser = xml.parsers.expat.ParserCreate()
+    depth = 0
+
+    def start(_name: str, _attrs: Any) -> None:
+        nonlocal depth
+        depth += 1
+        if depth > MAX_XML_DEPTH:
+            raise _XmlRefused(f"XML nested deeper than {MAX_XML_DEPTH} levels")
+
+    def end(_name: str) -> None:
+        nonlocal depth
+        depth -= 1
+
+    def no_dtd(*_args: Any) -> None:
+        raise _XmlRefused("XML with a DTD or entity declarations")
+
+    parser.StartElementHandler = start
+    parser.EndElementHandler = end
+    parser.StartDoctypeDeclHandler = no_dtd
+    parser.EntityDeclHandler = no_dtd
+    try:
+        while chunk := body.read(64 * 1024):
+            parser.Parse(chunk, False)
+        parser.Parse(b"", True)
+    except _XmlRefused as exc:
+        return str(exc)
+    except xml.parsers.expat.ExpatError as exc:
+        return f"malformed XML ({xml.parsers.expat.ErrorString(exc.code)}, line {exc.lineno})"
+    finally:
+        body.seek(0)
+    return None
 
 
 class BodyError(Exception):
@@ -170,6 +224,18 @@ def build_environ(request: web.Request, body: IO[bytes], body_length: int,
     return environ
 
 
+def server_address(host_header: str) -> tuple[str, int]:
+    """SERVER_NAME/SERVER_PORT as the client addressed us: the Host header, whose port defaults to 443.
+
+    Not the local listening port: behind the relay a phone talks to port 443 while we listen on another,
+    and Radicale compares MOVE destinations with SERVER_PORT (a 502 for every MOVE otherwise).
+    """
+    host, sep, port = host_header.rpartition(":")
+    if sep and port.isdigit() and not port.startswith("0") and int(port) < 65536 and "]" not in port:
+        return host, int(port)
+    return host_header, 443
+
+
 def valid_basic_auth(header: str) -> bool:
     """False for a ``Basic`` credential Radicale would crash on (not base64, not UTF-8, no colon)."""
     if not header.startswith("Basic"):
@@ -200,6 +266,13 @@ def _run_wsgi(app: Callable[..., Iterable[bytes]], environ: dict[str, Any]) -> W
         captured["status"], captured["headers"] = status, headers
         return lambda _data: None
 
+    body_file = environ["wsgi.input"]
+    if environ["REQUEST_METHOD"] in XML_METHODS and environ.get("CONTENT_LENGTH", "0") != "0":
+        problem = xml_problem(body_file)
+        if problem is not None:
+            body_file.close()
+            return WsgiResult(400, "Bad Request", [("Content-Type", "text/plain; charset=utf-8")],
+                              f"{problem}\n".encode(), [problem])
     notes: list[str] = []
     _capture.local.notes = notes
     try:
@@ -344,9 +417,7 @@ class RadicaleBridge:
         length = body.seek(0, io.SEEK_END)
         body.seek(0)
         remote = self.remote_of(request)
-        sockname = request.transport.get_extra_info("sockname") if request.transport else None
-        server = (request.host.split(":")[0], int(sockname[1]) if sockname else 443)
-        environ = build_environ(request, body, length, remote, server)
+        environ = build_environ(request, body, length, remote, server_address(request.host))
         key = self._credential_key(request)
         known = key is not None and self._known_good.get(key, 0) > time.monotonic()
         loop = asyncio.get_running_loop()
@@ -371,7 +442,12 @@ class RadicaleBridge:
                 self._known_good[key] = time.monotonic() + 300
         if result.status == 401 and auth:
             await self._failure_delay()
-        if result.status >= 500 and request.method in WRITE_METHODS and is_storage_full(
+        if result.status == 502 and request.method in ("MOVE", "COPY"):
+            # Radicale's "remote destination not supported": a client's wrong Destination, not a gateway error.
+            result = WsgiResult(403, "Forbidden", [("Content-Type", "text/plain; charset=utf-8")],
+                                b"Destination is not on this server\n", result.notes)
+            request[NOTE_KEY] = "Destination not on this server"
+        elif result.status >= 500 and request.method in WRITE_METHODS and is_storage_full(
                 self.storage_dir, result.notes, length):
             where = self.storage_dir or "the storage folder"
             log.error("storage %s: no space left on device; %s %s refused with 507 (free some space; the stored "
