@@ -441,3 +441,103 @@ async def test_real_radicale_hrefs_carry_the_script_name(tmp_path):
         bridge.close()
     assert "<href>/radicale/alice/contacts/</href>" in text
     assert "<href>/radicale/alice/calendar/</href>" in text
+
+
+# --- inputs Radicale would answer with 500 (or crash on) ----------------------------------------------
+
+@pytest.mark.parametrize(("host", "expected"), [
+    ("laptop.test", ("laptop.test", 443)),
+    ("laptop.test:8443", ("laptop.test", 8443)),
+    ("[::1]:8443", ("[::1]", 8443)),
+    ("[::1]", ("[::1]", 443)),
+    ("laptop.test:99999", ("laptop.test:99999", 443)),
+    ("laptop.test:", ("laptop.test:", 443)),
+])
+def test_server_address_is_what_the_client_addressed(host, expected):
+    """SERVER_PORT comes from the Host header (default 443), not from the local listening port."""
+    from inverse_cloud.wsgi import server_address
+
+    assert server_address(host) == expected
+
+
+LAUGHS = (b'<?xml version="1.0"?><!DOCTYPE l [<!ENTITY a "aaaaaaaaaa"><!ENTITY b "&a;&a;&a;&a;&a;&a;&a;&a;">'
+          b'<!ENTITY c "&b;&b;&b;&b;&b;&b;&b;&b;">]><propfind xmlns="DAV:"><prop><displayname>&c;</displayname>'
+          b"</prop></propfind>")
+XXE = (b'<?xml version="1.0"?><!DOCTYPE x [<!ENTITY x SYSTEM "file:///etc/passwd">]>'
+       b'<propfind xmlns="DAV:"><prop><displayname>&x;</displayname></prop></propfind>')
+DEEP = b'<propfind xmlns="DAV:">' + b"<a>" * 100_000 + b"</a>" * 100_000 + b"</propfind>"
+
+
+@pytest.mark.parametrize(("body", "problem"), [
+    (LAUGHS, "DTD"),
+    (XXE, "DTD"),
+    (b'<!DOCTYPE propfind><propfind xmlns="DAV:"/>', "DTD"),
+    (DEEP, "nested deeper"),
+    (b'<propfind xmlns="DAV:"><prop><displayname>\xff\xfe</displayname></prop></propfind>', "malformed XML"),
+    (b"<propfind", "malformed XML"),
+    (b'<?xml version="1.0"?><propfind xmlns="DAV:"><allprop/></propfind>', None),
+])
+def test_xml_problem(body, problem):
+    import io
+
+    from inverse_cloud.wsgi import xml_problem
+
+    found = xml_problem(io.BytesIO(body))
+    assert (found is None) if problem is None else (problem in (found or "")), found
+
+
+async def test_hostile_xml_is_400_before_radicale(tmp_path, caplog):
+    """Entity declarations (Radicale: 500 plus a traceback on the root logger) and 100k-deep nesting
+    (Radicale: the whole process died of a C stack overflow) are answered 400 by the bridge; a normal
+    PROPFIND still works afterwards and no traceback is logged."""
+    from inverse_cloud import config, users
+    from inverse_cloud.radicale_app import build_application
+
+    cfg = config.loads(f'[server]\ndomain = "laptop.test"\ndata_dir = "{tmp_path}"\nstate_dir = "{tmp_path}/s"\n')
+    users.add_user(cfg.server.htpasswd_path, "alice", "correct horse")
+    bridge = make_bridge(await asyncio.to_thread(build_application, cfg), max_body_bytes=4 * 1024 * 1024)
+    runner, port = await serve(make_https_app(bridge))
+    url = f"http://127.0.0.1:{port}/radicale/alice/"
+    headers = {"Authorization": BASIC_ALICE, "Depth": "1", "Content-Type": "application/xml"}
+    try:
+        async with aiohttp.ClientSession() as s:
+            for method in ("PROPFIND", "REPORT", "PROPPATCH"):
+                for body in (LAUGHS, XXE, DEEP):
+                    async with s.request(method, url, data=body, headers=headers) as r:
+                        assert r.status == 400, (method, r.status)
+                        assert "root:" not in await r.text()
+            async with s.request("PROPFIND", url, headers=headers) as r:
+                assert r.status == 207
+    finally:
+        await runner.cleanup()
+        bridge.close()
+    assert not [r for r in caplog.records if "Traceback" in r.getMessage() or r.exc_info]
+
+
+async def test_radicale_tracebacks_become_one_note(tmp_path, caplog):
+    """An unexpected exception inside the WSGI app that Radicale logs as a traceback on the root logger
+    ends up as the exception line in the bridge's single ERROR line, never as a traceback."""
+    import logging
+    import traceback
+
+    def crashing_app(environ: dict[str, Any], start_response: Callable[..., Any]) -> Iterable[bytes]:
+        try:
+            raise ValueError("boom in storage")
+        except ValueError:
+            logging.error("%s", traceback.format_exc())
+        start_response("500 Internal Server Error", [("Content-Type", "text/plain")])
+        return [b"A server error occurred."]
+
+    bridge = make_bridge(crashing_app)
+    runner, port = await serve(make_https_app(bridge))
+    try:
+        async with aiohttp.ClientSession() as s:
+            async with s.get(f"http://127.0.0.1:{port}/radicale/alice/", headers={"Authorization": BASIC_ALICE}) as r:
+                assert r.status == 500
+    finally:
+        await runner.cleanup()
+        bridge.close()
+    visible = [r for r in caplog.records if r.levelno >= logging.INFO]
+    assert not [r for r in visible if "Traceback" in r.getMessage()]
+    errors = [r.getMessage() for r in visible if r.levelno >= logging.ERROR]
+    assert len(errors) == 1 and "ValueError: boom in storage" in errors[0]
