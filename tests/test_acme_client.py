@@ -289,3 +289,23 @@ def test_generate_key(key_type):
 
     key = serialization.load_pem_private_key(generate_key(key_type), password=None)
     assert key.key_size in (256, 384, 2048)
+
+
+async def test_external_account_binding_is_sent(tmp_path, fake_acme):
+    """[acme] eab_kid/eab_hmac_key: newAccount carries an externalAccountBinding JWS (RFC 8555 7.3.4)
+    signed with HS256 for the kid, over our account key."""
+    import dataclasses
+
+    cfg = dataclasses.replace(acme_cfg(tmp_path, f"{fake_acme.base}/dir"), eab_kid="kid-1",
+                              eab_hmac_key=base64.urlsafe_b64encode(b"k" * 32).decode().rstrip("="))
+    d = AcmeDriver(cfg, "laptop.test")
+    try:
+        await d.ensure_account()
+    finally:
+        await d.aclose()
+    eab = fake_acme.payloads["acct"][0]["externalAccountBinding"]
+    protected = b64json(eab["protected"])
+    assert protected["kid"] == "kid-1" and protected["alg"] == "HS256"
+    assert protected["url"] == f"{fake_acme.base}/acct"
+    assert b64json(eab["payload"]) == fake_acme.protected["acct"][0]["jwk"]
+    assert fake_acme.payloads["acct"][0]["termsOfServiceAgreed"] is True
