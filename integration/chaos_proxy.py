@@ -10,6 +10,8 @@ Runs its own asyncio loop in a thread, so synchronous tests drive it directly::
         proxy.set_mode("cut")      # network change: open connections are dead for good (frozen,
                                    # never resumed), new ones flow
         proxy.set_mode("rebind")   # like cut, and new connections go out from another source address
+        proxy.set_mode("outage")   # like cut, but new connections are held too until "pass" (a network
+                                   # change with an outage: the old path never comes back)
 
 With ``record=True`` every connection's bytes are kept per direction (``captures``): used as the relay
 operator's view in the "relay never sees plaintext" test.
@@ -26,7 +28,7 @@ from typing import Any
 
 __all__ = ["ChaosProxy", "Capture"]
 
-MODES = ("pass", "freeze", "refuse", "cut", "rebind")
+MODES = ("pass", "freeze", "refuse", "cut", "rebind", "outage")
 
 
 @dataclass
@@ -125,7 +127,7 @@ class ChaosProxy:
     def _set_mode(self, mode: str) -> None:
         self.mode = mode
         for c in list(self._conns):
-            if mode in ("cut", "rebind"):
+            if mode in ("cut", "rebind", "outage"):
                 c.dead = True
                 c.flow.clear()
             elif mode == "freeze":
@@ -159,6 +161,12 @@ class ChaosProxy:
         await self._server.wait_closed()
 
     async def _handle(self, cr: asyncio.StreamReader, cw: asyncio.StreamWriter) -> None:
+        try:
+            await self._proxy(cr, cw)
+        except asyncio.CancelledError:   # proxy stopping: its sockets are reset by _serve
+            pass
+
+    async def _proxy(self, cr: asyncio.StreamReader, cw: asyncio.StreamWriter) -> None:
         self.accepted += 1
         if self.mode == "refuse":
             _rst(cw)
@@ -168,7 +176,7 @@ class ChaosProxy:
         self._conns.add(c)
         if self.record:
             self.captures.append(c.capture)
-        if self.mode != "freeze":
+        if self.mode not in ("freeze", "outage"):
             c.flow.set()
         await c.flow.wait()     # a connection made while frozen waits, like SYN retries
         local = (self.rebind_source, 0) if self.mode == "rebind" else None

@@ -59,6 +59,8 @@ SLOW_RETRY_S = 300.0
 FORWARD_REFUSED_RETRY_S = 60.0
 # How long the takeover session may take (connect + forced command).
 TAKEOVER_TIMEOUT_S = 15.0
+# A link that stayed up this long is re-established at once when it drops (a flapping relay gets backoff).
+STABLE_S = 5.0
 # Host key algorithms we accept a relay to show (after the pinned key's own); no SHA-1 ssh-rsa.
 HOST_KEY_ALGS = ("ssh-ed25519", "ecdsa-sha2-nistp256", "ecdsa-sha2-nistp384", "ecdsa-sha2-nistp521",
                  "rsa-sha2-512", "rsa-sha2-256")
@@ -387,6 +389,7 @@ class Tunnel:
         self._closing = False
         self._wake: asyncio.Event | None = None
         self._requested = False
+        self._up_mono = 0.0
         self._conn: asyncssh.SSHClientConnection | None = None
         self._connector: QuickAckConnector | None = None
         self._ever_up = False
@@ -512,6 +515,8 @@ class Tunnel:
                 self._set_state("failed", failure.message, logging.ERROR)
             elif self.state == "up":
                 self._set_state("down", f"relay link lost ({failure.message}); reconnecting", logging.WARNING)
+                if time.monotonic() - self._up_mono >= STABLE_S:
+                    delay, attempt = 0.0, 0       # a link that had been working: first retry at once
             elif self.state == "down":
                 self.last_error = failure.message      # same outage: no new line per retry
             else:
@@ -612,6 +617,7 @@ class Tunnel:
         self._ever_up = True
         self.connections += 1
         self.connected_since = now
+        self._up_mono = time.monotonic()
         self._took_over_logged = False
         local = {"https": self.target.https_port, "http": self.target.http_port}
         self._set_state("up", "tunnel up: " + ", ".join(
