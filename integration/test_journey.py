@@ -237,6 +237,16 @@ def test_journey(tmp_path):
                 assert code == 0, text
                 assert all(c["state"] == "ok" for c in report["checks"]), text
                 assert any("CAA 0 issue" in r for r in report["dns_records"])
+                human = cli("status", "--config", str(cfg))
+                assert human.returncode == 0, human.stdout
+                assert "tunnel:       up to 127.0.0.1:" in human.stdout
+                assert "DAV user alice: calendar (calendar, 1 items), contacts (addressbook, 3 items)" in human.stdout
+                assert "plaintext only here: TLS ends in this process" in human.stdout
+                human_doctor = cli("doctor", "--config", str(cfg), *good,
+                                   "--connect-to", f"laptop.test:80:127.0.0.1:{relay.http_port}",
+                                   "--connect-to", f"laptop.test:443:127.0.0.1:{relay.https_port}")
+                assert human_doctor.returncode == 0 and "all links work" in human_doctor.stdout, human_doctor.stdout
+                print("\n" + human.stdout + "\n" + human_doctor.stdout)
                 mark("status + doctor healthy")
 
                 # 4. Export while a phone is uploading: every item committed before the export began is in it.
