@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import hashlib
 import json
 import socket
 import ssl
@@ -26,12 +25,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from cryptography import x509
-from cryptography.hazmat.primitives import serialization
-
 from . import config as config_mod
 from .config import Config
 from .errors import ConfigError
+from .netprobe import describe, dns_addresses, http_request, spki_sha256_of_cert
 
 __all__ = ["Check", "DoctorOptions", "Report", "dns_records", "format_report", "parse_connect_to",
            "parse_resolve", "run_doctor"]
@@ -140,7 +137,7 @@ class _Ctx:
         assert self.cfg is not None
         loop = asyncio.get_running_loop()
         if self.cfg.acme.dns_server is not None:
-            return await loop.run_in_executor(None, _dns_addresses, host, self.cfg.acme.dns_server)
+            return await loop.run_in_executor(None, dns_addresses, host, self.cfg.acme.dns_server)
         infos = await loop.getaddrinfo(host, None, type=socket.SOCK_STREAM)
         return sorted({str(i[4][0]) for i in infos})
 
@@ -156,70 +153,6 @@ class _Ctx:
         return addrs[0], port
 
 
-def _dns_addresses(host: str, server: tuple[str, int]) -> list[str]:
-    import dns.exception
-    import dns.resolver
-
-    resolver = dns.resolver.Resolver(configure=False)
-    resolver.nameservers = [server[0]]
-    resolver.port = server[1]
-    resolver.lifetime = 5.0
-    out: list[str] = []
-    for rtype in ("A", "AAAA"):
-        try:
-            answer = resolver.resolve(host, rtype, raise_on_no_answer=False)
-        except dns.resolver.NXDOMAIN:
-            return []
-        except dns.exception.DNSException as exc:
-            raise OSError(f"DNS query for {host} {rtype} at {server[0]}:{server[1]} failed: {exc}") from exc
-        out += [rd.to_text() for rd in (answer.rrset or [])]
-    return sorted(set(out))
-
-
-async def _http(addr: tuple[str, int], host: str, method: str, path: str, timeout_s: float,
-                tls: ssl.SSLContext | None = None, headers: dict[str, str] | None = None
-                ) -> tuple[int, dict[str, str], bytes, bytes | None]:
-    """One HTTP/1.1 request with ``Connection: close``; returns (status, headers, body, peer cert DER)."""
-    async with asyncio.timeout(timeout_s):
-        reader, writer = await asyncio.open_connection(addr[0], addr[1], ssl=tls,
-                                                       server_hostname=host if tls else None)
-        try:
-            der = None
-            if tls is not None:
-                sslobj = writer.get_extra_info("ssl_object")
-                der = sslobj.getpeercert(binary_form=True) if sslobj else None
-            extra = "".join(f"{k}: {v}\r\n" for k, v in (headers or {}).items())
-            writer.write(f"{method} {path} HTTP/1.1\r\nHost: {host}\r\nUser-Agent: inverse-cloud-doctor\r\n"
-                         f"Connection: close\r\nContent-Length: 0\r\n{extra}\r\n".encode("latin-1"))
-            await writer.drain()
-            raw = await reader.read(1 << 20)
-            while len(raw) < (1 << 20):
-                chunk = await reader.read(1 << 16)
-                if not chunk:
-                    break
-                raw += chunk
-        finally:
-            writer.close()
-            with contextlib.suppress(OSError, ssl.SSLError):
-                await writer.wait_closed()
-    head, _, body = raw.partition(b"\r\n\r\n")
-    lines = head.decode("latin-1").split("\r\n")
-    if not lines or not lines[0].startswith("HTTP/"):
-        raise OSError(f"not an HTTP answer: {raw[:40]!r}")
-    status = int(lines[0].split(" ", 2)[1])
-    hdrs = {}
-    for line in lines[1:]:
-        k, _, v = line.partition(":")
-        hdrs[k.strip().lower()] = v.strip()
-    return status, hdrs, body, der
-
-
-def _spki_sha256_of_cert(der: bytes) -> str:
-    cert = x509.load_der_x509_certificate(der)
-    return hashlib.sha256(cert.public_key().public_bytes(
-        serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo)).hexdigest()
-
-
 def _account_uri(cfg: Config) -> str:
     try:
         meta = json.loads((cfg.acme.account_dir / "account.json").read_text(encoding="utf-8"))
@@ -227,14 +160,6 @@ def _account_uri(cfg: Config) -> str:
         return ""
     uri = (meta.get("accounts") or {}).get(cfg.acme.directory, "")
     return uri if isinstance(uri, str) else ""
-
-
-def _describe(exc: BaseException) -> str:
-    if isinstance(exc, TimeoutError):
-        return "timed out"
-    if isinstance(exc, ConnectionRefusedError):
-        return "connection refused"
-    return str(exc) or type(exc).__name__
 
 
 # --- the links ----------------------------------------------------------------------------------------
@@ -295,13 +220,13 @@ async def check_dns(ctx: _Ctx) -> Check:
     try:
         relay = await ctx.resolve(cfg.relay.host)
     except OSError as exc:
-        return Check("DNS", "fail", f"the relay host {cfg.relay.host} does not resolve ({_describe(exc)})",
+        return Check("DNS", "fail", f"the relay host {cfg.relay.host} does not resolve ({describe(exc)})",
                      "check [relay] host in the config")
     ctx.relay_addrs = relay
     try:
         addrs = await ctx.resolve(domain)
     except OSError as exc:
-        addrs, why = [], _describe(exc)
+        addrs, why = [], describe(exc)
     else:
         why = "no A/AAAA record"
     want = ", ".join(relay)
@@ -356,7 +281,7 @@ async def check_relay(ctx: _Ctx) -> Check:
         key = await asyncio.wait_for(asyncssh.get_server_host_key(
             cfg.relay.host, cfg.relay.port, config=None, server_host_key_algs=algs), ctx.opts.timeout_s)
     except (OSError, TimeoutError, asyncssh.Error) as exc:
-        return Check("relay", "fail", f"relay {where} is unreachable ({_describe(exc)})",
+        return Check("relay", "fail", f"relay {where} is unreachable ({describe(exc)})",
                      "is the VPS up, sshd running and its port open? (try: ssh -p "
                      f"{cfg.relay.port} {cfg.relay.user}@{cfg.relay.host})")
     if key is None:
@@ -424,12 +349,12 @@ async def check_public_http(ctx: _Ctx) -> Check:
     try:
         probe = await ask_async(cfg.server.control_socket, "probe", timeout_s=ctx.opts.timeout_s)
         target = await ctx.public_target(80)
-        status, _h, body, _ = await _http(target, domain, "GET", f"/.well-known/acme-challenge/{probe['token']}",
+        status, _h, body, _ = await http_request(target, domain, "GET", f"/.well-known/acme-challenge/{probe['token']}",
                                           ctx.opts.timeout_s)
     except ControlError as exc:
         return Check("public HTTP", "fail", str(exc), "see: journalctl --user -u inverse-cloud")
     except (OSError, TimeoutError) as exc:
-        return Check("public HTTP", "fail", f"http://{domain}/ does not answer ({_describe(exc)})",
+        return Check("public HTTP", "fail", f"http://{domain}/ does not answer ({describe(exc)})",
                      "the relay must forward its port 80 to the tunnel's HTTP port: re-run the NAT part of "
                      "`inverse-cloud relay-setup` on the relay")
     if status != 200 or body.strip() != str(probe["value"]).encode():
@@ -450,20 +375,20 @@ async def check_public_https(ctx: _Ctx) -> Check:
     no_verify.verify_mode = ssl.CERT_NONE
     try:
         target = await ctx.public_target(443)
-        _s, _h, _b, der = await _http(target, domain, "HEAD", "/", ctx.opts.timeout_s, tls=no_verify)
+        _s, _h, _b, der = await http_request(target, domain, "HEAD", "/", ctx.opts.timeout_s, tls=no_verify)
     except (OSError, TimeoutError, ssl.SSLError) as exc:
-        return Check("public HTTPS", "fail", f"https://{domain}/ does not answer ({_describe(exc)})",
+        return Check("public HTTPS", "fail", f"https://{domain}/ does not answer ({describe(exc)})",
                      "the relay must forward its port 443 to the tunnel's HTTPS port (relay-setup's NAT rules)")
     if der is None:
         return Check("public HTTPS", "fail", f"https://{domain}/ presented no certificate", "")
-    theirs = _spki_sha256_of_cert(der)
+    theirs = spki_sha256_of_cert(der)
     if ours and theirs != ours:
         return Check("public HTTPS", "fail", f"https://{domain}/ presents a certificate whose key is not ours "
                      f"(sha256 {theirs[:16]}…, ours {ours[:16]}…): something between the phone and this laptop "
                      "terminates TLS", "check DNS and the relay's forwarding; do not sync until this is fixed")
     verify = ssl.create_default_context(cafile=str(ctx.opts.cafile) if ctx.opts.cafile else None)
     try:
-        await _http(target, domain, "HEAD", "/", ctx.opts.timeout_s, tls=verify)
+        await http_request(target, domain, "HEAD", "/", ctx.opts.timeout_s, tls=verify)
     except ssl.SSLCertVerificationError as exc:
         served = (ctx.status.get("certificate") or {}).get("served") or {}
         fix = ("no certificate from the CA yet: see `inverse-cloud status` for the last ACME error"
@@ -472,7 +397,7 @@ async def check_public_https(ctx: _Ctx) -> Check:
                      f"({exc.verify_message or exc.reason})", fix)
     except (OSError, TimeoutError, ssl.SSLError) as exc:
         return Check("public HTTPS", "fail", f"https://{domain}/ failed on the second connection "
-                     f"({_describe(exc)})", "")
+                     f"({describe(exc)})", "")
     return Check("public HTTPS", "ok", f"https://{domain}/ presents our key (sha256 {theirs[:16]}…) with a "
                  "trusted chain: nobody in between terminates TLS")
 
@@ -484,12 +409,12 @@ async def check_dav(ctx: _Ctx) -> Check:
     verify = ssl.create_default_context(cafile=str(ctx.opts.cafile) if ctx.opts.cafile else None)
     try:
         target = await ctx.public_target(443)
-        status, hdrs, _b, _ = await _http(target, domain, "PROPFIND", "/radicale/", ctx.opts.timeout_s, tls=verify,
-                                          headers={"Depth": "0"})
-        wk_status, wk_hdrs, _b2, _ = await _http(target, domain, "PROPFIND", "/.well-known/carddav",
+        status, hdrs, _b, _ = await http_request(target, domain, "PROPFIND", "/radicale/", ctx.opts.timeout_s,
+                                                 tls=verify, headers={"Depth": "0"})
+        wk_status, wk_hdrs, _b2, _ = await http_request(target, domain, "PROPFIND", "/.well-known/carddav",
                                                  ctx.opts.timeout_s, tls=verify, headers={"Depth": "0"})
     except (OSError, TimeoutError, ssl.SSLError) as exc:
-        return Check("DAV", "fail", f"PROPFIND https://{domain}/radicale/ failed ({_describe(exc)})", "")
+        return Check("DAV", "fail", f"PROPFIND https://{domain}/radicale/ failed ({describe(exc)})", "")
     if status != 401 or "basic" not in hdrs.get("www-authenticate", "").lower():
         return Check("DAV", "fail", f"PROPFIND /radicale/ without credentials answered {status}, not 401 with "
                      "Basic authentication", "see: journalctl --user -u inverse-cloud")
