@@ -1,0 +1,114 @@
+"""`inverse-cloud relay-setup --apply ADMIN@RELAY` runs the generated setup.sh on the relay through OpenSSH.
+
+The "relay" here is this machine inside a sandbox: a private mount and network namespace (``unshare -m -n``)
+in which /etc is a bind-mounted copy and /run a tmpfs, so useradd, the sshd drop-in, ``sshd -t`` (the real
+one, on Debian's real sshd_config with its Include line), the sysctl and the nftables rules all really run
+but change nothing outside. ``ssh`` is a stand-in on PATH that enters the sandbox and runs the remote
+command (``sh -s``) with the script on stdin, as the real ssh would on the relay.
+"""
+
+from __future__ import annotations
+
+import os
+import stat
+import subprocess
+import sys
+from pathlib import Path
+
+from inverse_cloud.testing import init_instance
+
+SANDBOX = r"""#!/bin/sh
+# usage: sandbox.sh ROOT CMD...   (stdin passed through)
+set -eu
+ROOT=$1; shift
+exec unshare -m -n sh -c '
+  set -eu
+  ROOT=$0
+  mount --make-rprivate /
+  mount --bind "$ROOT/etc" /etc
+  mount -t tmpfs tmpfs /run
+  mkdir -p /run/sshd
+  ip link set lo up
+  # the relay sshd whose reload we watch: a stand-in that records SIGHUP
+  sh -c "trap \"echo hup >> $ROOT/hup\" HUP; while :; do sleep 0.05; done" </dev/null >/dev/null 2>&1 &
+  echo $! > /run/sshd.pid
+  trap "kill $! 2>/dev/null" EXIT
+  set +e
+  "$@"; rc=$?
+  set -e
+  nft list table ip inverse_cloud > "$ROOT/nft.out" 2>&1 || true
+  sysctl -n net.ipv4.conf.all.route_localnet > "$ROOT/localnet.out" 2>&1 || true
+  exit $rc
+' "$ROOT" "$@"
+"""
+
+
+def _sandbox(tmp_path: Path) -> tuple[Path, Path]:
+    root = tmp_path / "relay"
+    root.mkdir()
+    subprocess.run(["cp", "-a", "/etc", str(root / "etc")], check=True)
+    box = tmp_path / "sandbox.sh"
+    box.write_text(SANDBOX)
+    box.chmod(0o755)
+    bindir = tmp_path / "bin"
+    bindir.mkdir()
+    fake_ssh = bindir / "ssh"
+    # ssh [-p P] [-o X] ... USER@HOST REMOTE-COMMAND: run the remote command inside the sandbox
+    fake_ssh.write_text(f'#!/bin/sh\necho "$@" > {root}/ssh-args\nfor last; do :; done\n'
+                        f'exec {box} {root} sh -c "$last"\n')
+    fake_ssh.chmod(0o755)
+    return root, bindir
+
+
+def _apply(cfg: Path, bindir: Path, *extra: str) -> subprocess.CompletedProcess[str]:
+    env = {**os.environ, "PATH": f"{bindir}:{os.environ['PATH']}"}
+    return subprocess.run([sys.executable, "-m", "inverse_cloud.cli", "relay-setup", "--config", str(cfg), "--apply",
+                           "root@relay.example:2222", "--no-pin", *extra], capture_output=True, text=True,
+                          timeout=120, env=env)
+
+
+def test_apply_sets_up_the_relay_idempotently(tmp_path):
+    """--apply twice: the user exists once with /bin/sh and password '*', the keys file and the drop-in
+    hold exactly what relay-setup renders, `sshd -t` passed and sshd got one SIGHUP per run, the
+    nftables NAT table is loaded and route_localnet is on (in the sandbox's own network namespace)."""
+    assert os.geteuid() == 0, "needs root (unshare -m -n); CI runs as root"
+    root, bindir = _sandbox(tmp_path)
+    cfg = init_instance(tmp_path / "ic", relay="icapply@relay.example:2222")
+    for run in (1, 2):
+        out = _apply(cfg, bindir)
+        assert out.returncode == 0, out.stderr + out.stdout
+        assert "inverse-cloud: relay ready for user icapply" in out.stdout
+        assert (root / "hup").read_text().count("hup") == run
+    assert (root / "ssh-args").read_text().strip() == "-p 2222 -o ConnectTimeout=15 root@relay.example sh -s"
+    users = [line for line in (root / "etc" / "passwd").read_text().splitlines() if line.startswith("icapply:")]
+    assert len(users) == 1 and users[0].endswith(":/bin/sh")
+    shadow = [line for line in (root / "etc" / "shadow").read_text().splitlines() if line.startswith("icapply:")]
+    assert shadow[0].split(":")[1] == "*"
+    bundle = tmp_path / "bundle"
+    subprocess.run([sys.executable, "-m", "inverse_cloud.cli", "relay-setup", "--config", str(cfg), "--output",
+                    str(bundle), "--no-pin"], check=True, capture_output=True)
+    keys = root / "etc" / "ssh" / "inverse-cloud" / "icapply.keys"
+    assert keys.read_text() == (bundle / "authorized_keys").read_text()
+    assert stat.S_IMODE(keys.stat().st_mode) == 0o644 and keys.stat().st_uid == 0
+    dropin = root / "etc" / "ssh" / "sshd_config.d" / "inverse-cloud-icapply.conf"
+    assert dropin.read_text() == (bundle / "sshd_config.d" / "inverse-cloud.conf").read_text()
+    nft = (root / "nft.out").read_text()
+    assert "dnat to 127.0.0.1:44353" in nft and "dnat to 127.0.0.1:8053" in nft, nft
+    assert (root / "localnet.out").read_text().strip() == "1"
+    # the host's real files are untouched
+    assert not Path("/etc/ssh/inverse-cloud/icapply.keys").exists()
+    assert "icapply:" not in Path("/etc/passwd").read_text()
+
+
+def test_apply_refuses_to_reload_a_broken_sshd_config(tmp_path):
+    """A relay whose sshd config does not pass `sshd -t` (a bogus line elsewhere): setup.sh removes its
+    drop-in again, does not reload sshd, and relay-setup fails with the script's last line."""
+    assert os.geteuid() == 0, "needs root (unshare -m -n); CI runs as root"
+    root, bindir = _sandbox(tmp_path)
+    (root / "etc" / "ssh" / "sshd_config.d" / "broken.conf").write_text("ThisIsNotAnOption yes\n")
+    cfg = init_instance(tmp_path / "ic", relay="icapply@relay.example:2222")
+    out = _apply(cfg, bindir)
+    assert out.returncode == 1
+    assert "sshd -t failed" in out.stderr and "sshd not reloaded" in out.stderr
+    assert not (root / "hup").exists()
+    assert not (root / "etc" / "ssh" / "sshd_config.d" / "inverse-cloud-icapply.conf").exists()
