@@ -24,6 +24,7 @@ import io
 import logging
 import os
 import random
+import re
 import sys
 import tempfile
 import threading
@@ -58,6 +59,10 @@ WRITE_METHODS = frozenset({"PUT", "DELETE", "MKCOL", "MKCALENDAR", "PROPPATCH", 
 # After this long without a Radicale request, free memory is handed back to the OS (see _release_memory).
 IDLE_TRIM_S = 2.0
 
+# After a 413 the rest of the body is read and dropped, up to this many times the limit and this long.
+REFUSED_BODY_DRAIN_FACTOR = 4
+REFUSED_BODY_DRAIN_S = 2.0
+
 # request[NOTE_KEY]: why a request was refused or what Radicale said about it. The access logger appends
 # it to the request's line, so a bad request costs one log line, not two or three.
 NOTE_KEY = web.RequestKey("inverse_cloud.note", str)
@@ -82,9 +87,14 @@ class _RadicaleLogCapture(logging.Filter):
             # exception line for the request's log line, the whole traceback at debug level only.
             log.debug("Radicale: %s", message)
             message = message.strip().rsplit("\n", 1)[-1]
+        # vobject quotes the line it could not parse: contact data stays out of the log.
+        message = _QUOTED_LINE.sub(r"\1 (line not logged)", message)
         if len(notes) < 4:
             notes.append(message.split("\n", 1)[0][:NOTE_MAX_CHARS])
         return False
+
+
+_QUOTED_LINE = re.compile(r"(Failed to parse line):.*")
 
 
 _capture = _RadicaleLogCapture()
@@ -172,6 +182,9 @@ async def read_body(request: web.Request, max_bytes: int, grace_s: float, min_ra
             except TimeoutError:
                 raise BodyError(408, f"request body too slow ({received} bytes in {clock() - start:.0f} s)"
                                 ) from None
+            except ConnectionError:
+                # The client went away mid-body: its mistake, not a 500 of ours (nobody gets this answer).
+                raise BodyError(400, f"connection closed by the client after {received} body bytes") from None
             if not chunk:
                 break
             received += len(chunk)
@@ -408,10 +421,15 @@ class RadicaleBridge:
             request[NOTE_KEY] = exc.reason
             resp = web.Response(status=exc.status, text=exc.reason + "\n")
             resp.force_close()
-            await resp.prepare(request)
-            await resp.write_eof()
+            try:
+                await resp.prepare(request)
+                await resp.write_eof()
+                if exc.status == 413:
+                    await self._discard_refused_body(request)
+            except ConnectionError:
+                pass  # the client is gone; aiohttp logs the request with this status all the same
             # Close now: aiohttp would otherwise "linger", reading and discarding the rest of the body for
-            # lingering_time -- a refused 100 MB upload read anyway, a trickler given more time.
+            # lingering_time without a byte cap (a refused 100 MB upload read anyway, a trickler given time).
             request.protocol.force_close()
             return resp
         length = body.seek(0, io.SEEK_END)
@@ -490,6 +508,25 @@ class RadicaleBridge:
         try:
             asyncio.get_running_loop().run_in_executor(self.executor, self._trim)
         except RuntimeError:   # executor shut down: the server is stopping
+            pass
+
+    async def _discard_refused_body(self, request: web.Request) -> None:
+        """After a 413: read and drop what the client still sends, up to 4x the limit for 2 s.
+
+        A phone that writes its whole body before reading the answer must get to read the 413: closing
+        with unread data resets the connection, and the phone would report a network error and retry.
+        An upload declared bigger than the cap is not worth it and is cut at once.
+        """
+        cap = REFUSED_BODY_DRAIN_FACTOR * self.max_body_bytes
+        declared = request.content_length
+        if declared is not None and declared > cap:
+            return
+        dropped = 0
+        try:
+            async with asyncio.timeout(REFUSED_BODY_DRAIN_S):
+                while dropped <= cap and (chunk := await request.content.readany()):
+                    dropped += len(chunk)
+        except TimeoutError:
             pass
 
     async def _failure_delay(self) -> None:
