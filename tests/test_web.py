@@ -541,3 +541,39 @@ async def test_radicale_tracebacks_become_one_note(tmp_path, caplog):
     assert not [r for r in visible if "Traceback" in r.getMessage()]
     errors = [r.getMessage() for r in visible if r.levelno >= logging.ERROR]
     assert len(errors) == 1 and "ValueError: boom in storage" in errors[0]
+
+
+@pytest.mark.parametrize("tail", [b"zz\r\nhello\r\n0\r\n\r\n", b"5\r\nhelloXX0\r\n\r\n"])
+async def test_broken_chunk_framing_after_the_headers_is_400_not_500(dav, tail):
+    """Chunk framing that breaks in a later packet (after the handler started reading the body) ends in a
+    4xx and a closed connection -- aiohttp does not fail the body stream, so it is the body deadline's 408
+    -- never a 5xx."""
+    app, _, base, _ = dav
+    port = int(base.rsplit(":", 1)[1])
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    writer.write(b"PUT /radicale/alice/contacts/a.vcf HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n"
+                 b"3\r\nabc\r\n")
+    await writer.drain()
+    await asyncio.sleep(0.2)  # let the handler start reading the body before the broken part arrives
+    writer.write(tail)
+    data = await asyncio.wait_for(reader.read(), 10)
+    writer.close()
+    assert data.startswith((b"HTTP/1.1 400", b"HTTP/1.1 408")), data[:80]
+    assert app.calls == []
+
+
+async def test_client_leaving_mid_body_is_not_logged_as_500(dav, caplog):
+    import logging
+
+    app, _, base, _ = dav
+    port = int(base.rsplit(":", 1)[1])
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    writer.write(b"PUT /radicale/alice/contacts/a.vcf HTTP/1.1\r\nHost: x\r\nContent-Length: 1000\r\n\r\nabc")
+    await writer.drain()
+    await asyncio.sleep(0.2)  # the handler is now waiting for the rest of the body
+    writer.transport.abort()
+    with caplog.at_level(logging.INFO):
+        await asyncio.sleep(0.3)  # let the server notice the closed connection
+    assert app.calls == []
+    assert not [r for r in caplog.records if r.levelno >= logging.ERROR or "Error handling" in r.getMessage()]
+
