@@ -74,6 +74,7 @@ class ChaosProxy:
         self._server: asyncio.Server | None = None
         self._ready = threading.Event()
         self._stopped: asyncio.Event | None = None
+        self._armed = False
 
     # -- control (from any thread) --
 
@@ -118,6 +119,11 @@ class ChaosProxy:
     def reset(self) -> int:
         """RST every open connection now; returns how many."""
         return int(self._call(self._reset))
+
+    def reset_on_next_response(self) -> None:
+        """F15: the next bytes flowing back to a client are not delivered; that connection is reset at both
+        ends instead (the server has answered -- committed -- but the client never sees the answer)."""
+        self._call(lambda: setattr(self, "_armed", True))
 
     def open_connections(self) -> int:
         return int(self._call(lambda: len(self._conns)))
@@ -189,17 +195,24 @@ class ChaosProxy:
         c.writers.append(sw)
         try:
             await asyncio.gather(self._pump(c, cr, sw, c.capture.upstream),
-                                 self._pump(c, sr, cw, c.capture.downstream))
+                                 self._pump(c, sr, cw, c.capture.downstream, downstream=True))
         finally:
             self._conns.discard(c)
             for w in (cw, sw):
                 w.close()
 
-    async def _pump(self, c: _Conn, r: asyncio.StreamReader, w: asyncio.StreamWriter, rec: bytearray) -> None:
+    async def _pump(self, c: _Conn, r: asyncio.StreamReader, w: asyncio.StreamWriter, rec: bytearray,
+                    downstream: bool = False) -> None:
         try:
             while True:
                 data = await r.read(65536)
                 await c.flow.wait()          # held while frozen; a dead connection never moves again
+                if downstream and data and self._armed:
+                    self._armed = False
+                    for writer in c.writers:
+                        _rst(writer)
+                    self._conns.discard(c)
+                    return
                 if not data:
                     if w.can_write_eof():
                         w.write_eof()

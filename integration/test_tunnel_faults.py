@@ -9,9 +9,12 @@ on the machine, which must not hit another test's relay running at the same time
 
 from __future__ import annotations
 
+import base64
 import contextlib
 import re
 import signal
+import socket
+import ssl
 import subprocess
 import time
 from pathlib import Path
@@ -212,3 +215,81 @@ def test_f14_permitlisten_mismatch_is_one_line_and_local_keeps_serving(tmp_path)
             assert f"relay refused to listen on 127.0.0.1:{relay.https_port} (check permitlisten" in lines[0]
             assert "ERROR" in lines[0] and "PermitListen" in lines[0]
             assert local_ok(srv)
+
+
+def _https(port: int, requests: list[bytes], timeout: float = 10) -> list[bytes]:
+    """Send HTTP/1.1 requests one after another on one TLS connection; return each raw response head+body."""
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    ctx.check_hostname = False
+    ctx.verify_mode = ssl.CERT_NONE
+    out = []
+    with socket.create_connection(("127.0.0.1", port), timeout=timeout) as raw, \
+            ctx.wrap_socket(raw, server_hostname="laptop.test") as s:
+        for req in requests:
+            s.sendall(req)
+            buf = b""
+            while b"\r\n\r\n" not in buf:
+                chunk = s.recv(65536)
+                if not chunk:
+                    raise ConnectionResetError("closed before a response")
+                buf += chunk
+            head, _, body = buf.partition(b"\r\n\r\n")
+            m = re.search(rb"content-length: *(\d+)", head, re.I)
+            need = int(m.group(1)) if m else 0
+            while len(body) < need:
+                chunk = s.recv(65536)
+                if not chunk:
+                    break
+                body += chunk
+            out.append(head + b"\r\n\r\n" + body)
+    return out
+
+
+def _req(method: str, path: str, body: bytes = b"", extra: str = "") -> bytes:
+    auth = base64.b64encode(f"alice:{PASSWORD}".encode()).decode()
+    return (f"{method} {path} HTTP/1.1\r\nHost: laptop.test\r\nAuthorization: Basic {auth}\r\n{extra}"
+            f"Content-Length: {len(body)}\r\n\r\n").encode() + body
+
+
+@pytest.mark.slow
+def test_f15_response_lost_after_commit_no_duplicate(tmp_path):
+    """F15: the link drops right after Radicale committed a PUT, before the response reaches the phone (the
+    proxy in front of the relay's port resets the connection instead of delivering the first response
+    bytes). The phone retries the same PUT with If-None-Match: * -> 412 (it was stored) -> exactly one
+    item with that UID, byte-identical to what was sent."""
+    with stack(tmp_path, proxy=False) as (srv, relay, _):
+        with ChaosProxy(relay.https_port) as phone_link:
+            uid = "f15-0001"
+            card = (f"BEGIN:VCARD\r\nVERSION:3.0\r\nUID:{uid}\r\nFN:F15 Canary\r\nN:Canary;F15;;;\r\n"
+                    "END:VCARD\r\n").encode()
+            path = f"/radicale/alice/contacts/{uid}.vcf"
+            put = _req("PUT", path, card, "Content-Type: text/vcard\r\nIf-None-Match: *\r\n")
+            warm = _req("PROPFIND", "/radicale/alice/contacts/", b"", "Depth: 0\r\n")
+
+            ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+            ctx.check_hostname = False
+            ctx.verify_mode = ssl.CERT_NONE
+            with socket.create_connection(("127.0.0.1", phone_link.port), timeout=10) as raw, \
+                    ctx.wrap_socket(raw, server_hostname="laptop.test") as s:
+                s.sendall(warm)                          # handshake and session tickets are over after this
+                got = b""
+                while b"</multistatus>" not in got:
+                    chunk = s.recv(65536)
+                    assert chunk, "warm-up request failed"
+                    got += chunk
+                phone_link.reset_on_next_response()
+                s.sendall(put)
+                lost = False
+                try:
+                    lost = s.recv(65536) == b""
+                except (ConnectionResetError, ssl.SSLError, OSError):
+                    lost = True
+                assert lost, "the response got through: the fault was not injected"
+            retry = _https(phone_link.port, [put])[0]
+            status = int(retry.split(b" ", 2)[1])
+            print(f"\n[tunnel-faults] F15: retried PUT after the lost response -> {status}")
+            assert status in (412, 201)
+            listing = _https(phone_link.port, [_req("PROPFIND", "/radicale/alice/contacts/", b"", "Depth: 1\r\n")])[0]
+            assert listing.count(f"{uid}.vcf".encode()) == 1
+            stored = _https(phone_link.port, [_req("GET", path)])[0].partition(b"\r\n\r\n")[2]
+            assert stored.count(f"UID:{uid}".encode()) == 1 and b"FN:F15 Canary" in stored
