@@ -358,12 +358,21 @@ class OurSide:
     label = "ours"
 
     def __init__(self, root: Path, chain: bytes, key: bytes, htpasswd_line: str, extra_toml: str,
-                 env: dict[str, str], radicale_opts: Sequence[str] = ()) -> None:
+                 env: dict[str, str], radicale_opts: Sequence[str] = (), with_components: bool = False) -> None:
         from inverse_cloud.config import load
         from inverse_cloud.radicale_app import radicale_options
         from inverse_cloud.tls import CertStore
 
-        self.config = init_instance(root, domain=HOST, user=USER, password=PASSWORD, extra_toml=extra_toml)
+        kw: dict[str, str] = {}
+        if with_components:
+            kw = {"relay": f"bench@127.0.0.1:{free_port()}", "acme_directory": f"https://127.0.0.1:{free_port()}/dir"}
+        self.config = init_instance(root, domain=HOST, user=USER, password=PASSWORD, extra_toml=extra_toml, **kw)
+        if with_components:
+            import asyncssh
+
+            host_key = asyncssh.generate_private_key("ssh-ed25519").export_public_key().decode().strip()
+            text = self.config.read_text().replace('host_key = ""', f'host_key = "{host_key}"', 1)
+            self.config.write_text(text)
         tables: dict[str, list[str]] = {}
         for opt in radicale_opts:
             name, _, value = opt.partition("=")
@@ -462,7 +471,8 @@ def _fmt(value: float, unit: str) -> str:
 def report(results: dict[str, list[dict[str, Any]]], mem_now: dict[str, dict[str, Any]],
            mem_after: dict[str, dict[str, Any]], args: argparse.Namespace) -> list[str]:
     lines = [f"dav_bench n={args.n} rounds={args.rounds} ({dt.datetime.now():%Y-%m-%d %H:%M}, "
-             f"{os.cpu_count()} CPUs, bcrypt cost {args.bcrypt_rounds}, fsync on both sides)", ""]
+             f"{os.cpu_count()} CPUs, bcrypt cost {args.bcrypt_rounds}, fsync on both sides"
+             f"{', ours with relay + ACME configured' if args.with_components else ''})", ""]
     for title, phases in (("wall time", PHASES), ("server CPU (ours: 1 process; seed: radicale+nginx)", CPU_PHASES)):
         lines.append(f"{title:38} {'ours (median)':>14} {'seed (median)':>14} {'ratio':>6}   ours/seed per round")
         for key, name, unit in phases:
@@ -499,6 +509,10 @@ def main() -> int:
     ap.add_argument("--server-env", action="append", default=[], metavar="K=V",
                     help="environment for our server process (e.g. MALLOC_ARENA_MAX=2)")
     ap.add_argument("--extra-toml", default="", help="lines appended to our [server] table")
+    ap.add_argument("--with-components", action="store_true",
+                    help="configure a relay (pinned key, nothing listening: the tunnel retries) and ACME (a CA "
+                         "that does not answer) on our side, so the process carries every component's imports, "
+                         "as a real installation does")
     ap.add_argument("--radicale-option", action="append", default=[], metavar="SECTION.KEY=VALUE",
                     help="a Radicale option for our side ([radicale.SECTION] in its config), e.g. "
                          "storage.use_mtime_and_size_for_item_cache=False")
@@ -532,7 +546,8 @@ def main() -> int:
         seed = SeedSide(state / "seed", state / "cert", args.bcrypt_rounds)
         sides["seed"] = seed
         seed.start()
-        ours = OurSide(state / "ours", chain, key, seed.htpasswd_line(), args.extra_toml, env, args.radicale_option)
+        ours = OurSide(state / "ours", chain, key, seed.htpasswd_line(), args.extra_toml, env, args.radicale_option,
+                       args.with_components)
         sides["ours"] = ours
         ours.start()
         if args.py_spy:
