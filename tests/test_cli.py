@@ -194,3 +194,23 @@ def test_user_refuses_empty_and_overlong_passwords(initialised, tmp_path, capsys
         assert cli.main(["user", "add", "carol", "--password-file", str(pw), "--config", str(initialised)]) == 1
         assert fragment in capsys.readouterr().err
     assert "carol" not in users.list_users(config.load(initialised).server.htpasswd_path)
+
+
+def test_serve_on_a_port_in_use_names_port_and_option(tmp_path, pwfile):
+    """A listener that cannot bind: exit 3 and one line naming the port and the config option."""
+    import socket
+
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        root = tmp_path / "ic"
+        args = init_args(root, pwfile)
+        args[args.index("--https-listen") + 1] = f"127.0.0.1:{port}"
+        assert cli.main(args) == 0
+        proc = subprocess.run([sys.executable, "-m", "inverse_cloud.cli", "serve", "--config",
+                               str(root / "cfg" / "config.toml")], capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 3, proc.stderr
+    last = proc.stderr.strip().splitlines()[-1]
+    assert str(port) in last and "[server] https_listen" in last and "in use" in last, proc.stderr
+    assert "Traceback" not in proc.stderr
