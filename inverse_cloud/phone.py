@@ -23,7 +23,6 @@ from typing import Any
 from urllib.parse import quote
 
 import bcrypt
-import segno
 from aiohttp import web
 
 from .status import basic_user, collections_of
@@ -63,6 +62,8 @@ def account(user: str, domain: str, port: int = 443) -> Account:
 
 
 def qr_svg(data: str) -> str:
+    import segno  # imported on first use: ~1 MiB the server need not carry until someone opens the page
+
     return str(segno.make(data, error="m").svg_inline(scale=6, title="DAVx5 set-up link", border=4))
 
 
@@ -123,6 +124,8 @@ contacts and your password are decrypted on the laptop and nowhere else.</p>
 def render_terminal(acct: Account) -> str:
     """``inverse-cloud phone``: the same information for a terminal, with the QR code drawn in text."""
     out = io.StringIO()
+    import segno
+
     segno.make(acct.davx5_link, error="m").terminal(out=out, compact=True, border=2)
     return "\n".join([
         f"Phone set-up for {acct.user} ({acct.domain})",
