@@ -204,6 +204,11 @@ class OurTunnel:
     def relay_https_port(self) -> int:
         return int(self.relay.https_port)
 
+    @property
+    def https_port(self) -> int:
+        assert self.srv is not None
+        return self.srv.https_port
+
     def start(self) -> None:
         self._relay_cm = relay_sshd(self.config, user="icbench", client_alive_interval=15, client_alive_count_max=3)
         self.relay = self._relay_cm.__enter__()
@@ -437,6 +442,8 @@ def main() -> int:
     ap.add_argument("--bytes", type=int, default=256 << 20, help="bytes per throughput transfer")
     ap.add_argument("--scenarios", default="netchange,immediate,kill,sync,throughput")
     ap.add_argument("--quick", action="store_true", help="50 cards, bound 40 s, 64 MiB")
+    ap.add_argument("--direct", action="store_true",
+                    help="also run the sync workload straight to each laptop side, to show what the tunnel adds")
     ap.add_argument("--json-out", help="write the figures as JSON here")
     ap.add_argument("--child-tunnel", help=argparse.SUPPRESS)
     ap.add_argument("--target-port", type=int, help=argparse.SUPPRESS)
@@ -497,6 +504,13 @@ def main() -> int:
                     log(f"  {name}: full sync {w['full_sync_s'] * 1000:.0f} ms, PUT {w['put_s']:.1f} s, "
                         f"GET p50 {w['get_p50_ms']:.2f} ms, ok={w['ok']}")
                     res[name].setdefault("sync", []).append(w)
+                    if args.direct:
+                        url = side.side.base_url if name == "seed" else \
+                            f"https://{HOST}:{ours.https_port}/radicale/"
+                        d = run_workload(url, USER, PASSWORD, str(cafile), args.cards, resolve={HOST: "127.0.0.1"},
+                                         book=f"tbd-{name}-{r}", get_samples=100)
+                        log(f"  {name} direct (no tunnel): full sync {d['full_sync_s'] * 1000:.0f} ms")
+                        res[name].setdefault("sync_direct", []).append(d)
         for name, side in sides.items():
             res[name]["memory"] = memory(side.pids())
         if "throughput" in scenarios:
@@ -529,6 +543,14 @@ def main() -> int:
             sv = statistics.median(w[key] for w in res["seed"]["sync"]) * scale
             ov = statistics.median(w[key] for w in res["ours"]["sync"]) * scale
             lines.append(f"    {key:<12} {sv:9.2f} {unit} {ov:9.2f} {unit}   {ratio(ov, sv)}")
+        if args.direct:
+            lines.append("    same workload straight to each laptop side (no tunnel): metric | seed | ours")
+            for key in ("full_sync_s", "propfind_s", "multiget_s"):
+                sv = statistics.median(w[key] for w in res["seed"]["sync_direct"]) * 1000
+                ov = statistics.median(w[key] for w in res["ours"]["sync_direct"]) * 1000
+                lines.append(f"    {key:<12} {sv:9.2f} ms {ov:9.2f} ms   tunnel adds: seed "
+                             f"{statistics.median(w[key] for w in res['seed']['sync']) * 1000 - sv:+.0f} ms, ours "
+                             f"{statistics.median(w[key] for w in res['ours']['sync']) * 1000 - ov:+.0f} ms")
     tp = res.get("throughput")
     if tp:
         lines.append(f"(5) raw throughput, {args.bytes >> 20} MiB per transfer (median MB/s; laptop-side tunnel "
