@@ -14,6 +14,7 @@
   (relay-seen client address -> REMOTE_ADDR, access log) before the first byte is sent.
 * ``TCP_QUICKACK`` is re-armed on the SSH socket after every read (Linux): otherwise a response of
   >= ~100 KB followed by the next request stalls ~40 ms (the relay's Nagle meets our delayed ACK).
+  The byte-moving pieces live in :mod:`inverse_cloud.tunnel_io`.
 """
 
 from __future__ import annotations
@@ -34,12 +35,14 @@ import asyncssh
 from .config import Config
 from .errors import AuthRejected, ConfigError, ForwardRefused, HostKeyMismatch, TunnelError
 from .fsutil import check_private
+from .tunnel_io import ChannelEnd, LocalEnd, QuickAckConnector, quickack_supported
 
 __all__ = [
     "BACKOFF_S",
     "FORWARD_REFUSED_RETRY_S",
     "SLOW_RETRY_S",
     "Failure",
+    "QuickAckConnector",
     "Tunnel",
     "classify",
     "quickack_supported",
@@ -136,10 +139,6 @@ def classify(exc: BaseException, *, relay: str, expected_fp: str, offered_fp: st
     return Failure("transient", f"{type(exc).__name__}: {exc}")
 
 
-def quickack_supported() -> bool:
-    return hasattr(socket, "TCP_QUICKACK")
-
-
 class PeerRegistry(Protocol):
     def register(self, local_port: int, origin: tuple[str, int]) -> None: ...
 
@@ -152,188 +151,6 @@ class ForwardTarget(Protocol):
     https_port: int
     http_port: int
     peers: PeerRegistry
-
-
-# --- the SSH socket with TCP_QUICKACK re-armed after reads ------------------------------------------
-
-class QuickAckProtocol(asyncio.Protocol):
-    """Wraps asyncssh's connection protocol: after every read, set ``TCP_QUICKACK`` so the kernel ACKs at
-    once instead of delaying (it leaves quick-ack mode on its own, hence after *every* read)."""
-
-    def __init__(self, inner: asyncio.Protocol) -> None:
-        self.inner = inner
-        self._sock: Any = None
-        self.rearms = 0
-
-    def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        sock = transport.get_extra_info("socket")
-        if sock is not None and quickack_supported() and sock.family in (socket.AF_INET, socket.AF_INET6):
-            self._sock = sock
-        self.inner.connection_made(transport)
-
-    def data_received(self, data: bytes) -> None:
-        if self._sock is not None:
-            try:
-                self._sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_QUICKACK, 1)
-                self.rearms += 1
-            except OSError:
-                self._sock = None
-        self.inner.data_received(data)
-
-    def eof_received(self) -> bool | None:
-        return self.inner.eof_received()
-
-    def connection_lost(self, exc: Exception | None) -> None:
-        self._sock = None
-        self.inner.connection_lost(exc)
-
-    def pause_writing(self) -> None:
-        self.inner.pause_writing()
-
-    def resume_writing(self) -> None:
-        self.inner.resume_writing()
-
-
-class QuickAckConnector:
-    """Passed as asyncssh's ``tunnel=``: opens the TCP connection itself so that the protocol can be
-    wrapped in :class:`QuickAckProtocol` (asyncssh offers no other hook into its socket reads)."""
-
-    def __init__(self) -> None:
-        self.protocol: QuickAckProtocol | None = None
-
-    async def create_connection(self, session_factory: Callable[[], Any], remote_host: str,
-                                remote_port: int) -> tuple[Any, Any]:
-        inner: list[Any] = []
-
-        def factory() -> asyncio.Protocol:
-            inner.append(session_factory())
-            self.protocol = QuickAckProtocol(inner[0])
-            return self.protocol
-
-        transport, _ = await asyncio.get_running_loop().create_connection(factory, remote_host, remote_port)
-        return transport, inner[0]
-
-    def close(self) -> None:
-        """asyncssh's tunnel protocol asks for it; the transport is closed by the connection."""
-
-    async def wait_closed(self) -> None:
-        """See :meth:`close`."""
-
-
-# --- one forwarded connection: SSH channel <-> loopback TCP to our listener -------------------------
-
-class _LocalEnd(asyncio.Protocol):
-    def __init__(self, on_close: Callable[[], None]) -> None:
-        self.transport: asyncio.Transport | None = None
-        self.peer: _ChannelEnd | None = None
-        self.eof = False
-        self._on_close = on_close
-
-    def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        assert isinstance(transport, asyncio.Transport)
-        self.transport = transport
-
-    def data_received(self, data: bytes) -> None:
-        if self.peer is not None:
-            self.peer.write(data)
-
-    def eof_received(self) -> bool:
-        self.eof = True
-        if self.peer is None:
-            return False
-        self.peer.write_eof()
-        return not self.peer.eof      # keep a half-closed connection open until both sides are done
-
-    def pause_writing(self) -> None:
-        if self.peer is not None:
-            self.peer.pause_reading()
-
-    def resume_writing(self) -> None:
-        if self.peer is not None:
-            self.peer.resume_reading()
-
-    def connection_lost(self, exc: Exception | None) -> None:
-        self.transport = None
-        peer, self.peer = self.peer, None
-        if peer is not None:
-            peer.close()
-        self._on_close()
-
-    def write(self, data: bytes) -> None:
-        if self.transport is not None:
-            self.transport.write(data)
-
-    def write_eof(self) -> None:
-        if self.transport is not None and self.transport.can_write_eof():
-            self.transport.write_eof()
-
-    def pause_reading(self) -> None:
-        if self.transport is not None:
-            self.transport.pause_reading()
-
-    def resume_reading(self) -> None:
-        if self.transport is not None:
-            self.transport.resume_reading()
-
-    def close(self) -> None:
-        if self.transport is not None:
-            self.transport.close()
-
-
-class _ChannelEnd(asyncssh.SSHTCPSession[bytes]):
-    def __init__(self, local: _LocalEnd) -> None:
-        self.chan: asyncssh.SSHTCPChannel[bytes] | None = None
-        self.local: _LocalEnd | None = local
-        self.eof = False
-        local.peer = self
-
-    def connection_made(self, chan: asyncssh.SSHTCPChannel[bytes]) -> None:
-        self.chan = chan
-
-    def data_received(self, data: bytes, datatype: asyncssh.DataType) -> None:
-        if self.local is not None:
-            self.local.write(data)
-
-    def eof_received(self) -> bool:
-        self.eof = True
-        if self.local is None:
-            return False
-        self.local.write_eof()
-        return not self.local.eof
-
-    def pause_writing(self) -> None:
-        if self.local is not None:
-            self.local.pause_reading()
-
-    def resume_writing(self) -> None:
-        if self.local is not None:
-            self.local.resume_reading()
-
-    def connection_lost(self, exc: Exception | None) -> None:
-        self.chan = None
-        local, self.local = self.local, None
-        if local is not None:
-            local.close()
-
-    def write(self, data: bytes) -> None:
-        if self.chan is not None:
-            self.chan.write(data)
-
-    def write_eof(self) -> None:
-        if self.chan is not None:
-            self.chan.write_eof()
-
-    def pause_reading(self) -> None:
-        if self.chan is not None:
-            self.chan.pause_reading()
-
-    def resume_reading(self) -> None:
-        if self.chan is not None:
-            self.chan.resume_reading()
-
-    def close(self) -> None:
-        if self.chan is not None:
-            self.chan.close()
 
 
 # --- the component -----------------------------------------------------------------------------------
@@ -691,7 +508,7 @@ class Tunnel:
 
         return factory
 
-    async def _accept(self, fwd: _Forward, orig_host: str, orig_port: int) -> _ChannelEnd:
+    async def _accept(self, fwd: _Forward, orig_host: str, orig_port: int) -> ChannelEnd:
         """A connection arrived on the relay's port: connect to our listener from a known source port."""
         loop = asyncio.get_running_loop()
         listen = self.cfg.server.https_listen if fwd.name == "https" else self.cfg.server.http_listen
@@ -709,14 +526,14 @@ class Tunnel:
             self.target.peers.register(src_port, (orig_host, orig_port))
             await loop.sock_connect(sock, (host, port))
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-            local = _LocalEnd(lambda: self._release(src_port, token))
+            local = LocalEnd(lambda: self._release(src_port, token))
             await loop.create_connection(lambda: local, sock=sock)
         except OSError as exc:
             sock.close()
             self._release(src_port, token, linger=False)
             raise asyncssh.ChannelOpenError(asyncssh.OPEN_CONNECT_FAILED, f"local listener: {exc}") from None
         self.active_channels += 1
-        return _ChannelEnd(local)
+        return ChannelEnd(local)
 
     def _release(self, src_port: int, token: object, linger: bool = True) -> None:
         if linger:

@@ -1,0 +1,200 @@
+"""Moving bytes for the tunnel (:mod:`inverse_cloud.tunnel`): the SSH socket with ``TCP_QUICKACK`` re-armed
+after every read, and the pipe between one forwarded SSH channel and the loopback TCP connection to our
+listener (half-close and back-pressure both ways)."""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+from collections.abc import Callable
+from typing import Any
+
+import asyncssh
+
+__all__ = ["ChannelEnd", "LocalEnd", "QuickAckConnector", "QuickAckProtocol", "quickack_supported"]
+
+
+def quickack_supported() -> bool:
+    return hasattr(socket, "TCP_QUICKACK")
+
+
+# --- the SSH socket with TCP_QUICKACK re-armed after reads ------------------------------------------
+
+class QuickAckProtocol(asyncio.Protocol):
+    """Wraps asyncssh's connection protocol: after every read, set ``TCP_QUICKACK`` so the kernel ACKs at
+    once instead of delaying (it leaves quick-ack mode on its own, hence after *every* read)."""
+
+    def __init__(self, inner: asyncio.Protocol) -> None:
+        self.inner = inner
+        self._sock: Any = None
+        self.rearms = 0
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        sock = transport.get_extra_info("socket")
+        if sock is not None and quickack_supported() and sock.family in (socket.AF_INET, socket.AF_INET6):
+            self._sock = sock
+        self.inner.connection_made(transport)
+
+    def data_received(self, data: bytes) -> None:
+        if self._sock is not None:
+            try:
+                self._sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_QUICKACK, 1)
+                self.rearms += 1
+            except OSError:
+                self._sock = None
+        self.inner.data_received(data)
+
+    def eof_received(self) -> bool | None:
+        return self.inner.eof_received()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._sock = None
+        self.inner.connection_lost(exc)
+
+    def pause_writing(self) -> None:
+        self.inner.pause_writing()
+
+    def resume_writing(self) -> None:
+        self.inner.resume_writing()
+
+
+class QuickAckConnector:
+    """Passed as asyncssh's ``tunnel=``: opens the TCP connection itself so that the protocol can be
+    wrapped in :class:`QuickAckProtocol` (asyncssh offers no other hook into its socket reads)."""
+
+    def __init__(self) -> None:
+        self.protocol: QuickAckProtocol | None = None
+
+    async def create_connection(self, session_factory: Callable[[], Any], remote_host: str,
+                                remote_port: int) -> tuple[Any, Any]:
+        inner: list[Any] = []
+
+        def factory() -> asyncio.Protocol:
+            inner.append(session_factory())
+            self.protocol = QuickAckProtocol(inner[0])
+            return self.protocol
+
+        transport, _ = await asyncio.get_running_loop().create_connection(factory, remote_host, remote_port)
+        return transport, inner[0]
+
+    def close(self) -> None:
+        """asyncssh's tunnel protocol asks for it; the transport is closed by the connection."""
+
+    async def wait_closed(self) -> None:
+        """See :meth:`close`."""
+
+
+# --- one forwarded connection: SSH channel <-> loopback TCP to our listener -------------------------
+
+class LocalEnd(asyncio.Protocol):
+    def __init__(self, on_close: Callable[[], None]) -> None:
+        self.transport: asyncio.Transport | None = None
+        self.peer: ChannelEnd | None = None
+        self.eof = False
+        self._on_close = on_close
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        assert isinstance(transport, asyncio.Transport)
+        self.transport = transport
+
+    def data_received(self, data: bytes) -> None:
+        if self.peer is not None:
+            self.peer.write(data)
+
+    def eof_received(self) -> bool:
+        self.eof = True
+        if self.peer is None:
+            return False
+        self.peer.write_eof()
+        return not self.peer.eof      # keep a half-closed connection open until both sides are done
+
+    def pause_writing(self) -> None:
+        if self.peer is not None:
+            self.peer.pause_reading()
+
+    def resume_writing(self) -> None:
+        if self.peer is not None:
+            self.peer.resume_reading()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.transport = None
+        peer, self.peer = self.peer, None
+        if peer is not None:
+            peer.close()
+        self._on_close()
+
+    def write(self, data: bytes) -> None:
+        if self.transport is not None:
+            self.transport.write(data)
+
+    def write_eof(self) -> None:
+        if self.transport is not None and self.transport.can_write_eof():
+            self.transport.write_eof()
+
+    def pause_reading(self) -> None:
+        if self.transport is not None:
+            self.transport.pause_reading()
+
+    def resume_reading(self) -> None:
+        if self.transport is not None:
+            self.transport.resume_reading()
+
+    def close(self) -> None:
+        if self.transport is not None:
+            self.transport.close()
+
+
+class ChannelEnd(asyncssh.SSHTCPSession[bytes]):
+    def __init__(self, local: LocalEnd) -> None:
+        self.chan: asyncssh.SSHTCPChannel[bytes] | None = None
+        self.local: LocalEnd | None = local
+        self.eof = False
+        local.peer = self
+
+    def connection_made(self, chan: asyncssh.SSHTCPChannel[bytes]) -> None:
+        self.chan = chan
+
+    def data_received(self, data: bytes, datatype: asyncssh.DataType) -> None:
+        if self.local is not None:
+            self.local.write(data)
+
+    def eof_received(self) -> bool:
+        self.eof = True
+        if self.local is None:
+            return False
+        self.local.write_eof()
+        return not self.local.eof
+
+    def pause_writing(self) -> None:
+        if self.local is not None:
+            self.local.pause_reading()
+
+    def resume_writing(self) -> None:
+        if self.local is not None:
+            self.local.resume_reading()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.chan = None
+        local, self.local = self.local, None
+        if local is not None:
+            local.close()
+
+    def write(self, data: bytes) -> None:
+        if self.chan is not None:
+            self.chan.write(data)
+
+    def write_eof(self) -> None:
+        if self.chan is not None:
+            self.chan.write_eof()
+
+    def pause_reading(self) -> None:
+        if self.chan is not None:
+            self.chan.pause_reading()
+
+    def resume_reading(self) -> None:
+        if self.chan is not None:
+            self.chan.resume_reading()
+
+    def close(self) -> None:
+        if self.chan is not None:
+            self.chan.close()
