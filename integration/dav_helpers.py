@@ -203,8 +203,8 @@ class Vdirsyncer:
         self.prefix = ["unshare", "-m", "sh", "-c", 'mount --bind "$0" /etc/hosts && exec "$@"', str(hosts)]
         self.pairs = pairs
 
-    def command(self, *args: str) -> list[str]:
-        return [*self.prefix, "vdirsyncer", "-c", str(self.config), "--verbosity", "WARNING", *args]
+    def command(self, *args: str, verbosity: str = "WARNING") -> list[str]:
+        return [*self.prefix, "vdirsyncer", "-c", str(self.config), "--verbosity", verbosity, *args]
 
     def run(self, *args: str, timeout_s: float = 120) -> subprocess.CompletedProcess[str]:
         proc = subprocess.run(self.command(*args), capture_output=True, text=True, timeout=timeout_s,
@@ -220,8 +220,9 @@ class Vdirsyncer:
     def sync(self, timeout_s: float = 120) -> None:
         self.run("sync", timeout_s=timeout_s)
 
-    def start_sync(self) -> subprocess.Popen[str]:
-        return subprocess.Popen(self.command("sync"), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    def start_sync(self, verbosity: str = "WARNING") -> subprocess.Popen[str]:
+        return subprocess.Popen(self.command("sync", verbosity=verbosity), stdout=subprocess.PIPE,
+                                stderr=subprocess.PIPE, text=True)
 
     def local(self, kind: str = "contacts") -> dict[str, bytes]:
         """UID -> content of the local vdir items."""

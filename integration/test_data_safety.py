@@ -74,9 +74,14 @@ def test_ten_vdirsyncer_clients_at_once_lose_nothing(tmp_path):
                 mine.append(uid)
             owned.append(mine)
 
-        def sync_all_at_once() -> float:
+        races: list[str] = []
+
+        def sync_all_at_once(deleted: frozenset[str] = frozenset()) -> float:
+            """All ten at once. vdirsyncer gives up on an item that another client deletes between its
+            listing and its download (a client-side race, NotFoundError): tolerated for those hrefs only,
+            since the final in-turn round must then succeed and converge."""
             t0 = time.monotonic()
-            procs = [c.start_sync() for c in clients]
+            procs = [c.start_sync(verbosity="DEBUG") for c in clients]
             failures = []
             for c, p in zip(clients, procs, strict=True):
                 try:
@@ -84,8 +89,13 @@ def test_ten_vdirsyncer_clients_at_once_lose_nothing(tmp_path):
                 except subprocess.TimeoutExpired:
                     p.kill()
                     out, err = p.communicate(timeout=10)
-                if p.returncode != 0:
-                    failures.append(f"{c.work.name}: {err[-1500:]}")
+                if p.returncode == 0:
+                    continue
+                failed = set(re.findall(r"error: Unknown error occurred for contacts/contacts: (\S+)", err))
+                if failed and failed <= deleted and "NotFoundError" in err:
+                    races.append(f"{c.work.name}: {sorted(failed)}")
+                else:
+                    failures.append(f"{c.work.name}: {err[-3000:]}")
             assert not failures, "\n".join(failures)
             return time.monotonic() - t0
 
@@ -100,8 +110,10 @@ def test_ten_vdirsyncer_clients_at_once_lose_nothing(tmp_path):
             uid = new_uid()
             expected[uid] = f"Client{i} late card"
             c.write_item("contacts", uid, vcard(uid, expected[uid]))
-        print(f"round 2 (edits, deletes, adds, at once): {sync_all_at_once():.1f} s")
-        print(f"round 3 (at once): {sync_all_at_once():.1f} s")
+        deleted = frozenset(f"{CONTACTS}{uid}.vcf" for mine in owned for uid in mine[5:7])
+        print(f"round 2 (edits, deletes, adds, at once): {sync_all_at_once(deleted):.1f} s")
+        print(f"round 3 (at once): {sync_all_at_once(deleted):.1f} s")
+        print(f"listing/delete races vdirsyncer gave up on (then resolved in turn): {races}")
         for c in clients:  # in turn: every client now sees everyone's last changes
             c.sync()
         assert len(expected) == 190
