@@ -140,8 +140,15 @@ class SeedTunnel:
         self.side.started.append("relay-sshd.sh")
         self.side._script("relay-sshd.sh", "start")
         self.proxy.start()
-        self.env["RELAY_CONNECT_PORT"] = str(self.proxy.port)
+        self.env["RELAY_CONNECT_PORT"] = str(self.sshd_port)
         self.side.started.append("tunnel.sh")
+        self.side._script("tunnel.sh", "start")
+
+    def via_proxy(self) -> None:
+        """Reconnect the tunnel through the chaos proxy (for the fault scenarios)."""
+        self.side._script("tunnel.sh", "stop")
+        wait_until(lambda: not port_holders(self.relay_https_port), 60, "seed forward released")
+        self.env["RELAY_CONNECT_PORT"] = str(self.proxy.port)
         self.side._script("tunnel.sh", "start")
 
     def stop(self) -> None:
@@ -213,10 +220,21 @@ class OurTunnel:
         self._relay_cm = relay_sshd(self.config, user="icbench", client_alive_interval=15, client_alive_count_max=3)
         self.relay = self._relay_cm.__enter__()
         self.proxy.start()
-        configure(self.config, "relay", port=self.proxy.port)
         self.srv = ServeProcess(self.config).start()
         self.relay.wait_forwards(30, on_timeout=self.srv.log)
         log(f"inverse-cloud serve pid={self.srv.pid}, relay sshd pid={self.relay.pid}")
+
+    def via_proxy(self) -> None:
+        """Restart serve with the relay port pointing at the chaos proxy (for the fault scenarios)."""
+        self.stop_serve()
+        wait_until(lambda: not self.relay.forwards_bound(), 30, "our forwards released")
+        configure(self.config, "relay", port=self.proxy.port)
+        self.srv = ServeProcess(self.config).start()
+        self.relay.wait_forwards(30, on_timeout=self.srv.log)
+        log(f"inverse-cloud serve pid={self.srv.pid} now through the chaos proxy")
+
+    def direct(self) -> None:
+        configure(self.config, "relay", port=self.sshd_port)
 
     def stop_serve(self) -> None:
         if self.srv is not None:
@@ -475,26 +493,10 @@ def main() -> int:
         for name, side in sides.items():
             if phone.wait_ok(side.relay_https_port, 30, 0.2) is None:
                 raise RuntimeError(f"{name}: no working request through the relay at start")
+        # Phase 1, tunnels straight to sshd: the sync workload (a TCP proxy in the path would change the
+        # delayed-ACK behaviour under test), then memory after the workload.
         for r in range(args.reps):
             order = ["seed", "ours"] if r % 2 == 0 else ["ours", "seed"]
-            for sc in ("netchange", "immediate", "kill"):
-                if sc not in scenarios:
-                    continue
-                for name in order:
-                    side = sides[name]
-                    log(f"rep {r + 1}: {sc} on {name}")
-                    if sc == "kill":
-                        out = sc_kill(side, phone, args.bound)
-                        val = out["recovered_s"]
-                    else:
-                        out = sc_netchange(side, phone, args.outage_s, args.bound, sc == "immediate")
-                        val = out["recovered_after_outage_s"]
-                    log(f"  {name} {sc}: {fmt_s(val, args.bound)}")
-                    res[name].setdefault(sc, []).append(val)
-                    if val is None:
-                        side.repair(phone)
-                    elif phone.wait_ok(side.relay_https_port, 60, 0.5) is None:
-                        side.repair(phone)
             if "sync" in scenarios:
                 for name in order:
                     side = sides[name]
@@ -513,6 +515,32 @@ def main() -> int:
                         res[name].setdefault("sync_direct", []).append(d)
         for name, side in sides.items():
             res[name]["memory"] = memory(side.pids())
+        # Phase 2, through the chaos proxies: the recovery scenarios.
+        faults = [sc for sc in ("netchange", "immediate", "kill") if sc in scenarios]
+        if faults:
+            for side in sides.values():
+                side.via_proxy()
+                if phone.wait_ok(side.relay_https_port, 30, 0.2) is None:
+                    raise RuntimeError(f"{side.label}: no working request through the proxy")
+        for r in range(args.reps if faults else 0):
+            order = ["seed", "ours"] if r % 2 == 0 else ["ours", "seed"]
+            for sc in faults:
+                for name in order:
+                    side = sides[name]
+                    log(f"rep {r + 1}: {sc} on {name}")
+                    if sc == "kill":
+                        out = sc_kill(side, phone, args.bound)
+                        val = out["recovered_s"]
+                    else:
+                        out = sc_netchange(side, phone, args.outage_s, args.bound, sc == "immediate")
+                        val = out["recovered_after_outage_s"]
+                    log(f"  {name} {sc}: {fmt_s(val, args.bound)}")
+                    res[name].setdefault(sc, []).append(val)
+                    if val is None:
+                        side.repair(phone)
+                    elif phone.wait_ok(side.relay_https_port, 60, 0.5) is None:
+                        side.repair(phone)
+        ours.direct()      # the throughput child connects straight to sshd
         if "throughput" in scenarios:
             log("throughput")
             tp = throughput(seed, ours, args.bytes, args.reps)
