@@ -69,6 +69,7 @@ from relay_sshd import configure, port_holders, relay_sshd  # noqa: E402
 from inverse_cloud.testing import ServeProcess, free_port, init_instance, wait_until  # noqa: E402
 
 CHUNK = 1 << 20
+SETTLE_S = 6.0      # > the tunnel's STABLE_S: the link counts as established before a fault is injected
 TICK = os.sysconf("SC_CLK_TCK")
 
 
@@ -527,6 +528,9 @@ def main() -> int:
             for sc in faults:
                 for name in order:
                     side = sides[name]
+                    # a link that has just been re-established gets backoff if it drops again at once (a
+                    # flapping relay); every scenario starts from a link that has been up for a while
+                    time.sleep(SETTLE_S)
                     log(f"rep {r + 1}: {sc} on {name}")
                     if sc == "kill":
                         out = sc_kill(side, phone, args.bound)
