@@ -22,7 +22,7 @@ Scenarios, per repetition, alternating which side goes first:
                  (new connections held), while the phone retries every second -> seconds from the end of the
                  outage to a working request;
   (2) immediate  the same, and right after the outage the laptop side is told to reconnect now (seed: SIGUSR1
-                 to autossh, which restarts ssh; ours: SIGHUP) -> the stale-port case;
+                 to autossh, which restarts ssh; ours: SIGUSR1) -> the stale-port case;
   (3) kill       the relay's session process holding the forward is killed -> seconds to a working request
                  (probing every 0.1 s);
   (4) sync       N-card DAVx5-like workload through the relay (bench/dav_bench.py run_workload): PROPFIND
@@ -251,7 +251,7 @@ class OurTunnel:
 
     def kick(self) -> None:
         assert self.srv is not None
-        self.srv.signal(signal.SIGHUP)
+        self.srv.signal(signal.SIGUSR1)
 
     def repair(self, phone: Phone) -> None:
         if phone.wait_ok(self.relay_https_port, 60, 0.5) is None:

@@ -64,15 +64,23 @@ class Supervisor:
             except Exception as exc:  # boundary: a reload failure must not kill a serving process
                 log.error("reload failed: %s", exc, exc_info=True)
 
+    def reconnect(self) -> None:
+        """SIGUSR1: links to the outside (the tunnel) re-establish themselves now (network changed)."""
+        for component in self._components:
+            hook = getattr(component, "reconnect", None)
+            if callable(hook):
+                hook()
+
     def _install_signals(self) -> None:
         loop = asyncio.get_running_loop()
         loop.add_signal_handler(signal.SIGTERM, self.request_stop, "SIGTERM")
         loop.add_signal_handler(signal.SIGINT, self.request_stop, "SIGINT")
         loop.add_signal_handler(signal.SIGHUP, self.reload)
+        loop.add_signal_handler(signal.SIGUSR1, self.reconnect)
 
     def _remove_signals(self) -> None:
         loop = asyncio.get_running_loop()
-        for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+        for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGUSR1):
             loop.remove_signal_handler(sig)
 
     async def run(self, install_signals: bool = True) -> None:

@@ -243,10 +243,18 @@ class Tunnel:
         self._task = asyncio.create_task(self._run(), name="tunnel")
 
     def reload(self) -> None:
-        """SIGHUP: re-establish the link now (a network-change hook can send it): drop a link that may be
-        dead without waiting for keepalives, or skip the rest of a backoff wait."""
+        """SIGHUP (certificates and users re-read, `cert renew`): a healthy link is left alone -- dropping it
+        would cut phones off and break the public path an ACME validation may be about to use; a link
+        waiting out a backoff tries again now."""
+        if self._wake is not None and self.state != "up":
+            log.info("%s retrying now (SIGHUP)", self.tag)
+            self._wake.set()
+
+    def reconnect(self) -> None:
+        """SIGUSR1: re-establish the link now (for a network-change hook): drop a link that may be dead
+        without waiting for keepalives, or skip the rest of a backoff wait."""
         if self._wake is not None:
-            log.info("%s reconnecting now (SIGHUP)", self.tag)
+            log.info("%s reconnecting now (SIGUSR1)", self.tag)
             self._wake.set()
 
     async def aclose(self) -> None:

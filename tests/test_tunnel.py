@@ -451,9 +451,28 @@ async def test_lost_link_reconnects_and_is_counted(rig, caplog):
         await t.aclose()
 
 
-async def test_sighup_reconnects_at_once(rig, caplog):
-    """reload() (SIGHUP, e.g. from a network-change hook) drops the link and reconnects without backoff:
-    one INFO line 'reconnecting now (SIGHUP)', no 'relay link lost' line, a second connection."""
+async def test_sigusr1_reconnects_at_once(rig, caplog):
+    """reconnect() (SIGUSR1, e.g. from a network-change hook) drops the link and reconnects without backoff:
+    one INFO line 'reconnecting now (SIGUSR1)', no 'relay link lost' line, a second connection."""
+    caplog.set_level(logging.INFO)
+    make, relay, _ = rig
+    t = make()
+    await t.start()
+    try:
+        await wait_for(lambda: t.state == "up", what="up")
+        t.reconnect()
+        await wait_for(lambda: t.connections == 2 and t.state == "up", what="reconnected")
+        lines = tunnel_lines(caplog)
+        assert sum("reconnecting now (SIGUSR1)" in m for m in lines) == 1
+        assert not any("relay link lost" in m for m in lines)
+        assert relay.listen_requests.count(("127.0.0.1", t.relay.https_port)) == 2
+    finally:
+        await t.aclose()
+
+
+async def test_sighup_leaves_a_healthy_link_alone(rig, caplog):
+    """reload() (SIGHUP: certificates/users re-read, `cert renew`) must not drop a link that is up: the ACME
+    validation that `cert renew` triggers travels through it. Then reconnect() still works."""
     caplog.set_level(logging.INFO)
     make, relay, _ = rig
     t = make()
@@ -461,10 +480,12 @@ async def test_sighup_reconnects_at_once(rig, caplog):
     try:
         await wait_for(lambda: t.state == "up", what="up")
         t.reload()
-        await wait_for(lambda: t.connections == 2 and t.state == "up", what="reconnected")
-        lines = tunnel_lines(caplog)
-        assert sum("reconnecting now (SIGHUP)" in m for m in lines) == 1
-        assert not any("relay link lost" in m for m in lines)
+        assert t._wake is not None and not t._wake.is_set()   # nothing asked the live link to drop
+        assert t.connections == 1 and t.state == "up"
+        t.reconnect()
+        assert t._wake.is_set()
+        await wait_for(lambda: t.connections == 2 and t.state == "up", what="reconnected by SIGUSR1")
+        assert not any("SIGHUP" in m for m in tunnel_lines(caplog))
         assert relay.listen_requests.count(("127.0.0.1", t.relay.https_port)) == 2
     finally:
         await t.aclose()
