@@ -30,12 +30,17 @@ exec unshare -m -n sh -c '
   mkdir -p /run/sshd
   ip link set lo up
   # the relay sshd whose reload we watch: a stand-in that records SIGHUP
-  sh -c "trap \"echo hup >> $ROOT/hup\" HUP; while :; do sleep 0.05; done" </dev/null >/dev/null 2>&1 &
-  echo $! > /run/sshd.pid
-  trap "kill $! 2>/dev/null" EXIT
+  sh -c "trap \"echo hup >> $ROOT/hup; exit 0\" HUP; touch /run/ready; while :; do sleep 0.05; done" \
+    </dev/null >/dev/null 2>&1 &
+  fake=$!
+  echo $fake > /run/sshd.pid
+  n=0; while [ ! -e /run/ready ] && [ $n -lt 200 ]; do sleep 0.05; n=$((n+1)); done
+  trap "kill $fake 2>/dev/null || true" EXIT
   set +e
   "$@"; rc=$?
   set -e
+  # a reloaded "sshd" records the SIGHUP and exits: give it up to 2 s (bounded poll), then stop it
+  n=0; while kill -0 $fake 2>/dev/null && [ $n -lt 40 ]; do sleep 0.05; n=$((n+1)); done
   nft list table ip inverse_cloud > "$ROOT/nft.out" 2>&1 || true
   sysctl -n net.ipv4.conf.all.route_localnet > "$ROOT/localnet.out" 2>&1 || true
   exit $rc
