@@ -346,7 +346,7 @@ class Tunnel:
                 takeover_tried = False
             delay = retry_delay(attempt, failure.kind, random.random())
             attempt += 1
-            if self._requested:               # SIGHUP dropped the link on purpose: no backoff, no new line
+            if self._requested:               # SIGUSR1 dropped the link on purpose: no backoff, no new line
                 self._requested = False
                 self.state, delay, attempt = "connecting", 0.0, 0
             elif failure.kind in ("fatal", "refused"):
