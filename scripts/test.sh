@@ -4,7 +4,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 SUDO=""; [ "$(id -u)" = 0 ] || SUDO="sudo"
-need=(openssh-server openssh-client pebble vdirsyncer curl nftables iptables faketime socat nginx autossh systemd chromium zbar-tools iproute2 procps)
+need=(openssh-server openssh-client pebble vdirsyncer curl nftables iptables faketime socat nginx autossh systemd chromium zbar-tools iproute2 procps openssl util-linux libnginx-mod-stream)
 missing=()
 for p in "${need[@]}"; do dpkg -s "$p" >/dev/null 2>&1 || missing+=("$p"); done
 if [ ${#missing[@]} -gt 0 ]; then
