@@ -15,3 +15,19 @@ def instance(tmp_path):
     from inverse_cloud.testing import init_instance
 
     return init_instance(tmp_path / "ic")
+
+
+@pytest.fixture
+def relay_instance(tmp_path):
+    """An initialised instance whose [relay] points at a real sshd set up by relay-setup (host key pinned),
+    with fast keepalives; yields (config path, RelaySshd). sshd is stopped by pid afterwards."""
+    from relay_sshd import TEST_USER, configure, relay_sshd, sshd_available
+
+    from inverse_cloud.testing import free_port, init_instance
+
+    missing = sshd_available()
+    assert missing is None, missing
+    cfg = init_instance(tmp_path / "ic", relay=f"{TEST_USER}@127.0.0.1:{free_port()}")
+    configure(cfg, "relay", keepalive_interval_s=2, keepalive_count_max=3, connect_timeout_s=5)
+    with relay_sshd(cfg) as relay:
+        yield cfg, relay

@@ -17,22 +17,11 @@ import pytest
 from acme_support import DOMAIN, PASSWORD, SyncLoad, cert_cli, configure_acme, verified_serial, wait_issued
 from chaos_proxy import ChaosProxy
 from pebble import PebbleCA
-from relay_sshd import TEST_USER, configure, relay_sshd, sshd_available
 
 from inverse_cloud.config import load
-from inverse_cloud.testing import ServeProcess, free_port, init_instance, wait_until
+from inverse_cloud.testing import ServeProcess, wait_until
 
 VALIDITY_S = 140   # renewal due at 70 s (half, under 10 days); first retry 60 s after the failure: 130 s < 140 s
-
-
-@pytest.fixture
-def relay_instance(tmp_path):
-    missing = sshd_available()
-    assert missing is None, missing
-    cfg = init_instance(tmp_path / "ic", relay=f"{TEST_USER}@127.0.0.1:{free_port()}")
-    configure(cfg, "relay", keepalive_interval_s=2, keepalive_count_max=3, connect_timeout_s=5)
-    with relay_sshd(cfg) as relay:
-        yield cfg, relay
 
 
 def curl_propfind(port: int, cafile) -> subprocess.CompletedProcess[str]:

@@ -10,26 +10,14 @@ import re
 import subprocess
 from pathlib import Path
 
-import pytest
-from relay_sshd import TEST_USER, configure, relay_sshd, sshd_available
+from relay_sshd import TEST_USER
 
 from inverse_cloud.config import load
 from inverse_cloud.server import DavServer
-from inverse_cloud.testing import ServeProcess, free_port, init_instance, wait_until
+from inverse_cloud.testing import ServeProcess, free_port, wait_until
 from inverse_cloud.tunnel import Tunnel
 
 PASSWORD = "correct horse"
-
-
-@pytest.fixture
-def relay_instance(tmp_path):
-    """An initialised instance whose [relay] points at a real sshd set up by relay-setup (host key pinned)."""
-    missing = sshd_available()
-    assert missing is None, missing
-    cfg = init_instance(tmp_path / "ic", relay=f"{TEST_USER}@127.0.0.1:{free_port()}")
-    configure(cfg, "relay", keepalive_interval_s=2, keepalive_count_max=3, connect_timeout_s=5)
-    with relay_sshd(cfg) as relay:
-        yield cfg, relay
 
 
 def curl(*args: str, timeout: float = 30) -> subprocess.CompletedProcess[str]:

@@ -59,20 +59,6 @@ def _read_password(args: argparse.Namespace, interactive: bool, user: str) -> st
     return first
 
 
-def _parse_relay(text: str) -> tuple[str, str, int]:
-    """``user@host[:port]`` -> (user, host, port)."""
-    user, _, hostport = text.rpartition("@")
-    host, port = hostport, 22
-    if hostport.count(":") == 1:
-        host, _, p = hostport.partition(":")
-        if not p.isdigit() or not 0 < int(p) < 65536:
-            raise ConfigError(f"--relay {text}: port must be 1-65535")
-        port = int(p)
-    if not host:
-        raise ConfigError(f"--relay {text}: expected USER@HOST[:PORT]")
-    return user or "inverse-cloud", host, port
-
-
 def generate_ssh_key(path: Path, comment: str) -> bool:
     """Create an ed25519 key (0600 in a 0700 directory) unless one exists. True if created."""
     import asyncssh
@@ -103,7 +89,8 @@ def cmd_init(args: argparse.Namespace) -> int:
     data_dir = Path(args.data_dir).expanduser() if args.data_dir else config_mod.default_data_dir()
     relay_text = args.relay if args.relay is not None else _ask(
         "Relay as USER@HOST[:PORT] (empty: no relay for now)", "", interactive)
-    relay_user, relay_host, relay_port = _parse_relay(relay_text) if relay_text else ("inverse-cloud", "", 22)
+    relay_user, relay_host, relay_port = (
+        config_mod.parse_user_host(relay_text, "--relay", "inverse-cloud") if relay_text else ("inverse-cloud", "", 22))
     email = args.acme_email if args.acme_email is not None else _ask(
         "E-mail for Let's Encrypt expiry notices (optional)", "", interactive)
     user = args.user or _ask("First DAV user name", getpass.getuser(), interactive)

@@ -33,6 +33,7 @@ __all__ = [
     "default_state_dir",
     "load",
     "parse_hostport",
+    "parse_user_host",
 ]
 
 LETSENCRYPT = "https://acme-v02.api.letsencrypt.org/directory"
@@ -54,6 +55,25 @@ def default_data_dir() -> Path:
 
 def default_state_dir() -> Path:
     return _xdg("XDG_STATE_HOME", ".local/state") / "inverse-cloud"
+
+
+def parse_user_host(text: str, flag: str, default_user: str | None = None) -> tuple[str, str, int]:
+    """``user@host[:port]`` -> (user, host, port); port 22 when absent. Without ``default_user`` the user
+    part is required.
+
+    :raises ConfigError: naming ``flag`` and what was expected.
+    """
+    user, _, hostport = text.rpartition("@")
+    host, port = hostport, 22
+    if hostport.count(":") == 1:
+        host, _, p = hostport.partition(":")
+        if not p.isdigit() or not 0 < int(p) < 65536:
+            raise ConfigError(f"{flag} {text}: port must be 1-65535")
+        port = int(p)
+    user = user or (default_user or "")
+    if not user or not host:
+        raise ConfigError(f"{flag} {text}: expected USER@HOST[:PORT]")
+    return user, host, port
 
 
 def parse_hostport(text: str) -> tuple[str, int]:

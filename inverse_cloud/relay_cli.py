@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from . import relay
-from .config import Config
+from .config import Config, parse_user_host
 from .errors import ConfigError, HostKeyMismatch, InverseCloudError, TunnelError
 
 __all__ = ["add_commands", "fetch_host_key", "serve_hook", "set_config_value"]
@@ -186,25 +186,12 @@ def spec_for(cfg: Config, args: argparse.Namespace) -> relay.RelaySpec:
         authorized_keys_file=args.authorized_keys_file)
 
 
-def _parse_admin(text: str) -> tuple[str, str, int]:
-    user, _, hostport = text.rpartition("@")
-    host, port = hostport, 22
-    if hostport.count(":") == 1:
-        host, _, p = hostport.partition(":")
-        if not p.isdigit() or not 0 < int(p) < 65536:
-            raise ConfigError(f"--apply {text}: port must be 1-65535")
-        port = int(p)
-    if not user or not host:
-        raise ConfigError(f"--apply {text}: expected ADMIN@RELAY[:PORT]")
-    return user, host, port
-
-
 def apply_over_ssh(target: str, script: str) -> None:
     """Run ``script`` on the relay as ADMIN through the user's own OpenSSH client.
 
     :raises InverseCloudError: ssh or the script failed (its last line is shown).
     """
-    user, host, port = _parse_admin(target)
+    user, host, port = parse_user_host(target, "--apply")
     remote = "sh -s" if user == "root" else "sudo -n sh -s"
     proc = subprocess.run(["ssh", "-p", str(port), "-o", "ConnectTimeout=15", f"{user}@{host}", remote],
                           input=script, text=True, capture_output=True, timeout=300, check=False)
