@@ -1,12 +1,12 @@
-"""The whole journey, driven through the CLI as a user would, with real parts: `init` (flags) -> the relay
-(real OpenSSH sshd set up from `relay-setup`'s output, host key pinned by `relay-setup`) -> `serve` ->
+"""The whole journey, driven through the CLI as a user would, with real parts: a fresh venv with the package
+installed by pip (not editable) whose `inverse-cloud` runs every step -> `init` (flags) -> `relay-setup --apply
+root@RELAY` over OpenSSH against a real sshd (integration/relay_sandbox.py: the relay's /etc is a copy, the
+whole journey runs in its own network namespace; setup.sh creates the user, the keys file, the drop-in, the
+NAT table, reloads sshd; relay-setup then pins the host key) -> `serve` ->
 a certificate from Pebble validated through the tunnel -> two vdirsyncer "phones" syncing contacts and a
 calendar both ways through the relay -> `status --json` and `doctor` healthy -> SIGTERM, clean exit ->
 broken links named by `doctor` -> `export` while vdirsyncer writes -> `import` on a fresh data folder
 accepted by `radicale --verify-storage` -> `import` onto a non-empty store refused, nothing changed.
-
-The relay is configured with `relay-setup --output` + `--yes` (integration/relay_sshd.py), not with
-`relay-setup --apply`: --apply needs an admin SSH login to the relay, which this test's sshd does not offer.
 """
 
 from __future__ import annotations
@@ -16,24 +16,44 @@ import json
 import signal
 import ssl
 import subprocess
-import sys
 import textwrap
 import time
 from pathlib import Path
 
 import pytest
 from pebble import PebbleCA
-from relay_sshd import TEST_USER, configure, relay_sshd, sshd_available
+from relay_sandbox import private_netns, sandbox_relay
+from relay_sshd import TEST_USER, configure, sshd_available
 
 from inverse_cloud import config as config_mod
 from inverse_cloud.testing import ServeProcess, free_port, init_instance, wait_until
 
 PASSWORD = "correct horse"
-CLI = [sys.executable, "-m", "inverse_cloud.cli"]
+REPO = Path(__file__).resolve().parent.parent
+CLI: list[str] = []  # the fresh venv's `inverse-cloud`, set by install_fresh_venv
 
 
 def cli(*args: str, timeout: float = 120) -> subprocess.CompletedProcess[str]:
+    assert CLI, "install_fresh_venv first"
     return subprocess.run([*CLI, *args], capture_output=True, text=True, timeout=timeout, check=False)
+
+
+def install_fresh_venv(root: Path) -> Path:
+    """`python3 -m venv` + `pip install REPO` (not editable; pip's cache makes it quick): the venv's python."""
+    venv = root / "venv"
+    subprocess.run(["python3", "-m", "venv", str(venv)], check=True, capture_output=True, timeout=120)
+    out = subprocess.run([str(venv / "bin" / "pip"), "install", "--quiet", "--disable-pip-version-check",
+                          str(REPO)], capture_output=True, text=True, timeout=600, check=False)
+    assert out.returncode == 0, out.stdout + out.stderr
+    exe = venv / "bin" / "inverse-cloud"
+    assert exe.exists(), "pip did not install the inverse-cloud script"
+    # the package in use is the installed copy (templates and all), never this checkout
+    where = subprocess.run([str(venv / "bin" / "python"), "-P", "-c",
+                            "import inverse_cloud; print(inverse_cloud.__file__)"],
+                           capture_output=True, text=True, check=True, cwd=root).stdout.strip()
+    assert where.startswith(str(venv)), where
+    CLI[:] = [str(exe)]
+    return venv / "bin" / "python"
 
 
 def card(uid: str, name: str) -> str:
@@ -157,7 +177,7 @@ def doctor(cfg: Path, relay, extra: list[str]) -> tuple[int, dict, str]:
 
 
 @pytest.mark.slow
-def test_journey(tmp_path):
+def test_journey(tmp_path, monkeypatch):
     missing = sshd_available()
     assert missing is None, missing
     t_start = time.monotonic()
@@ -166,16 +186,37 @@ def test_journey(tmp_path):
     def mark(what: str) -> None:
         steps.append((what, time.monotonic() - t_start))
 
+    # 0. A fresh venv, as the README installs it. `python -m inverse_cloud.cli` (init_instance, ServeProcess)
+    #    must not pick up this checkout from the working directory: safe path (-P) for every child.
+    python = install_fresh_venv(tmp_path)
+    monkeypatch.setenv("PYTHONSAFEPATH", "1")
+    mark("venv + pip install")
+    with private_netns():
+        _journey(tmp_path, str(python), mark)
+    print("\njourney timings (s since start): " + ", ".join(f"{w} {t:.1f}" for w, t in steps))
+
+
+def _journey(tmp_path: Path, python: str, mark) -> None:
     # 1. init, as documented, with flags (the ACME directory is our Pebble).
     ca_root = tmp_path / "pebble"
     probe_port = free_port()  # pebble needs an http port now; the relay's is set below
     ca = PebbleCA(ca_root, http_port=probe_port, validity_s=3600)
     cfg = init_instance(tmp_path / "ic", relay=f"{TEST_USER}@127.0.0.1:{free_port()}", acme_directory=ca.directory,
-                        acme_ca_bundle=str(ca.wfe_ca))
+                        acme_ca_bundle=str(ca.wfe_ca), python=python)
     configure(cfg, "relay", keepalive_interval_s=2, keepalive_count_max=3, connect_timeout_s=5)
     mark("init")
-    with relay_sshd(cfg) as relay:  # relay-setup --output (sshd drop-in, authorized_keys) + relay-setup --yes (pin)
-        mark("relay-setup")
+    with sandbox_relay(cfg) as relay:  # a real sshd, admin login for root; nothing set up for the tunnel yet
+        out = relay.apply(CLI[0], "--yes", "--accept-new-host-key", "--client-alive-interval", "2",
+                          "--client-alive-count-max", "3")
+        assert out.returncode == 0, out.stdout + out.stderr + relay.log()
+        assert f"inverse-cloud: relay ready for user {TEST_USER}" in out.stdout, out.stdout
+        assert (relay.etc / "ssh" / "sshd_config.d" / f"inverse-cloud-{TEST_USER}.conf").exists()
+        assert not Path(f"/etc/ssh/sshd_config.d/inverse-cloud-{TEST_USER}.conf").exists()  # host untouched
+        nft = subprocess.run(["nft", "list", "table", "ip", "inverse_cloud"], capture_output=True, text=True)
+        assert f"dnat to 127.0.0.1:{relay.https_port}" in nft.stdout, nft.stdout + nft.stderr
+        assert "host_key" in cfg.read_text()
+        relay.wait_listening()  # setup.sh reloaded sshd (SIGHUP: it re-executes itself)
+        mark("relay-setup --apply")
         ca.http_port = relay.http_port  # Pebble validates through the relay's port-80 stand-in
         configure(cfg, "acme", dns_server=ca.dns_server, self_check_address=f"127.0.0.1:{relay.http_port}",
                   caa_issuer="pebble.invalid")
@@ -185,7 +226,7 @@ def test_journey(tmp_path):
             out = cli("service", "install", "--config", str(cfg), "--unit-dir", str(unit_dir), "--no-systemctl")
             assert out.returncode == 0 and (unit_dir / "inverse-cloud.service").exists(), out.stderr
 
-            srv = ServeProcess(cfg)
+            srv = ServeProcess(cfg, python=python)
             with srv:
                 mark("serve listening")
                 relay.wait_forwards(30, on_timeout=srv.log)
@@ -295,7 +336,7 @@ def test_journey(tmp_path):
     out = cli("import", str(backup), "--config", str(new / "config.toml"), "--data-dir", str(new / "data"))
     assert out.returncode == 0, out.stderr
     new_storage = config_mod.load(new / "config.toml").server.storage_dir
-    verify = subprocess.run([sys.executable, "-m", "radicale", "--config", "",
+    verify = subprocess.run([python, "-m", "radicale", "--config", "",
                              f"--storage-filesystem-folder={new_storage}", "--verify-storage"],
                             capture_output=True, text=True, timeout=120)
     assert verify.returncode == 0, verify.stderr
@@ -311,4 +352,3 @@ def test_journey(tmp_path):
     assert out.returncode == 1 and "refusing to import" in out.stderr, out.stderr
     assert tree_hash(old_data) == snapshot
     mark("import onto non-empty refused")
-    print("\njourney timings (s since start): " + ", ".join(f"{w} {t:.1f}" for w, t in steps))
