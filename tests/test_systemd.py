@@ -95,8 +95,12 @@ async def test_watchdog_is_fed_from_the_event_loop(receiver):
         while receiver.drain().count("WATCHDOG=1") < 3 and time.monotonic() < deadline:
             await asyncio.sleep(0.02)
         time.sleep(0.5)  # noqa: ASYNC251 -- deliberately block the loop: the hung loop under test
-        await asyncio.sleep(0.15)
-        receiver.drain()
+        # Once the loop runs again, pings resume: poll (deadline) for one that arrived after the block.
+        unblocked = time.monotonic()
+        deadline = unblocked + 5
+        while not any(m == "WATCHDOG=1" and t > unblocked for t, m in receiver.got) and time.monotonic() < deadline:
+            receiver.drain()
+            await asyncio.sleep(0.02)
         comp.ready()
         comp.stopping()
     finally:
