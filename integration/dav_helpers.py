@@ -25,6 +25,8 @@ import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from inverse_cloud.testing import ThrowawayCA
+
 DOMAIN = "laptop.test"
 USER, PASSWORD = "alice", "correct horse"
 
@@ -292,41 +294,8 @@ def item_files(collection_dir: Path) -> dict[str, bytes]:
 
 # --- a throwaway CA ---------------------------------------------------------------------------------
 
-class LocalCA:
-    """Issues certificates for laptop.test, standing in for Let's Encrypt/Pebble in swap tests."""
-
-    def __init__(self, work: Path) -> None:
-        from cryptography import x509
-        from cryptography.hazmat.primitives import hashes, serialization
-        from cryptography.hazmat.primitives.asymmetric import ec
-        from cryptography.x509.oid import NameOID
-
-        self._x509, self._hashes, self._ser, self._ec, self._oid = x509, hashes, serialization, ec, NameOID
-        self.key = ec.generate_private_key(ec.SECP256R1())
-        name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "inverse-cloud integration CA")])
-        now = dt.datetime.now(dt.UTC)
-        self.cert = (x509.CertificateBuilder().subject_name(name).issuer_name(name)
-                     .public_key(self.key.public_key()).serial_number(x509.random_serial_number())
-                     .not_valid_before(now - dt.timedelta(hours=1)).not_valid_after(now + dt.timedelta(days=30))
-                     .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
-                     .sign(self.key, hashes.SHA256()))
-        self.cafile = work / "local-ca.pem"
-        self.cafile.write_bytes(self.cert.public_bytes(serialization.Encoding.PEM))
-
-    def issue(self) -> tuple[bytes, bytes, int]:
-        x509, ser = self._x509, self._ser
-        key = self._ec.generate_private_key(self._ec.SECP256R1())
-        now = dt.datetime.now(dt.UTC)
-        leaf = (x509.CertificateBuilder()
-                .subject_name(x509.Name([x509.NameAttribute(self._oid.COMMON_NAME, DOMAIN)]))
-                .issuer_name(self.cert.subject).public_key(key.public_key())
-                .serial_number(x509.random_serial_number())
-                .not_valid_before(now - dt.timedelta(minutes=5)).not_valid_after(now + dt.timedelta(days=7))
-                .add_extension(x509.SubjectAlternativeName([x509.DNSName(DOMAIN)]), critical=False)
-                .sign(self.key, self._hashes.SHA256()))
-        chain = leaf.public_bytes(ser.Encoding.PEM) + self.cert.public_bytes(ser.Encoding.PEM)
-        key_pem = key.private_bytes(ser.Encoding.PEM, ser.PrivateFormat.PKCS8, ser.NoEncryption())
-        return chain, key_pem, leaf.serial_number
+# The throwaway CA lives in inverse_cloud.testing (tests/test_tls.py uses it too).
+LocalCA = ThrowawayCA
 
 
 # --- server log ----------------------------------------------------------------------------------------

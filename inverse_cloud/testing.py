@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
 
-__all__ = ["ServeProcess", "free_port", "init_instance", "wait_until"]
+__all__ = ["ServeProcess", "ThrowawayCA", "free_port", "init_instance", "wait_until"]
 
 T = TypeVar("T")
 
@@ -178,3 +178,56 @@ def served_certificate_serial(host: str, port: int, server_name: str = "laptop.t
         der = s.getpeercert(binary_form=True)
     assert der is not None
     return int(x509.load_der_x509_certificate(der).serial_number)
+
+
+class ThrowawayCA:
+    """A CA that issues leaf certificates for one name (what Pebble or Let's Encrypt would hand out), for
+    certificate-swap tests. With ``work_dir`` its root is written to ``work_dir/local-ca.pem`` (``cafile``)."""
+
+    __test__ = False  # not a pytest test class
+
+    def __init__(self, work_dir: Path | None = None, domain: str = "laptop.test") -> None:
+        import datetime as dt
+
+        from cryptography import x509
+        from cryptography.hazmat.primitives import hashes, serialization
+        from cryptography.hazmat.primitives.asymmetric import ec
+        from cryptography.x509.oid import NameOID
+
+        self.domain = domain
+        self.key = ec.generate_private_key(ec.SECP256R1())
+        name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "inverse-cloud throwaway test CA")])
+        now = dt.datetime.now(dt.UTC)
+        self.cert = (x509.CertificateBuilder().subject_name(name).issuer_name(name)
+                     .public_key(self.key.public_key()).serial_number(x509.random_serial_number())
+                     .not_valid_before(now - dt.timedelta(hours=1)).not_valid_after(now + dt.timedelta(days=30))
+                     .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+                     .sign(self.key, hashes.SHA256()))
+        self.cafile: Path | None = None
+        if work_dir is not None:
+            self.cafile = work_dir / "local-ca.pem"
+            self.cafile.write_bytes(self.cert.public_bytes(serialization.Encoding.PEM))
+
+    def issue(self, domain: str | None = None) -> tuple[bytes, bytes, int]:
+        """A new leaf for ``domain``: (fullchain PEM, key PEM, serial)."""
+        import datetime as dt
+
+        from cryptography import x509
+        from cryptography.hazmat.primitives import hashes, serialization
+        from cryptography.hazmat.primitives.asymmetric import ec
+        from cryptography.x509.oid import NameOID
+
+        name = domain or self.domain
+        key = ec.generate_private_key(ec.SECP256R1())
+        now = dt.datetime.now(dt.UTC)
+        leaf = (x509.CertificateBuilder()
+                .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name)]))
+                .issuer_name(self.cert.subject).public_key(key.public_key())
+                .serial_number(x509.random_serial_number())
+                .not_valid_before(now - dt.timedelta(minutes=5)).not_valid_after(now + dt.timedelta(days=7))
+                .add_extension(x509.SubjectAlternativeName([x509.DNSName(name)]), critical=False)
+                .sign(self.key, hashes.SHA256()))
+        enc = serialization.Encoding.PEM
+        chain = leaf.public_bytes(enc) + self.cert.public_bytes(enc)
+        key_pem = key.private_bytes(enc, serialization.PrivateFormat.PKCS8, serialization.NoEncryption())
+        return chain, key_pem, int(leaf.serial_number)

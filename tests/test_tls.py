@@ -6,7 +6,6 @@ Mozilla intermediate (TLS 1.2+, AEAD only)."""
 from __future__ import annotations
 
 import asyncio
-import datetime as dt
 import logging
 import socket
 import ssl
@@ -18,12 +17,11 @@ from pathlib import Path
 
 import pytest
 from cryptography import x509
-from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
-from cryptography.x509.oid import NameOID
 
 from inverse_cloud.errors import CertStoreError
-from inverse_cloud.testing import served_certificate_serial
+from inverse_cloud.testing import ThrowawayCA, served_certificate_serial
 from inverse_cloud.tls import CertStore, TLSManager, server_context
 
 DOMAIN = "laptop.test"
@@ -38,34 +36,7 @@ def _pem_key(key: ec.EllipticCurvePrivateKey) -> bytes:
                              serialization.NoEncryption())
 
 
-class TestCA:
-    """A throwaway CA issuing leaf certificates for DOMAIN (what Pebble would hand out)."""
-
-    __test__ = False
-
-    def __init__(self) -> None:
-        self.key = _key()
-        name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "inverse-cloud test CA")])
-        now = dt.datetime.now(dt.UTC)
-        self.cert = (x509.CertificateBuilder().subject_name(name).issuer_name(name)
-                     .public_key(self.key.public_key()).serial_number(x509.random_serial_number())
-                     .not_valid_before(now - dt.timedelta(hours=1)).not_valid_after(now + dt.timedelta(days=30))
-                     .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
-                     .sign(self.key, hashes.SHA256()))
-
-    def issue(self, domain: str = DOMAIN) -> tuple[bytes, bytes, int]:
-        """(fullchain PEM, key PEM, serial)."""
-        key = _key()
-        now = dt.datetime.now(dt.UTC)
-        leaf = (x509.CertificateBuilder()
-                .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, domain)]))
-                .issuer_name(self.cert.subject).public_key(key.public_key())
-                .serial_number(x509.random_serial_number())
-                .not_valid_before(now - dt.timedelta(minutes=5)).not_valid_after(now + dt.timedelta(days=7))
-                .add_extension(x509.SubjectAlternativeName([x509.DNSName(domain)]), critical=False)
-                .sign(self.key, hashes.SHA256()))
-        chain = leaf.public_bytes(serialization.Encoding.PEM) + self.cert.public_bytes(serialization.Encoding.PEM)
-        return chain, _pem_key(key), leaf.serial_number
+TestCA = ThrowawayCA
 
 
 @pytest.fixture
