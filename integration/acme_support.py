@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from cryptography import x509
+from dav_helpers import VerifiedConn
 from pebble import PebbleCA
 from relay_sshd import configure
 
@@ -64,17 +65,6 @@ def wait_issued(port: int, cafile: Path, timeout_s: float, on_timeout: Any = Non
                       interval_s=0.05, on_timeout=on_timeout)
 
 
-class _Conn(http.client.HTTPSConnection):
-    """Connects to 127.0.0.1 but verifies (and sends SNI) for laptop.test."""
-
-    def __init__(self, port: int, ctx: ssl.SSLContext) -> None:
-        super().__init__(DOMAIN, port, context=ctx, timeout=20)
-
-    def connect(self) -> None:
-        raw = socket.create_connection(("127.0.0.1", self.port), self.timeout)
-        self.sock = self._context.wrap_socket(raw, server_hostname=DOMAIN)  # type: ignore[attr-defined]
-
-
 @dataclass
 class SyncLoad:
     """In a thread until stopped (at most ``max_rounds`` rounds / ``max_s`` seconds): a PROPFIND on one
@@ -107,16 +97,17 @@ class SyncLoad:
 
     def _run(self) -> None:
         ctx = tls_context(self.cafile)
-        conn = _Conn(self.port, ctx)
+        conn = VerifiedConn(self.port, ctx, timeout=20)
         sock_id = None
         deadline = time.monotonic() + self.max_s
         for _ in range(self.max_rounds):
             if self._stop.is_set() or time.monotonic() > deadline:
                 break
             try:
-                conn.request("PROPFIND", "/radicale/alice/", headers={"Authorization": self._auth, "Depth": "0"})
-                resp = conn.getresponse()
-                resp.read()
+                conn.request("PROPFIND", "/radicale/alice/",
+                             headers={"Host": DOMAIN, "Authorization": self._auth, "Depth": "0"})
+                with conn.getresponse() as resp:
+                    resp.read()
                 if resp.status != 207:
                     self.failures.append(f"request answered {resp.status}")
                 else:

@@ -46,7 +46,7 @@ def selfsigned_cert(config_root: Path) -> Path:
 
 # --- HTTPS client ---------------------------------------------------------------------------------
 
-class _Conn(http.client.HTTPSConnection):
+class VerifiedConn(http.client.HTTPSConnection):
     """Connects to 127.0.0.1 but verifies the certificate (and sends SNI) for ``laptop.test``."""
 
     def __init__(self, port: int, context: ssl.SSLContext, timeout: float) -> None:
@@ -55,7 +55,11 @@ class _Conn(http.client.HTTPSConnection):
 
     def connect(self) -> None:
         raw = socket.create_connection(("127.0.0.1", self.port), self.timeout)
-        self.sock = self._ctx.wrap_socket(raw, server_hostname=DOMAIN)
+        try:
+            self.sock = self._ctx.wrap_socket(raw, server_hostname=DOMAIN)
+        except BaseException:
+            raw.close()
+            raise
 
 
 @dataclass
@@ -78,7 +82,7 @@ class DavClient:
     user: str = USER
     password: str = PASSWORD
     timeout: float = 30.0
-    _conn: _Conn | None = field(default=None, repr=False)
+    _conn: VerifiedConn | None = field(default=None, repr=False)
 
     def _context(self) -> ssl.SSLContext:
         return ssl.create_default_context(cafile=str(self.cafile))
@@ -96,7 +100,8 @@ class DavClient:
             hdrs.setdefault("Authorization", self.auth)
         for attempt in range(2):
             if self._conn is None:
-                self._conn = _Conn(self.port, self._context(), self.timeout)
+                self._conn = VerifiedConn(self.port, self._context(), self.timeout)
+            r: http.client.HTTPResponse | None = None
             try:
                 self._conn.request(method, path, body=body, headers=hdrs)
                 r = self._conn.getresponse()
@@ -109,6 +114,16 @@ class DavClient:
                 self.close()
                 if attempt:
                     raise
+            except BaseException:
+                # Any other failure (server killed mid-response, timeout, TLS error): release the socket now,
+                # not whenever the garbage collector reaches the response (a ResourceWarning under -W error).
+                self.close()
+                raise
+            finally:
+                # The response holds a second reference (makefile) to the socket; close it explicitly so that
+                # closing the connection really closes the descriptor.
+                if r is not None:
+                    r.close()
         raise AssertionError("unreachable")
 
     def peer_serial(self) -> int:
