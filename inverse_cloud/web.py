@@ -24,6 +24,7 @@ from .wsgi import NOTE_KEY, WRITE_METHODS, RadicaleBridge, WsgiResult
 
 __all__ = [
     "AccessLogger",
+    "FailedLoginDigest",
     "access_logger_class",
     "ChallengeStore",
     "PeerDirectory",
@@ -186,19 +187,61 @@ def make_https_app(bridge: RadicaleBridge,
 
 
 def access_logger_class(peers: PeerDirectory) -> type[AbstractAccessLogger]:
-    """An access logger that names the real client (the relay's view for tunnelled connections)."""
+    """An access logger that names the real client (the relay's view for tunnelled connections) and
+    collapses repeated failed logins from one address (reliability.md L4)."""
 
     class _Logger(AccessLogger):
         pass
 
     _Logger.peers = peers
+    _Logger.failures = FailedLoginDigest()
     return _Logger
 
 
+class FailedLoginDigest:
+    """Failed logins per client address: the first in a window is logged in full, later ones in that
+    window are only counted, and one summary line follows when the window closes. A password-guessing
+    client then costs two lines a minute, not one per guess, and its address stays in the log. At most
+    ``max_sources`` addresses are tracked; beyond that, lines are written one by one rather than lost."""
+
+    def __init__(self, window_s: float = 60.0, max_sources: int = 4096,
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        self.window_s, self.max_sources, self.clock = window_s, max_sources, clock
+        self._open: dict[str, tuple[float, int]] = {}  # address -> (window start, failures not logged)
+
+    def admit(self, address: str) -> tuple[bool, int]:
+        """Count one failed login. Returns (write this one in full?, failures counted in the address's
+        previous window that no summary has reported yet: write that summary first)."""
+        now = self.clock()
+        window = self._open.get(address)
+        if window is not None and now - window[0] < self.window_s:
+            self._open[address] = (window[0], window[1] + 1)
+            return False, 0
+        if window is None and len(self._open) >= self.max_sources:
+            return True, 0
+        self._open[address] = (now, 0)
+        return True, window[1] if window else 0
+
+    def window(self, address: str) -> tuple[float, int] | None:
+        """(start, failures counted but not logged) of the address's open window."""
+        return self._open.get(address)
+
+    def close(self, address: str, start: float) -> int:
+        """End the address's window if it is still the one that began at ``start``; the failures that were
+        counted but not logged in it."""
+        window = self._open.get(address)
+        if window is None or window[0] != start:
+            return 0
+        del self._open[address]
+        return window[1]
+
+
 class AccessLogger(AbstractAccessLogger):
-    """One line per request with the real client address (never credentials)."""
+    """One line per request with the real client address (never credentials); repeated failed logins
+    from one address are collapsed into a summary line per minute (:class:`FailedLoginDigest`)."""
 
     peers: PeerDirectory | None = None
+    failures: FailedLoginDigest | None = None
 
     def log(self, request: web.BaseRequest, response: web.StreamResponse, time: float) -> None:
         if not self.logger.isEnabledFor(logging.INFO):
@@ -209,10 +252,42 @@ class AccessLogger(AbstractAccessLogger):
         # The protocol caches the peer address: it is still known after a refused request's forced close.
         peer = getattr(request.protocol, "peername", None)
         remote = self.peers.resolve(peer) if self.peers else (peer or ("-",))
+        address = str(remote[0])
+        if response.status == 401 and "Authorization" in request.headers and self.failures is not None:
+            full, unreported = self.failures.admit(address)
+            if unreported:
+                self._summary(address, unreported)
+            if not full:
+                window = self.failures.window(address)
+                if window is not None and window[1] == 1:
+                    self._schedule_summary(address, window[0])
+                return
         note = request.get(NOTE_KEY)
-        self.logger.info('%s "%s %s" %s %s %.1fms "%s"%s', remote[0], request.method, request.path,
+        self.logger.info('%s "%s %s" %s %s %.1fms "%s"%s', address, request.method, request.path,
                          response.status, response.body_length, time * 1000,
                          request.headers.get("User-Agent", "-")[:120], f" ({note})" if note else "")
+
+    def _summary(self, address: str, hidden: int) -> None:
+        assert self.failures is not None
+        self.logger.warning("%s: %d more failed logins within %.0f s (collapsed into this line; the first is "
+                            "logged above)", address, hidden, self.failures.window_s)
+
+    def _schedule_summary(self, address: str, start: float) -> None:
+        """When the address's window closes, write how many failed logins were not logged one by one."""
+        import asyncio
+
+        digest = self.failures
+        assert digest is not None
+
+        def close() -> None:
+            if hidden := digest.close(address, start):
+                self._summary(address, hidden)
+
+        delay = max(0.0, start + digest.window_s - digest.clock())
+        try:
+            asyncio.get_running_loop().call_later(delay, close)
+        except RuntimeError:  # no running loop (unit use): the address's next failure reports the count
+            pass
 
 
 def is_write(method: str) -> bool:

@@ -17,8 +17,10 @@ from aiohttp import web
 
 from inverse_cloud.web import (
     ChallengeStore,
+    FailedLoginDigest,
     PeerDirectory,
     StorageGuard,
+    access_logger_class,
     make_http_app,
     make_https_app,
     redirect_target,
@@ -577,3 +579,60 @@ async def test_client_leaving_mid_body_is_not_logged_as_500(dav, caplog):
     assert app.calls == []
     assert not [r for r in caplog.records if r.levelno >= logging.ERROR or "Error handling" in r.getMessage()]
 
+
+
+# --- failed logins collapsed per address (reliability.md L4) ------------------------------------------------
+
+def test_failed_login_digest_windows():
+    now = [100.0]
+    d = FailedLoginDigest(window_s=60, max_sources=2, clock=lambda: now[0])
+    assert d.admit("192.0.2.1") == (True, 0)            # the first is written in full
+    assert [d.admit("192.0.2.1") for _ in range(3)] == [(False, 0)] * 3
+    assert d.window("192.0.2.1") == (100.0, 3)
+    assert d.admit("198.51.100.7") == (True, 0)         # another address has its own window
+    assert d.admit("203.0.113.9") == (True, 0)          # over max_sources: written, not tracked
+    assert d.window("203.0.113.9") is None
+    now[0] += 61
+    # The window closed without its summary having run: the next failure reports the 3 first.
+    assert d.admit("192.0.2.1") == (True, 3)
+    assert d.close("192.0.2.1", 100.0) == 0             # a late summary of the old window reports nothing
+    assert d.admit("192.0.2.1") == (False, 0)
+    assert d.close("192.0.2.1", 161.0) == 1
+    assert d.window("192.0.2.1") is None
+
+
+async def test_repeated_failed_logins_are_one_line_and_a_summary(caplog):
+    """Five wrong passwords from one address: one access line in full, then one summary line with the
+    count when the window closes; 401s without credentials (a client's first, unauthenticated try) are
+    logged one by one as ordinary requests."""
+    async def deny(_request: web.Request) -> web.Response:
+        return web.Response(status=401, headers={"WWW-Authenticate": 'Basic realm="x"'})
+
+    app = web.Application()
+    app.router.add_route("*", "/{tail:.*}", deny)
+    logger_class = access_logger_class(PeerDirectory())
+    logger_class.failures = FailedLoginDigest(window_s=0.5)  # type: ignore[attr-defined]
+    runner = web.AppRunner(app, access_log_class=logger_class, handle_signals=False)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+    caplog.set_level("INFO", logger="aiohttp.access")
+    try:
+        async with aiohttp.ClientSession() as s:
+            for _ in range(5):
+                async with s.get(f"http://127.0.0.1:{port}/radicale/", headers={"Authorization": "Basic eDp5"}) as r:
+                    assert r.status == 401
+            for _ in range(2):
+                async with s.get(f"http://127.0.0.1:{port}/radicale/") as r:
+                    assert r.status == 401
+        deadline = asyncio.get_running_loop().time() + 10
+        while "4 more failed logins" not in caplog.text:
+            assert asyncio.get_running_loop().time() < deadline, caplog.text
+            await asyncio.sleep(0.05)  # poll interval while the summary's window closes
+    finally:
+        await runner.cleanup()
+    lines = [r.getMessage() for r in caplog.records if r.name == "aiohttp.access"]
+    assert len([line for line in lines if '" 401 ' in line]) == 1 + 2, lines
+    summary = [line for line in lines if "more failed logins" in line]
+    assert summary == [summary[0]] and summary[0].startswith("127.0.0.1: 4 more failed logins"), lines
