@@ -265,3 +265,46 @@ async def test_old_tls_versions_are_refused(listening, tmp_path, version, name):
     tls12, tls13 = ssl.TLSVersion.TLSv1_2, ssl.TLSVersion.TLSv1_3
     assert await asyncio.to_thread(client_handshake, port, tls12, tls12) == "TLSv1.2"
     assert await asyncio.to_thread(client_handshake, port, tls12, tls13) == "TLSv1.3"
+
+
+# --- the policy as an outside scanner sees it (testssl-style, with the openssl command) ---------------------
+
+INTERMEDIATE_TLS12_ECDSA = {"ECDHE-ECDSA-AES128-GCM-SHA256", "ECDHE-ECDSA-AES256-GCM-SHA384",
+                            "ECDHE-ECDSA-CHACHA20-POLY1305"}
+TLS13_SUITES = {"TLS_AES_128_GCM_SHA256", "TLS_AES_256_GCM_SHA384", "TLS_CHACHA20_POLY1305_SHA256"}
+
+
+async def openssl_accepts(port: int, *args: str) -> bool:
+    """Whether ``openssl s_client`` with these options completes a handshake with the listener."""
+    proc = await asyncio.create_subprocess_exec(
+        "openssl", "s_client", "-connect", f"127.0.0.1:{port}", "-servername", DOMAIN, *args,
+        stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT)
+    try:
+        out, _ = await asyncio.wait_for(proc.communicate(), 20)
+    except TimeoutError:
+        proc.kill()
+        await proc.wait()
+        raise
+    return proc.returncode == 0 and b"Cipher is (NONE)" not in out and b"New, " in out
+
+
+async def test_an_outside_scanner_sees_only_the_intermediate_profile(listening):
+    """Every cipher suite OpenSSL knows, offered one at a time by `openssl s_client` (what testssl.sh does):
+    with the (default) ECDSA certificate exactly Mozilla intermediate's three ECDHE-ECDSA AEAD suites for
+    TLS 1.2 and the three TLS 1.3 suites complete a handshake; no CBC, RSA key exchange, DHE, export,
+    NULL or anonymous suite does. (Debian's openssl command cannot offer TLS 1.0/1.1 any more, even at
+    security level 0, so the old versions are checked by test_old_tls_versions_are_refused with a
+    control instead.)"""
+    _, port = listening
+    listed = await asyncio.create_subprocess_exec(
+        "openssl", "ciphers", "-s", "-tls1_2", "ALL:COMPLEMENTOFALL:@SECLEVEL=0",
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
+    out, err = await listed.communicate()
+    assert listed.returncode == 0, err
+    tls12 = [c for c in out.decode().strip().split(":") if not c.startswith("TLS_")]
+    assert len(tls12) > 20 and INTERMEDIATE_TLS12_ECDSA <= set(tls12), tls12  # the scan offers plenty
+    accepted = {c for c in tls12
+                if await openssl_accepts(port, "-tls1_2", "-cipher", f"{c}:@SECLEVEL=0")}
+    assert accepted == INTERMEDIATE_TLS12_ECDSA, sorted(accepted)
+    for suite in TLS13_SUITES:
+        assert await openssl_accepts(port, "-tls1_3", "-ciphersuites", suite), suite
