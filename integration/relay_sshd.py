@@ -134,6 +134,7 @@ class RelaySshd:
     client_alive_count_max: int
     proc: subprocess.Popen[bytes] | None = None
     seen: set[int] = field(default_factory=set)
+    listen_address: str = "127.0.0.1"  # sshd's ListenAddress (the laptop's side of a veth in the F5 test)
 
     @property
     def bundle(self) -> Path:
@@ -184,7 +185,7 @@ class RelaySshd:
             f"# test relay: base config; the Match block comes from relay-setup, included first as on Debian\n"
             f"Include {self.bundle}/sshd_config.d/inverse-cloud.conf\n"
             f"Port {self.ssh_port}\n"
-            "ListenAddress 127.0.0.1\n"
+            f"ListenAddress {self.listen_address}\n"
             f"HostKey {self.host_key_path}\n"
             f"PidFile {self.workdir}/sshd.pid\n"
             "StrictModes no\n"
@@ -216,12 +217,12 @@ class RelaySshd:
             if self.proc.poll() is not None:
                 raise RuntimeError(f"sshd exited with {self.proc.returncode}: {self.log()}")
             try:
-                with socket.create_connection(("127.0.0.1", self.ssh_port), timeout=1) as s:
+                with socket.create_connection((self.listen_address, self.ssh_port), timeout=1) as s:
                     return s.recv(4).startswith(b"SSH-")
             except OSError:
                 return False
 
-        wait_until(up, 15, f"sshd on 127.0.0.1:{self.ssh_port}", on_timeout=self.log)
+        wait_until(up, 15, f"sshd on {self.listen_address}:{self.ssh_port}", on_timeout=self.log)
 
     def pin(self) -> None:
         out = _cli("relay-setup", "--config", str(self.config), "--output", str(self.bundle), "--yes",
@@ -325,8 +326,10 @@ class RelaySshd:
 
 @contextlib.contextmanager
 def relay_sshd(config: Path, *, user: str = TEST_USER, client_alive_interval: int = 2,
-               client_alive_count_max: int = 3, pin: bool = True) -> Iterator[RelaySshd]:
-    """The relay for ``config`` (its [relay] port is sshd's port): see the module docstring."""
+               client_alive_count_max: int = 3, pin: bool = True,
+               listen_address: str = "127.0.0.1") -> Iterator[RelaySshd]:
+    """The relay for ``config`` (its [relay] port is sshd's port): see the module docstring. ``listen_address``
+    is where sshd listens (the forwarded ports stay on the relay's loopback, as relay-setup permits them)."""
     from inverse_cloud.config import load
 
     ensure_system_user(user)
@@ -337,7 +340,7 @@ def relay_sshd(config: Path, *, user: str = TEST_USER, client_alive_interval: in
     os.chmod(workdir, 0o755)  # noqa: S103 (sshd reads authorized_keys as the tunnel user; no secrets)
     relay = RelaySshd(config=config, workdir=workdir, user=user, ssh_port=cfg.relay.port, https_port=https_port,
                       http_port=http_port, client_alive_interval=client_alive_interval,
-                      client_alive_count_max=client_alive_count_max)
+                      client_alive_count_max=client_alive_count_max, listen_address=listen_address)
     try:
         relay.render()
         relay.new_host_key()

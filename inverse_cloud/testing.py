@@ -70,13 +70,21 @@ def init_instance(root: Path, *, domain: str = "laptop.test", user: str = "alice
 
 @dataclass
 class ServeProcess:
-    """``inverse-cloud serve`` as a child process. Use as a context manager; it is always stopped."""
+    """``inverse-cloud serve`` as a child process. Use as a context manager; it is always stopped.
+
+    ``prefix`` runs it through another command, e.g. ``["ip", "netns", "exec", NAME]`` (the laptop in its own
+    network namespace). The prefix must exec the command, so that the child's pid stays serve's (``ip netns
+    exec`` and ``nsenter`` do): every signal and the stop still go to serve by pid. ``ready_probe(port)`` says
+    whether serve answers on its HTTPS port; by default a TLS handshake to 127.0.0.1 from this process, which
+    cannot see into another network namespace."""
 
     config: Path
     env: dict[str, str] = field(default_factory=dict)
     python: str = sys.executable
     proc: subprocess.Popen[bytes] | None = None
     log_path: Path | None = None
+    prefix: list[str] = field(default_factory=list)
+    ready_probe: Callable[[int], bool] | None = None
 
     def _ports(self) -> tuple[int, int]:
         from .config import load
@@ -97,7 +105,7 @@ class ServeProcess:
         env = {**os.environ, **self.env}
         env.pop("RADICALE_CONFIG", None) if "RADICALE_CONFIG" not in self.env else None
         with open(self.log_path, "wb") as log:
-            self.proc = subprocess.Popen([self.python, "-m", "inverse_cloud.cli", "serve", "--config",
+            self.proc = subprocess.Popen([*self.prefix, self.python, "-m", "inverse_cloud.cli", "serve", "--config",
                                           str(self.config)], stdout=log, stderr=subprocess.STDOUT, env=env)
         try:
             self.wait_ready(timeout_s)
@@ -114,7 +122,7 @@ class ServeProcess:
             assert self.proc is not None
             if self.proc.poll() is not None:
                 raise RuntimeError(f"inverse-cloud serve exited with {self.proc.returncode}:\n{self.log()}")
-            return tls_handshake_ok("127.0.0.1", port)
+            return self.ready_probe(port) if self.ready_probe else tls_handshake_ok("127.0.0.1", port)
 
         wait_until(ready, timeout_s, f"inverse-cloud serve on port {port}", on_timeout=self.log)
 
