@@ -5,25 +5,36 @@ asserted beyond generous deadlines.
 
 These tests use their own relay user (``icfault``): a takeover ends every other session of the tunnel user
 on the machine, which must not hit another test's relay running at the same time.
+
+F5 with a real address change (no proxy) puts the relay side in a private network namespace and the laptop in
+its own one, joined by a veth pair (integration/netns.py); it has its own relay user (``icnetchg``), so that
+its takeover cannot end a session of the other tests here either when two runs overlap.
 """
 
 from __future__ import annotations
 
 import base64
 import contextlib
+import os
 import re
+import shutil
 import signal
 import socket
 import ssl
 import subprocess
+import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
 from chaos_proxy import ChaosProxy
+from dav_helpers import DavClient, new_uid, selfsigned_cert, vcard
+from netns import laptop_netns
+from relay_sandbox import private_netns
 from relay_sshd import configure, relay_sshd, sshd_available
 
-from inverse_cloud.testing import ServeProcess, free_port, init_instance, wait_until
+from inverse_cloud.testing import ServeProcess, free_port, init_instance, tls_handshake_ok, wait_until
 
 USER = "icfault"
 PASSWORD = "correct horse"
@@ -125,6 +136,133 @@ def test_network_change_takes_over_the_stale_session(tmp_path, mode):
         assert new and new != old
         print(f"[tunnel-faults] recovered in {took:.2f} s; relay ClientAlive alone would need ~45 s")
         px.set_mode("pass")
+
+
+class Phone:
+    """A phone that starts a connection to the relay's forwarded HTTPS port every 0.5 s (TCP connect and TLS
+    handshake, each with a 2 s timeout, then close), whether or not the previous one has finished, from
+    threads in the namespace of the thread that enters it. ``ok``/``failed`` count the finished attempts."""
+
+    def __init__(self, port: int) -> None:
+        self.port = port
+        self.ok = self.failed = 0
+        self.netns = os.stat("/proc/thread-self/ns/net").st_ino
+        self.thread_netns = 0
+        self._lock = threading.Lock()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="phone", daemon=True)
+
+    def _attempt(self) -> None:
+        good = tls_handshake_ok("127.0.0.1", self.port)
+        with self._lock:
+            if good:
+                self.ok += 1
+            else:
+                self.failed += 1
+
+    def _run(self) -> None:
+        self.thread_netns = os.stat("/proc/thread-self/ns/net").st_ino
+        with ThreadPoolExecutor(max_workers=10, thread_name_prefix="phone") as pool:  # <= 4 s per attempt
+            for _ in range(10_000):                   # bounded: ~85 min at one attempt per 0.5 s
+                pool.submit(self._attempt)
+                if self._stop.wait(0.5):              # the phone's pace, not a wait for a condition
+                    return
+
+    def counts(self) -> tuple[int, int]:
+        with self._lock:
+            return self.ok, self.failed
+
+    def __enter__(self) -> Phone:
+        self._thread.start()
+        try:
+            wait_until(lambda: sum(self.counts()) > 0, 10, "the phone's first connection")
+            assert self.thread_netns == self.netns, "the phone thread is not on the relay side"
+        except BaseException:
+            self.__exit__()   # __exit__ never runs when __enter__ raises
+            raise
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join(30)                         # pending attempts end within their timeouts
+        assert not self._thread.is_alive(), "phone thread did not stop"
+
+
+def ssh_peers(relay) -> list[str]:
+    """Addresses of the established TCP connections to sshd's port (the relay's view of the laptop)."""
+    out = subprocess.run(["ss", "-Htn", "state", "established", f"( sport = :{relay.ssh_port} )"],
+                         capture_output=True, text=True, timeout=10, check=True).stdout
+    local = f"{relay.listen_address}:{relay.ssh_port}"
+    return sorted(tok.rsplit(":", 1)[0] for line in out.splitlines() for tok in line.split()[2:4] if tok != local)
+
+
+RELAY_ADDRESS, ADDRESS_A, ADDRESS_B = "10.99.7.1", "10.99.7.3", "10.99.7.4"
+F5_USER = "icnetchg"   # its own tunnel user: the takeover ends every other session of the user on the machine
+
+
+@pytest.mark.slow
+def test_f5_laptop_address_really_changes(tmp_path):
+    """F5 with a real network change. The relay side (sshd with relay-setup's config and ClientAlive 15 s x 3,
+    the phone, curl, ss) runs in a private network namespace; `inverse-cloud serve` runs in the laptop's own
+    namespace, joined by a veth pair, with address A; keepalive 1 s x 3. While the tunnel is up and a phone
+    connects to the relay's forwarded port every 0.5 s, the laptop loses A and gets B: the old connection is a
+    dead path, and the relay still holds that session and the forwarded port. Expected: keepalive declares the
+    link dead (one line, no traceback, no flood); the client reconnects from B (ss on the relay and sshd's log
+    show B); its listen is refused -> 'still held by a previous session; taking over' -> 'takeover: ended N
+    other session(s)' -> forwards bound by a new session -> a DAV sync through the relay works well before the
+    relay's ClientAlive (~45 s) would have freed the port; the session from A is gone."""
+    missing = sshd_available()
+    assert missing is None, missing
+    for tool in ("ip", "ss", "curl"):
+        assert shutil.which(tool), f"{tool} missing: apt-get install -y iproute2 curl"
+    with private_netns(), laptop_netns(RELAY_ADDRESS, ADDRESS_A) as laptop:
+        sshd_port = free_port()
+        cfg = init_instance(tmp_path / "ic", relay=f"{F5_USER}@{RELAY_ADDRESS}:{sshd_port}")
+        configure(cfg, "relay", keepalive_interval_s=1, keepalive_count_max=3, connect_timeout_s=3)
+        with relay_sshd(cfg, user=F5_USER, client_alive_interval=15, client_alive_count_max=3,
+                        listen_address=RELAY_ADDRESS) as relay, \
+                ServeProcess(cfg, prefix=laptop.exec_prefix, ready_probe=laptop.tls_handshake_ok) as srv:
+            dump = lambda: srv.log()[-4000:] + "\n--- sshd ---\n" + relay.log()[-3000:]  # noqa: E731
+            relay.wait_forwards(30, on_timeout=dump)
+            assert ssh_peers(relay) == [ADDRESS_A], ssh_peers(relay)
+            assert propfind(relay.https_port), dump()
+            old_holders = relay.holders()
+            seen = len(tunnel_lines(srv))
+            with Phone(relay.https_port) as phone:
+                before = phone.counts()
+                t0 = time.monotonic()
+                laptop.change_address(ADDRESS_A, ADDRESS_B)
+                wait_until(lambda: any("relay link lost" in line for line in tunnel_lines(srv)[seen:]), 20,
+                           "keepalive to declare the dead path", interval_s=0.1, on_timeout=dump)
+                print(f"\n[tunnel-faults] F5: dead path declared {time.monotonic() - t0:.2f} s after the address "
+                      "change")
+                wait_until(lambda: ADDRESS_B in ssh_peers(relay), 20, f"a session from {ADDRESS_B} on the relay",
+                           interval_s=0.1, on_timeout=dump)
+                print(f"[tunnel-faults] F5: session from the new address {time.monotonic() - t0:.2f} s after")
+                took = recover(srv, relay, "real address change (F5)", t0, 40)
+                with DavClient(relay.https_port, selfsigned_cert(cfg.parent)) as dav:
+                    uid = new_uid()
+                    assert dav.put(f"/radicale/alice/contacts/{uid}.vcf", vcard(uid, "After The Move")).status == 201
+                    assert f"/radicale/alice/contacts/{uid}.vcf" in dav.hrefs("/radicale/alice/contacts/")
+                wait_until(lambda: phone.counts()[0] > before[0], 15, "the phone getting through again",
+                           on_timeout=lambda: str(phone.counts()))
+                after = phone.counts()
+            print(f"[tunnel-faults] F5: address change -> working sync {took:.2f} s (relay ClientAlive alone "
+                  f"~45 s); phone attempts since the change: {after[0] - before[0]} ok, {after[1] - before[1]} "
+                  "failed")
+            new = tunnel_lines(srv)[seen:]
+            print("[tunnel-faults] F5 log:\n  " + "\n  ".join(new))
+            lost = [line for line in new if "relay link lost" in line]
+            assert len(lost) == 1 and "relay link lost (no answer to keepalives); reconnecting" in lost[0], new
+            assert any("still held by a previous session; taking over" in line for line in new), new
+            assert any(re.search(r"takeover: ended [1-9]\d* other session", line) for line in new), new
+            assert not any(" ERROR inverse_cloud" in line for line in new), new
+            assert len(new) <= 6, f"a flood of tunnel lines for one network change: {new}"
+            assert "Traceback" not in srv.log(), srv.log()[-4000:]
+            assert relay.holders() and relay.holders() != old_holders
+            wait_until(lambda: ADDRESS_A not in ssh_peers(relay), 15, f"the stale session from {ADDRESS_A} ended",
+                       on_timeout=lambda: str(ssh_peers(relay)))
+            assert f"Connection from {ADDRESS_B} port" in relay.log(), relay.log()[-3000:]
 
 
 @pytest.mark.slow
