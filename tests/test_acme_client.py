@@ -309,3 +309,38 @@ async def test_external_account_binding_is_sent(tmp_path, fake_acme):
     assert protected["url"] == f"{fake_acme.base}/acct"
     assert b64json(eab["payload"]) == fake_acme.protected["acct"][0]["jwk"]
     assert fake_acme.payloads["acct"][0]["termsOfServiceAgreed"] is True
+
+
+def test_serving_does_not_load_the_acme_library_until_an_order_is_due(tmp_path):
+    """What `serve` imports, plus a driver that reads the directory and ARI, leaves acme, josepy and
+    requests unloaded (several MiB of a laptop process); an order loads them. In a fresh interpreter,
+    since this test process has long imported them."""
+    import subprocess
+    import sys
+
+    script = f"""
+import asyncio, sys
+from pathlib import Path
+import inverse_cloud.cli, inverse_cloud.server, inverse_cloud.tunnel, inverse_cloud.cert_manager
+import inverse_cloud.cert_cli, inverse_cloud.ops_cli, inverse_cloud.relay_cli
+from inverse_cloud.acme_client import AcmeDriver
+from inverse_cloud.config import AcmeConfig
+heavy = ("acme", "josepy", "requests")
+cfg = AcmeConfig(enabled=True, directory="http://127.0.0.1:9/dir", email="", ca_bundle=None, eab_kid="",
+                 eab_hmac_key="", key_type="ecdsa-p256", check_interval_s=60, account_dir=Path({str(tmp_path)!r}))
+async def main():
+    d = AcmeDriver(cfg, "laptop.test")
+    try:
+        await d.supports_ari()
+    except Exception as exc:
+        print("directory:", type(exc).__name__)
+    print("before:", [m for m in heavy if m in sys.modules])
+    d._make_issuer()
+    print("after:", [m for m in heavy if m in sys.modules])
+    await d.aclose()
+asyncio.run(main())
+"""
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60, check=True).stdout
+    assert "directory: AcmeError" in out, out      # port 9 refuses: the GET really went out
+    assert "before: []" in out, out
+    assert "after: ['acme', 'josepy', 'requests']" in out, out
