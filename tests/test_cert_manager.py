@@ -2,8 +2,9 @@
 a fake ACME driver (certificates from a throwaway CA dated by the injected clock), a real TLSManager/CertStore
 and a real in-process HTTP-01 listener for the public-path self-check.
 
-Covers F12 (clock jumps +100 d / -2 d), the persisted backoff (F6's restart part), Retry-After holding even
-a forced renewal (F7's rule), and F13 (self-check fails -> no order)."""
+Covers F12 (clock jumps +100 d / -2 d; a certificate already expired on arrival; an unexpected error in an
+attempt), the persisted backoff (F6's restart part), Retry-After holding even a forced renewal (F7's rule), and
+F13 (self-check fails -> no order)."""
 
 from __future__ import annotations
 
@@ -54,6 +55,7 @@ class FakeDriver:
         self.ca_key = ec.generate_private_key(ec.SECP256R1())
         self.ari: AriWindow | None = None   # None: the CA offers no renewalInfo
         self.ari_asked: list[str] = []
+        self.skew_s = 0.0    # the CA's clock minus ours: certificates are dated by the CA's clock
 
     async def issue(self, challenges: Any, *, replaces: str = "") -> Issued:
         self.orders += 1
@@ -62,7 +64,7 @@ class FakeDriver:
             raise self.errors.pop(0)
         self.accounts.save_account_uri(DIRECTORY, "https://ca.invalid/acct/1")
         key = ec.generate_private_key(ec.SECP256R1())
-        nb = dt.datetime.fromtimestamp(self.clock.wall, dt.UTC) - dt.timedelta(seconds=1)
+        nb = dt.datetime.fromtimestamp(self.clock.wall + self.skew_s, dt.UTC) - dt.timedelta(seconds=1)
         issuer = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "Fake CA")])
         cert = (x509.CertificateBuilder().subject_name(x509.Name([]))
                 .issuer_name(issuer).public_key(key.public_key()).serial_number(x509.random_serial_number())
@@ -192,6 +194,58 @@ async def test_clock_jumps_forward_and_back(h, caplog):
     assert "wall clock moved -172800 s" in caplog.text
     assert m.attempts == 2 and h.tls.info.serial == renewed        # still served, no renewal loop
     assert m.status()["next_action"] == "wait"
+
+
+async def test_certificate_expired_on_arrival_backs_off(h, caplog):
+    """F12 as libfaketime showed it: our clock jumps +100 d, the CA's does not, so every new certificate is
+    already expired for us. Each one is served, logged as an ERROR naming the local clock and counted as a
+    failure: one order, then the next only after 1 min, then after 10 min (it looped at 2 orders/s)."""
+    caplog.set_level(logging.INFO, "inverse_cloud.cert_manager")
+    cfg = make_cfg(h.tmp, await h.start_http(), check_interval_s=DAY)
+    m = await h.manager(cfg)
+    await until(lambda: m.attempts == 1 and not h.tls.info.self_signed, what="first issuance")
+    first = h.tls.info.serial
+    await settle(m)
+
+    h.clock.wall += 100 * DAY
+    h.driver.skew_s = -100 * DAY
+    await until(lambda: m.attempts == 2 and m.state.failures == 1, what="the renewal after +100 d")
+    assert h.tls.info.serial != first                                   # served all the same
+    line = next(r for r in caplog.records if "already expired according to the local clock" in r.getMessage())
+    assert line.levelno == logging.ERROR and "the local clock is probably wrong; retry in 1m" in line.getMessage()
+    ticks = m.ticks
+    await until(lambda: m.ticks > ticks + 50, what="the manager to go round its loop")
+    assert h.driver.orders == 2 and m.status()["next_action"] == "wait"
+
+    h.clock.wall += 61
+    await until(lambda: m.attempts == 3 and m.state.failures == 2, what="the retry after 1 min")
+    assert "retry in 10m" in caplog.records[-1].getMessage()
+    ticks = m.ticks
+    await until(lambda: m.ticks > ticks + 50, what="the manager to go round its loop")
+    assert h.driver.orders == 3
+
+    h.driver.skew_s = 0.0                                               # the clocks agree again
+    h.clock.wall += 601
+    await until(lambda: m.attempts == 4 and m.state.failures == 0, what="a good certificate after 10 min")
+    assert not m.status()["last_error"]
+
+
+async def test_unexpected_error_in_an_attempt_backs_off(h, caplog):
+    """An exception the driver does not translate (libfaketime made time.sleep raise OSError EINVAL in the
+    ACME thread) is a failed attempt with backoff: one line, no second order within the minute."""
+    caplog.set_level(logging.INFO, "inverse_cloud.cert_manager")
+    cfg = make_cfg(h.tmp, await h.start_http(), check_interval_s=DAY)
+    h.driver.errors = [OSError(22, "Invalid argument")]
+    m = await h.manager(cfg)
+    await until(lambda: m.attempts == 1 and m.state.failures == 1, what="the failed attempt")
+    ticks = m.ticks
+    await until(lambda: m.ticks > ticks + 50, what="the manager to go round its loop")
+    assert h.driver.orders == 1
+    assert "obtaining a certificate failed: unexpected error: OSError: [Errno 22] Invalid argument; retry in 1m" \
+        in caplog.text
+    h.clock.wall += 61
+    await until(lambda: not h.tls.info.self_signed and m.state.failures == 0, what="issuance after the backoff")
+    assert h.driver.orders == 2
 
 
 async def test_failure_backoff_persists_across_restart(h, caplog):
