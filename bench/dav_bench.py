@@ -498,6 +498,13 @@ def report(results: dict[str, list[dict[str, Any]]], mem_now: dict[str, dict[str
 
 # --- main -------------------------------------------------------------------------------------------
 
+def write_json(path: str, args: argparse.Namespace, **figures: Any) -> None:
+    """All figures of a run, with its arguments and date (``--json-out``; bench/results/ is git-ignored)."""
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    doc = {"args": vars(args), "date": dt.datetime.now().isoformat(timespec="seconds"), **figures}
+    Path(path).write_text(json.dumps(doc, indent=1) + "\n")
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--n", type=int, default=1000, help="vCards per round (default 1000)")
@@ -597,11 +604,8 @@ def main() -> int:
         print("\n".join(report(results, mem_now, mem_after, args)))
     print(f"\n(total {elapsed:.0f} s; state {state}{'' if args.keep or args.state else ' removed'})")
     if args.json_out:
-        Path(args.json_out).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.json_out).write_text(json.dumps({
-            "args": vars(args), "date": dt.datetime.now().isoformat(timespec="seconds"), "results": results,
-            "memory_idle": mem_idle, "memory_at_end": mem_now, "memory_after": mem_after, "elapsed_s": elapsed},
-            indent=1) + "\n")
+        write_json(args.json_out, args, results=results, memory_idle=mem_idle, memory_at_end=mem_now,
+                   memory_after=mem_after, elapsed_s=elapsed)
     if not (args.keep or args.state):
         shutil.rmtree(state, ignore_errors=True)
     return 1 if failed else 0

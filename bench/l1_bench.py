@@ -36,7 +36,6 @@ from __future__ import annotations
 
 import argparse
 import datetime as dt
-import json
 import os
 import random
 import re
@@ -54,7 +53,7 @@ sys.path.insert(0, str(REPO / "integration"))
 sys.path.insert(0, str(HERE))
 
 import bcrypt  # noqa: E402
-from dav_bench import HOST, OurSide, SeedSide, cpu_seconds, make_certificates  # noqa: E402
+from dav_bench import HOST, OurSide, SeedSide, cpu_seconds, make_certificates, write_json  # noqa: E402
 from dav_helpers import DOMAIN, access_statuses, require_root_tools  # noqa: E402
 from test_data_safety import L1Workload, percentile  # noqa: E402
 
@@ -184,10 +183,8 @@ def main() -> int:
     print("\n".join(report(results, steps, args, answers)))
     print(f"\n(total {elapsed:.0f} s; state {state}{'' if args.keep or args.state else ' removed'})")
     if args.json_out:
-        Path(args.json_out).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.json_out).write_text(json.dumps({
-            "args": vars(args), "date": dt.datetime.now().isoformat(timespec="seconds"), "results": results,
-            "statuses": {name: sorted(set(answers[name])) for name in SIDES}, "elapsed_s": elapsed}, indent=1) + "\n")
+        write_json(args.json_out, args, results=results, elapsed_s=elapsed,
+                   statuses={name: sorted(set(answers[name])) for name in SIDES})
     if not (args.keep or args.state):
         shutil.rmtree(state, ignore_errors=True)
     failed = (any(r["problems"] for name in SIDES for r in results[name].values())
