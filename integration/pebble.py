@@ -84,14 +84,15 @@ def _tcp_open(port: int) -> bool:
         return False
 
 
-def _make_wfe_cert(d: Path) -> tuple[Path, Path, Path]:
-    """A throwaway CA and a leaf for 127.0.0.1/localhost: Pebble's own HTTPS (Debian ships no test cert)."""
+def _make_wfe_cert(d: Path, valid_before: dt.timedelta, valid_after: dt.timedelta) -> tuple[Path, Path, Path]:
+    """A throwaway CA and a leaf for 127.0.0.1/localhost: Pebble's own HTTPS (Debian ships no test cert),
+    valid from now - ``valid_before`` to now + ``valid_after``."""
     now = dt.datetime.now(dt.UTC)
+    start, end = now - valid_before, now + valid_after
     ca_key = ec.generate_private_key(ec.SECP256R1())
     ca_name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "inverse-cloud test pebble WFE CA")])
     ca = (x509.CertificateBuilder().subject_name(ca_name).issuer_name(ca_name).public_key(ca_key.public_key())
-          .serial_number(x509.random_serial_number()).not_valid_before(now - dt.timedelta(minutes=5))
-          .not_valid_after(now + dt.timedelta(days=2))
+          .serial_number(x509.random_serial_number()).not_valid_before(start).not_valid_after(end)
           .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
           .add_extension(x509.KeyUsage(digital_signature=True, content_commitment=False, key_encipherment=False,
                                        data_encipherment=False, key_agreement=False, key_cert_sign=True,
@@ -104,7 +105,7 @@ def _make_wfe_cert(d: Path) -> tuple[Path, Path, Path]:
     leaf = (x509.CertificateBuilder()
             .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "localhost")]))
             .issuer_name(ca_name).public_key(key.public_key()).serial_number(x509.random_serial_number())
-            .not_valid_before(now - dt.timedelta(minutes=5)).not_valid_after(now + dt.timedelta(days=2))
+            .not_valid_before(start).not_valid_after(end)
             .add_extension(x509.SubjectAlternativeName([x509.DNSName("localhost"),
                                                         x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]),
                            critical=False)
@@ -126,7 +127,11 @@ class PebbleCA:
     """pebble + pebble-challtestsrv. A context manager; every process it starts is stopped by pid."""
 
     def __init__(self, root: Path, *, http_port: int, validity_s: int = 300, nonce_reject: int | None = None,
-                 default_ipv4: str = "127.0.0.1", env: dict[str, str] | None = None) -> None:
+                 default_ipv4: str = "127.0.0.1", env: dict[str, str] | None = None,
+                 wfe_validity: tuple[dt.timedelta, dt.timedelta] = (dt.timedelta(minutes=5), dt.timedelta(days=2))
+                 ) -> None:
+        """``wfe_validity``: how long before and after now Pebble's own HTTPS certificate is valid (a client
+        whose clock is moved, F12, needs it wider)."""
         require_pebble()
         self.root = root
         root.mkdir(parents=True, exist_ok=True)
@@ -136,7 +141,7 @@ class PebbleCA:
         self.default_ipv4 = default_ipv4
         self.extra_env = env or {}
         self.port, self.mgmt_port, self.dns_port, self.chall_mgmt_port, self.tls_port = _distinct_free_ports(5)
-        self.wfe_ca, self.wfe_cert, self.wfe_key = _make_wfe_cert(root / "wfe")
+        self.wfe_ca, self.wfe_cert, self.wfe_key = _make_wfe_cert(root / "wfe", *wfe_validity)
         self._log_offset = 0
         self.pebble: subprocess.Popen[bytes] | None = None
         self.challtestsrv: subprocess.Popen[bytes] | None = None

@@ -20,7 +20,6 @@ not the renewal logic.
 from __future__ import annotations
 
 import datetime as dt
-import ipaddress
 import os
 import re
 import subprocess
@@ -31,9 +30,6 @@ from pathlib import Path
 import pytest
 from acme_support import DOMAIN, configure_acme, verified_serial, wait_issued
 from cryptography import x509
-from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec
-from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 from dav_helpers import DavClient
 from pebble import PebbleCA
 from relay_sandbox import private_netns
@@ -116,38 +112,6 @@ class FakeClock:
                               env={**os.environ, **self.env()})
 
 
-def widen_pebble_https_certificate(ca: PebbleCA, days_before: int = 10, days_after: int = 200) -> None:
-    """Replace the (not yet started) Pebble's HTTPS certificate and its CA with ones valid from
-    ``days_before`` days ago to ``days_after`` days ahead (same files, so ``ca.wfe_ca`` stays the bundle)."""
-    now = dt.datetime.now(dt.UTC)
-    start, end = now - dt.timedelta(days=days_before), now + dt.timedelta(days=days_after)
-    ca_key, key = ec.generate_private_key(ec.SECP256R1()), ec.generate_private_key(ec.SECP256R1())
-    ca_name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "inverse-cloud test pebble WFE CA (F12)")])
-    root = (x509.CertificateBuilder().subject_name(ca_name).issuer_name(ca_name).public_key(ca_key.public_key())
-            .serial_number(x509.random_serial_number()).not_valid_before(start).not_valid_after(end)
-            .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
-            .add_extension(x509.KeyUsage(digital_signature=True, content_commitment=False, key_encipherment=False,
-                                         data_encipherment=False, key_agreement=False, key_cert_sign=True,
-                                         crl_sign=True, encipher_only=False, decipher_only=False), critical=True)
-            .add_extension(x509.SubjectKeyIdentifier.from_public_key(ca_key.public_key()), critical=False)
-            .sign(ca_key, hashes.SHA256()))
-    leaf = (x509.CertificateBuilder()
-            .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "localhost")]))
-            .issuer_name(ca_name).public_key(key.public_key()).serial_number(x509.random_serial_number())
-            .not_valid_before(start).not_valid_after(end)
-            .add_extension(x509.SubjectAlternativeName([x509.DNSName("localhost"),
-                                                        x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]),
-                           critical=False)
-            .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
-            .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH]), critical=False)
-            .add_extension(x509.AuthorityKeyIdentifier.from_issuer_public_key(ca_key.public_key()), critical=False)
-            .sign(ca_key, hashes.SHA256()))
-    ca.wfe_ca.write_bytes(root.public_bytes(serialization.Encoding.PEM))
-    ca.wfe_cert.write_bytes(leaf.public_bytes(serialization.Encoding.PEM))
-    ca.wfe_key.write_bytes(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
-                                             serialization.NoEncryption()))
-
-
 def watch(checks: int, ca: PebbleCA, state: StateFiles, srv: ServeProcess, max_new_orders: int) -> tuple[int, int]:
     """Wait until the manager has finished ``checks`` more full checks (``last_check_at`` in its state file; one
     every 2 s of its wall clock, [acme] check_interval_s), or Pebble holds more than ``max_new_orders`` new
@@ -222,8 +186,9 @@ def run_phases(tmp_path: Path) -> None:
     c = load(cfg)
     port80, state = c.server.http_listen[1], StateFiles(c)
     clock = FakeClock(tmp_path / "faketime.rc")
-    ca = PebbleCA(tmp_path / "pebble", http_port=port80, validity_s=VALIDITY_S)
-    widen_pebble_https_certificate(ca)
+    # Pebble's own HTTPS certificate must verify at both clock readings the server will have.
+    ca = PebbleCA(tmp_path / "pebble", http_port=port80, validity_s=VALIDITY_S,
+                  wfe_validity=(dt.timedelta(days=10), dt.timedelta(days=200)))
     with relay_sshd(cfg, client_alive_interval=5, client_alive_count_max=6) as relay, ca:
         configure_acme(cfg, ca, port80)
         root = ca.write_root(tmp_path / "root.pem")
