@@ -9,6 +9,7 @@ from collections.abc import Callable
 from typing import Any
 
 from aiohttp import web
+from aiohttp.abc import AbstractAccessLogger
 
 from .config import Config
 from .listeners import CappedSite, bind_socket
@@ -19,6 +20,7 @@ from .web import (
     PeerDirectory,
     StorageGuard,
     access_logger_class,
+    flush_failed_logins,
     make_http_app,
     make_https_app,
 )
@@ -102,6 +104,7 @@ class DavServer:
         self.bridge: RadicaleBridge | None = None
         self._runners: list[web.AppRunner] = []
         self._sites: list[CappedSite] = []
+        self._access_log_class: type[AbstractAccessLogger] | None = None
         self.https_port = 0
         self.http_port = 0
         self.home_handler: Any = None
@@ -128,9 +131,10 @@ class DavServer:
             body_min_rate_bps=s.body_min_rate_bps, auth_delay_s=s.auth_delay_s,
             remote_of=self.peers.remote_of, on_response=self._on_response, gate=self.guard.gate,
             storage_dir=s.storage_dir)
+        self._access_log_class = access_logger_class(self.peers)
         common: dict[str, Any] = dict(
             keepalive_timeout=s.idle_timeout_s, shutdown_timeout=s.shutdown_timeout_s,
-            access_log_class=access_logger_class(self.peers), handle_signals=False,
+            access_log_class=self._access_log_class, handle_signals=False,
             # Request bodies are read by the bridge under its own limits; this bounds everything else.
             max_line_size=8190, max_field_size=8190, max_headers=100, lingering_time=2.0,
         )
@@ -178,6 +182,8 @@ class DavServer:
             await runner.cleanup()
         self._runners.clear()
         self._sites.clear()
+        if self._access_log_class is not None:
+            flush_failed_logins(self._access_log_class)
         if self.bridge is not None:
             bridge = self.bridge
             await asyncio.get_running_loop().run_in_executor(None, bridge.close)

@@ -25,6 +25,7 @@ from .wsgi import NOTE_KEY, WRITE_METHODS, RadicaleBridge, WsgiResult
 __all__ = [
     "AccessLogger",
     "FailedLoginDigest",
+    "flush_failed_logins",
     "access_logger_class",
     "ChallengeStore",
     "PeerDirectory",
@@ -226,6 +227,12 @@ class FailedLoginDigest:
         """(start, failures counted but not logged) of the address's open window."""
         return self._open.get(address)
 
+    def drain(self) -> list[tuple[str, int]]:
+        """End every window; the addresses with failures counted but not yet logged (at shutdown)."""
+        pending = [(address, hidden) for address, (_, hidden) in self._open.items() if hidden]
+        self._open.clear()
+        return pending
+
     def close(self, address: str, start: float) -> int:
         """End the address's window if it is still the one that began at ``start``; the failures that were
         counted but not logged in it."""
@@ -234,6 +241,19 @@ class FailedLoginDigest:
             return 0
         del self._open[address]
         return window[1]
+
+
+def log_collapsed(logger: logging.Logger, address: str, hidden: int, window_s: float) -> None:
+    logger.warning("%s: %d more failed logins within %.0f s (collapsed into this line; the first is logged "
+                   "above)", address, hidden, window_s)
+
+
+def flush_failed_logins(logger_class: type[AbstractAccessLogger]) -> None:
+    """Write the summary lines still pending (the server is stopping before their windows close)."""
+    digest = getattr(logger_class, "failures", None)
+    if isinstance(digest, FailedLoginDigest):
+        for address, hidden in digest.drain():
+            log_collapsed(logging.getLogger("aiohttp.access"), address, hidden, digest.window_s)
 
 
 class AccessLogger(AbstractAccessLogger):
@@ -269,8 +289,7 @@ class AccessLogger(AbstractAccessLogger):
 
     def _summary(self, address: str, hidden: int) -> None:
         assert self.failures is not None
-        self.logger.warning("%s: %d more failed logins within %.0f s (collapsed into this line; the first is "
-                            "logged above)", address, hidden, self.failures.window_s)
+        log_collapsed(self.logger, address, hidden, self.failures.window_s)
 
     def _schedule_summary(self, address: str, start: float) -> None:
         """When the address's window closes, write how many failed logins were not logged one by one."""

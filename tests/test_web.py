@@ -21,6 +21,7 @@ from inverse_cloud.web import (
     PeerDirectory,
     StorageGuard,
     access_logger_class,
+    flush_failed_logins,
     make_http_app,
     make_https_app,
     redirect_target,
@@ -601,28 +602,55 @@ def test_failed_login_digest_windows():
     assert d.window("192.0.2.1") is None
 
 
-async def test_repeated_failed_logins_are_one_line_and_a_summary(caplog):
-    """Five wrong passwords from one address: one access line in full, then one summary line with the
-    count when the window closes; 401s without credentials (a client's first, unauthenticated try) are
-    logged one by one as ordinary requests."""
-    async def deny(_request: web.Request) -> web.Response:
-        return web.Response(status=401, headers={"WWW-Authenticate": 'Basic realm="x"'})
+async def _deny(_request: web.Request) -> web.Response:
+    return web.Response(status=401, headers={"WWW-Authenticate": 'Basic realm="x"'})
 
+
+async def _serve_denying(logger_class: Any) -> tuple[web.AppRunner, int]:
     app = web.Application()
-    app.router.add_route("*", "/{tail:.*}", deny)
-    logger_class = access_logger_class(PeerDirectory())
-    logger_class.failures = FailedLoginDigest(window_s=0.5)  # type: ignore[attr-defined]
+    app.router.add_route("*", "/{tail:.*}", _deny)
     runner = web.AppRunner(app, access_log_class=logger_class, handle_signals=False)
     await runner.setup()
     site = web.TCPSite(runner, "127.0.0.1", 0)
     await site.start()
-    port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+    return runner, site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+
+
+async def _fail_logins(port: int, n: int) -> None:
+    async with aiohttp.ClientSession() as s:
+        for _ in range(n):
+            async with s.get(f"http://127.0.0.1:{port}/radicale/", headers={"Authorization": "Basic eDp5"}) as r:
+                assert r.status == 401
+
+
+async def test_pending_failed_login_summaries_are_written_at_shutdown(caplog):
+    """A server stopping inside a window writes its pending count (DavServer.aclose calls the flush)."""
+    logger_class = access_logger_class(PeerDirectory())
+    logger_class.failures = FailedLoginDigest(window_s=3600)  # type: ignore[attr-defined]
+    runner, port = await _serve_denying(logger_class)
     caplog.set_level("INFO", logger="aiohttp.access")
     try:
+        await _fail_logins(port, 3)
+    finally:
+        await runner.cleanup()
+    assert "more failed logins" not in caplog.text
+    flush_failed_logins(logger_class)
+    assert "127.0.0.1: 2 more failed logins within 3600 s" in caplog.text
+    flush_failed_logins(logger_class)  # nothing left: written once
+    assert caplog.text.count("more failed logins") == 1
+
+
+async def test_repeated_failed_logins_are_one_line_and_a_summary(caplog):
+    """Five wrong passwords from one address: one access line in full, then one summary line with the
+    count when the window closes; 401s without credentials (a client's first, unauthenticated try) are
+    logged one by one as ordinary requests."""
+    logger_class = access_logger_class(PeerDirectory())
+    logger_class.failures = FailedLoginDigest(window_s=0.5)  # type: ignore[attr-defined]
+    runner, port = await _serve_denying(logger_class)
+    caplog.set_level("INFO", logger="aiohttp.access")
+    try:
+        await _fail_logins(port, 5)
         async with aiohttp.ClientSession() as s:
-            for _ in range(5):
-                async with s.get(f"http://127.0.0.1:{port}/radicale/", headers={"Authorization": "Basic eDp5"}) as r:
-                    assert r.status == 401
             for _ in range(2):
                 async with s.get(f"http://127.0.0.1:{port}/radicale/") as r:
                     assert r.status == 401
