@@ -36,7 +36,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
-from inverse_cloud.testing import wait_until
+from inverse_cloud.testing import free_port, wait_until
 
 __all__ = ["PebbleCA", "require_pebble"]
 
@@ -50,30 +50,8 @@ def require_pebble() -> None:
 
 
 def _distinct_free_ports(n: int) -> list[int]:
-    """``n`` different ports, free for TCP (and UDP: challtestsrv's DNS binds both), held open together
-    while choosing so the kernel cannot hand out the same one twice."""
-    socks: list[socket.socket] = []
-    ports: list[int] = []
-    try:
-        while len(ports) < n and len(socks) < 10 * n:
-            t = socket.socket()
-            t.bind(("127.0.0.1", 0))
-            socks.append(t)
-            port = t.getsockname()[1]
-            u = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-            try:
-                u.bind(("127.0.0.1", port))
-            except OSError:
-                u.close()
-                continue
-            socks.append(u)
-            ports.append(port)
-    finally:
-        for sock in socks:
-            sock.close()
-    if len(ports) < n:
-        raise RuntimeError("could not find free loopback ports")
-    return ports
+    """``n`` different ports, free for TCP and UDP (challtestsrv's DNS binds both)."""
+    return [free_port(udp=True) for _ in range(n)]
 
 
 def _tcp_open(port: int) -> bool:

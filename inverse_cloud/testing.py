@@ -37,10 +37,48 @@ def wait_until(predicate: Callable[[], T], timeout_s: float, what: str, interval
         time.sleep(interval_s)  # polling interval of a deadline loop, not a wait for a server
 
 
-def free_port(host: str = "127.0.0.1") -> int:
-    with socket.socket() as s:
-        s.bind((host, 0))
-        return int(s.getsockname()[1])
+# Ports handed out by free_port in this process: a port chosen but not yet bound looks free again.
+_HANDED_OUT: set[int] = set()
+_LOWEST_PORT = 10000
+
+
+def _ephemeral_range() -> tuple[int, int]:
+    try:
+        lo, hi = (int(x) for x in Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split())
+    except (OSError, ValueError):
+        lo, hi = 32768, 60999
+    return lo, hi
+
+
+def _bindable(host: str, port: int, kind: socket.SocketKind) -> bool:
+    with socket.socket(socket.AF_INET, kind) as s:
+        try:
+            s.bind((host, port))
+        except OSError:
+            return False
+    return True
+
+
+def free_port(host: str = "127.0.0.1", *, udp: bool = False) -> int:
+    """A port that is free on ``host`` for TCP (and for UDP too if ``udp``), never the same twice in a process.
+
+    Chosen outside the kernel's ephemeral range (ip_local_port_range): a port the kernel picked with bind(0)
+    can be taken as the *source* port of any outgoing connection (a test's clients, sshd, Pebble) before the
+    server under test binds it, which made a CI run fail with "port ... already in use"."""
+    import random
+
+    lo, hi = _ephemeral_range()
+    first, last = (_LOWEST_PORT, lo - 1) if lo - _LOWEST_PORT >= 2000 else (hi + 1, 65535)
+    rng = random.SystemRandom()
+    for _ in range(500):  # bounded; the range holds thousands of ports
+        port = rng.randint(first, last)
+        if port in _HANDED_OUT or not _bindable(host, port, socket.SOCK_STREAM):
+            continue
+        if udp and not _bindable(host, port, socket.SOCK_DGRAM):
+            continue
+        _HANDED_OUT.add(port)
+        return port
+    raise RuntimeError(f"no free port on {host} between {first} and {last} after 500 tries")
 
 
 def init_instance(root: Path, *, domain: str = "laptop.test", user: str = "alice", password: str = "correct horse",  # noqa: S107 (test fixture)
