@@ -232,6 +232,11 @@ def run_phases(tmp_path: Path) -> None:
             wait_until(lambda: "wall clock moved -" in srv.log()[mark:], 60, "the -2 d jump to be detected",
                        on_timeout=srv.log)
             print(f"-2 d: jump logged after {since(t2)}")
+            # The served certificate is valid and not due for the process now: the streak of the +100 d
+            # phase is over (status healthy again) without another order.
+            wait_until(lambda: "failed attempt(s) before no longer matter" in srv.log()[mark:], 60,
+                       "the +100 d failure streak to be cleared", on_timeout=srv.log)
+            print(f"-2 d: failure streak cleared after {since(t2)}")
             orders, checks = watch(CHECKS, ca, state, srv, 0)
             print(f"-2 d: {orders} order(s) over {checks} full checks ({since(t2)})")
             assert orders == 0, f"renewal at -2 d\n{srv.log()[mark:]}"

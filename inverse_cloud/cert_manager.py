@@ -46,6 +46,7 @@ from .certs import (
     choose_in_window,
     decide,
     failure_level,
+    failures_are_moot,
     human_duration,
     next_attempt_at,
 )
@@ -308,6 +309,12 @@ class CertManager:
         validity = self._validity()
         if validity is not None and not validity.is_expired(now):
             await self._refresh_ari(validity, now)
+        if failures_are_moot(validity, now, self.state):
+            assert validity is not None
+            log.info("certificate %s is valid until %s and not due for renewal: the %d failed attempt(s) before "
+                     "no longer matter (last: %s)", validity.serial_hex, _fmt(validity.not_after),
+                     self.state.failures, self.state.last_error)
+            self.state.clear_failures()
         decision = decide(validity, now, self.state, force=force, retry_now=retry_now)
         self._note_decision(decision.at if not decision.is_due else now, decision.action)
         if decision.is_due:

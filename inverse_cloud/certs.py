@@ -280,6 +280,14 @@ class RenewalState:
         self.ari_serial = ""
         self.ari_start = self.ari_end = self.ari_time = self.ari_next_fetch = None
 
+    def clear_failures(self) -> None:
+        """Forget the failure streak (it no longer matters: see :func:`failures_are_moot`)."""
+        self.failures = 0
+        self.failure_kind = "ca"
+        self.last_error = ""
+        self.last_failure_at = None
+        self.retry_after_s = None
+
     def ari_time_for(self, serial_hex: str) -> dt.datetime | None:
         return self.ari_time if self.ari_serial == serial_hex else None
 
@@ -373,6 +381,21 @@ def decide(cert: Validity | None, now: dt.datetime, state: RenewalState, *, forc
     if now < when:
         return Decision("wait", when, f"renewal due at {source}")
     return gated("renew", f"renewal due ({source})")
+
+
+def failures_are_moot(cert: Validity | None, now: dt.datetime, state: RenewalState) -> bool:
+    """Whether a failure streak no longer matters: without it nothing would be due (a CA-issued certificate
+    that has not expired and whose renewal time lies ahead) and no Retry-After from the CA still holds. This
+    is how a streak ends that no success would end soon, e.g. certificates that looked expired on arrival
+    while the local clock was wrong, once the clock is right: the next renewal may be two months away, and
+    until then `status` would report a failure that is over."""
+    if state.failures <= 0 or cert is None or cert.is_expired(now):
+        return False
+    if state.retry_after_s and state.last_failure_at is not None and (
+            min(state.last_failure_at, now) + dt.timedelta(seconds=state.retry_after_s) > now):
+        return False
+    clean = RenewalState(ari_serial=state.ari_serial, ari_time=state.ari_time)
+    return not decide(cert, now, clean).is_due
 
 
 def failure_level(cert: Validity | None, now: dt.datetime, failures: int) -> int:

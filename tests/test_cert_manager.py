@@ -230,6 +230,27 @@ async def test_certificate_expired_on_arrival_backs_off(h, caplog):
     assert not m.status()["last_error"]
 
 
+async def test_streak_ends_when_the_clock_is_right_again(h, caplog):
+    """After certificates looked expired on arrival (clock +100 d), the user fixes the clock: the served
+    certificate is valid and not due, so the failure streak is cleared at the next check (status healthy
+    again) without another order -- not two months later at the next success."""
+    caplog.set_level(logging.INFO, "inverse_cloud.cert_manager")
+    cfg = make_cfg(h.tmp, await h.start_http(), check_interval_s=DAY)
+    m = await h.manager(cfg)
+    await until(lambda: m.attempts == 1 and not h.tls.info.self_signed, what="first issuance")
+    await settle(m)
+    h.clock.wall += 100 * DAY
+    h.driver.skew_s = -100 * DAY
+    await until(lambda: m.attempts == 2 and m.state.failures == 1, what="the renewal after +100 d")
+    await settle(m)
+    assert m.status()["last_error"]
+
+    h.clock.wall -= 100 * DAY                                           # the clock is fixed
+    await until(lambda: m.state.failures == 0, what="the streak to be cleared")
+    assert "no longer matter" in caplog.text and not m.status()["last_error"]
+    assert h.driver.orders == 2 and m.attempts == 2
+
+
 async def test_unexpected_error_in_an_attempt_backs_off(h, caplog):
     """An exception the driver does not translate (libfaketime made time.sleep raise OSError EINVAL in the
     ACME thread) is a failed attempt with backoff: one line, no second order within the minute."""

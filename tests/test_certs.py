@@ -23,6 +23,7 @@ from inverse_cloud.certs import (
     decide,
     default_renewal_time,
     failure_level,
+    failures_are_moot,
     human_duration,
     next_attempt_at,
     next_retry_delay_s,
@@ -128,6 +129,25 @@ def test_backoff_after_clock_went_backwards_is_bounded_from_now():
     now = failed_at - 2 * D
     at = next_attempt_at(_failed(2, failed_at), now)
     assert at == now + dt.timedelta(seconds=600)
+
+
+def test_a_streak_is_moot_only_when_nothing_would_be_due_without_it():
+    """The clock was 100 d ahead (certificates looked expired on arrival) and is right again: the served
+    certificate is valid and not due, so the streak is over. While renewal is due, the certificate has
+    expired, only the self-signed stand-in is served, or the CA's Retry-After still holds, it is not."""
+    streak = _failed(3, T0 + 100 * D)
+    assert failures_are_moot(LE90, T0 + D, streak)                  # clock back to normal: over
+    assert not failures_are_moot(LE90, T0 + 61 * D, streak)         # renewal due: the backoff still counts
+    assert not failures_are_moot(LE90, T0 + 91 * D, streak)         # expired
+    assert not failures_are_moot(None, T0 + D, streak)              # nothing CA-issued served
+    assert not failures_are_moot(LE90, T0 + D, RenewalState())      # no streak at all
+    held = _failed(1, T0 + D)
+    held.retry_after_s = 3 * 86400.0
+    assert not failures_are_moot(LE90, T0 + 2 * D, held)            # the CA asked us to wait
+    assert failures_are_moot(LE90, T0 + 5 * D, held)
+    cleared = _failed(2, T0)
+    cleared.clear_failures()
+    assert (cleared.failures, cleared.last_error, cleared.last_failure_at, cleared.retry_after_s) == (0, "", None, None)
 
 
 def test_path_failures_use_the_fast_schedule_and_reset_on_kind_change():
