@@ -165,16 +165,21 @@ async def h(tmp_path):
         await harness.close()
 
 
-async def test_clock_jumps_forward_and_back(h, caplog):
-    """F12: obtain at start; +1 h wall jump (no monotonic advance) -> detected, one extra check, nothing due;
-    +100 d -> "expired according to the local clock" -> renewal at once; -2 d -> NotBefore is in the
-    "future": keep serving, check once, no renewal loop."""
+async def issued_once(h: Any, caplog: Any) -> tuple[Any, int]:
+    """A manager (checks once a day) that has obtained its first certificate and gone quiet; its serial."""
     caplog.set_level(logging.INFO, "inverse_cloud.cert_manager")
     cfg = make_cfg(h.tmp, await h.start_http(), check_interval_s=DAY)
     m = await h.manager(cfg)
     await until(lambda: m.attempts == 1 and not h.tls.info.self_signed, what="first issuance")
-    first = h.tls.info.serial
     await settle(m)
+    return m, h.tls.info.serial
+
+
+async def test_clock_jumps_forward_and_back(h, caplog):
+    """F12: obtain at start; +1 h wall jump (no monotonic advance) -> detected, one extra check, nothing due;
+    +100 d -> "expired according to the local clock" -> renewal at once; -2 d -> NotBefore is in the
+    "future": keep serving, check once, no renewal loop."""
+    m, first = await issued_once(h, caplog)
 
     checks = m.checks
     h.clock.wall += 3600
@@ -200,12 +205,7 @@ async def test_certificate_expired_on_arrival_backs_off(h, caplog):
     """F12 as libfaketime showed it: our clock jumps +100 d, the CA's does not, so every new certificate is
     already expired for us. Each one is served, logged as an ERROR naming the local clock and counted as a
     failure: one order, then the next only after 1 min, then after 10 min (it looped at 2 orders/s)."""
-    caplog.set_level(logging.INFO, "inverse_cloud.cert_manager")
-    cfg = make_cfg(h.tmp, await h.start_http(), check_interval_s=DAY)
-    m = await h.manager(cfg)
-    await until(lambda: m.attempts == 1 and not h.tls.info.self_signed, what="first issuance")
-    first = h.tls.info.serial
-    await settle(m)
+    m, first = await issued_once(h, caplog)
 
     h.clock.wall += 100 * DAY
     h.driver.skew_s = -100 * DAY
@@ -234,11 +234,7 @@ async def test_streak_ends_when_the_clock_is_right_again(h, caplog):
     """After certificates looked expired on arrival (clock +100 d), the user fixes the clock: the served
     certificate is valid and not due, so the failure streak is cleared at the next check (status healthy
     again) without another order -- not two months later at the next success."""
-    caplog.set_level(logging.INFO, "inverse_cloud.cert_manager")
-    cfg = make_cfg(h.tmp, await h.start_http(), check_interval_s=DAY)
-    m = await h.manager(cfg)
-    await until(lambda: m.attempts == 1 and not h.tls.info.self_signed, what="first issuance")
-    await settle(m)
+    m, _ = await issued_once(h, caplog)
     h.clock.wall += 100 * DAY
     h.driver.skew_s = -100 * DAY
     await until(lambda: m.attempts == 2 and m.state.failures == 1, what="the renewal after +100 d")
