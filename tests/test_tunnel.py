@@ -6,8 +6,10 @@ wrong host key, rejected key, unreachable relay, lost link -- each logged once, 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import socket
+from collections.abc import AsyncIterator
 from pathlib import Path
 
 import asyncssh
@@ -99,10 +101,7 @@ async def test_quickack_rearmed_after_every_read():
     transport, inner = await connector.create_connection(Inner, "127.0.0.1", port)
     try:
         assert isinstance(inner, Inner)
-        for _ in range(500):
-            if len(received) >= 5000:
-                break
-            await asyncio.sleep(0.01)
+        await wait_for(lambda: len(received) >= 5000, 5.0, "5000 bytes through the connector")
         assert bytes(received) == b"x" * 5000
         assert connector.protocol is not None and connector.protocol.rearms >= 2
         sock = transport.get_extra_info("socket")
@@ -255,6 +254,16 @@ async def rig(tmp_path, monkeypatch):
     await target.aclose()
 
 
+@contextlib.asynccontextmanager
+async def started(t: Tunnel) -> AsyncIterator[Tunnel]:
+    """The tunnel, started; closed again however the test ends."""
+    await t.start()
+    try:
+        yield t
+    finally:
+        await t.aclose()
+
+
 async def wait_for(pred, timeout_s=10.0, what="condition"):
     loop = asyncio.get_running_loop()
     deadline = loop.time() + timeout_s
@@ -274,9 +283,7 @@ async def test_forwards_bytes_both_ways_with_origin_registered_first(rig, caplog
     arrived; the mapping is dropped after the connection. One INFO line 'tunnel up'."""
     caplog.set_level(logging.INFO)
     make, relay, target = rig
-    t = make()
-    await t.start()
-    try:
+    async with started(make()) as t:
         await wait_for(lambda: t.state == "up", what="tunnel up")
         port = t.relay.https_port
         reader, writer = await asyncio.open_connection("127.0.0.1", port)
@@ -294,8 +301,6 @@ async def test_forwards_bytes_both_ways_with_origin_registered_first(rig, caplog
         assert st["connected_since"] and st["reconnects"] == [] and st["last_error"] is None
         assert [line for line in tunnel_lines(caplog) if "tunnel up" in line] != []
         assert all(line.startswith("[relay=127.0.0.1:") for line in tunnel_lines(caplog))
-    finally:
-        await t.aclose()
     assert t.state == "down"
 
 
@@ -306,16 +311,12 @@ async def test_stale_listen_is_taken_over_then_bound(rig, caplog):
     caplog.set_level(logging.INFO)
     make, relay, _ = rig
     relay.refuse_listens = 1
-    t = make()
-    await t.start()
-    try:
+    async with started(make()) as t:
         await wait_for(lambda: t.state == "up", what="tunnel up after takeover")
         assert relay.takeover_runs == 1 and t.takeovers == 1
         held = [m for m in tunnel_lines(caplog) if "still held by a previous session; taking over" in m]
         assert held == [f"[relay=127.0.0.1:{relay.port}] relay port {t.relay.https_port} still held by a previous "
                         "session; taking over"]
-    finally:
-        await t.aclose()
 
 
 async def test_listen_refused_after_takeover_names_permitlisten(rig, caplog):
@@ -324,9 +325,7 @@ async def test_listen_refused_after_takeover_names_permitlisten(rig, caplog):
     caplog.set_level(logging.INFO)
     make, relay, _ = rig
     relay.refuse_always = True
-    t = make()
-    await t.start()
-    try:
+    async with started(make()) as t:
         await wait_for(lambda: relay.takeover_runs >= 3, what="three refusal cycles")
         assert t.state == "failed"
         errors = [r.getMessage() for r in caplog.records if r.levelno == logging.ERROR]
@@ -334,8 +333,6 @@ async def test_listen_refused_after_takeover_names_permitlisten(rig, caplog):
         assert f"relay refused to listen on 127.0.0.1:{t.relay.https_port} (check permitlisten" in errors[0]
         assert "PermitListen" in errors[0] and "'localhost' is not '127.0.0.1'" in errors[0]
         assert t.status()["last_error"] == errors[0].split("] ", 1)[1]
-    finally:
-        await t.aclose()
 
 
 async def test_wrong_host_key_is_refused_with_both_fingerprints(rig, caplog):
@@ -344,9 +341,7 @@ async def test_wrong_host_key_is_refused_with_both_fingerprints(rig, caplog):
     caplog.set_level(logging.INFO)
     make, relay, _ = rig
     other = asyncssh.generate_private_key("ssh-ed25519").export_public_key().decode().strip()
-    t = make(host_key=other)
-    await t.start()
-    try:
+    async with started(make(host_key=other)) as t:
         await wait_for(lambda: t.attempts >= 3, what="retries")
         assert t.state == "failed" and t.connections == 0
         errors = [r.getMessage() for r in caplog.records if r.levelno == logging.ERROR]
@@ -357,8 +352,6 @@ async def test_wrong_host_key_is_refused_with_both_fingerprints(rig, caplog):
             in errors[0]
         assert errors[0].endswith("run `inverse-cloud relay-setup --accept-new-host-key`")
         assert relay.listen_requests == []
-    finally:
-        await t.aclose()
 
 
 async def test_rsa_host_key_when_ed25519_pinned_is_refused(tmp_path, rig, caplog):
@@ -368,15 +361,11 @@ async def test_rsa_host_key_when_ed25519_pinned_is_refused(tmp_path, rig, caplog
     rsa_relay = FakeRelay(asyncssh.generate_private_key("ssh-rsa", key_size=2048), [])
     await rsa_relay.start()
     ed = asyncssh.generate_private_key("ssh-ed25519").export_public_key().decode().strip()
-    t = make(port=rsa_relay.port, host_key=ed)
-    await t.start()
-    try:
+    async with started(make(port=rsa_relay.port, host_key=ed)) as t:
         await wait_for(lambda: t.attempts >= 2, what="retries")
         assert t.state == "failed"
         err = t.status()["last_error"]
         assert err.startswith("relay host key changed: expected SHA256:") and err.count("(ssh-rsa)") == 1, err
-    finally:
-        await t.aclose()
         await rsa_relay.aclose()
 
 
@@ -385,27 +374,19 @@ async def test_rejected_key_names_key_file_and_user(rig, tmp_path, caplog):
     make, _, _ = rig
     stranger = asyncssh.generate_private_key("ssh-ed25519")
     _write_key(tmp_path / "stranger", stranger)
-    t = make(key_file=str(tmp_path / "stranger"))
-    await t.start()
-    try:
+    async with started(make(key_file=str(tmp_path / "stranger"))) as t:
         await wait_for(lambda: t.state == "failed", what="failed")
         assert t.status()["last_error"] == (
             f"relay 127.0.0.1:{t.relay.port} refused our key {tmp_path / 'stranger'} for user 'ictunnel'; install "
             f"{tmp_path / 'stranger'}.pub on the relay (run `inverse-cloud relay-setup`)")
-    finally:
-        await t.aclose()
 
 
 async def test_key_file_mode_checked(rig, tmp_path):
     make, _, _ = rig
     (tmp_path / "tun").chmod(0o644)
-    t = make()
-    await t.start()
-    try:
+    async with started(make()) as t:
         await wait_for(lambda: t.state == "failed", what="failed")
         assert "has mode 0644; must be 0600" in t.status()["last_error"]
-    finally:
-        await t.aclose()
 
 
 async def test_empty_host_key_does_not_connect(rig, caplog):
@@ -421,16 +402,12 @@ async def test_empty_host_key_does_not_connect(rig, caplog):
 async def test_unreachable_relay_logs_once_per_outage(rig, caplog):
     caplog.set_level(logging.INFO)
     make, _, _ = rig
-    t = make(port=free_port())
-    await t.start()
-    try:
+    async with started(make(port=free_port())) as t:
         await wait_for(lambda: t.attempts >= 5, what="five attempts")
         lines = tunnel_lines(caplog)
         assert lines == [f"[relay=127.0.0.1:{t.relay.port}] cannot reach relay (connection refused); retrying with "
                          "backoff"]
         assert t.state == "down"
-    finally:
-        await t.aclose()
 
 
 async def test_lost_link_reconnects_and_is_counted(rig, caplog):
@@ -438,17 +415,13 @@ async def test_lost_link_reconnects_and_is_counted(rig, caplog):
     status lists one reconnect."""
     caplog.set_level(logging.INFO)
     make, relay, _ = rig
-    t = make()
-    await t.start()
-    try:
+    async with started(make()) as t:
         await wait_for(lambda: t.state == "up", what="up")
         relay.conns[-1].close()
         await wait_for(lambda: t.connections == 2 and t.state == "up", what="reconnected")
         lost = [m for m in tunnel_lines(caplog) if "relay link lost" in m]
         assert len(lost) == 1 and lost[0].endswith("; reconnecting")
         assert len(t.status()["reconnects"]) == 1
-    finally:
-        await t.aclose()
 
 
 async def test_sigusr1_reconnects_at_once(rig, caplog):
@@ -456,9 +429,7 @@ async def test_sigusr1_reconnects_at_once(rig, caplog):
     one INFO line 'reconnecting now (SIGUSR1)', no 'relay link lost' line, a second connection."""
     caplog.set_level(logging.INFO)
     make, relay, _ = rig
-    t = make()
-    await t.start()
-    try:
+    async with started(make()) as t:
         await wait_for(lambda: t.state == "up", what="up")
         t.reconnect()
         await wait_for(lambda: t.connections == 2 and t.state == "up", what="reconnected")
@@ -466,8 +437,6 @@ async def test_sigusr1_reconnects_at_once(rig, caplog):
         assert sum("reconnecting now (SIGUSR1)" in m for m in lines) == 1
         assert not any("relay link lost" in m for m in lines)
         assert relay.listen_requests.count(("127.0.0.1", t.relay.https_port)) == 2
-    finally:
-        await t.aclose()
 
 
 async def test_sighup_leaves_a_healthy_link_alone(rig, caplog):
@@ -475,9 +444,7 @@ async def test_sighup_leaves_a_healthy_link_alone(rig, caplog):
     validation that `cert renew` triggers travels through it. Then reconnect() still works."""
     caplog.set_level(logging.INFO)
     make, relay, _ = rig
-    t = make()
-    await t.start()
-    try:
+    async with started(make()) as t:
         await wait_for(lambda: t.state == "up", what="up")
         t.reload()
         assert t._wake is not None and not t._wake.is_set()   # nothing asked the live link to drop
@@ -487,5 +454,3 @@ async def test_sighup_leaves_a_healthy_link_alone(rig, caplog):
         await wait_for(lambda: t.connections == 2 and t.state == "up", what="reconnected by SIGUSR1")
         assert not any("SIGHUP" in m for m in tunnel_lines(caplog))
         assert relay.listen_requests.count(("127.0.0.1", t.relay.https_port)) == 2
-    finally:
-        await t.aclose()
