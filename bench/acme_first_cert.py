@@ -36,7 +36,7 @@ from acme_support import configure_acme, verified_serial  # noqa: E402
 from pebble import PebbleCA  # noqa: E402
 from relay_sshd import TEST_USER, configure, relay_sshd  # noqa: E402
 
-from inverse_cloud.testing import ServeProcess, free_port, init_instance, wait_until  # noqa: E402
+from tests.support import ServeProcess, free_port, init_instance, wait_until  # noqa: E402
 
 
 def propfind_207(port: int, cafile: Path) -> bool:

@@ -8,7 +8,7 @@ Both servers run on loopback with the SAME certificate (a throwaway CA -> interm
 laptop.test, verified by the client against the CA) and the SAME htpasswd line (user, password and
 bcrypt cost; default cost 5, what ``htpasswd -B`` writes):
 
-  (a) ours: ``inverse-cloud serve`` from ``inverse_cloud.testing.init_instance`` + ``ServeProcess``;
+  (a) ours: ``inverse-cloud serve`` from ``tests.support.init_instance`` + ``ServeProcess``;
   (b) seed: standalone Radicale (its own server) behind nginx, started by bench/seed-stack/infra/
       radicale.sh and nginx.sh exactly as the seed stack configures them (Radicale defaults: no login
       cache, INFO logging; nginx: Debian defaults, access log, worker_processes auto).
@@ -62,7 +62,7 @@ sys.path.insert(0, str(REPO))
 from carddav_bench import CARD, DAV, StaticResolver, lat_summary, make_vcard, multistatus  # noqa: E402
 from rss import mem  # noqa: E402
 
-from inverse_cloud.testing import ServeProcess, free_port, init_instance  # noqa: E402
+from tests.support import ServeProcess, free_port, init_instance  # noqa: E402
 
 __all__ = ["run_workload", "run_workload_async"]
 
@@ -359,9 +359,9 @@ class OurSide:
 
     def __init__(self, root: Path, chain: bytes, key: bytes, htpasswd_line: str, extra_toml: str,
                  env: dict[str, str], radicale_opts: Sequence[str] = (), with_components: bool = False) -> None:
+        from inverse_cloud.certs.store import CertStore
         from inverse_cloud.config import load
-        from inverse_cloud.radicale_app import radicale_options
-        from inverse_cloud.tls import CertStore
+        from inverse_cloud.dav.radicale_app import radicale_options
 
         kw: dict[str, str] = {}
         if with_components:

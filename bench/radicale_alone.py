@@ -6,7 +6,7 @@ a phase is Radicale itself, and what a Radicale option changes:
     .venv/bin/python bench/radicale_alone.py --n 1000
     .venv/bin/python bench/radicale_alone.py --n 1000 --variant storage.use_mtime_and_size_for_item_cache=False
 
-Radicale is configured as inverse-cloud configures it (inverse_cloud.radicale_app.radicale_options),
+Radicale is configured as inverse-cloud configures it (inverse_cloud.dav.radicale_app.radicale_options),
 then each --variant (SECTION.KEY=VALUE) is applied on top: one run per variant, plus one without.
 """
 
@@ -33,7 +33,7 @@ sys.path.insert(0, str(HERE.parent))
 
 from carddav_bench import make_vcard  # noqa: E402
 
-from inverse_cloud.testing import init_instance  # noqa: E402
+from tests.support import init_instance  # noqa: E402
 
 AUTH = "Basic " + base64.b64encode(b"alice:correct horse").decode()
 PROPFIND = (b'<?xml version="1.0"?><d:propfind xmlns:d="DAV:"><d:prop><d:resourcetype/><d:getetag/>'
@@ -72,7 +72,7 @@ class Caller:
 
 def run(variant: list[str], n: int, repeats: int, clock: Callable[[], float]) -> dict[str, float]:
     from inverse_cloud import config
-    from inverse_cloud.radicale_app import build_application
+    from inverse_cloud.dav.radicale_app import build_application
 
     root = Path(tempfile.mkdtemp(prefix="icradicale-"))
     try:

@@ -17,7 +17,9 @@ import tempfile
 import time
 from pathlib import Path
 
-from inverse_cloud.testing import init_instance, tls_handshake_ok, wait_until
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from tests.support import init_instance, tls_handshake_ok, wait_until  # noqa: E402
 
 
 def one_run(cfg: Path, notify: Path) -> dict[str, float]:

@@ -66,7 +66,7 @@ from chaos_proxy import ChaosProxy  # noqa: E402
 from dav_bench import HOST, PASSWORD, USER, SeedSide, make_certificates, memory, run_workload  # noqa: E402
 from relay_sshd import configure, port_holders, relay_sshd  # noqa: E402
 
-from inverse_cloud.testing import ServeProcess, free_port, init_instance, wait_until  # noqa: E402
+from tests.support import ServeProcess, free_port, init_instance, wait_until  # noqa: E402
 
 CHUNK = 1 << 20
 SETTLE_S = 6.0      # > the tunnel's STABLE_S: the link counts as established before a fault is injected
@@ -193,8 +193,8 @@ class OurTunnel:
     label = "ours"
 
     def __init__(self, root: Path, chain: bytes, key: bytes, htpasswd_line: str) -> None:
+        from inverse_cloud.certs.store import CertStore
         from inverse_cloud.config import load
-        from inverse_cloud.tls import CertStore
 
         self.sshd_port = free_port()
         self.config = init_instance(root, domain=HOST, user=USER, password=PASSWORD,
@@ -368,7 +368,7 @@ def push(port: int, n: int, mode: bytes) -> float:
 def child_tunnel(config: str, target_port: int) -> None:
     """``--child-tunnel``: run only our Tunnel (forwarding both relay ports to ``target_port``) until SIGTERM."""
     from inverse_cloud.config import load
-    from inverse_cloud.tunnel import Tunnel
+    from inverse_cloud.tunnel.link import Tunnel
 
     class Target:
         https_port = http_port = target_port

@@ -21,7 +21,7 @@ from dav_helpers import VerifiedConn
 from pebble import PebbleCA
 from relay_sshd import configure
 
-from inverse_cloud.testing import wait_until
+from tests.support import wait_until
 
 DOMAIN = "laptop.test"
 PASSWORD = "correct horse"

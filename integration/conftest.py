@@ -12,7 +12,7 @@ os.environ.pop("RADICALE_CONFIG", None)
 @pytest.fixture
 def instance(tmp_path):
     """A fresh initialised instance (config path); user alice / 'correct horse'."""
-    from inverse_cloud.testing import init_instance
+    from tests.support import init_instance
 
     return init_instance(tmp_path / "ic")
 
@@ -23,7 +23,7 @@ def relay_instance(tmp_path):
     with fast keepalives; yields (config path, RelaySshd). sshd is stopped by pid afterwards."""
     from relay_sshd import TEST_USER, configure, relay_sshd, sshd_available
 
-    from inverse_cloud.testing import free_port, init_instance
+    from tests.support import free_port, init_instance
 
     missing = sshd_available()
     assert missing is None, missing

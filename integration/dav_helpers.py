@@ -25,7 +25,7 @@ import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from inverse_cloud.testing import ThrowawayCA
+from tests.support import ThrowawayCA
 
 DOMAIN = "laptop.test"
 USER, PASSWORD = "alice", "correct horse"
@@ -309,7 +309,7 @@ def item_files(collection_dir: Path) -> dict[str, bytes]:
 
 # --- a throwaway CA ---------------------------------------------------------------------------------
 
-# The throwaway CA lives in inverse_cloud.testing (tests/test_tls.py uses it too).
+# The throwaway CA lives in tests.support (tests/test_tls.py uses it too).
 LocalCA = ThrowawayCA
 
 
@@ -325,7 +325,7 @@ def access_statuses(text: str) -> list[int]:
 
 
 def wait_for_log(srv: object, needle: str, timeout_s: float = 30, start: int = 0) -> None:
-    from inverse_cloud.testing import wait_until
+    from tests.support import wait_until
 
     wait_until(lambda: needle in srv.log()[start:], timeout_s, f"{needle!r} in the server log",  # type: ignore[attr-defined]
                on_timeout=srv.log)  # type: ignore[attr-defined]

@@ -31,7 +31,7 @@ from typing import TypeVar
 
 from relay_sandbox import CLONE_NEWNET
 
-from inverse_cloud.testing import tls_handshake_ok
+from tests.support import tls_handshake_ok
 
 __all__ = ["LaptopNetns", "laptop_netns"]
 

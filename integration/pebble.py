@@ -36,7 +36,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
-from inverse_cloud.testing import free_port, wait_until
+from tests.support import free_port, wait_until
 
 __all__ = ["PebbleCA", "require_pebble"]
 

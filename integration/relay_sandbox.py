@@ -31,7 +31,7 @@ from pathlib import Path
 
 from relay_sshd import SSHD, TEST_USER, RelaySshd, configure
 
-from inverse_cloud.testing import free_port, wait_until
+from tests.support import free_port, wait_until
 
 __all__ = ["SandboxRelay", "private_netns", "sandbox_relay"]
 

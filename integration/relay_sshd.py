@@ -2,7 +2,7 @@
 
 Reusable by any integration test that needs the tunnel (e.g. ACME validation through the relay)::
 
-    from inverse_cloud.testing import init_instance, free_port
+    from tests.support import init_instance, free_port
     from integration.relay_sshd import relay_sshd, TEST_USER
 
     ssh_port = free_port()
@@ -41,8 +41,8 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from inverse_cloud.relay_cli import set_config_value
-from inverse_cloud.testing import free_port, wait_until
+from inverse_cloud.tunnel.commands import set_config_value
+from tests.support import free_port, wait_until
 
 __all__ = ["TEST_USER", "RelaySshd", "configure", "ensure_system_user", "relay_sshd", "sshd_available"]
 

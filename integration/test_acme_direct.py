@@ -24,7 +24,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from pebble import PebbleCA
 
 from inverse_cloud.config import load
-from inverse_cloud.testing import ServeProcess, init_instance, served_certificate_serial, wait_until
+from tests.support import ServeProcess, init_instance, served_certificate_serial, wait_until
 
 
 def http_port(cfg: Path) -> int:

@@ -19,7 +19,7 @@ from chaos_proxy import ChaosProxy
 from pebble import PebbleCA
 
 from inverse_cloud.config import load
-from inverse_cloud.testing import ServeProcess, wait_until
+from tests.support import ServeProcess, wait_until
 
 VALIDITY_S = 140   # renewal due at 70 s (half, under 10 days); first retry 60 s after the failure: 130 s < 140 s
 

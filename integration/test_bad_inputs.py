@@ -39,7 +39,7 @@ from dav_helpers import (
 )
 
 from inverse_cloud.config import Config, load
-from inverse_cloud.testing import ServeProcess, init_instance, wait_until
+from tests.support import ServeProcess, init_instance, wait_until
 
 LIMIT = 1024 * 1024
 EXTRA = (f"max_body_bytes = {LIMIT}\nidle_timeout_s = 5.0\nhandshake_timeout_s = 3.0\nbody_grace_s = 3.0\n"

@@ -35,9 +35,9 @@ from pebble import PebbleCA
 from relay_sandbox import private_netns
 from relay_sshd import TEST_USER, configure, relay_sshd, sshd_available
 
-from inverse_cloud.cert_manager import StateFiles
+from inverse_cloud.certs.manager import StateFiles
 from inverse_cloud.config import load
-from inverse_cloud.testing import ServeProcess, free_port, init_instance, wait_until
+from tests.support import ServeProcess, free_port, init_instance, wait_until
 
 LIBFAKETIME_DIRS = ("/usr/lib/x86_64-linux-gnu/faketime", "/usr/lib/aarch64-linux-gnu/faketime",
                     "/usr/lib/faketime")

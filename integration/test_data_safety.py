@@ -41,7 +41,7 @@ from dav_helpers import (
 )
 
 from inverse_cloud.config import load
-from inverse_cloud.testing import ServeProcess, init_instance, wait_until
+from tests.support import ServeProcess, init_instance, wait_until
 
 CONTACTS = "/radicale/alice/contacts/"
 F11_REPETITIONS = 20

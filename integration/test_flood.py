@@ -15,7 +15,7 @@ from pathlib import Path
 
 from dav_helpers import DavClient, new_uid, selfsigned_cert, vcard
 
-from inverse_cloud.testing import ServeProcess, wait_until
+from tests.support import ServeProcess, wait_until
 
 CONTACTS = "/radicale/alice/contacts/"
 FLOOD_CONNECTS = 2000

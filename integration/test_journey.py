@@ -26,7 +26,7 @@ from relay_sandbox import private_netns, sandbox_relay
 from relay_sshd import TEST_USER, configure, sshd_available
 
 from inverse_cloud import config as config_mod
-from inverse_cloud.testing import ServeProcess, free_port, init_instance, wait_until
+from tests.support import ServeProcess, free_port, init_instance, wait_until
 
 PASSWORD = "correct horse"
 REPO = Path(__file__).resolve().parent.parent

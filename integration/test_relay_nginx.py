@@ -15,7 +15,7 @@ from pathlib import Path
 
 from relay_sshd import TEST_USER, configure, relay_sshd, sshd_available
 
-from inverse_cloud.testing import ServeProcess, free_port, init_instance, served_certificate_serial, wait_until
+from tests.support import ServeProcess, free_port, init_instance, served_certificate_serial, wait_until
 
 NGINX = "/usr/sbin/nginx"
 STREAM_MODULE = "/usr/lib/nginx/modules/ngx_stream_module.so"

@@ -15,7 +15,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from inverse_cloud.testing import init_instance
+from tests.support import init_instance
 
 SANDBOX = r"""#!/bin/sh
 # usage: sandbox.sh ROOT CMD...   (stdin passed through)

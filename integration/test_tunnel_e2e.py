@@ -13,9 +13,9 @@ from pathlib import Path
 from relay_sshd import TEST_USER
 
 from inverse_cloud.config import load
-from inverse_cloud.server import DavServer
-from inverse_cloud.testing import ServeProcess, free_port, wait_until
-from inverse_cloud.tunnel import Tunnel
+from inverse_cloud.dav.server import DavServer
+from inverse_cloud.tunnel.link import Tunnel
+from tests.support import ServeProcess, free_port, wait_until
 
 PASSWORD = "correct horse"
 

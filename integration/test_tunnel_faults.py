@@ -34,7 +34,7 @@ from netns import laptop_netns
 from relay_sandbox import private_netns
 from relay_sshd import configure, relay_sshd, sshd_available
 
-from inverse_cloud.testing import ServeProcess, free_port, init_instance, tls_handshake_ok, wait_until
+from tests.support import ServeProcess, free_port, init_instance, tls_handshake_ok, wait_until
 
 USER = "icfault"
 PASSWORD = "correct horse"
@@ -83,7 +83,7 @@ def recover(srv: ServeProcess, relay, what: str, t0: float, deadline_s: float = 
 
 
 def tunnel_lines(srv: ServeProcess) -> list[str]:
-    return [line for line in srv.log().splitlines() if "inverse_cloud.tunnel" in line]
+    return [line for line in srv.log().splitlines() if "inverse_cloud.tunnel.link" in line]
 
 
 @pytest.mark.slow

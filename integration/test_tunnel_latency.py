@@ -17,8 +17,8 @@ import pytest
 from relay_sshd import TEST_USER, configure, relay_sshd, sshd_available
 
 from inverse_cloud.config import load
-from inverse_cloud.testing import free_port, init_instance, wait_until
-from inverse_cloud.tunnel import Tunnel, quickack_supported
+from inverse_cloud.tunnel.link import Tunnel, quickack_supported
+from tests.support import free_port, init_instance, wait_until
 
 SIZES = (1_000, 10_000, 100_000, 280_000, 1_000_000)
 ROUNDS = 12

@@ -21,7 +21,7 @@ from chaos_proxy import ChaosProxy
 from dav_helpers import Vdirsyncer, prop, selfsigned_cert, vcard
 from relay_sshd import TEST_USER, configure, relay_sshd, sshd_available
 
-from inverse_cloud.testing import ServeProcess, free_port, init_instance
+from tests.support import ServeProcess, free_port, init_instance
 
 PASSWORD = "correct horse"
 AEAD_TLS12 = {0xC02B, 0xC02C, 0xC02F, 0xC030, 0xCCA8, 0xCCA9}

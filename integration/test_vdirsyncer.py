@@ -23,9 +23,9 @@ from dav_helpers import (
     vevent,
 )
 
+from inverse_cloud.certs.store import CertStore
 from inverse_cloud.config import load
-from inverse_cloud.testing import ServeProcess, init_instance, served_certificate_serial, wait_until
-from inverse_cloud.tls import CertStore
+from tests.support import ServeProcess, init_instance, served_certificate_serial, wait_until
 
 CARDS, EVENTS = 150, 50  # 200 items
 

@@ -14,16 +14,16 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-from . import __version__
-from . import config as config_mod
-from .errors import ConfigError, InverseCloudError, StartupError, UserError
+from inverse_cloud import __version__
+from inverse_cloud import config as config_mod
+from inverse_cloud.errors import ConfigError, InverseCloudError, StartupError, UserError
 
 __all__ = ["main"]
 
 log = logging.getLogger("inverse_cloud")
 
 # Modules that add sub-commands of their own: each has ``add_commands(subparsers)``.
-EXTENSIONS: list[str] = ["inverse_cloud.relay_cli", "inverse_cloud.cert_cli", "inverse_cloud.ops_cli"]
+EXTENSIONS: list[str] = ["inverse_cloud.tunnel.commands", "inverse_cloud.certs.commands", "inverse_cloud.ops.commands"]
 
 Handler = Callable[[argparse.Namespace], int]
 
@@ -63,7 +63,7 @@ def generate_ssh_key(path: Path, comment: str) -> bool:
     """Create an ed25519 key (0600 in a 0700 directory) unless one exists. True if created."""
     import asyncssh
 
-    from .fsutil import atomic_write, ensure_private_dir
+    from inverse_cloud.fsutil import atomic_write, ensure_private_dir
 
     if path.exists():
         return False
@@ -75,8 +75,8 @@ def generate_ssh_key(path: Path, comment: str) -> bool:
 
 
 def cmd_init(args: argparse.Namespace) -> int:
-    from . import users
-    from .fsutil import atomic_write, ensure_private_dir
+    from inverse_cloud.dav import users
+    from inverse_cloud.fsutil import atomic_write, ensure_private_dir
 
     interactive = not args.non_interactive
     cfg_path = _config_path(args)
@@ -134,7 +134,7 @@ def cmd_init(args: argparse.Namespace) -> int:
 # --- user -------------------------------------------------------------------------------------------
 
 def cmd_user(args: argparse.Namespace) -> int:
-    from . import users
+    from inverse_cloud.dav import users
 
     cfg = load_config(args)
     path = cfg.server.htpasswd_path
@@ -161,8 +161,8 @@ def cmd_user(args: argparse.Namespace) -> int:
 
 def build_supervisor(cfg: config_mod.Config) -> Any:
     """Assemble the components in start order. Extensions plug in through ``SERVE_HOOKS``."""
-    from .server import DavServer
-    from .supervisor import Supervisor
+    from inverse_cloud.dav.server import DavServer
+    from inverse_cloud.supervisor import Supervisor
 
     sup = Supervisor()
     server = DavServer(cfg, public_https_port=443)
@@ -175,7 +175,7 @@ def build_supervisor(cfg: config_mod.Config) -> Any:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
-    from . import log as log_mod
+    from inverse_cloud import log as log_mod
 
     cfg = load_config(args)
     log_mod.setup(args.log_level or cfg.server.log_level)

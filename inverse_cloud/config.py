@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .errors import ConfigError
+from inverse_cloud.errors import ConfigError
 
 __all__ = [
     "AcmeConfig",

@@ -8,7 +8,7 @@ import stat
 import tempfile
 from pathlib import Path
 
-from .errors import ConfigError
+from inverse_cloud.errors import ConfigError
 
 __all__ = ["atomic_write", "check_private", "ensure_private_dir"]
 

@@ -12,6 +12,6 @@ os.environ.pop("RADICALE_CONFIG", None)
 @pytest.fixture
 def instance(tmp_path):
     """A fresh initialised instance (config path); user alice / 'correct horse'."""
-    from inverse_cloud.testing import init_instance
+    from tests.support import init_instance
 
     return init_instance(tmp_path / "ic")

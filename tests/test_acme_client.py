@@ -1,4 +1,4 @@
-"""ACME driver (inverse_cloud/acme_client.py) against a small fake ACME server (aiohttp, loopback, port 0):
+"""ACME driver (inverse_cloud/certs/acme_client.py) against a small fake ACME server (aiohttp, loopback, port 0):
 the error paths Pebble cannot produce -- 429/503 with Retry-After (seconds and HTTP-date), repeated badNonce,
 a CA that forgot our account, ``replaces`` on ARI renewals -- plus the account key's file rules."""
 
@@ -16,11 +16,11 @@ from typing import Any
 import pytest
 from aiohttp import web
 
-from inverse_cloud.acme_client import AccountStore, AcmeDriver, generate_key
+from inverse_cloud.certs.acme_client import AccountStore, AcmeDriver, generate_key
 from inverse_cloud.config import AcmeConfig
+from inverse_cloud.dav.web import ChallengeStore
 from inverse_cloud.errors import AcmeError, ConfigError, RateLimited
-from inverse_cloud.testing import free_port
-from inverse_cloud.web import ChallengeStore
+from tests.support import free_port
 
 
 def b64json(text: str) -> Any:
@@ -208,7 +208,7 @@ async def test_forgotten_account_is_registered_again_with_the_same_key(tmp_path,
     first = await d.ensure_account()
     key_before = (cfg.account_dir / "account-key.pem").read_bytes()
     fake_acme.order_answers = [order_problem(400, "accountDoesNotExist"), order_problem(429, "rateLimited")]
-    caplog.set_level(logging.WARNING, "inverse_cloud.acme_client")
+    caplog.set_level(logging.WARNING, "inverse_cloud.certs.acme_client")
     try:
         await issue_expecting(d, RateLimited)
     finally:
@@ -321,9 +321,9 @@ def test_serving_does_not_load_the_acme_library_until_an_order_is_due(tmp_path):
     script = f"""
 import asyncio, sys
 from pathlib import Path
-import inverse_cloud.cli, inverse_cloud.server, inverse_cloud.tunnel, inverse_cloud.cert_manager
-import inverse_cloud.cert_cli, inverse_cloud.ops_cli, inverse_cloud.relay_cli
-from inverse_cloud.acme_client import AcmeDriver
+import inverse_cloud.cli, inverse_cloud.dav.server, inverse_cloud.tunnel.link, inverse_cloud.certs.manager
+import inverse_cloud.certs.commands, inverse_cloud.ops.commands, inverse_cloud.tunnel.commands
+from inverse_cloud.certs.acme_client import AcmeDriver
 from inverse_cloud.config import AcmeConfig
 heavy = ("acme", "josepy", "requests")
 cfg = AcmeConfig(enabled=True, directory="http://127.0.0.1:9/dir", email="", ca_bundle=None, eab_kid="",

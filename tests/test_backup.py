@@ -19,9 +19,9 @@ from pathlib import Path
 import pytest
 
 from inverse_cloud import config as config_mod
-from inverse_cloud.backup import BackupError, export_backup, import_backup, storage_lock
-from inverse_cloud.radicale_app import build_application
-from inverse_cloud.testing import ServeProcess, wait_until
+from inverse_cloud.dav.radicale_app import build_application
+from inverse_cloud.ops.backup import BackupError, export_backup, import_backup, storage_lock
+from tests.support import ServeProcess, wait_until
 
 AUTH = "Basic " + base64.b64encode(b"alice:correct horse").decode()
 

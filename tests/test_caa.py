@@ -1,4 +1,4 @@
-"""CAA (inverse_cloud/caa.py): RFC 8659/8657 evaluation as a table, and the look-up (tree climbing) against a
+"""CAA (inverse_cloud/certs/caa.py): RFC 8659/8657 evaluation as a table, and the look-up (tree climbing) against a
 small in-process DNS server on a free loopback UDP port."""
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ import dns.rdatatype
 import dns.rrset
 import pytest
 
-from inverse_cloud.caa import (
+from inverse_cloud.certs.caa import (
     CaaRecord,
     evaluate,
     issuer_domain_for,

@@ -1,4 +1,4 @@
-"""The certificate manager (inverse_cloud/cert_manager.py) with an injected wall clock and monotonic clock,
+"""The certificate manager (inverse_cloud/certs/manager.py) with an injected wall clock and monotonic clock,
 a fake ACME driver (certificates from a throwaway CA dated by the injected clock), a real TLSManager/CertStore
 and a real in-process HTTP-01 listener for the public-path self-check.
 
@@ -24,13 +24,13 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
 from inverse_cloud import config as config_mod
-from inverse_cloud.acme_client import AccountStore, Issued
-from inverse_cloud.cert_manager import CertManager, StateFiles, served_certificate_serial
-from inverse_cloud.certs import AriWindow, ari_cert_id
+from inverse_cloud.certs.acme_client import AccountStore, Issued
+from inverse_cloud.certs.manager import CertManager, StateFiles, served_certificate_serial
+from inverse_cloud.certs.policy import AriWindow, ari_cert_id
+from inverse_cloud.certs.store import CertStore, TLSManager
+from inverse_cloud.dav.web import ChallengeStore, make_http_app
 from inverse_cloud.errors import AcmeError, RateLimited
-from inverse_cloud.testing import free_port
-from inverse_cloud.tls import CertStore, TLSManager
-from inverse_cloud.web import ChallengeStore, make_http_app
+from tests.support import free_port
 
 DOMAIN = "laptop.test"
 DIRECTORY = "https://ca.invalid/dir"
@@ -167,7 +167,7 @@ async def h(tmp_path):
 
 async def issued_once(h: Any, caplog: Any) -> tuple[Any, int]:
     """A manager (checks once a day) that has obtained its first certificate and gone quiet; its serial."""
-    caplog.set_level(logging.INFO, "inverse_cloud.cert_manager")
+    caplog.set_level(logging.INFO, "inverse_cloud.certs.manager")
     cfg = make_cfg(h.tmp, await h.start_http(), check_interval_s=DAY)
     m = await h.manager(cfg)
     await until(lambda: m.attempts == 1 and not h.tls.info.self_signed, what="first issuance")
@@ -250,7 +250,7 @@ async def test_streak_ends_when_the_clock_is_right_again(h, caplog):
 async def test_unexpected_error_in_an_attempt_backs_off(h, caplog):
     """An exception the driver does not translate (libfaketime made time.sleep raise OSError EINVAL in the
     ACME thread) is a failed attempt with backoff: one line, no second order within the minute."""
-    caplog.set_level(logging.INFO, "inverse_cloud.cert_manager")
+    caplog.set_level(logging.INFO, "inverse_cloud.certs.manager")
     cfg = make_cfg(h.tmp, await h.start_http(), check_interval_s=DAY)
     h.driver.errors = [OSError(22, "Invalid argument")]
     m = await h.manager(cfg)
@@ -268,7 +268,7 @@ async def test_unexpected_error_in_an_attempt_backs_off(h, caplog):
 async def test_failure_backoff_persists_across_restart(h, caplog):
     """F6 (restart part): a failed attempt is one line (what, next try, what is served); the streak is in
     the state file; a new manager does not retry before the backoff has elapsed, then succeeds."""
-    caplog.set_level(logging.INFO, "inverse_cloud.cert_manager")
+    caplog.set_level(logging.INFO, "inverse_cloud.certs.manager")
     cfg = make_cfg(h.tmp, await h.start_http())
     h.driver.errors = [AcmeError(f"cannot reach ACME server {DIRECTORY}: connection refused")]
     m1 = await h.manager(cfg)
@@ -294,7 +294,7 @@ async def test_failure_backoff_persists_across_restart(h, caplog):
 
 async def test_retry_after_holds_even_forced_renewals(h, caplog):
     """F7's rule: after 429 + Retry-After 120, not even ``cert renew --force`` orders before 120 s."""
-    caplog.set_level(logging.INFO, "inverse_cloud.cert_manager")
+    caplog.set_level(logging.INFO, "inverse_cloud.certs.manager")
     cfg = make_cfg(h.tmp, await h.start_http())
     h.driver.errors = [RateLimited(f"rate-limited by ACME server {DIRECTORY} at newOrder: slow down", 120.0)]
     m = await h.manager(cfg)
@@ -313,7 +313,7 @@ async def test_retry_after_holds_even_forced_renewals(h, caplog):
 @pytest.mark.parametrize("answer", ["refused", "404"])
 async def test_broken_public_path_places_no_order(h, caplog, answer):
     """F13: the self-probe does not come back -> one line naming the public path, no ACME order."""
-    caplog.set_level(logging.INFO, "inverse_cloud.cert_manager")
+    caplog.set_level(logging.INFO, "inverse_cloud.certs.manager")
     if answer == "refused":
         port = free_port()
     else:  # something else answers port 80 (another web server on the relay)
@@ -356,7 +356,7 @@ async def test_ari_window_moves_renewal_early_and_the_order_replaces_the_old_cer
     """With a CA that offers ARI: after issuance the manager asks renewalInfo for the certificate, picks a
     time in the suggested window (rng 0.5 -> its middle), renews there -- long before 2/3 of the lifetime --
     and sends ``replaces`` with the old certificate's ARI id."""
-    caplog.set_level(logging.INFO, "inverse_cloud.cert_manager")
+    caplog.set_level(logging.INFO, "inverse_cloud.certs.manager")
     cfg = make_cfg(h.tmp, await h.start_http())
     now = dt.datetime.fromtimestamp(h.clock.wall, dt.UTC)
     h.driver.ari = AriWindow(now + dt.timedelta(days=5), now + dt.timedelta(days=7))

@@ -1,4 +1,4 @@
-"""Pure renewal decisions (inverse_cloud/certs.py): tables with explicit ``now``, no clock, no I/O."""
+"""Pure renewal decisions (inverse_cloud/certs/policy.py): tables with explicit ``now``, no clock, no I/O."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
-from inverse_cloud.certs import (
+from inverse_cloud.certs.policy import (
     CA_RETRY_SCHEDULE_S,
     PATH_RETRY_SCHEDULE_S,
     AriWindow,

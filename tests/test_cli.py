@@ -11,7 +11,8 @@ from pathlib import Path
 import bcrypt
 import pytest
 
-from inverse_cloud import cli, config, users
+from inverse_cloud import cli, config
+from inverse_cloud.dav import users
 
 
 def mode(path: Path) -> int:

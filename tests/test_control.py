@@ -14,10 +14,10 @@ import sys
 
 import pytest
 
-from inverse_cloud.control import ControlError, ControlServer, NotRunning, ask_async
 from inverse_cloud.errors import StartupError
-from inverse_cloud.status import SyncTracker, assess, basic_user, collections_of, format_text
-from inverse_cloud.testing import ServeProcess
+from inverse_cloud.ops.control import ControlError, ControlServer, NotRunning, ask_async
+from inverse_cloud.ops.status import SyncTracker, assess, basic_user, collections_of, format_text
+from tests.support import ServeProcess
 
 
 async def _server(path):

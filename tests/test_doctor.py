@@ -13,8 +13,8 @@ import asyncssh
 import pytest
 
 from inverse_cloud import config as config_mod
-from inverse_cloud.doctor import DoctorOptions, dns_records, parse_connect_to, parse_resolve, run_doctor
-from inverse_cloud.testing import ServeProcess, free_port, init_instance
+from inverse_cloud.ops.doctor import DoctorOptions, dns_records, parse_connect_to, parse_resolve, run_doctor
+from tests.support import ServeProcess, free_port, init_instance
 
 
 def doctor(cfg: Path, *extra: str) -> tuple[int, dict]:

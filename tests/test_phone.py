@@ -12,8 +12,8 @@ from pathlib import Path
 
 import pytest
 
-from inverse_cloud.phone import HtpasswdChecker, account, render_html, render_terminal
-from inverse_cloud.testing import ServeProcess
+from inverse_cloud.ops.phone import HtpasswdChecker, account, render_html, render_terminal
+from tests.support import ServeProcess
 
 ARTIFACTS = Path(os.environ.get("INVERSE_CLOUD_ARTIFACTS", Path(__file__).resolve().parent.parent / "test-artifacts"))
 
@@ -45,7 +45,7 @@ def test_terminal_output_has_qr_and_thunderbird_lines():
 
 async def test_htpasswd_checker_caches_until_file_changes(tmp_path):
     """Right password -> True (then cached); wrong -> False; after `user passwd` the old one fails."""
-    from inverse_cloud import users
+    from inverse_cloud.dav import users
 
     path = tmp_path / "users.htpasswd"
     users.add_user(path, "alice", "one password")

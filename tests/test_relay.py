@@ -11,10 +11,10 @@ from pathlib import Path
 
 import pytest
 
-from inverse_cloud import relay
 from inverse_cloud.config import loads
 from inverse_cloud.errors import HostKeyMismatch
-from inverse_cloud.relay_cli import pin_host_key, set_config_value
+from inverse_cloud.tunnel import relay_files as relay
+from inverse_cloud.tunnel.commands import pin_host_key, set_config_value
 
 TUN = "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIPdR/oJumYvxBj5EcrtzZ7CKnzQkJornglLlC0nU8PWb tunnel laptop.test"
 TKO = "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIIkGPrKIDriY0NovBgUlqIKnU7vKVf01jD7MhuH3zs5N takeover"

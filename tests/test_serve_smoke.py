@@ -5,7 +5,7 @@ from __future__ import annotations
 import signal
 import subprocess
 
-from inverse_cloud.testing import ServeProcess
+from tests.support import ServeProcess
 
 
 def test_serve_answers_dav_over_tls_and_stops_on_sigterm(instance):

@@ -15,8 +15,8 @@ from pathlib import Path
 
 import pytest
 
-from inverse_cloud.systemd import Notifier, SystemdComponent, render_unit, short_summary, watchdog_interval_s
-from inverse_cloud.testing import ServeProcess, wait_until
+from inverse_cloud.ops.systemd import Notifier, SystemdComponent, render_unit, short_summary, watchdog_interval_s
+from tests.support import ServeProcess, wait_until
 
 
 class Receiver:

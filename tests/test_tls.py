@@ -20,9 +20,9 @@ from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
+from inverse_cloud.certs.store import CertStore, TLSManager, server_context
 from inverse_cloud.errors import CertStoreError
-from inverse_cloud.testing import ThrowawayCA, served_certificate_serial
-from inverse_cloud.tls import CertStore, TLSManager, server_context
+from tests.support import ThrowawayCA, served_certificate_serial
 
 DOMAIN = "laptop.test"
 
@@ -75,7 +75,7 @@ def mode(path: Path) -> int:
 def test_first_load_serves_self_signed_and_writes_private_files(store, caplog):
     """No issued pair: a self-signed certificate is made (0600 key in 0700 dirs), logged as such."""
     mgr = TLSManager(store, DOMAIN)
-    with caplog.at_level(logging.INFO, "inverse_cloud.tls"):
+    with caplog.at_level(logging.INFO, "inverse_cloud.certs.store"):
         assert mgr.load() is True
     assert mgr.info is not None and mgr.info.self_signed and mgr.info.names == (DOMAIN,)
     assert any("self-signed" in r.getMessage() for r in caplog.records)
@@ -176,7 +176,7 @@ async def test_corrupt_pair_is_refused_and_old_one_served(listening, store, capl
     else:
         (version / "privkey.pem").write_bytes(b"")
     caplog.clear()
-    with caplog.at_level(logging.INFO, "inverse_cloud.tls"):
+    with caplog.at_level(logging.INFO, "inverse_cloud.certs.store"):
         assert mgr.load() is False
     errors = [r for r in caplog.records if r.levelno >= logging.WARNING]
     assert len(errors) == 1 and "refused" in errors[0].getMessage() and "\n" not in errors[0].getMessage()

@@ -15,11 +15,10 @@ from pathlib import Path
 import asyncssh
 import pytest
 
-from inverse_cloud import tunnel as tunnel_mod
 from inverse_cloud.config import loads
 from inverse_cloud.errors import AuthRejected, ForwardRefused, HostKeyMismatch
-from inverse_cloud.testing import free_port
-from inverse_cloud.tunnel import (
+from inverse_cloud.tunnel import link as tunnel_mod
+from inverse_cloud.tunnel.link import (
     BACKOFF_S,
     FORWARD_REFUSED_RETRY_S,
     SLOW_RETRY_S,
@@ -28,6 +27,7 @@ from inverse_cloud.tunnel import (
     classify,
     retry_delay,
 )
+from tests.support import free_port
 
 # --- pure decisions ------------------------------------------------------------------------------------
 
@@ -274,7 +274,8 @@ async def wait_for(pred, timeout_s=10.0, what="condition"):
 
 
 def tunnel_lines(caplog) -> list[str]:
-    return [r.getMessage() for r in caplog.records if r.name == "inverse_cloud.tunnel" and r.levelno >= logging.INFO]
+    return [r.getMessage() for r in caplog.records
+            if r.name == "inverse_cloud.tunnel.link" and r.levelno >= logging.INFO]
 
 
 async def test_forwards_bytes_both_ways_with_origin_registered_first(rig, caplog):

@@ -15,7 +15,7 @@ import aiohttp
 import pytest
 from aiohttp import web
 
-from inverse_cloud.web import (
+from inverse_cloud.dav.web import (
     ChallengeStore,
     FailedLoginDigest,
     PeerDirectory,
@@ -26,7 +26,7 @@ from inverse_cloud.web import (
     make_https_app,
     redirect_target,
 )
-from inverse_cloud.wsgi import RadicaleBridge, WsgiResult, build_environ, valid_basic_auth
+from inverse_cloud.dav.wsgi import RadicaleBridge, WsgiResult, build_environ, valid_basic_auth
 
 BASIC_ALICE = "Basic YWxpY2U6Y29ycmVjdCBob3JzZQ=="  # alice:correct horse
 
@@ -414,7 +414,7 @@ async def test_storage_guard_gate_returns_503_and_logs_once(tmp_path, caplog):
         await runner.cleanup()
         bridge.close()
     assert app.calls == []
-    lines = [r for r in caplog.records if r.name == "inverse_cloud.web"]
+    lines = [r for r in caplog.records if r.name == "inverse_cloud.dav.web"]
     assert len(lines) == 1 and str(storage) in lines[0].getMessage()
 
 
@@ -423,8 +423,9 @@ async def test_storage_guard_gate_returns_503_and_logs_once(tmp_path, caplog):
 async def test_real_radicale_hrefs_carry_the_script_name(tmp_path):
     """Radicale built from our config answers PROPFIND with hrefs under /radicale/ and creates the
     predefined address book and calendar."""
-    from inverse_cloud import config, users
-    from inverse_cloud.radicale_app import build_application
+    from inverse_cloud import config
+    from inverse_cloud.dav import users
+    from inverse_cloud.dav.radicale_app import build_application
 
     cfg = config.loads(f'[server]\ndomain = "laptop.test"\ndata_dir = "{tmp_path}"\nstate_dir = "{tmp_path}/s"\n')
     users.add_user(cfg.server.htpasswd_path, "alice", "correct horse")
@@ -458,7 +459,7 @@ async def test_real_radicale_hrefs_carry_the_script_name(tmp_path):
 ])
 def test_server_address_is_what_the_client_addressed(host, expected):
     """SERVER_PORT comes from the Host header (default 443), not from the local listening port."""
-    from inverse_cloud.wsgi import server_address
+    from inverse_cloud.dav.wsgi import server_address
 
     assert server_address(host) == expected
 
@@ -483,7 +484,7 @@ DEEP = b'<propfind xmlns="DAV:">' + b"<a>" * 100_000 + b"</a>" * 100_000 + b"</p
 def test_xml_problem(body, problem):
     import io
 
-    from inverse_cloud.wsgi import xml_problem
+    from inverse_cloud.dav.wsgi import xml_problem
 
     found = xml_problem(io.BytesIO(body))
     assert (found is None) if problem is None else (problem in (found or "")), found
@@ -493,8 +494,9 @@ async def test_hostile_xml_is_400_before_radicale(tmp_path, caplog):
     """Entity declarations (Radicale: 500 plus a traceback on the root logger) and 100k-deep nesting
     (Radicale: the whole process died of a C stack overflow) are answered 400 by the bridge; a normal
     PROPFIND still works afterwards and no traceback is logged."""
-    from inverse_cloud import config, users
-    from inverse_cloud.radicale_app import build_application
+    from inverse_cloud import config
+    from inverse_cloud.dav import users
+    from inverse_cloud.dav.radicale_app import build_application
 
     cfg = config.loads(f'[server]\ndomain = "laptop.test"\ndata_dir = "{tmp_path}"\nstate_dir = "{tmp_path}/s"\n')
     users.add_user(cfg.server.htpasswd_path, "alice", "correct horse")

@@ -13,10 +13,10 @@ import aiohttp
 import pytest
 from aiohttp import web
 
-from inverse_cloud import wsgi
-from inverse_cloud.testing import wait_until
-from inverse_cloud.web import PeerDirectory, make_https_app
-from inverse_cloud.wsgi import RadicaleBridge
+from inverse_cloud.dav import wsgi
+from inverse_cloud.dav.web import PeerDirectory, make_https_app
+from inverse_cloud.dav.wsgi import RadicaleBridge
+from tests.support import wait_until
 
 
 class GateApp:

@@ -1,7 +1,7 @@
 """The ACME client the certificate manager uses (RFC 8555, HTTP-01 only): :class:`AcmeDriver`.
 
 Directory and renewal-information (ARI) look-ups are plain GETs done with aiohttp on the event loop.
-Registering and ordering use certbot's synchronous ``acme`` library (inverse_cloud/acme_issuer.py), which
+Registering and ordering use certbot's synchronous ``acme`` library (inverse_cloud/certs/acme_issuer.py), which
 is imported only when one of them is due, and whose every call runs in a small dedicated thread pool,
 never on the event loop; the challenge tokens are published on the loop (``ChallengeStore`` belongs to the
 HTTP listener). A server started with a valid certificate thus never loads ``acme``/``josepy``/``requests``
@@ -32,16 +32,16 @@ import aiohttp
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 
-from . import __version__
-from .certs import AriWindow, parse_renewal_info, parse_retry_after
-from .config import AcmeConfig
-from .errors import AcmeError, ConfigError, RateLimited
-from .fsutil import atomic_write, check_private, ensure_private_dir
+from inverse_cloud import __version__
+from inverse_cloud.certs.policy import AriWindow, parse_renewal_info, parse_retry_after
+from inverse_cloud.config import AcmeConfig
+from inverse_cloud.errors import AcmeError, ConfigError, RateLimited
+from inverse_cloud.fsutil import atomic_write, check_private, ensure_private_dir
 
 if TYPE_CHECKING:
     from josepy import jwk
 
-    from .acme_issuer import AcmeIssuer
+    from inverse_cloud.certs.acme_issuer import AcmeIssuer
 
 __all__ = ["AccountStore", "AcmeDriver", "Issued", "generate_key"]
 
@@ -145,7 +145,7 @@ class AcmeDriver:
     """Talks to one ACME directory for one domain. Coroutines are safe to call one at a time.
 
     Reading the directory and renewal information (ARI) are plain unauthenticated GETs, done here with
-    aiohttp; registering and ordering go through :class:`~inverse_cloud.acme_issuer.AcmeIssuer` and the
+    aiohttp; registering and ordering go through :class:`~inverse_cloud.certs.acme_issuer.AcmeIssuer` and the
     ``acme`` library, imported (in an ACME thread) the first time one is due."""
 
     def __init__(self, cfg: AcmeConfig, domain: str, *, user_agent: str = "") -> None:
@@ -168,7 +168,9 @@ class AcmeDriver:
         self._executor.shutdown(wait=False, cancel_futures=True)
 
     def _make_issuer(self) -> AcmeIssuer:
-        from .acme_issuer import AcmeIssuer  # the acme library: only once an order or registration is due
+        from inverse_cloud.certs.acme_issuer import (
+            AcmeIssuer,  # the acme library: only once an order or registration is due
+        )
 
         return AcmeIssuer(self.cfg, self.domain, self.accounts, self.user_agent, self._run)
 

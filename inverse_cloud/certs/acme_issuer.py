@@ -1,7 +1,7 @@
 """Account registration and certificate orders over certbot's synchronous ``acme`` library (RFC 8555),
 HTTP-01 only. Imported only when an order or a registration is due (``acme``, ``josepy`` and ``requests``
 cost several MiB that a server with a valid certificate does not need to hold); see
-:class:`~inverse_cloud.acme_client.AcmeDriver`, the interface the rest of the program uses.
+:class:`~inverse_cloud.certs.acme_client.AcmeDriver`, the interface the rest of the program uses.
 
 The library drops headers on error responses; a ``requests`` response hook keeps the last ``Retry-After``
 so 429/503 answers become :class:`~inverse_cloud.errors.RateLimited` with the CA's wait.
@@ -26,7 +26,7 @@ from cryptography import x509
 from josepy import jwa, jwk
 from josepy.json_util import field as jose_field
 
-from .acme_client import (
+from inverse_cloud.certs.acme_client import (
     FIRST_POLL_S,
     MAX_POLL_S,
     NETWORK_TIMEOUT_S,
@@ -37,13 +37,13 @@ from .acme_client import (
     connection_reason,
     generate_key,
 )
-from .certs import parse_retry_after, parse_retry_after_detail
-from .config import AcmeConfig
-from .errors import AcmeError, RateLimited
+from inverse_cloud.certs.policy import parse_retry_after, parse_retry_after_detail
+from inverse_cloud.config import AcmeConfig
+from inverse_cloud.errors import AcmeError, RateLimited
 
 __all__ = ["AcmeIssuer"]
 
-log = logging.getLogger("inverse_cloud.acme_client")
+log = logging.getLogger("inverse_cloud.certs.acme_client")
 
 T = TypeVar("T")
 
@@ -90,7 +90,7 @@ class _LastResponse:
 
 
 class AcmeIssuer:
-    """The account and order half of :class:`~inverse_cloud.acme_client.AcmeDriver`, over the ``acme``
+    """The account and order half of :class:`~inverse_cloud.certs.acme_client.AcmeDriver`, over the ``acme``
     library. Its blocking methods run in the driver's ACME threads (``run``), never on the event loop."""
 
     def __init__(self, cfg: AcmeConfig, domain: str, accounts: AccountStore, user_agent: str,

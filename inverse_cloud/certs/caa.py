@@ -21,7 +21,7 @@ from collections.abc import Sequence
 from concurrent.futures import Executor
 from dataclasses import dataclass
 
-from .config import LETSENCRYPT, LETSENCRYPT_STAGING
+from inverse_cloud.config import LETSENCRYPT, LETSENCRYPT_STAGING
 
 __all__ = [
     "STATES",

@@ -20,9 +20,9 @@ from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
 
-from . import config as config_mod
-from .config import Config
-from .errors import AcmeError
+from inverse_cloud import config as config_mod
+from inverse_cloud.config import Config
+from inverse_cloud.errors import AcmeError
 
 __all__ = ["add_commands", "serve_hook"]
 
@@ -38,7 +38,7 @@ def serve_hook(cfg: Config, supervisor: Any, server: Any) -> None:
     """Add the certificate manager to ``serve`` when ``[acme] enabled`` (default: when a relay is configured)."""
     if not cfg.acme.enabled:
         return
-    from .cert_manager import CertManager
+    from inverse_cloud.certs.manager import CertManager
 
     supervisor.add(CertManager(cfg, server))
 
@@ -84,10 +84,10 @@ def _disk_cert(cfg: Config) -> dict[str, Any] | None:
 
 def status_document(cfg: Config) -> dict[str, Any]:
     """What ``cert status`` shows, from the files only."""
-    from .acme_client import AccountStore
-    from .caa import issuer_domain_for, recommended_record
-    from .cert_manager import StateFiles
-    from .certs import next_attempt_at
+    from inverse_cloud.certs.acme_client import AccountStore
+    from inverse_cloud.certs.caa import issuer_domain_for, recommended_record
+    from inverse_cloud.certs.manager import StateFiles
+    from inverse_cloud.certs.policy import next_attempt_at
 
     files = StateFiles(cfg)
     state = files.load_state()
@@ -151,7 +151,7 @@ def cmd_status(args: argparse.Namespace) -> int:
 # --- renew ------------------------------------------------------------------------------------------
 
 def cmd_renew(args: argparse.Namespace) -> int:
-    from .cert_manager import StateFiles
+    from inverse_cloud.certs.manager import StateFiles
 
     cfg = _load(args)
     files = StateFiles(cfg)
@@ -165,7 +165,7 @@ def cmd_renew(args: argparse.Namespace) -> int:
 
 
 def _renew_via_server(cfg: Config, files: Any, pid: int, force: bool, timeout_s: float) -> int:
-    from .fsutil import atomic_write
+    from inverse_cloud.fsutil import atomic_write
 
     requested = dt.datetime.now(dt.UTC)
     atomic_write(files.request, json.dumps({"force": force, "at": requested.isoformat()}).encode(), mode=0o600)
@@ -207,10 +207,10 @@ async def _renew_standalone(cfg: Config, force: bool) -> int:
     """No server running: obtain/renew here, answering HTTP-01 on ``[server] http_listen`` meanwhile."""
     from aiohttp import web
 
-    from .cert_manager import CertManager
-    from .listeners import bind_socket
-    from .tls import CertStore, TLSManager
-    from .web import ChallengeStore, make_http_app
+    from inverse_cloud.certs.manager import CertManager
+    from inverse_cloud.certs.store import CertStore, TLSManager
+    from inverse_cloud.dav.listeners import bind_socket
+    from inverse_cloud.dav.web import ChallengeStore, make_http_app
 
     loop = asyncio.get_running_loop()
     loop.add_signal_handler(signal.SIGHUP, lambda: None)  # the lock file names us; a stray SIGHUP must not kill
@@ -249,8 +249,8 @@ async def _renew_standalone(cfg: Config, force: bool) -> int:
 # --- caa --------------------------------------------------------------------------------------------
 
 def cmd_caa(args: argparse.Namespace) -> int:
-    from .acme_client import AccountStore
-    from .caa import evaluate, issuer_domain_for, lookup_caa_sync, recommended_record
+    from inverse_cloud.certs.acme_client import AccountStore
+    from inverse_cloud.certs.caa import evaluate, issuer_domain_for, lookup_caa_sync, recommended_record
 
     cfg = _load(args)
     directory = cfg.acme.directory
@@ -279,8 +279,8 @@ def cmd_caa(args: argparse.Namespace) -> int:
 
 def _register_account(cfg: Config) -> str:
     """Register (or look up) the account for the persisted key, outside a running server."""
-    from .acme_client import AcmeDriver
-    from .cert_manager import StateFiles
+    from inverse_cloud.certs.acme_client import AcmeDriver
+    from inverse_cloud.certs.manager import StateFiles
 
     files = StateFiles(cfg)
     holder = files.holder()

@@ -36,10 +36,9 @@ from typing import Any
 
 from cryptography import x509
 
-from . import caa
-from .acme_client import AcmeDriver
-from .cert_probe import check_public_path, served_certificate_serial
-from .certs import (
+from inverse_cloud.certs import caa
+from inverse_cloud.certs.acme_client import AcmeDriver
+from inverse_cloud.certs.policy import (
     RenewalState,
     Validity,
     aware,
@@ -50,10 +49,11 @@ from .certs import (
     human_duration,
     next_attempt_at,
 )
-from .certs import ari_cert_id as _ari_cert_id
-from .config import Config
-from .errors import AcmeError, CertStoreError, ConfigError, InverseCloudError, RateLimited
-from .fsutil import atomic_write, ensure_private_dir
+from inverse_cloud.certs.policy import ari_cert_id as _ari_cert_id
+from inverse_cloud.certs.probe import check_public_path, served_certificate_serial
+from inverse_cloud.config import Config
+from inverse_cloud.errors import AcmeError, CertStoreError, ConfigError, InverseCloudError, RateLimited
+from inverse_cloud.fsutil import atomic_write, ensure_private_dir
 
 __all__ = ["CertManager", "StateFiles", "check_public_path", "served_certificate_serial"]
 

@@ -13,7 +13,7 @@ from typing import Any
 import aiohttp
 from cryptography import x509
 
-from .errors import CertStoreError
+from inverse_cloud.errors import CertStoreError
 
 __all__ = ["check_public_path", "served_certificate_serial"]
 

@@ -28,8 +28,8 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
-from .errors import CertStoreError
-from .fsutil import atomic_write, ensure_private_dir, fsync_dir
+from inverse_cloud.errors import CertStoreError
+from inverse_cloud.fsutil import atomic_write, ensure_private_dir, fsync_dir
 
 __all__ = ["CertInfo", "CertStore", "TLSManager", "make_self_signed", "server_context"]
 

@@ -15,7 +15,7 @@ from typing import Any
 from aiohttp import web
 from aiohttp.web_runner import BaseSite
 
-from .errors import StartupError
+from inverse_cloud.errors import StartupError
 
 __all__ = ["CappedSite", "bind_socket"]
 

@@ -11,7 +11,7 @@ import json
 import logging
 from typing import Any
 
-from .config import Config
+from inverse_cloud.config import Config
 
 __all__ = ["PREDEFINED_COLLECTIONS", "build_application", "radicale_options"]
 
@@ -76,7 +76,7 @@ def build_application(cfg: Config) -> Any:
     import radicale.app
     import radicale.config
 
-    from .errors import ConfigError
+    from inverse_cloud.errors import ConfigError
 
     configuration = radicale.config.load([])
     try:

@@ -11,11 +11,11 @@ from typing import Any
 from aiohttp import web
 from aiohttp.abc import AbstractAccessLogger
 
-from .config import Config
-from .listeners import CappedSite, bind_socket
-from .radicale_app import build_application
-from .tls import CertStore, TLSManager
-from .web import (
+from inverse_cloud.certs.store import CertStore, TLSManager
+from inverse_cloud.config import Config
+from inverse_cloud.dav.listeners import CappedSite, bind_socket
+from inverse_cloud.dav.radicale_app import build_application
+from inverse_cloud.dav.web import (
     ChallengeStore,
     PeerDirectory,
     StorageGuard,
@@ -24,7 +24,7 @@ from .web import (
     make_http_app,
     make_https_app,
 )
-from .wsgi import RadicaleBridge, WsgiResult
+from inverse_cloud.dav.wsgi import RadicaleBridge, WsgiResult
 
 __all__ = ["DavServer", "check_http_parser"]
 
@@ -35,7 +35,7 @@ def check_http_parser() -> None:
     """Refuse to run on aiohttp's lenient pure-Python parser (CVE-2023-47627, CVE-2024-23829)."""
     from aiohttp import http_parser
 
-    from .errors import StartupError
+    from inverse_cloud.errors import StartupError
 
     try:
         from aiohttp import _http_parser
@@ -57,7 +57,7 @@ MINIMUM_VERSIONS = {"aiohttp": (3, 14, 5), "asyncssh": (2, 14, 2)}
 def check_versions() -> None:
     from importlib.metadata import PackageNotFoundError, version
 
-    from .errors import StartupError
+    from inverse_cloud.errors import StartupError
 
     for name, minimum in MINIMUM_VERSIONS.items():
         try:

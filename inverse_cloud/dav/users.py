@@ -7,8 +7,8 @@ from pathlib import Path
 
 import bcrypt
 
-from .errors import UserError
-from .fsutil import atomic_write
+from inverse_cloud.errors import UserError
+from inverse_cloud.fsutil import atomic_write
 
 __all__ = ["add_user", "list_users", "remove_user", "set_password", "validate_username"]
 

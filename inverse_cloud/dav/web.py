@@ -19,8 +19,8 @@ from typing import Any
 from aiohttp import web
 from aiohttp.abc import AbstractAccessLogger
 
-from .fsutil import atomic_write
-from .wsgi import NOTE_KEY, WRITE_METHODS, RadicaleBridge, WsgiResult
+from inverse_cloud.dav.wsgi import NOTE_KEY, WRITE_METHODS, RadicaleBridge, WsgiResult
+from inverse_cloud.fsutil import atomic_write
 
 __all__ = [
     "AccessLogger",

@@ -32,10 +32,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from . import __version__
-from .config import Config
-from .errors import InverseCloudError
-from .fsutil import ensure_private_dir, fsync_dir
+from inverse_cloud import __version__
+from inverse_cloud.config import Config
+from inverse_cloud.errors import InverseCloudError
+from inverse_cloud.fsutil import ensure_private_dir, fsync_dir
 
 __all__ = ["BackupError", "ExportResult", "ImportResult", "export_backup", "import_backup", "store_items",
            "storage_lock"]
@@ -199,7 +199,7 @@ def _read_manifest(tar: tarfile.TarFile, src: Path) -> dict[str, Any]:
 
 
 def _server_running(cfg: Config) -> bool:
-    from .control import NotRunning, ask
+    from inverse_cloud.ops.control import NotRunning, ask
 
     try:
         ask(cfg.server.control_socket, "status", timeout_s=5)
@@ -220,7 +220,7 @@ def verify_store(cfg: Config) -> None:
     import radicale.config
     import radicale.storage
 
-    from .radicale_app import radicale_options
+    from inverse_cloud.dav.radicale_app import radicale_options
 
     configuration = radicale.config.load([])
     configuration.update(radicale_options(cfg), "inverse-cloud config", privileged=True)
@@ -249,7 +249,7 @@ def import_backup(src: Path, cfg: Config | None, *, config_path: Path, data_dir:
     :raises BackupError: the store holds items, a server is running, or the file is damaged; in each
         case nothing was changed.
     """
-    from . import config as config_mod
+    from inverse_cloud import config as config_mod
 
     src = src.expanduser()
     if not src.is_file():
@@ -353,7 +353,7 @@ def _write_config(text: str, config_path: Path, data_dir: Path, manifest: dict[s
     """The exported config with the data folder of this machine (its paths may differ)."""
     import re
 
-    from .fsutil import atomic_write
+    from inverse_cloud.fsutil import atomic_write
 
     old = str(manifest.get("data_dir", ""))
     text = re.sub(r'(?m)^data_dir\s*=.*$', f'data_dir = "{data_dir}"', text, count=1)

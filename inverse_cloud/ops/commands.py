@@ -18,9 +18,9 @@ import time
 from pathlib import Path
 from typing import Any
 
-from . import config as config_mod
-from .config import Config
-from .errors import ConfigError, UserError
+from inverse_cloud import config as config_mod
+from inverse_cloud.config import Config
+from inverse_cloud.errors import ConfigError, UserError
 
 __all__ = ["add_commands", "serve_hook"]
 
@@ -39,10 +39,10 @@ def _load(args: argparse.Namespace) -> Config:
 
 def serve_hook(cfg: Config, supervisor: Any, server: Any) -> None:
     """Add the phone page, the control socket and systemd notifications to ``serve``."""
-    from .control import ControlServer
-    from .phone import HomePage
-    from .status import SyncTracker, collect, snapshot
-    from .systemd import Notifier, SystemdComponent, short_summary
+    from inverse_cloud.ops.control import ControlServer
+    from inverse_cloud.ops.phone import HomePage
+    from inverse_cloud.ops.status import SyncTracker, collect, snapshot
+    from inverse_cloud.ops.systemd import Notifier, SystemdComponent, short_summary
 
     started_at = time.time()
     tracker = SyncTracker()
@@ -80,8 +80,8 @@ def serve_hook(cfg: Config, supervisor: Any, server: Any) -> None:
 # --- status -----------------------------------------------------------------------------------------
 
 def cmd_status(args: argparse.Namespace) -> int:
-    from .control import ControlError, NotRunning, ask
-    from .status import format_text
+    from inverse_cloud.ops.control import ControlError, NotRunning, ask
+    from inverse_cloud.ops.status import format_text
 
     cfg = _load(args)
     try:
@@ -105,8 +105,8 @@ def cmd_status(args: argparse.Namespace) -> int:
 # --- phone ------------------------------------------------------------------------------------------
 
 def cmd_phone(args: argparse.Namespace) -> int:
-    from . import users
-    from .phone import account, render_terminal
+    from inverse_cloud.dav import users
+    from inverse_cloud.ops.phone import account, render_terminal
 
     cfg = _load(args)
     known = users.list_users(cfg.server.htpasswd_path)
@@ -154,8 +154,8 @@ def _linger_hint() -> str:
 
 
 def cmd_service(args: argparse.Namespace) -> int:
-    from .fsutil import atomic_write
-    from .systemd import UNIT_NAME, render_unit, unit_path
+    from inverse_cloud.fsutil import atomic_write
+    from inverse_cloud.ops.systemd import UNIT_NAME, render_unit, unit_path
 
     path = Path(args.unit_dir) / UNIT_NAME if args.unit_dir else unit_path()
     manager = not args.no_systemctl and _user_manager_reachable()
@@ -210,7 +210,7 @@ def cmd_service(args: argparse.Namespace) -> int:
 # --- export / import --------------------------------------------------------------------------------
 
 def cmd_export(args: argparse.Namespace) -> int:
-    from .backup import export_backup
+    from inverse_cloud.ops.backup import export_backup
 
     cfg = _load(args)
     result = export_backup(cfg, Path(args.file))
@@ -222,7 +222,7 @@ def cmd_export(args: argparse.Namespace) -> int:
 
 
 def cmd_import(args: argparse.Namespace) -> int:
-    from .backup import import_backup
+    from inverse_cloud.ops.backup import import_backup
 
     path = _config_path(args)
     cfg = config_mod.load(path) if path.exists() else None
@@ -240,7 +240,7 @@ def cmd_import(args: argparse.Namespace) -> int:
 # --- doctor -----------------------------------------------------------------------------------------
 
 def cmd_doctor(args: argparse.Namespace) -> int:
-    from .doctor import DoctorOptions, format_report, parse_connect_to, parse_resolve, run_doctor
+    from inverse_cloud.ops.doctor import DoctorOptions, format_report, parse_connect_to, parse_resolve, run_doctor
 
     path = _config_path(args)
     try:

@@ -26,8 +26,8 @@ from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
-from .errors import InverseCloudError, StartupError
-from .fsutil import ensure_private_dir
+from inverse_cloud.errors import InverseCloudError, StartupError
+from inverse_cloud.fsutil import ensure_private_dir
 
 __all__ = ["ControlError", "ControlServer", "NotRunning", "ask", "ask_async"]
 

@@ -25,10 +25,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from . import config as config_mod
-from .config import Config
-from .errors import ConfigError
-from .netprobe import describe, dns_addresses, http_request, spki_sha256_of_cert
+from inverse_cloud import config as config_mod
+from inverse_cloud.config import Config
+from inverse_cloud.errors import ConfigError
+from inverse_cloud.ops.netprobe import describe, dns_addresses, http_request, spki_sha256_of_cert
 
 __all__ = ["Check", "DoctorOptions", "Report", "dns_records", "format_report", "parse_connect_to",
            "parse_resolve", "run_doctor"]
@@ -98,7 +98,7 @@ def parse_connect_to(items: list[str]) -> dict[tuple[str, int], tuple[str, int]]
 
 def dns_records(cfg: Config, relay_addrs: list[str], account_uri: str) -> list[str]:
     """The DNS records the user should have, as zone-file lines (pure)."""
-    from .caa import issuer_domain_for, recommended_record
+    from inverse_cloud.certs.caa import issuer_domain_for, recommended_record
 
     d = cfg.server.domain
     lines = []
@@ -300,7 +300,7 @@ async def check_relay(ctx: _Ctx) -> Check:
 
 
 async def check_running(ctx: _Ctx) -> Check:
-    from .control import ControlError, NotRunning, ask_async
+    from inverse_cloud.ops.control import ControlError, NotRunning, ask_async
 
     cfg = ctx.cfg
     assert cfg is not None
@@ -341,7 +341,7 @@ async def check_forwards(ctx: _Ctx) -> Check:
 
 
 async def check_public_http(ctx: _Ctx) -> Check:
-    from .control import ControlError, ask_async
+    from inverse_cloud.ops.control import ControlError, ask_async
 
     cfg = ctx.cfg
     assert cfg is not None
@@ -426,7 +426,7 @@ async def check_dav(ctx: _Ctx) -> Check:
 
 
 async def check_caa(ctx: _Ctx) -> Check:
-    from .caa import issuer_domain_for, lookup_caa, recommended_record
+    from inverse_cloud.certs.caa import issuer_domain_for, lookup_caa, recommended_record
 
     cfg = ctx.cfg
     assert cfg is not None

@@ -25,7 +25,7 @@ from urllib.parse import quote
 import bcrypt
 from aiohttp import web
 
-from .status import basic_user, collections_of
+from inverse_cloud.ops.status import basic_user, collections_of
 
 __all__ = ["Account", "HomePage", "HtpasswdChecker", "account", "render_html", "render_terminal"]
 

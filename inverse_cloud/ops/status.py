@@ -23,7 +23,7 @@ from typing import Any
 
 from cryptography.hazmat.primitives import serialization
 
-from . import __version__
+from inverse_cloud import __version__
 
 __all__ = ["SyncTracker", "assess", "collect", "collections_of", "format_text", "snapshot", "spki_sha256"]
 

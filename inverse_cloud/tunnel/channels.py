@@ -1,4 +1,4 @@
-"""Moving bytes for the tunnel (:mod:`inverse_cloud.tunnel`): the SSH socket with ``TCP_QUICKACK`` re-armed
+"""Moving bytes for the tunnel (:mod:`inverse_cloud.tunnel.link`): the SSH socket with ``TCP_QUICKACK`` re-armed
 after every read, and the pipe between one forwarded SSH channel and the loopback TCP connection to our
 listener (half-close and back-pressure both ways)."""
 

@@ -1,7 +1,7 @@
 """``inverse-cloud relay-setup`` and the tunnel component of ``serve`` (see cli.EXTENSIONS).
 
-relay-setup renders what the relay needs (:mod:`inverse_cloud.relay`), prints it or writes it (``--output``)
-or applies it over SSH as an admin (``--apply``), then fetches the relay's host key, shows its SHA256
+relay-setup renders what the relay needs (:mod:`inverse_cloud.tunnel.relay_files`), prints it or writes
+it (``--output``) or applies it over SSH as an admin (``--apply``), then fetches the relay's host key, shows its SHA256
 fingerprint for the user to confirm, and pins it in the config file (a one-line text edit).
 """
 
@@ -16,9 +16,9 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from . import relay
-from .config import Config, parse_user_host
-from .errors import ConfigError, HostKeyMismatch, InverseCloudError, TunnelError
+from inverse_cloud.config import Config, parse_user_host
+from inverse_cloud.errors import ConfigError, HostKeyMismatch, InverseCloudError, TunnelError
+from inverse_cloud.tunnel import relay_files as relay
 
 __all__ = ["add_commands", "fetch_host_key", "serve_hook", "set_config_value"]
 
@@ -53,7 +53,7 @@ def add_commands(sub: Any, common: argparse.ArgumentParser) -> None:
 def serve_hook(cfg: Config, supervisor: Any, server: Any) -> None:
     """Add the tunnel after the DAV server (so it starts after, and stops before, the listeners)."""
     if cfg.relay.enabled and cfg.relay.host:
-        from .tunnel import Tunnel
+        from inverse_cloud.tunnel.link import Tunnel
 
         supervisor.add(Tunnel(cfg, server))
 
@@ -153,7 +153,7 @@ def pin_host_key(cfg: Config, offered: str, *, yes: bool, accept_new: bool) -> b
         answer = input("Does it match `ssh-keygen -lf /etc/ssh/ssh_host_ed25519_key.pub` on the relay? [y/N] ")
         if answer.strip().lower() not in ("y", "yes"):
             raise ConfigError("host key not confirmed; nothing was pinned")
-    from .fsutil import atomic_write
+    from inverse_cloud.fsutil import atomic_write
 
     text = cfg.path.read_text(encoding="utf-8")
     atomic_write(cfg.path, set_config_value(text, "relay", "host_key", _toml_string(offered)).encode(), mode=0o600)
@@ -202,7 +202,7 @@ def apply_over_ssh(target: str, script: str) -> None:
 
 
 def cmd_relay_setup(args: argparse.Namespace) -> int:
-    from .cli import load_config
+    from inverse_cloud.cli import load_config
 
     cfg = load_config(args)
     if not cfg.relay.host:
@@ -213,7 +213,7 @@ def cmd_relay_setup(args: argparse.Namespace) -> int:
     spec = spec_for(cfg, args)
     files = relay.bundle(spec, args.nat)
     if args.output:
-        from .fsutil import atomic_write
+        from inverse_cloud.fsutil import atomic_write
 
         out = Path(args.output).expanduser()
         for name, content in files.items():

@@ -8,13 +8,13 @@
   after a takeover) retry slowly, with one clear line. The local listeners keep serving throughout.
 * A refused listen usually means the relay still holds the port for our previous, dead session (after a
   network change it keeps it until ClientAlive fires). We then end that session with the takeover key
-  (see :mod:`inverse_cloud.relay`) and reconnect at once.
+  (see :mod:`inverse_cloud.tunnel.relay_files`) and reconnect at once.
 * Each forwarded connection is handed to our listener over loopback TCP. The socket is bound first, so
-  its source port is known and registered with the DAV server's :class:`~inverse_cloud.web.PeerDirectory`
+  its source port is known and registered with the DAV server's :class:`~inverse_cloud.dav.web.PeerDirectory`
   (relay-seen client address -> REMOTE_ADDR, access log) before the first byte is sent.
 * ``TCP_QUICKACK`` is re-armed on the SSH socket after every read (Linux): otherwise a response of
   >= ~100 KB followed by the next request stalls ~40 ms (the relay's Nagle meets our delayed ACK).
-  The byte-moving pieces live in :mod:`inverse_cloud.tunnel_io`.
+  The byte-moving pieces live in :mod:`inverse_cloud.tunnel.channels`.
 """
 
 from __future__ import annotations
@@ -32,10 +32,10 @@ from typing import Any, Protocol
 
 import asyncssh
 
-from .config import Config
-from .errors import AuthRejected, ConfigError, ForwardRefused, HostKeyMismatch, TunnelError
-from .fsutil import check_private
-from .tunnel_io import ChannelEnd, LocalEnd, QuickAckConnector, quickack_supported
+from inverse_cloud.config import Config
+from inverse_cloud.errors import AuthRejected, ConfigError, ForwardRefused, HostKeyMismatch, TunnelError
+from inverse_cloud.fsutil import check_private
+from inverse_cloud.tunnel.channels import ChannelEnd, LocalEnd, QuickAckConnector, quickack_supported
 
 __all__ = [
     "BACKOFF_S",

@@ -125,7 +125,7 @@ class ServeProcess:
     ready_probe: Callable[[int], bool] | None = None
 
     def _ports(self) -> tuple[int, int]:
-        from .config import load
+        from inverse_cloud.config import load
 
         cfg = load(self.config)
         return cfg.server.https_listen[1], cfg.server.http_listen[1]

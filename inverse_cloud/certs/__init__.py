@@ -1,0 +1,1 @@
+"""Certificates: the on-disk store and hot swap, renewal policy (pure), ACME, CAA, the manager."""

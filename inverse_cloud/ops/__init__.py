@@ -1,0 +1,1 @@
+"""Living with it: status, doctor, the control socket, systemd, the phone page, backups."""
