@@ -4,189 +4,29 @@
 from __future__ import annotations
 
 import argparse
-import asyncio
-import getpass
-import importlib
 import logging
 import os
 import sys
-from collections.abc import Callable, Sequence
-from pathlib import Path
-from typing import Any
+from collections.abc import Sequence
 
 from inverse_cloud import __version__
 from inverse_cloud import config as config_mod
-from inverse_cloud.errors import ConfigError, InverseCloudError, StartupError, UserError
+from inverse_cloud.certs import commands as cert_commands
+from inverse_cloud.dav import commands as dav_commands
+from inverse_cloud.errors import ConfigError, InverseCloudError, StartupError
+from inverse_cloud.ops import commands as ops_commands
+from inverse_cloud.ops import init as init_cmd
+from inverse_cloud.tunnel import commands as tunnel_commands
 
 __all__ = ["main"]
 
 log = logging.getLogger("inverse_cloud")
 
-# Modules that add sub-commands of their own: each has ``add_commands(subparsers)``.
-EXTENSIONS: list[str] = ["inverse_cloud.tunnel.commands", "inverse_cloud.certs.commands", "inverse_cloud.ops.commands"]
+def _serve(args: argparse.Namespace) -> int:
+    # The composition root imports every component (aiohttp, Radicale, asyncssh): only ``serve`` pays for it.
+    from inverse_cloud import app
 
-Handler = Callable[[argparse.Namespace], int]
-
-
-def _config_path(args: argparse.Namespace) -> Path:
-    return Path(args.config).expanduser() if args.config else config_mod.default_config_path()
-
-
-def load_config(args: argparse.Namespace) -> config_mod.Config:
-    return config_mod.load(_config_path(args))
-
-
-# --- init -----------------------------------------------------------------------------------------
-
-def _ask(prompt: str, default: str, interactive: bool) -> str:
-    if not interactive:
-        return default
-    answer = input(f"{prompt} [{default}]: ").strip() if default else input(f"{prompt}: ").strip()
-    return answer or default
-
-
-def _read_password(args: argparse.Namespace, interactive: bool, user: str) -> str:
-    if args.password_file:
-        try:
-            return Path(args.password_file).read_text(encoding="utf-8").rstrip("\r\n")
-        except OSError as exc:
-            raise ConfigError(f"--password-file {args.password_file}: {exc.strerror}") from None
-    if not interactive or not sys.stdin.isatty():
-        raise ConfigError("no password: give --password-file FILE (or run on a terminal to be asked)")
-    first = getpass.getpass(f"Password for DAV user {user}: ")
-    if first != getpass.getpass("Again: "):
-        raise UserError("passwords differ; nothing was changed")
-    return first
-
-
-def generate_ssh_key(path: Path, comment: str) -> bool:
-    """Create an ed25519 key (0600 in a 0700 directory) unless one exists. True if created."""
-    import asyncssh
-
-    from inverse_cloud.fsutil import atomic_write, ensure_private_dir
-
-    if path.exists():
-        return False
-    ensure_private_dir(path.parent)
-    key = asyncssh.generate_private_key("ssh-ed25519", comment=comment)
-    atomic_write(path, key.export_private_key("openssh"), mode=0o600)
-    atomic_write(path.with_suffix(".pub"), key.export_public_key("openssh"), mode=0o644)
-    return True
-
-
-def cmd_init(args: argparse.Namespace) -> int:
-    from inverse_cloud.dav import users
-    from inverse_cloud.fsutil import atomic_write, ensure_private_dir
-
-    interactive = not args.non_interactive
-    cfg_path = _config_path(args)
-    if cfg_path.exists() and not args.force:
-        raise ConfigError(f"{cfg_path} already exists; nothing was changed (edit it, or pass --force to "
-                          "write a new one)")
-    domain = args.domain or _ask("Domain phones will use (e.g. contacts.example.org)", "", interactive)
-    if not domain:
-        raise ConfigError("no domain: give --domain NAME")
-    data_dir = Path(args.data_dir).expanduser() if args.data_dir else config_mod.default_data_dir()
-    relay_text = args.relay if args.relay is not None else _ask(
-        "Relay as USER@HOST[:PORT] (empty: no relay for now)", "", interactive)
-    relay_user, relay_host, relay_port = (
-        config_mod.parse_user_host(relay_text, "--relay", "inverse-cloud") if relay_text else ("inverse-cloud", "", 22))
-    email = args.acme_email if args.acme_email is not None else _ask(
-        "E-mail for Let's Encrypt expiry notices (optional)", "", interactive)
-    user = args.user or _ask("First DAV user name", getpass.getuser(), interactive)
-    users.validate_username(user)
-    password = _read_password(args, interactive, user)
-
-    template = (Path(__file__).parent / "templates" / "config.toml.in").read_text(encoding="utf-8")
-    text = template.format(
-        domain=domain, https_listen=args.https_listen, http_listen=args.http_listen, data_dir=data_dir,
-        relay_host=relay_host, relay_port=relay_port, relay_user=relay_user, relay_host_key="",
-        acme_email=email)
-    for key, value in (("directory", args.acme_directory), ("ca_bundle", args.acme_ca_bundle)):
-        if value:
-            text = text.replace(f'# {key} = ', f'{key} = "{value}"  # was: ', 1)
-    if args.state_dir:
-        text = text.replace('# state_dir = "~/.local/state/inverse-cloud"', f'state_dir = "{args.state_dir}"')
-    # Check what we are about to write with the same loader serve uses.
-    cfg = config_mod.loads(text, cfg_path)
-    ensure_private_dir(cfg_path.parent)
-    ensure_private_dir(data_dir)
-    ensure_private_dir(cfg.server.state_dir)
-    cfg.server.storage_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
-    if cfg.server.htpasswd_path.exists() and user in users.list_users(cfg.server.htpasswd_path):
-        users.set_password(cfg.server.htpasswd_path, user, password)
-    else:
-        users.add_user(cfg.server.htpasswd_path, user, password)
-    made_key = generate_ssh_key(cfg.relay.key_file, f"inverse-cloud tunnel {domain}")
-    generate_ssh_key(cfg.relay.takeover_key_file, f"inverse-cloud takeover {domain}")
-    atomic_write(cfg_path, text.encode("utf-8"), mode=0o600)
-    print(f"wrote {cfg_path}")
-    print(f"data in {data_dir} (DAV user {user!r} created)")
-    if made_key:
-        print(f"SSH key for the relay: {cfg.relay.key_file}.pub")
-    if relay_host:
-        print(f"next: inverse-cloud relay-setup   (prepares {relay_user}@{relay_host} and pins its host key)")
-    else:
-        print("next: inverse-cloud serve   (local only; add [relay] host later for phones outside this network)")
-    return 0
-
-
-# --- user -------------------------------------------------------------------------------------------
-
-def cmd_user(args: argparse.Namespace) -> int:
-    from inverse_cloud.dav import users
-
-    cfg = load_config(args)
-    path = cfg.server.htpasswd_path
-    if args.action == "list":
-        for name in users.list_users(path):
-            print(name)
-        return 0
-    if args.action == "remove":
-        users.remove_user(path, args.name)
-        print(f"removed user {args.name!r} (their data stays in {cfg.server.storage_dir / 'collection-root'})")
-        return 0
-    users.validate_username(args.name)
-    password = _read_password(args, True, args.name)
-    if args.action == "add":
-        users.add_user(path, args.name, password)
-        print(f"added user {args.name!r}")
-    else:
-        users.set_password(path, args.name, password)
-        print(f"changed the password of {args.name!r}")
-    return 0
-
-
-# --- serve ------------------------------------------------------------------------------------------
-
-def build_supervisor(cfg: config_mod.Config) -> Any:
-    """Assemble the components in start order. Extensions plug in through ``SERVE_HOOKS``."""
-    from inverse_cloud.dav.server import DavServer
-    from inverse_cloud.supervisor import Supervisor
-
-    sup = Supervisor()
-    server = DavServer(cfg, public_https_port=443)
-    sup.add(server)
-    for name in EXTENSIONS:
-        hook = getattr(importlib.import_module(name), "serve_hook", None)
-        if hook is not None:
-            hook(cfg, sup, server)
-    return sup
-
-
-def cmd_serve(args: argparse.Namespace) -> int:
-    from inverse_cloud import log as log_mod
-
-    cfg = load_config(args)
-    log_mod.setup(args.log_level or cfg.server.log_level)
-    sup = build_supervisor(cfg)
-    try:
-        asyncio.run(sup.run())
-    except (StartupError, ConfigError):
-        raise
-    except InverseCloudError as exc:
-        raise StartupError(str(exc)) from exc
-    return 0
+    return app.cmd_serve(args)
 
 
 # --- parser -----------------------------------------------------------------------------------------
@@ -201,34 +41,14 @@ def build_parser() -> argparse.ArgumentParser:
                         help=f"config file (default: {config_mod.default_config_path()})")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    p = sub.add_parser("init", parents=[common], help="create the config, the data folder and a first user")
-    p.add_argument("--data-dir", metavar="DIR")
-    p.add_argument("--state-dir", metavar="DIR")
-    p.add_argument("--domain", metavar="NAME")
-    p.add_argument("--user", metavar="NAME")
-    p.add_argument("--password-file", metavar="FILE")
-    p.add_argument("--https-listen", metavar="HOST:PORT", default="127.0.0.1:8443")
-    p.add_argument("--http-listen", metavar="HOST:PORT", default="127.0.0.1:8080")
-    p.add_argument("--relay", metavar="USER@HOST[:PORT]")
-    p.add_argument("--acme-email", metavar="EMAIL")
-    p.add_argument("--acme-directory", metavar="URL")
-    p.add_argument("--acme-ca-bundle", metavar="FILE")
-    p.add_argument("--non-interactive", action="store_true", help="never ask; fail on what is missing")
-    p.add_argument("--force", action="store_true", help="overwrite an existing config file")
-    p.set_defaults(func=cmd_init)
-
-    p = sub.add_parser("user", parents=[common], help="manage DAV users")
-    p.add_argument("action", choices=["add", "remove", "passwd", "list"])
-    p.add_argument("name", nargs="?", default="")
-    p.add_argument("--password-file", metavar="FILE")
-    p.set_defaults(func=cmd_user)
-
+    # Each area contributes its own commands, in the order `--help` lists them.
+    init_cmd.add_commands(sub, common)
+    dav_commands.add_commands(sub, common)
     p = sub.add_parser("serve", parents=[common], help="run the server (and tunnel, and certificates)")
     p.add_argument("--log-level", choices=["debug", "info", "warning", "error"])
-    p.set_defaults(func=cmd_serve)
-
-    for name in EXTENSIONS:
-        importlib.import_module(name).add_commands(sub, common)
+    p.set_defaults(func=_serve)
+    for area in (tunnel_commands, cert_commands, ops_commands):
+        area.add_commands(sub, common)
     return parser
 
 

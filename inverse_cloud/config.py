@@ -11,16 +11,32 @@ Unknown keys get a "did you mean" from :func:`difflib.get_close_matches`.
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import difflib
 import os
 import re
 import tomllib
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from inverse_cloud.config_checks import (
+    Checker,
+    _bool,
+    _choice,
+    _domain,
+    _float_range,
+    _host_key,
+    _hostport,
+    _int_range,
+    _nonempty,
+    _opt_hostport,
+    _path,
+    _str,
+    parse_hostport,
+)
 from inverse_cloud.errors import ConfigError
 
 __all__ = [
@@ -28,7 +44,9 @@ __all__ = [
     "Config",
     "RelayConfig",
     "ServerConfig",
+    "config_path",
     "default_config_path",
+    "load_config",
     "default_data_dir",
     "default_state_dir",
     "load",
@@ -74,18 +92,6 @@ def parse_user_host(text: str, flag: str, default_user: str | None = None) -> tu
     if not user or not host:
         raise ConfigError(f"{flag} {text}: expected USER@HOST[:PORT]")
     return user, host, port
-
-
-def parse_hostport(text: str) -> tuple[str, int]:
-    """``"127.0.0.1:8443"`` or ``"[::1]:8443"`` -> (host, port). Raises ValueError."""
-    m = re.fullmatch(r"\[([0-9a-fA-F:.]+)\]:(\d+)|([^:\[\]]+):(\d+)", text.strip())
-    if not m:
-        raise ValueError("expected HOST:PORT, e.g. 127.0.0.1:8443")
-    host = m.group(1) or m.group(3)
-    port = int(m.group(2) or m.group(4))
-    if not 0 <= port <= 65535:
-        raise ValueError("port must be 0-65535")
-    return host, port
 
 
 @dataclass(frozen=True)
@@ -171,79 +177,6 @@ class Config:
 # Defaults and their reasons live in config.example.toml next to each option.
 
 _REQUIRED = object()
-Checker = Callable[[Any], Any]
-
-
-def _str(v: Any) -> str:
-    if not isinstance(v, str):
-        raise ValueError("expected a string")
-    return v
-
-
-def _nonempty(v: Any) -> str:
-    s = _str(v).strip()
-    if not s:
-        raise ValueError("expected a non-empty string")
-    return s
-
-
-def _domain(v: Any) -> str:
-    s = _nonempty(v).lower().rstrip(".")
-    if not re.fullmatch(r"(?=.{1,253}$)([a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?\.)*[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?", s):
-        raise ValueError("expected a DNS name such as contacts.example.org")
-    return s
-
-
-def _bool(v: Any) -> bool:
-    if not isinstance(v, bool):
-        raise ValueError("expected true or false")
-    return v
-
-
-def _int_range(lo: int, hi: int) -> Checker:
-    def check(v: Any) -> int:
-        if isinstance(v, bool) or not isinstance(v, int) or not lo <= v <= hi:
-            raise ValueError(f"expected an integer {lo}-{hi}")
-        return v
-
-    return check
-
-
-def _float_range(lo: float, hi: float) -> Checker:
-    def check(v: Any) -> float:
-        if isinstance(v, bool) or not isinstance(v, int | float) or not lo <= v <= hi:
-            raise ValueError(f"expected a number {lo:g}-{hi:g}")
-        return float(v)
-
-    return check
-
-
-def _hostport(v: Any) -> tuple[str, int]:
-    return parse_hostport(_str(v))
-
-
-def _opt_hostport(v: Any) -> tuple[str, int] | None:
-    return parse_hostport(v) if _str(v).strip() else None
-
-
-def _path(v: Any) -> Path:
-    return Path(os.path.expanduser(_nonempty(v)))
-
-
-def _choice(*choices: str) -> Checker:
-    def check(v: Any) -> str:
-        if v not in choices:
-            raise ValueError("expected one of " + ", ".join(f'"{c}"' for c in choices))
-        return str(v)
-
-    return check
-
-
-def _host_key(v: Any) -> str:
-    s = _str(v).strip()
-    if s and not re.fullmatch(r"(ssh-ed25519|ecdsa-sha2-nistp\d+|ssh-rsa|rsa-sha2-\d+) [A-Za-z0-9+/=]+", s):
-        raise ValueError('expected an OpenSSH public key line such as "ssh-ed25519 AAAAC3..."')
-    return s
 
 
 SCHEMA: dict[str, dict[str, tuple[Checker, Any]]] = {
@@ -491,3 +424,17 @@ def _build(path: Path | None, v: dict[str, dict[str, Any]], radicale_extra: dict
 def replace_server(cfg: Config, **changes: Any) -> Config:
     """A copy of ``cfg`` with some [server] fields changed (tests and flags)."""
     return dataclasses.replace(cfg, server=dataclasses.replace(cfg.server, **changes))
+
+
+def config_path(args: argparse.Namespace) -> Path:
+    """The config file a command was given (``--config``), else :func:`default_config_path`."""
+    given = getattr(args, "config", None)
+    return Path(given).expanduser() if given else default_config_path()
+
+
+def load_config(args: argparse.Namespace) -> Config:
+    """:func:`load` the config file a command was given.
+
+    :raises ConfigError: the file is missing or wrong (the message names file, line, key and expectation).
+    """
+    return load(config_path(args))

@@ -15,6 +15,7 @@ import aiohttp
 import pytest
 from aiohttp import web
 
+from inverse_cloud.dav.environ import build_environ, valid_basic_auth
 from inverse_cloud.dav.web import (
     ChallengeStore,
     FailedLoginDigest,
@@ -26,7 +27,7 @@ from inverse_cloud.dav.web import (
     make_https_app,
     redirect_target,
 )
-from inverse_cloud.dav.wsgi import RadicaleBridge, WsgiResult, build_environ, valid_basic_auth
+from inverse_cloud.dav.wsgi import RadicaleBridge, WsgiResult
 
 BASIC_ALICE = "Basic YWxpY2U6Y29ycmVjdCBob3JzZQ=="  # alice:correct horse
 
@@ -459,7 +460,7 @@ async def test_real_radicale_hrefs_carry_the_script_name(tmp_path):
 ])
 def test_server_address_is_what_the_client_addressed(host, expected):
     """SERVER_PORT comes from the Host header (default 443), not from the local listening port."""
-    from inverse_cloud.dav.wsgi import server_address
+    from inverse_cloud.dav.environ import server_address
 
     assert server_address(host) == expected
 
@@ -484,7 +485,7 @@ DEEP = b'<propfind xmlns="DAV:">' + b"<a>" * 100_000 + b"</a>" * 100_000 + b"</p
 def test_xml_problem(body, problem):
     import io
 
-    from inverse_cloud.dav.wsgi import xml_problem
+    from inverse_cloud.dav.environ import xml_problem
 
     found = xml_problem(io.BytesIO(body))
     assert (found is None) if problem is None else (problem in (found or "")), found

@@ -26,7 +26,7 @@ from cryptography import x509
 from josepy import jwa, jwk
 from josepy.json_util import field as jose_field
 
-from inverse_cloud.certs.acme_client import (
+from inverse_cloud.certs.acme_base import (
     FIRST_POLL_S,
     MAX_POLL_S,
     NETWORK_TIMEOUT_S,

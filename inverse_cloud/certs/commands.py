@@ -1,4 +1,4 @@
-"""``inverse-cloud cert status | renew [--force] | caa`` and the certificate manager in ``serve``.
+"""``inverse-cloud cert status | renew [--force] | caa``.
 
 ``cert status`` reads the files (certificate store, renewal state, account), so it works whether or not the
 server runs. ``cert renew`` asks a running server (request file + SIGHUP to the pid in the manager's lock
@@ -16,31 +16,30 @@ import os
 import signal
 import sys
 import time
-from pathlib import Path
-from types import SimpleNamespace
-from typing import Any
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
 
 from inverse_cloud import config as config_mod
 from inverse_cloud.config import Config
 from inverse_cloud.errors import AcmeError
 
-__all__ = ["add_commands", "serve_hook"]
+__all__ = ["add_commands"]
 
 RENEW_WAIT_S = 300.0
 
+if TYPE_CHECKING:
+    from inverse_cloud.certs.store import TLSManager
+    from inverse_cloud.dav.web import ChallengeStore
 
-def _load(args: argparse.Namespace) -> Config:
-    path = Path(args.config).expanduser() if args.config else config_mod.default_config_path()
-    return config_mod.load(path)
 
+@dataclass
+class _StandaloneTarget:
+    """``cert renew`` with no server running: challenges on a temporary listener, the served certificate
+    not checked by a handshake (https_port 0)."""
 
-def serve_hook(cfg: Config, supervisor: Any, server: Any) -> None:
-    """Add the certificate manager to ``serve`` when ``[acme] enabled`` (default: when a relay is configured)."""
-    if not cfg.acme.enabled:
-        return
-    from inverse_cloud.certs.manager import CertManager
-
-    supervisor.add(CertManager(cfg, server))
+    challenges: ChallengeStore
+    tls: TLSManager
+    https_port: int = 0
 
 
 def add_commands(sub: Any, common: argparse.ArgumentParser) -> None:
@@ -116,7 +115,7 @@ def status_document(cfg: Config) -> dict[str, Any]:
 
 
 def cmd_status(args: argparse.Namespace) -> int:
-    cfg = _load(args)
+    cfg = config_mod.load_config(args)
     doc = status_document(cfg)
     if args.json:
         print(json.dumps(doc, indent=1))
@@ -153,7 +152,7 @@ def cmd_status(args: argparse.Namespace) -> int:
 def cmd_renew(args: argparse.Namespace) -> int:
     from inverse_cloud.certs.manager import StateFiles
 
-    cfg = _load(args)
+    cfg = config_mod.load_config(args)
     files = StateFiles(cfg)
     holder = files.holder()
     if holder is not None and holder[1] != "serve":
@@ -222,7 +221,7 @@ async def _renew_standalone(cfg: Config, force: bool) -> int:
     await runner.setup()
     site = web.SockSite(runner, sock)
     await site.start()
-    server = SimpleNamespace(challenges=challenges, tls=tls, https_port=0)
+    server = _StandaloneTarget(challenges, tls)
     manager = CertManager(cfg, server)
     files = manager.files
     try:
@@ -252,7 +251,7 @@ def cmd_caa(args: argparse.Namespace) -> int:
     from inverse_cloud.certs.acme_client import AccountStore
     from inverse_cloud.certs.caa import evaluate, issuer_domain_for, lookup_caa_sync, recommended_record
 
-    cfg = _load(args)
+    cfg = config_mod.load_config(args)
     directory = cfg.acme.directory
     account = AccountStore(cfg.acme.account_dir).account_uri(directory)
     if not account:

@@ -24,7 +24,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import datetime as dt
-import fcntl
 import json
 import logging
 import os
@@ -32,7 +31,7 @@ import random
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any
+from typing import Any, Protocol
 
 from cryptography import x509
 
@@ -51,73 +50,18 @@ from inverse_cloud.certs.policy import (
 )
 from inverse_cloud.certs.policy import ari_cert_id as _ari_cert_id
 from inverse_cloud.certs.probe import check_public_path, served_certificate_serial
+from inverse_cloud.certs.state import StateFiles
+from inverse_cloud.certs.store import TLSManager
 from inverse_cloud.config import Config
 from inverse_cloud.errors import AcmeError, CertStoreError, ConfigError, InverseCloudError, RateLimited
-from inverse_cloud.fsutil import atomic_write, ensure_private_dir
 
-__all__ = ["CertManager", "StateFiles", "check_public_path", "served_certificate_serial"]
+__all__ = ["CertManager", "CertTarget", "ChallengeAnswers", "StateFiles", "check_public_path",
+           "served_certificate_serial"]
 
 log = logging.getLogger(__name__)
 
 JUMP_TOLERANCE_S = 30.0      # wall vs monotonic drift beyond this is a suspend/resume or a clock change
 CAA_INTERVAL_S = 86400.0     # the issue: "once a day"
-
-
-class StateFiles:
-    """Paths under ``[server] state_dir`` shared by the component and ``inverse-cloud cert``."""
-
-    def __init__(self, cfg: Config) -> None:
-        root = cfg.server.state_dir
-        self.root = root
-        self.state = root / "acme-state.json"
-        self.lock = root / "acme.lock"
-        self.request = root / "acme-renew-request.json"
-
-    def load_state(self) -> RenewalState:
-        try:
-            return RenewalState.from_json(self.state.read_text(encoding="utf-8"))
-        except FileNotFoundError:
-            return RenewalState()
-        except (OSError, ValueError) as exc:
-            log.warning("renewal state %s unreadable (%s); starting with a clean failure history", self.state, exc)
-            return RenewalState()
-
-    def save_state(self, state: RenewalState) -> None:
-        ensure_private_dir(self.root)
-        atomic_write(self.state, state.to_json().encode(), mode=0o600)
-
-    def try_lock(self, role: str = "serve") -> int | None:
-        """Take the manager lock (fd) or None if another process holds it. The file says who holds it."""
-        ensure_private_dir(self.root)
-        fd = os.open(self.lock, os.O_RDWR | os.O_CREAT, 0o600)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            os.close(fd)
-            return None
-        os.ftruncate(fd, 0)
-        os.write(fd, f"{os.getpid()} {role}\n".encode())
-        return fd
-
-    def holder(self) -> tuple[int, str] | None:
-        """(pid, role) of the process holding the lock ("serve" or "cli"), or None when nobody does."""
-        if not self.lock.exists():
-            return None
-        fd = os.open(self.lock, os.O_RDWR)
-        try:
-            try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except BlockingIOError:
-                pass
-            else:
-                return None
-        finally:
-            os.close(fd)
-        try:
-            pid, _, role = self.lock.read_text().strip().partition(" ")
-            return int(pid), role or "serve"
-        except (OSError, ValueError):
-            return (0, "serve")
 
 
 def utc(ts: float) -> dt.datetime:
@@ -128,13 +72,35 @@ def _fmt(t: dt.datetime | None) -> str:
     return t.astimezone(dt.UTC).strftime("%Y-%m-%d %H:%M:%S UTC") if t else "-"
 
 
+class ChallengeAnswers(Protocol):
+    """Where HTTP-01 answers are published: the HTTP listener's challenge store."""
+
+    def set(self, token: str, key_authorization: str) -> None: ...
+
+    def remove(self, token: str) -> None: ...
+
+
+class CertTarget(Protocol):
+    """What the manager serves certificates through: the DAV server, or ``cert renew``'s stand-alone
+    listener. ``https_port`` 0 means: do not verify the served certificate with a fresh handshake."""
+
+    @property
+    def challenges(self) -> ChallengeAnswers: ...
+
+    @property
+    def tls(self) -> TLSManager: ...
+
+    @property
+    def https_port(self) -> int: ...
+
+
 class CertManager:
     """Supervisor component. ``server`` provides ``challenges``, ``tls`` (TLSManager) and ``https_port``
     (0: do not verify the served certificate, e.g. a stand-alone ``cert renew``)."""
 
     name = "cert-manager"
 
-    def __init__(self, cfg: Config, server: Any, *, driver: AcmeDriver | None = None,
+    def __init__(self, cfg: Config, server: CertTarget, *, driver: AcmeDriver | None = None,
                  clock: Callable[[], float] = time.time, monotonic: Callable[[], float] = time.monotonic,
                  rng: Callable[[], float] = random.random) -> None:
         self.cfg = cfg
@@ -341,6 +307,8 @@ class CertManager:
                 s.ari_serial == validity.serial_hex and s.ari_next_fetch and now < s.ari_next_fetch):
             return
         info = self.server.tls.info
+        if info is None:   # nothing served yet: nothing to ask renewal information about
+            return
         try:
             if self._ari_offered is None:
                 self._ari_offered = await self.driver.supports_ari()
@@ -402,6 +370,7 @@ class CertManager:
                 await self._fail(f"the new certificate could not be put in service: {exc}", "ca", validity)
                 return
             info = self.server.tls.info
+            assert info is not None   # _install() just set it
             nonces = getattr(self.driver, "bad_nonces", 0) - nonces_before
             log.info("certificate %s: serial %x valid until %s; %s (%.2f s%s)",
                      "obtained" if action == "obtain" else "renewed", serial, _fmt(aware(info.not_after)),
@@ -424,9 +393,11 @@ class CertManager:
             self._busy = False
 
     async def _cert_id(self) -> str:
+        info = self.server.tls.info
+        if info is None:
+            return ""
         try:
-            pem = await asyncio.get_running_loop().run_in_executor(
-                None, (self.server.tls.info.path / "fullchain.pem").read_bytes)
+            pem = await asyncio.get_running_loop().run_in_executor(None, (info.path / "fullchain.pem").read_bytes)
             return _ari_cert_id(x509.load_pem_x509_certificates(pem)[0])
         except (OSError, ValueError):
             return ""

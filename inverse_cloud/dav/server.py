@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable, Sequence
 from typing import Any
 
 from aiohttp import web
@@ -26,7 +26,12 @@ from inverse_cloud.dav.web import (
 )
 from inverse_cloud.dav.wsgi import RadicaleBridge, WsgiResult
 
-__all__ = ["DavServer", "check_http_parser"]
+__all__ = ["DavServer", "HomeHandler", "ResponseHook", "check_http_parser"]
+
+# The page served at https://HOST/ for GET/HEAD (everything else there redirects to /radicale/).
+HomeHandler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+# Told about every answer Radicale gave (status reporting keeps the last sync per client).
+ResponseHook = Callable[[web.Request, WsgiResult], None]
 
 log = logging.getLogger(__name__)
 
@@ -93,7 +98,8 @@ class DavServer:
 
     name = "dav-server"
 
-    def __init__(self, cfg: Config, *, public_https_port: int = 443) -> None:
+    def __init__(self, cfg: Config, *, public_https_port: int = 443, home_handler: HomeHandler | None = None,
+                 response_hooks: Sequence[ResponseHook] = ()) -> None:
         self.cfg = cfg
         s = cfg.server
         self.challenges = ChallengeStore()
@@ -107,9 +113,10 @@ class DavServer:
         self._access_log_class: type[AbstractAccessLogger] | None = None
         self.https_port = 0
         self.http_port = 0
-        self.home_handler: Any = None
+        # The page at https://HOST/ (the phone page); None: / redirects to /radicale/.
+        self.home_handler = home_handler
         # Called after every Radicale response (status reporting records the last sync per client).
-        self.response_hooks: list[Callable[[web.Request, WsgiResult], None]] = []
+        self.response_hooks: tuple[ResponseHook, ...] = tuple(response_hooks)
 
     async def start(self) -> None:
         s = self.cfg.server

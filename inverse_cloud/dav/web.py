@@ -19,7 +19,8 @@ from typing import Any
 from aiohttp import web
 from aiohttp.abc import AbstractAccessLogger
 
-from inverse_cloud.dav.wsgi import NOTE_KEY, WRITE_METHODS, RadicaleBridge, WsgiResult
+from inverse_cloud.dav.environ import WRITE_METHODS
+from inverse_cloud.dav.wsgi import NOTE_KEY, RadicaleBridge, WsgiResult
 from inverse_cloud.fsutil import atomic_write
 
 __all__ = [

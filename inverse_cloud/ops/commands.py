@@ -1,5 +1,5 @@
-"""Living with it: ``status``, ``doctor``, ``phone``, ``service``, ``export``/``import``, and the
-serve-time pieces behind them (control socket, systemd notifications, the phone page).
+"""Living with it: ``status``, ``doctor``, ``phone``, ``service``, ``export``/``import`` (and ``init``, from
+:mod:`inverse_cloud.ops.init`).
 
 Exit codes of ``status`` and ``doctor``: 0 healthy, 1 degraded (or a link is broken), 2 not running /
 bad configuration.
@@ -10,72 +10,16 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import secrets
 import shutil
 import subprocess
 import sys
-import time
 from pathlib import Path
 from typing import Any
 
 from inverse_cloud import config as config_mod
-from inverse_cloud.config import Config
 from inverse_cloud.errors import ConfigError, UserError
 
-__all__ = ["add_commands", "serve_hook"]
-
-PROBE_TTL_S = 60.0
-
-
-def _config_path(args: argparse.Namespace) -> Path:
-    return Path(args.config).expanduser() if args.config else config_mod.default_config_path()
-
-
-def _load(args: argparse.Namespace) -> Config:
-    return config_mod.load(_config_path(args))
-
-
-# --- serve ------------------------------------------------------------------------------------------
-
-def serve_hook(cfg: Config, supervisor: Any, server: Any) -> None:
-    """Add the phone page, the control socket and systemd notifications to ``serve``."""
-    from inverse_cloud.ops.control import ControlServer
-    from inverse_cloud.ops.phone import HomePage
-    from inverse_cloud.ops.status import SyncTracker, collect, snapshot
-    from inverse_cloud.ops.systemd import Notifier, SystemdComponent, short_summary
-
-    started_at = time.time()
-    tracker = SyncTracker()
-    server.response_hooks.append(tracker.note)
-    page = HomePage(cfg.server.domain, cfg.server.htpasswd_path, cfg.server.storage_dir,
-                    auth_delay_s=cfg.server.auth_delay_s)
-    server.home_handler = page  # read by DavServer.start(), which runs after this hook
-    supervisor.add(page)
-
-    control = ControlServer(cfg.server.control_socket)
-
-    async def status_cmd(_request: dict[str, Any]) -> Any:
-        return await collect(cfg, server, supervisor.components, tracker, started_at)
-
-    async def probe_cmd(_request: dict[str, Any]) -> Any:
-        # doctor's "does public HTTP reach this process" test: a random token we serve for a minute.
-        # The token and its answer are chosen here, so the socket cannot be used to publish content.
-        token = "inverse-cloud-probe-" + secrets.token_urlsafe(18)
-        value = secrets.token_urlsafe(32)
-        server.challenges.set(token, value)
-        asyncio.get_running_loop().call_later(PROBE_TTL_S, server.challenges.remove, token)
-        return {"token": token, "value": value, "expires_in_s": PROBE_TTL_S}
-
-    control.register("status", status_cmd)
-    control.register("probe", probe_cmd)
-    supervisor.add(control)
-
-    sd = SystemdComponent(Notifier(), lambda: short_summary(
-        snapshot(cfg, server, supervisor.components, tracker, started_at)))
-    supervisor.add(sd)
-    supervisor.on_ready.append(sd.ready)
-    supervisor.on_stopping.append(sd.stopping)
-
+__all__ = ["add_commands"]
 
 # --- status -----------------------------------------------------------------------------------------
 
@@ -83,7 +27,7 @@ def cmd_status(args: argparse.Namespace) -> int:
     from inverse_cloud.ops.control import ControlError, NotRunning, ask
     from inverse_cloud.ops.status import format_text
 
-    cfg = _load(args)
+    cfg = config_mod.load_config(args)
     try:
         doc = ask(cfg.server.control_socket, "status", timeout_s=args.timeout)
     except NotRunning as exc:
@@ -108,7 +52,7 @@ def cmd_phone(args: argparse.Namespace) -> int:
     from inverse_cloud.dav import users
     from inverse_cloud.ops.phone import account, render_terminal
 
-    cfg = _load(args)
+    cfg = config_mod.load_config(args)
     known = users.list_users(cfg.server.htpasswd_path)
     user = args.user or (known[0] if known else "")
     if not user:
@@ -164,7 +108,7 @@ def cmd_service(args: argparse.Namespace) -> int:
         return subprocess.run(["systemctl", "--user", *argv], timeout=60).returncode
 
     if args.action == "install":
-        cfg = _load(args)  # refuse to install a unit for a config that does not load
+        cfg = config_mod.load_config(args)  # refuse to install a unit for a config that does not load
         assert cfg.path is not None
         text = render_unit(cfg.path.absolute(), python=sys.executable, stop_timeout_s=cfg.server.shutdown_timeout_s)
         atomic_write(path, text.encode("utf-8"), mode=0o644)
@@ -212,7 +156,7 @@ def cmd_service(args: argparse.Namespace) -> int:
 def cmd_export(args: argparse.Namespace) -> int:
     from inverse_cloud.ops.backup import export_backup
 
-    cfg = _load(args)
+    cfg = config_mod.load_config(args)
     result = export_backup(cfg, Path(args.file))
     print(f"wrote {result.path} ({result.files} files, {result.items} items, {result.bytes} bytes; storage "
           f"locked for {result.locked_s * 1000:.0f} ms)")
@@ -224,7 +168,7 @@ def cmd_export(args: argparse.Namespace) -> int:
 def cmd_import(args: argparse.Namespace) -> int:
     from inverse_cloud.ops.backup import import_backup
 
-    path = _config_path(args)
+    path = config_mod.config_path(args)
     cfg = config_mod.load(path) if path.exists() else None
     result = import_backup(Path(args.file), cfg, config_path=path,
                            data_dir=Path(args.data_dir).expanduser().absolute() if args.data_dir else None)
@@ -242,7 +186,7 @@ def cmd_import(args: argparse.Namespace) -> int:
 def cmd_doctor(args: argparse.Namespace) -> int:
     from inverse_cloud.ops.doctor import DoctorOptions, format_report, parse_connect_to, parse_resolve, run_doctor
 
-    path = _config_path(args)
+    path = config_mod.config_path(args)
     try:
         opts = DoctorOptions(resolve=parse_resolve(args.resolve), connect_to=parse_connect_to(args.connect_to),
                              cafile=Path(args.cacert) if args.cacert else None, timeout_s=args.timeout)

@@ -18,12 +18,18 @@ import hashlib
 import os
 import time
 from collections import OrderedDict
+from collections.abc import Iterable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from cryptography.hazmat.primitives import serialization
 
 from inverse_cloud import __version__
+
+if TYPE_CHECKING:   # types only: status reporting must not import the server at module level
+    from inverse_cloud.config import Config
+    from inverse_cloud.dav.server import DavServer
+    from inverse_cloud.supervisor import Component
 
 __all__ = ["SyncTracker", "assess", "collect", "collections_of", "format_text", "snapshot", "spki_sha256"]
 
@@ -125,7 +131,7 @@ def spki_sha256(key_pem_path: Path) -> str:
     return hashlib.sha256(der).hexdigest()
 
 
-def _component_statuses(components: Any) -> dict[str, Any]:
+def _component_statuses(components: Iterable[Component]) -> dict[str, Any]:
     out: dict[str, Any] = {}
     for component in components:
         status = getattr(component, "status", None)
@@ -144,7 +150,7 @@ def _pick(statuses: dict[str, Any], *words: str) -> dict[str, Any] | None:
     return None
 
 
-def snapshot(cfg: Any, server: Any, components: Any, tracker: SyncTracker | None,
+def snapshot(cfg: Config, server: DavServer | None, components: Iterable[Component], tracker: SyncTracker | None,
              started_at: float) -> dict[str, Any]:
     """The parts of the status document that need no file access (cheap; used for ``STATUS=``)."""
     statuses = _component_statuses(components)
@@ -178,8 +184,8 @@ def snapshot(cfg: Any, server: Any, components: Any, tracker: SyncTracker | None
     }
 
 
-async def collect(cfg: Any, server: Any, components: Any, tracker: SyncTracker | None,
-                  started_at: float) -> dict[str, Any]:
+async def collect(cfg: Config, server: DavServer | None, components: Iterable[Component],
+                  tracker: SyncTracker | None, started_at: float) -> dict[str, Any]:
     """The status document of the running process (JSON-serialisable)."""
     doc = snapshot(cfg, server, components, tracker, started_at)
     loop = asyncio.get_running_loop()

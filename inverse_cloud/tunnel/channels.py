@@ -7,11 +7,12 @@ from __future__ import annotations
 import asyncio
 import socket
 from collections.abc import Callable
-from typing import Any
+from typing import Any, Protocol
 
 import asyncssh
 
-__all__ = ["ChannelEnd", "LocalEnd", "QuickAckConnector", "QuickAckProtocol", "quickack_supported"]
+__all__ = ["ChannelEnd", "ForwardTarget", "LocalEnd", "PeerRegistry", "QuickAckConnector", "QuickAckProtocol",
+           "quickack_supported"]
 
 
 def quickack_supported() -> bool:
@@ -198,3 +199,22 @@ class ChannelEnd(asyncssh.SSHTCPSession[bytes]):
     def close(self) -> None:
         if self.chan is not None:
             self.chan.close()
+
+
+class PeerRegistry(Protocol):
+    def register(self, local_port: int, origin: tuple[str, int]) -> None: ...
+
+    def unregister(self, local_port: int) -> None: ...
+
+
+class ForwardTarget(Protocol):
+    """What the tunnel forwards to: the DAV server component (after its ``start()``)."""
+
+    @property
+    def https_port(self) -> int: ...
+
+    @property
+    def http_port(self) -> int: ...
+
+    @property
+    def peers(self) -> PeerRegistry: ...

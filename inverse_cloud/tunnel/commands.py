@@ -1,4 +1,4 @@
-"""``inverse-cloud relay-setup`` and the tunnel component of ``serve`` (see cli.EXTENSIONS).
+"""``inverse-cloud relay-setup``.
 
 relay-setup renders what the relay needs (:mod:`inverse_cloud.tunnel.relay_files`), prints it or writes
 it (``--output``) or applies it over SSH as an admin (``--apply``), then fetches the relay's host key, shows its SHA256
@@ -20,7 +20,7 @@ from inverse_cloud.config import Config, parse_user_host
 from inverse_cloud.errors import ConfigError, HostKeyMismatch, InverseCloudError, TunnelError
 from inverse_cloud.tunnel import relay_files as relay
 
-__all__ = ["add_commands", "fetch_host_key", "serve_hook", "set_config_value"]
+__all__ = ["add_commands", "fetch_host_key", "set_config_value"]
 
 
 def add_commands(sub: Any, common: argparse.ArgumentParser) -> None:
@@ -48,14 +48,6 @@ def add_commands(sub: Any, common: argparse.ArgumentParser) -> None:
     p.add_argument("--authorized-keys-file", metavar="PATH", default="",
                    help="where the relay keeps the tunnel user's keys (default /etc/ssh/inverse-cloud/USER.keys)")
     p.set_defaults(func=cmd_relay_setup)
-
-
-def serve_hook(cfg: Config, supervisor: Any, server: Any) -> None:
-    """Add the tunnel after the DAV server (so it starts after, and stops before, the listeners)."""
-    if cfg.relay.enabled and cfg.relay.host:
-        from inverse_cloud.tunnel.link import Tunnel
-
-        supervisor.add(Tunnel(cfg, server))
 
 
 # --- config text edit ---------------------------------------------------------------------------------
@@ -202,7 +194,7 @@ def apply_over_ssh(target: str, script: str) -> None:
 
 
 def cmd_relay_setup(args: argparse.Namespace) -> int:
-    from inverse_cloud.cli import load_config
+    from inverse_cloud.config import load_config
 
     cfg = load_config(args)
     if not cfg.relay.host:

@@ -28,14 +28,29 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any
 
 import asyncssh
 
 from inverse_cloud.config import Config
-from inverse_cloud.errors import AuthRejected, ConfigError, ForwardRefused, HostKeyMismatch, TunnelError
+from inverse_cloud.errors import ConfigError, ForwardRefused, HostKeyMismatch, TunnelError
 from inverse_cloud.fsutil import check_private
-from inverse_cloud.tunnel.channels import ChannelEnd, LocalEnd, QuickAckConnector, quickack_supported
+from inverse_cloud.tunnel.channels import (
+    ChannelEnd,
+    ForwardTarget,
+    LocalEnd,
+    QuickAckConnector,
+    quickack_supported,
+)
+from inverse_cloud.tunnel.policy import (
+    BACKOFF_S,
+    FORWARD_REFUSED_RETRY_S,
+    SLOW_RETRY_S,
+    Failure,
+    classify,
+    describe_lost,
+    retry_delay,
+)
 
 __all__ = [
     "BACKOFF_S",
@@ -51,15 +66,6 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
-# Reconnect schedule after consecutive transient failures (seconds, before jitter). The first retry comes
-# within a second (reliability.md F1: "first retry <= 2 s"); the cap keeps a long outage from turning into
-# hour-long gaps once the network is back.
-BACKOFF_S: tuple[float, ...] = (1, 2, 4, 8, 16, 32, 60)
-# Errors retrying cannot fix (host key changed, key rejected): a human must act; retry rarely so that
-# the fix (e.g. relay-setup on the relay) is picked up without a restart.
-SLOW_RETRY_S = 300.0
-# Listen still refused right after a takeover: a permitlisten/PermitListen mismatch, or another laptop.
-FORWARD_REFUSED_RETRY_S = 60.0
 # How long the takeover session may take (connect + forced command).
 TAKEOVER_TIMEOUT_S = 15.0
 # Receive window and largest packet we accept on a forwarded channel. The window stays asyncssh's 2 MiB (it
@@ -77,80 +83,6 @@ HOST_KEY_ALGS = ("ssh-ed25519", "ecdsa-sha2-nistp256", "ecdsa-sha2-nistp384", "e
 # A forwarded connection's peer mapping outlives the connection a little, so that a request still being
 # logged when the tunnel side closes is attributed to the relay-seen client.
 PEER_LINGER_S = 5.0
-
-
-def retry_delay(attempt: int, kind: str, rand: float) -> float:
-    """Seconds to wait before the next connection attempt (pure).
-
-    :param attempt: consecutive failures so far, counting from 0
-    :param kind: ``transient`` | ``refused`` | ``fatal`` (see :class:`Failure`)
-    :param rand: a number in [0, 1): half of each delay is fixed, half is jitter
-    """
-    if kind == "fatal":
-        base = SLOW_RETRY_S
-    elif kind == "refused":
-        base = FORWARD_REFUSED_RETRY_S
-    else:
-        base = BACKOFF_S[min(max(attempt, 0), len(BACKOFF_S) - 1)]
-    return base * (0.5 + 0.5 * rand)
-
-
-@dataclass(frozen=True)
-class Failure:
-    """Why an attempt failed, in one line. ``kind`` chooses the retry schedule: ``transient`` (network),
-    ``refused`` (listen refused after a takeover) or ``fatal`` (a human must act)."""
-
-    kind: str
-    message: str
-
-
-def classify(exc: BaseException, *, relay: str, expected_fp: str, offered_fp: str | None, key_file: Path,
-             user: str) -> Failure:
-    """Turn an exception from connecting/forwarding into a :class:`Failure` (pure)."""
-    if isinstance(exc, HostKeyMismatch | AuthRejected):
-        return Failure("fatal", str(exc))
-    if isinstance(exc, ForwardRefused):
-        return Failure("refused", str(exc))
-    if isinstance(exc, ConfigError):
-        return Failure("fatal", str(exc))
-    if isinstance(exc, asyncssh.HostKeyNotVerifiable):
-        got = offered_fp or "a key that could not be read"
-        return Failure("fatal", f"relay host key changed: expected {expected_fp}, got {got}; if you rebuilt the "
-                                "relay run `inverse-cloud relay-setup --accept-new-host-key`")
-    if isinstance(exc, asyncssh.KeyExchangeFailed) and "host key" in str(exc).lower():
-        return Failure("fatal", f"relay host key changed: expected {expected_fp}, but the relay offers no host key "
-                                "of that type; if you rebuilt the relay run `inverse-cloud relay-setup "
-                                "--accept-new-host-key`")
-    if isinstance(exc, asyncssh.PermissionDenied):
-        return Failure("fatal", f"relay {relay} refused our key {key_file} for user {user!r}; install "
-                                f"{key_file}.pub on the relay (run `inverse-cloud relay-setup`)")
-    if isinstance(exc, asyncssh.DisconnectError):
-        return Failure("transient", f"relay closed the connection ({exc.reason or type(exc).__name__})")
-    if isinstance(exc, TimeoutError):
-        return Failure("transient", "timed out")
-    if isinstance(exc, ConnectionRefusedError):
-        return Failure("transient", "connection refused")
-    if isinstance(exc, ConnectionResetError):
-        return Failure("transient", "connection reset")
-    if isinstance(exc, OSError):
-        return Failure("transient", exc.strerror or str(exc) or type(exc).__name__)
-    if isinstance(exc, TunnelError):
-        return Failure("transient", str(exc))
-    return Failure("transient", f"{type(exc).__name__}: {exc}")
-
-
-class PeerRegistry(Protocol):
-    def register(self, local_port: int, origin: tuple[str, int]) -> None: ...
-
-    def unregister(self, local_port: int) -> None: ...
-
-
-class ForwardTarget(Protocol):
-    """What the tunnel forwards to: the DAV server component (after its ``start()``)."""
-
-    https_port: int
-    http_port: int
-    peers: PeerRegistry
 
 
 # --- the component -----------------------------------------------------------------------------------
@@ -482,7 +414,7 @@ class Tunnel:
         if self._conn is conn:
             self._conn = None
         reason = client.lost
-        raise TunnelError(_describe_lost(reason) if reason is not None else "relay closed the connection")
+        raise TunnelError(describe_lost(reason) if reason is not None else "relay closed the connection")
 
     async def _open_forwards(self, conn: asyncssh.SSHClientConnection) -> int | None:
         """Bind every forward; return the relay port of the first refused one (None if all bound)."""
@@ -560,13 +492,3 @@ class Tunnel:
 
 class _TakeOverNow(Exception):
     """Internal: a takeover was done, reconnect without waiting."""
-
-
-def _describe_lost(exc: Exception) -> str:
-    text = str(exc) or type(exc).__name__
-    low = text.lower()
-    if "keepalive" in low or "timeout" in low or "timed out" in low:
-        return "no answer to keepalives"
-    if "reset" in low:
-        return "connection reset"
-    return text

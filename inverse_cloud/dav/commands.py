@@ -1,0 +1,44 @@
+"""``inverse-cloud user``: the DAV users (bcrypt htpasswd)."""
+
+from __future__ import annotations
+
+import argparse
+from typing import Any
+
+from inverse_cloud import config as config_mod
+from inverse_cloud.prompt import read_password
+
+__all__ = ["add_commands", "cmd_user"]
+
+
+def cmd_user(args: argparse.Namespace) -> int:
+    from inverse_cloud.dav import users
+
+    cfg = config_mod.load_config(args)
+    path = cfg.server.htpasswd_path
+    if args.action == "list":
+        for name in users.list_users(path):
+            print(name)
+        return 0
+    if args.action == "remove":
+        users.remove_user(path, args.name)
+        print(f"removed user {args.name!r} (their data stays in {cfg.server.storage_dir / 'collection-root'})")
+        return 0
+    users.validate_username(args.name)
+    password = read_password(args, True, args.name)
+    if args.action == "add":
+        users.add_user(path, args.name, password)
+        print(f"added user {args.name!r}")
+    else:
+        users.set_password(path, args.name, password)
+        print(f"changed the password of {args.name!r}")
+    return 0
+
+
+def add_commands(sub: Any, common: argparse.ArgumentParser) -> None:
+    """Add ``user`` to the inverse-cloud parser."""
+    p = sub.add_parser("user", parents=[common], help="manage DAV users")
+    p.add_argument("action", choices=["add", "remove", "passwd", "list"])
+    p.add_argument("name", nargs="?", default="")
+    p.add_argument("--password-file", metavar="FILE")
+    p.set_defaults(func=cmd_user)

@@ -1,0 +1,91 @@
+"""``inverse-cloud init``: the config file, the data folder, the first DAV user and the relay SSH keys."""
+
+from __future__ import annotations
+
+import argparse
+import getpass
+from pathlib import Path
+from typing import Any
+
+from inverse_cloud import config as config_mod
+from inverse_cloud.errors import ConfigError
+from inverse_cloud.prompt import ask, read_password
+
+__all__ = ["add_commands", "cmd_init"]
+
+
+def cmd_init(args: argparse.Namespace) -> int:
+    from inverse_cloud.dav import users
+    from inverse_cloud.fsutil import atomic_write, ensure_private_dir
+    from inverse_cloud.tunnel.keys import generate_ssh_key
+
+    interactive = not args.non_interactive
+    cfg_path = config_mod.config_path(args)
+    if cfg_path.exists() and not args.force:
+        raise ConfigError(f"{cfg_path} already exists; nothing was changed (edit it, or pass --force to "
+                          "write a new one)")
+    domain = args.domain or ask("Domain phones will use (e.g. contacts.example.org)", "", interactive)
+    if not domain:
+        raise ConfigError("no domain: give --domain NAME")
+    data_dir = Path(args.data_dir).expanduser() if args.data_dir else config_mod.default_data_dir()
+    relay_text = args.relay if args.relay is not None else ask(
+        "Relay as USER@HOST[:PORT] (empty: no relay for now)", "", interactive)
+    relay_user, relay_host, relay_port = (
+        config_mod.parse_user_host(relay_text, "--relay", "inverse-cloud") if relay_text else ("inverse-cloud", "", 22))
+    email = args.acme_email if args.acme_email is not None else ask(
+        "E-mail for Let's Encrypt expiry notices (optional)", "", interactive)
+    user = args.user or ask("First DAV user name", getpass.getuser(), interactive)
+    users.validate_username(user)
+    password = read_password(args, interactive, user)
+
+    template = (Path(__file__).parent.parent / "templates" / "config.toml.in").read_text(encoding="utf-8")
+    text = template.format(
+        domain=domain, https_listen=args.https_listen, http_listen=args.http_listen, data_dir=data_dir,
+        relay_host=relay_host, relay_port=relay_port, relay_user=relay_user, relay_host_key="",
+        acme_email=email)
+    for key, value in (("directory", args.acme_directory), ("ca_bundle", args.acme_ca_bundle)):
+        if value:
+            text = text.replace(f'# {key} = ', f'{key} = "{value}"  # was: ', 1)
+    if args.state_dir:
+        text = text.replace('# state_dir = "~/.local/state/inverse-cloud"', f'state_dir = "{args.state_dir}"')
+    # Check what we are about to write with the same loader serve uses.
+    cfg = config_mod.loads(text, cfg_path)
+    ensure_private_dir(cfg_path.parent)
+    ensure_private_dir(data_dir)
+    ensure_private_dir(cfg.server.state_dir)
+    cfg.server.storage_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+    if cfg.server.htpasswd_path.exists() and user in users.list_users(cfg.server.htpasswd_path):
+        users.set_password(cfg.server.htpasswd_path, user, password)
+    else:
+        users.add_user(cfg.server.htpasswd_path, user, password)
+    made_key = generate_ssh_key(cfg.relay.key_file, f"inverse-cloud tunnel {domain}")
+    generate_ssh_key(cfg.relay.takeover_key_file, f"inverse-cloud takeover {domain}")
+    atomic_write(cfg_path, text.encode("utf-8"), mode=0o600)
+    print(f"wrote {cfg_path}")
+    print(f"data in {data_dir} (DAV user {user!r} created)")
+    if made_key:
+        print(f"SSH key for the relay: {cfg.relay.key_file}.pub")
+    if relay_host:
+        print(f"next: inverse-cloud relay-setup   (prepares {relay_user}@{relay_host} and pins its host key)")
+    else:
+        print("next: inverse-cloud serve   (local only; add [relay] host later for phones outside this network)")
+    return 0
+
+
+def add_commands(sub: Any, common: argparse.ArgumentParser) -> None:
+    """Add ``init`` to the inverse-cloud parser."""
+    p = sub.add_parser("init", parents=[common], help="create the config, the data folder and a first user")
+    p.add_argument("--data-dir", metavar="DIR")
+    p.add_argument("--state-dir", metavar="DIR")
+    p.add_argument("--domain", metavar="NAME")
+    p.add_argument("--user", metavar="NAME")
+    p.add_argument("--password-file", metavar="FILE")
+    p.add_argument("--https-listen", metavar="HOST:PORT", default="127.0.0.1:8443")
+    p.add_argument("--http-listen", metavar="HOST:PORT", default="127.0.0.1:8080")
+    p.add_argument("--relay", metavar="USER@HOST[:PORT]")
+    p.add_argument("--acme-email", metavar="EMAIL")
+    p.add_argument("--acme-directory", metavar="URL")
+    p.add_argument("--acme-ca-bundle", metavar="FILE")
+    p.add_argument("--non-interactive", action="store_true", help="never ask; fail on what is missing")
+    p.add_argument("--force", action="store_true", help="overwrite an existing config file")
+    p.set_defaults(func=cmd_init)
