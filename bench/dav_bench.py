@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""DAV benchmark (issue 3): ``inverse-cloud serve`` against the seed laptop side, interleaved.
+"""DAV benchmark: ``inverse-cloud serve`` against the seed laptop side, interleaved.
 
     .venv/bin/python bench/dav_bench.py --n 1000 --rounds 3     # the documented run (~6 min on 2 cores)
     .venv/bin/python bench/dav_bench.py --quick                 # n=50, 1 round (~15 s): a smoke run

@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""L1 benchmark (reliability.md row L1): ten vdirsyncer clients, each with its own 200-card address book,
+"""L1 benchmark (docs/test-matrix.md L1): ten vdirsyncer clients, each with its own 200-card address book,
 three sync rounds of two-way changes, against ``inverse-cloud serve`` and the seed laptop side, interleaved.
 
     .venv/bin/python bench/l1_bench.py            # 10 clients x 200 cards, 3 rounds (~4 min on 2 cores)

@@ -1,10 +1,10 @@
 #!/usr/bin/env python3
-"""Tunnel benchmark (issue 4): our asyncssh tunnel against the seed stack's ``autossh -M 0 -o
+"""Tunnel benchmark: our asyncssh tunnel against the seed stack's ``autossh -M 0 -o
 ServerAliveInterval=30`` + ``ssh -R``, interleaved in one run on loopback. Printed, never asserted.
 
-    /tmp/venv/bin/python bench/tunnel_bench.py                  # the documented run (~6-8 min on 2 cores)
-    /tmp/venv/bin/python bench/tunnel_bench.py --reps 3         # more repetitions (each adds ~5 min)
-    /tmp/venv/bin/python bench/tunnel_bench.py --quick          # 50 cards, bound 40 s, 64 MiB: a smoke run
+    .venv/bin/python bench/tunnel_bench.py                  # the documented run (~6-8 min on 2 cores)
+    .venv/bin/python bench/tunnel_bench.py --reps 3         # more repetitions (each adds ~5 min)
+    .venv/bin/python bench/tunnel_bench.py --quick          # 50 cards, bound 40 s, 64 MiB: a smoke run
 
 Both sides run behind their own real sshd relay with ClientAliveInterval 15 (x3) and a chaos TCP proxy
 between the laptop side and the relay:

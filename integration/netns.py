@@ -1,4 +1,4 @@
-"""A laptop in its own network namespace whose address really changes (reliability.md F5).
+"""A laptop in its own network namespace whose address really changes (docs/test-matrix.md F5).
 
 On loopback every 127.0.0.0/8 address is local, so deleting one does not kill a path. Here the laptop gets a
 real one: a named network namespace joined by a veth pair to the namespace of the calling thread (the relay

@@ -1,4 +1,4 @@
-"""Bad inputs and load against the real process (reliability.md rows B1-B7, B11, B12, L2, L3, L4, L6).
+"""Bad inputs and load against the real process (docs/test-matrix.md B1-B7, B11, B12, L2, L3, L4, L6).
 
 Every row checks the same invariants besides its own: a 4xx (or a quiet close) for each bad input, at most
 one log line per bad request, no "Traceback" in the server log, never a 5xx, and nothing stored changes.

@@ -56,7 +56,7 @@ def require_libfaketime() -> Path:
 
 # libfaketime 0.9.10 (Debian 12) with FAKETIME_DONT_FAKE_MONOTONIC=1 moves the absolute CLOCK_MONOTONIC deadline
 # of clock_nanosleep(TIMER_ABSTIME) by the fake offset and passes a negative time to the kernel: EINVAL. Python
-# >= 3.11's time.sleep() is exactly that call (libfaketime issue #426; `strace` shows
+# >= 3.11's time.sleep() is exactly that call (libfaketime upstream issue #426; `strace` shows
 # clock_nanosleep(CLOCK_MONOTONIC, TIMER_ABSTIME, {tv_sec=-1795602945, ...}) = -1 EINVAL). Relative waits
 # (select, epoll, futex, which asyncio and threading use) are not affected. When the probe below finds the bug,
 # the faked processes get this sitecustomize: time.sleep becomes an equivalent relative wait.

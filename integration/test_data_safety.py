@@ -1,4 +1,4 @@
-"""Data safety under load and faults (reliability.md rows L1, F9, F10, F11), against the real process:
+"""Data safety under load and faults (docs/test-matrix.md L1, F9, F10, F11), against the real process:
 
 * L1  ten vdirsyncer clients, each with an own 200-card address book, three rounds of two-way changes,
       all syncing at once: nothing lost, every edit on both sides, no 5xx, storage verifies;
@@ -56,7 +56,7 @@ def contacts_dir(storage: Path) -> Path:
 L1_USERS = 10
 L1_CARDS = 200
 L1_ROUNDS = 3
-L1_BOUND_S = 300.0  # reliability.md L1: the three rounds are bounded at 5 min (a deadline, never a timing check)
+L1_BOUND_S = 300.0  # docs/test-matrix.md L1: the three rounds are bounded at 5 min (a deadline, never a timing check)
 L1_SETUP_S = 300.0  # discover + the initial upload of 10 x 200 cards, before the rounds (deadline as well)
 
 # What the checks compare per UID: (FN, NOTE).
@@ -102,7 +102,7 @@ class L1User:
 
 
 class L1Workload:
-    """reliability.md L1 against one server on 127.0.0.1:``port`` whose certificate is for laptop.test:
+    """docs/test-matrix.md L1 against one server on 127.0.0.1:``port`` whose certificate is for laptop.test:
     each user has an own vdirsyncer client and an own address book (``contacts``) of ``cards`` cards; all
     clients sync at once; before every round each client changes some cards locally and "another device"
     changes other cards of the same book on the server. bench/l1_bench.py drives the same workload against
@@ -264,7 +264,7 @@ def print_sync_times(label: str, durations: list[float]) -> None:
 
 @pytest.mark.slow
 def test_ten_vdirsyncer_clients_at_once_lose_nothing(tmp_path: Path) -> None:
-    """reliability.md L1. Ten DAV users are added with ``inverse-cloud user add``; each has an own vdirsyncer
+    """docs/test-matrix.md L1. Ten DAV users are added with ``inverse-cloud user add``; each has an own vdirsyncer
     client and an own address book, filled by the client with 200 cards (the initial sync, all ten at once).
     Three rounds follow: before each, every client edits 10, deletes 3 and adds 5 cards locally, and another
     device of the same user edits 10, deletes 3 and adds 5 *other* cards on the server (DavClient); then all

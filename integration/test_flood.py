@@ -1,4 +1,4 @@
-"""L5 (reliability.md): a connection flood on the relay's public HTTPS port. 2,000 TCP connects, each closed at
+"""L5 (docs/test-matrix.md): a connection flood on the relay's public HTTPS port. 2,000 TCP connects, each closed at
 once, go to the relay's forwarded port of a real sshd; every one becomes an SSH channel to our tunnel and a
 loopback connection to our HTTPS listener. The process must survive, keep its tunnel session, answer a real
 sync afterwards, write at most a line or two about it (no line per connection) and give back every file

@@ -1,4 +1,4 @@
-"""Faults of reliability.md 3.b on the real path: `inverse-cloud serve` -> chaos proxy -> real sshd (configured
+"""Faults of docs/test-matrix.md (F rows) on the real path: `inverse-cloud serve` -> chaos proxy -> real sshd (configured
 by relay-setup) -> curl on the relay's forwarded HTTPS port. Each test breaks something, polls with a deadline
 until a PROPFIND through the relay works again, and checks what was logged. Timings are printed, never
 asserted beyond generous deadlines.

@@ -1,4 +1,4 @@
-"""No delayed-ACK stalls through the tunnel (issue 4): request/response round trips of 1 KB .. 1 MB through
+"""No delayed-ACK stalls through the tunnel: request/response round trips of 1 KB .. 1 MB through
 real sshd + our tunnel, next to the same round trips straight to the server, in one test.
 
 Without re-arming TCP_QUICKACK, a response of >= ~100 KB followed by the next request waits ~40 ms (the

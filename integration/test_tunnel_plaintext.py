@@ -1,4 +1,4 @@
-"""reliability.md 3.d: the relay never sees plaintext.
+"""docs/test-matrix.md row P: the relay never sees plaintext.
 
 A recording proxy sits where the relay operator sits: in front of the relay's forwarded HTTPS port (and
 one in front of the HTTP port). Two real vdirsyncer clients sync canary contacts through it (one uploads

@@ -1,4 +1,4 @@
-"""Config parsing and its error messages (reliability.md row B9).
+"""Config parsing and its error messages (docs/test-matrix.md B9).
 
 Every error is one line that names the file, the line, the key and what was expected; the CLI turns it
 into exit code 2 without a traceback."""

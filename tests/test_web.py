@@ -585,7 +585,7 @@ async def test_client_leaving_mid_body_is_not_logged_as_500(dav, caplog):
 
 
 
-# --- failed logins collapsed per address (reliability.md L4) ------------------------------------------------
+# --- failed logins collapsed per address (docs/test-matrix.md L4) ------------------------------------------------
 
 def test_failed_login_digest_windows():
     now = [100.0]

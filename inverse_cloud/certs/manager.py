@@ -4,7 +4,7 @@ Loop (all on the event loop; ACME and DNS run in threads):
 
 * a short probe tick (``min(check_interval_s, 10 s)``, monotonic) compares how far the wall clock and the
   monotonic clock advanced: a difference means suspend/resume or a clock change, and triggers a check at
-  once (a laptop's monotonic timers stop while the lid is shut; reliability.md finding 9);
+  once (a laptop's monotonic timers stop while the lid is shut);
 * a full check at least every ``[acme] check_interval_s`` of wall-clock time, and whenever the decision's
   due time (wall clock) has passed: refresh ARI if due, then :func:`certs.decide`;
 * when due: public-path self-check, order (acme_client), store atomically, hot-swap, then prove that a fresh
@@ -61,7 +61,7 @@ __all__ = ["CertManager", "CertTarget", "ChallengeAnswers", "StateFiles", "check
 log = logging.getLogger(__name__)
 
 JUMP_TOLERANCE_S = 30.0      # wall vs monotonic drift beyond this is a suspend/resume or a clock change
-CAA_INTERVAL_S = 86400.0     # the issue: "once a day"
+CAA_INTERVAL_S = 86400.0     # a CAA record changes rarely: once a day is enough to notice
 
 
 def utc(ts: float) -> dt.datetime:

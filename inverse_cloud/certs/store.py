@@ -9,7 +9,7 @@ Disk layout (under ``[server] state_dir``/tls, 0700)::
     selfsigned/{fullchain,privkey}.pem  the stand-in served until a CA-issued certificate exists
 
 Swapping never touches a live :class:`ssl.SSLContext` (reloading one in place can leave it with a new
-certificate and no usable key: reliability.md finding 1). :meth:`TLSManager.load` builds a *fresh*
+certificate and no usable key). :meth:`TLSManager.load` builds a *fresh*
 context, proves it with an in-memory handshake, and only then makes it current; the listening context's
 ``sni_callback`` hands each new handshake the current one. Connections already open keep theirs.
 """

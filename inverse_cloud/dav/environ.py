@@ -31,7 +31,7 @@ SPOOL_MAX_MEMORY = 256 * 1024
 WRITE_METHODS = frozenset({"PUT", "DELETE", "MKCOL", "MKCALENDAR", "PROPPATCH", "MOVE", "COPY", "POST"})
 
 # Header names (WSGI form) a client must never be able to set: Radicale trusts them as a reverse
-# proxy's word (landscape.md 0.4, reliability.md 1.8).
+# proxy's word.
 STRIPPED = frozenset({
     "HTTP_X_REMOTE_USER", "HTTP_X_SCRIPT_NAME", "HTTP_X_REMOTE_ADDR", "HTTP_X_FORWARDED_FOR",
     "HTTP_X_FORWARDED_HOST", "HTTP_X_FORWARDED_PROTO", "HTTP_X_FORWARDED_SERVER",
@@ -39,7 +39,7 @@ STRIPPED = frozenset({
     "HTTP_CONTENT_TYPE", "HTTP_CONTENT_LENGTH", "HTTP_PROXY",
 })
 
-# Methods whose body Radicale parses as XML. Checked in front of it (reliability.md B3): a DTD or entity
+# Methods whose body Radicale parses as XML. Checked in front of it (docs/test-matrix.md B3): a DTD or entity
 # declaration made Radicale answer 500 (defusedxml refuses them by raising), and deep nesting crashed the
 # whole process (a C stack overflow, SIGSEGV). Both become 400 here; real clients never send either.
 XML_METHODS = frozenset({"PROPFIND", "PROPPATCH", "REPORT", "MKCOL", "MKCALENDAR"})

@@ -46,7 +46,7 @@ def radicale_options(cfg: Config) -> dict[str, dict[str, str]]:
             "htpasswd_filename": str(s.htpasswd_path),
             "htpasswd_encryption": "autodetect",
             # The failed-login delay is applied by web.py with an async sleep: Radicale's own
-            # is a time.sleep that would hold a worker thread (reliability.md finding 5).
+            # is a time.sleep that would hold a worker thread .
             "delay": "0",
             # bcrypt costs ~0.2 s per check: cache good logins so a sync does not pay it per request.
             "cache_logins": "True",

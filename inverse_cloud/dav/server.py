@@ -53,7 +53,7 @@ def check_http_parser() -> None:
     check_versions()
 
 
-# The first releases with the fixes reliability.md lists (aiohttp: idle-connection closing #13681 and the
+# The first releases with the fixes we rely on (aiohttp: idle-connection closing #13681 and the
 # 2026 smuggling CVEs; asyncssh: Terrapin CVE-2023-48795). pip pins these too; this catches a venv that
 # was altered by hand or a distribution package shadowing ours.
 MINIMUM_VERSIONS = {"aiohttp": (3, 14, 5), "asyncssh": (2, 14, 2)}

@@ -88,7 +88,7 @@ class PeerDirectory:
 class StorageGuard:
     """Refuse to serve DAV from a missing, empty or unreadable store once this installation has held
     data: Radicale would create an empty root and phones would delete their contacts
-    (reliability.md finding 10)."""
+    ."""
 
     def __init__(self, storage_dir: Path, marker: Path) -> None:
         self.root = storage_dir / "collection-root"
@@ -167,7 +167,7 @@ def make_https_app(bridge: RadicaleBridge,
     """Port 443: Radicale under /radicale/, discovery redirects, the phone page at /."""
 
     async def well_known(request: web.Request) -> web.StreamResponse:
-        # RFC 6764 section 5; DAVx5 and Thunderbird follow 301 and keep PROPFIND (landscape.md 3.1/3.2).
+        # RFC 6764 section 5; DAVx5 and Thunderbird follow 301 and keep PROPFIND.
         raise web.HTTPMovedPermanently(DAV_ROOT)
 
     async def root(request: web.Request) -> web.StreamResponse:
@@ -190,7 +190,7 @@ def make_https_app(bridge: RadicaleBridge,
 
 def access_logger_class(peers: PeerDirectory) -> type[AbstractAccessLogger]:
     """An access logger that names the real client (the relay's view for tunnelled connections) and
-    collapses repeated failed logins from one address (reliability.md L4)."""
+    collapses repeated failed logins from one address (docs/test-matrix.md L4)."""
 
     class _Logger(AccessLogger):
         pass

@@ -55,7 +55,7 @@ def account(user: str, domain: str, port: int = 443) -> Account:
     return Account(
         user=user, domain=domain, dav_root=root,
         carddav=f"{root}{u}/contacts/", caldav=f"{root}{u}/calendar/",
-        # DAVx5 maps davx5:// to https and takes the user name from the userinfo (landscape.md 3.1).
+        # DAVx5 maps davx5:// to https and takes the user name from the userinfo.
         davx5_link=f"davx5://{u}@{host}/radicale/",
         carddavs_link=f"carddavs://{u}@{host}/radicale/", caldavs_link=f"caldavs://{u}@{host}/radicale/",
     )

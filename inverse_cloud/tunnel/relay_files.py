@@ -10,7 +10,7 @@ What the relay gets, and why:
   - the takeover key: ``restrict,command=...`` whose forced command ends the tunnel user's *other* sshd
     sessions. After a network change the relay keeps the dead session and its forwarded port until
     ClientAlive fires (and not at all while something keeps connecting to the port); the laptop uses
-    this key when its listen is refused, then reconnects (reliability.md finding 3);
+    this key when its listen is refused, then reconnects ;
 * an sshd ``Match User`` drop-in: ``AllowTcpForwarding remote`` (``restrict,port-forwarding`` alone
   re-enables *local* forwards, OpenSSH regress/forward-control.sh), ``PermitListen``, ``PermitOpen none``,
   no TTY/X11/agent, ClientAlive 15 s x 3. No ``ForceCommand``: it would override the takeover command;
