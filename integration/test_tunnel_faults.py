@@ -1,6 +1,6 @@
-"""Faults of docs/test-matrix.md (F rows) on the real path: `inverse-cloud serve` -> chaos proxy -> real sshd (configured
-by relay-setup) -> curl on the relay's forwarded HTTPS port. Each test breaks something, polls with a deadline
-until a PROPFIND through the relay works again, and checks what was logged. Timings are printed, never
+"""Faults (docs/test-matrix.md, F rows) on the real path: `inverse-cloud serve` -> chaos proxy -> real sshd
+(configured by relay-setup) -> curl on the relay's forwarded HTTPS port. Each test breaks something, polls
+with a deadline until a PROPFIND through the relay works again, and checks what was logged. Timings are printed, never
 asserted beyond generous deadlines.
 
 These tests use their own relay user (``icfault``): a takeover ends every other session of the tunnel user
