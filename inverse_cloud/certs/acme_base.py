@@ -10,7 +10,7 @@ import json
 import logging
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
@@ -22,9 +22,17 @@ if TYPE_CHECKING:
     from josepy import jwk
 
 __all__ = ["FIRST_POLL_S", "MAX_POLL_S", "NETWORK_TIMEOUT_S", "NONCE_ATTEMPTS", "ORDER_DEADLINE_S", "AccountStore",
-           "Issued", "connection_reason", "generate_key"]
+           "ChallengeAnswers", "Issued", "connection_reason", "generate_key"]
 
 log = logging.getLogger("inverse_cloud.certs.acme_client")
+
+
+class ChallengeAnswers(Protocol):
+    """Where HTTP-01 answers are published: the HTTP listener's challenge store."""
+
+    def set(self, token: str, key_authorization: str) -> None: ...
+
+    def remove(self, token: str) -> None: ...
 
 NETWORK_TIMEOUT_S = 30
 ORDER_DEADLINE_S = 120.0

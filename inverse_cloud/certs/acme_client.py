@@ -32,6 +32,7 @@ from inverse_cloud import __version__
 from inverse_cloud.certs.acme_base import (
     NETWORK_TIMEOUT_S,
     AccountStore,
+    ChallengeAnswers,
     Issued,
     connection_reason,
     generate_key,
@@ -100,7 +101,7 @@ class AcmeDriver:
         """
         return await (await self._issuer_ready()).ensure_account()
 
-    async def issue(self, challenges: Any, *, replaces: str = "") -> Issued:
+    async def issue(self, challenges: ChallengeAnswers, *, replaces: str = "") -> Issued:
         """Order, answer HTTP-01 through ``challenges`` (a ChallengeStore), finalize, download.
 
         :raises RateLimited: 429/503 with the CA's Retry-After; :raises AcmeError: anything else.

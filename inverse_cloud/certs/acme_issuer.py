@@ -33,6 +33,7 @@ from inverse_cloud.certs.acme_base import (
     NONCE_ATTEMPTS,
     ORDER_DEADLINE_S,
     AccountStore,
+    ChallengeAnswers,
     Issued,
     connection_reason,
     generate_key,
@@ -281,7 +282,7 @@ class AcmeIssuer:
             orderr = orderr.update(body=messages.Order.from_json(response.json()))
             delay = min(delay * 2, MAX_POLL_S)
 
-    async def issue(self, challenges: Any, *, replaces: str = "") -> Issued:
+    async def issue(self, challenges: ChallengeAnswers, *, replaces: str = "") -> Issued:
         """Order, answer HTTP-01 through ``challenges`` (a ChallengeStore), finalize, download.
 
         :raises RateLimited: 429/503 with the CA's Retry-After; :raises AcmeError: anything else.

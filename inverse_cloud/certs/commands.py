@@ -42,7 +42,8 @@ class _StandaloneTarget:
     https_port: int = 0
 
 
-def add_commands(sub: Any, common: argparse.ArgumentParser) -> None:
+def add_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser], common: argparse.ArgumentParser
+                 ) -> None:
     # --config goes on the leaf parsers only: a sub-parser's default would overwrite the parent's value.
     p = sub.add_parser("cert", help="the TLS certificate: status, renew, CAA record")
     csub = p.add_subparsers(dest="cert_command", required=True, metavar="ACTION")

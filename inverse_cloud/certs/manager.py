@@ -36,6 +36,7 @@ from typing import Any, Protocol
 from cryptography import x509
 
 from inverse_cloud.certs import caa
+from inverse_cloud.certs.acme_base import ChallengeAnswers
 from inverse_cloud.certs.acme_client import AcmeDriver
 from inverse_cloud.certs.policy import (
     RenewalState,
@@ -70,14 +71,6 @@ def utc(ts: float) -> dt.datetime:
 
 def _fmt(t: dt.datetime | None) -> str:
     return t.astimezone(dt.UTC).strftime("%Y-%m-%d %H:%M:%S UTC") if t else "-"
-
-
-class ChallengeAnswers(Protocol):
-    """Where HTTP-01 answers are published: the HTTP listener's challenge store."""
-
-    def set(self, token: str, key_authorization: str) -> None: ...
-
-    def remove(self, token: str) -> None: ...
 
 
 class CertTarget(Protocol):

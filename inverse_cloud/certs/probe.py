@@ -8,11 +8,11 @@ import contextlib
 import os
 import secrets
 import ssl
-from typing import Any
 
 import aiohttp
 from cryptography import x509
 
+from inverse_cloud.certs.acme_base import ChallengeAnswers
 from inverse_cloud.errors import CertStoreError
 
 __all__ = ["check_public_path", "served_certificate_serial"]
@@ -47,7 +47,7 @@ def _os_reason(exc: OSError) -> str:
     return os.strerror(exc.errno).lower() if exc.errno else (exc.strerror or str(exc))
 
 
-async def check_public_path(domain: str, challenges: Any, address: tuple[str, int] | None,
+async def check_public_path(domain: str, challenges: ChallengeAnswers, address: tuple[str, int] | None,
                             timeout_s: float = 5.0, window_s: float = 10.0) -> str | None:
     """Fetch ``http://<domain>/.well-known/acme-challenge/<probe>`` the way the CA will; None when our own
     probe comes back, else the reason (one phrase). Connection refusals are retried for ``window_s``

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-from typing import Any
 
 from inverse_cloud import config as config_mod
 from inverse_cloud.prompt import read_password
@@ -35,7 +34,8 @@ def cmd_user(args: argparse.Namespace) -> int:
     return 0
 
 
-def add_commands(sub: Any, common: argparse.ArgumentParser) -> None:
+def add_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser], common: argparse.ArgumentParser
+                 ) -> None:
     """Add ``user`` to the inverse-cloud parser."""
     p = sub.add_parser("user", parents=[common], help="manage DAV users")
     p.add_argument("action", choices=["add", "remove", "passwd", "list"])

@@ -14,7 +14,6 @@ import shutil
 import subprocess
 import sys
 from pathlib import Path
-from typing import Any
 
 from inverse_cloud import config as config_mod
 from inverse_cloud.errors import ConfigError, UserError
@@ -199,7 +198,8 @@ def cmd_doctor(args: argparse.Namespace) -> int:
 
 # --- parser -----------------------------------------------------------------------------------------
 
-def add_commands(sub: Any, common: argparse.ArgumentParser) -> None:
+def add_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser], common: argparse.ArgumentParser
+                 ) -> None:
     """Add this area's sub-commands to the inverse-cloud parser."""
     p = sub.add_parser("status", parents=[common], help="what the running server is doing (exit 0 healthy, "
                        "1 degraded, 2 not running)")

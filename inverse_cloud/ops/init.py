@@ -5,7 +5,6 @@ from __future__ import annotations
 import argparse
 import getpass
 from pathlib import Path
-from typing import Any
 
 from inverse_cloud import config as config_mod
 from inverse_cloud.errors import ConfigError
@@ -72,7 +71,8 @@ def cmd_init(args: argparse.Namespace) -> int:
     return 0
 
 
-def add_commands(sub: Any, common: argparse.ArgumentParser) -> None:
+def add_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser], common: argparse.ArgumentParser
+                 ) -> None:
     """Add ``init`` to the inverse-cloud parser."""
     p = sub.add_parser("init", parents=[common], help="create the config, the data folder and a first user")
     p.add_argument("--data-dir", metavar="DIR")

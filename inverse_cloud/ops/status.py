@@ -27,8 +27,11 @@ from cryptography.hazmat.primitives import serialization
 from inverse_cloud import __version__
 
 if TYPE_CHECKING:   # types only: status reporting must not import the server at module level
+    from aiohttp import web
+
     from inverse_cloud.config import Config
     from inverse_cloud.dav.server import DavServer
+    from inverse_cloud.dav.wsgi import WsgiResult
     from inverse_cloud.supervisor import Component
 
 __all__ = ["SyncTracker", "assess", "collect", "collections_of", "format_text", "snapshot", "spki_sha256"]
@@ -61,7 +64,7 @@ class SyncTracker:
         self._clock = clock
         self._clients: OrderedDict[tuple[str, str], dict[str, Any]] = OrderedDict()
 
-    def note(self, request: Any, result: Any) -> None:
+    def note(self, request: web.Request, result: WsgiResult) -> None:
         """Response hook (see ``DavServer.response_hooks``): only authenticated successes count."""
         if result.status >= 400:
             return

@@ -14,7 +14,6 @@ import re
 import subprocess
 import sys
 from pathlib import Path
-from typing import Any
 
 from inverse_cloud.config import Config, parse_user_host
 from inverse_cloud.errors import ConfigError, HostKeyMismatch, InverseCloudError, TunnelError
@@ -23,7 +22,8 @@ from inverse_cloud.tunnel import relay_files as relay
 __all__ = ["add_commands", "fetch_host_key", "set_config_value"]
 
 
-def add_commands(sub: Any, common: argparse.ArgumentParser) -> None:
+def add_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser], common: argparse.ArgumentParser
+                 ) -> None:
     """Add ``relay-setup`` to the inverse-cloud parser."""
     p = sub.add_parser(
         "relay-setup", parents=[common],
