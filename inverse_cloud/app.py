@@ -23,7 +23,7 @@ from inverse_cloud import config as config_mod
 from inverse_cloud.config import Config
 from inverse_cloud.dav.server import DavServer
 from inverse_cloud.errors import ConfigError, InverseCloudError, StartupError
-from inverse_cloud.ops.control import ControlServer
+from inverse_cloud.ops.control import ControlServer, refuse_if_running
 from inverse_cloud.ops.phone import HomePage
 from inverse_cloud.ops.status import SyncTracker, collect, snapshot
 from inverse_cloud.ops.systemd import Notifier, SystemdComponent, short_summary
@@ -77,6 +77,13 @@ def serve(cfg: Config) -> None:
     :raises StartupError: a component could not start (the ones already started were stopped).
     :raises ConfigError: the configuration cannot be served as it is.
     """
+    from inverse_cloud.fsutil import access_problem
+
+    for folder, what in ((cfg.server.data_dir, "the data folder"), (cfg.server.state_dir, "the state folder")):
+        problem = access_problem(folder, what)
+        if problem:
+            raise StartupError(problem)
+    asyncio.run(refuse_if_running(cfg.server.control_socket))
     sup = build_supervisor(cfg)
     try:
         asyncio.run(sup.run())

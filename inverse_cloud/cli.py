@@ -58,7 +58,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     if getattr(args, "command", None) == "user" and args.action != "list" and not args.name:
         parser.error("user add|remove|passwd needs a NAME")
     try:
-        return int(args.func(args))
+        code = int(args.func(args))
+        sys.stdout.flush()  # here, so a closed pipe is seen below and not at interpreter exit
+        return code
+    except BrokenPipeError:
+        # The reader went away (`status | head -n1`): stop quietly, as a program killed by SIGPIPE would.
+        # Later writes (the interpreter's final flush) go to /dev/null instead of raising again.
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        os.close(devnull)
+        return 141
     except ConfigError as exc:
         print(f"inverse-cloud: {exc}", file=sys.stderr)
         return 2

@@ -119,10 +119,16 @@ def cmd_service(args: argparse.Namespace) -> int:
                                 "inverse-cloud")
             print(f"enabled and started {UNIT_NAME}; logs: journalctl --user -u inverse-cloud -f")
         else:
-            print("no systemd user manager reachable from here; to start it, run:\n"
+            print("to start it, run:\n"
                   f"    systemctl --user daemon-reload && systemctl --user enable --now {UNIT_NAME}")
         if _linger_enabled() is not True:
             print(_linger_hint())
+        if not manager and not args.no_systemctl:
+            # The unit exists but nothing runs: that is not the success `install` promises.
+            print("inverse-cloud: the unit is written but not started: no systemd user manager answers "
+                  "(`systemctl --user` needs a login session, or linger); start it with the commands above",
+                  file=sys.stderr)
+            return 1
         print("next: inverse-cloud status   (then `inverse-cloud phone` to set up the phone)")
         return 0
     if args.action == "uninstall":

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import ipaddress
 import json
 import socket
 import ssl
@@ -131,9 +132,10 @@ class _Ctx:
         override = self.opts.resolve.get(host.lower().rstrip("."))
         if override:
             return list(override)
+        # A literal address is its own answer; anything else is a name for the resolver (inet_pton would
+        # raise OSError, not ValueError, on a name: every real relay host).
         with contextlib.suppress(ValueError):
-            socket.inet_pton(socket.AF_INET6 if ":" in host else socket.AF_INET, host)
-            return [host]
+            return [str(ipaddress.ip_address(host.strip("[]")))]
         assert self.cfg is not None
         loop = asyncio.get_running_loop()
         if self.cfg.acme.dns_server is not None:
@@ -168,7 +170,7 @@ async def check_config(ctx: _Ctx) -> Check:
     try:
         ctx.cfg = config_mod.load(ctx.path)
     except ConfigError as exc:
-        return Check("config", "fail", str(exc), f"fix {ctx.path} (or run `inverse-cloud init`)")
+        return Check("config", "fail", str(exc), f"correct {ctx.path} (or run `inverse-cloud init`)")
     return Check("config", "ok", f"{ctx.path} is valid")
 
 
@@ -184,9 +186,15 @@ def _mode_problem(path: Path, want: int, is_dir: bool) -> str | None:
 
 
 async def check_keys(ctx: _Ctx) -> Check:
+    from inverse_cloud.fsutil import access_problem
+
     cfg = ctx.cfg
     assert cfg is not None
     s = cfg.server
+    for folder, what in ((s.data_dir, "the data folder"), (s.state_dir, "the state folder")):
+        problem = access_problem(folder, what)
+        if problem:
+            return Check("keys' permissions", "fail", problem, "")
     dirs = [s.data_dir, cfg.relay.key_file.parent, cfg.acme.account_dir]
     files = [cfg.relay.key_file, cfg.relay.takeover_key_file, s.htpasswd_path]
     if cfg.path is not None:

@@ -9,7 +9,8 @@ from typing import Any
 
 from inverse_cloud import config as config_mod
 from inverse_cloud.errors import ConfigError
-from inverse_cloud.prompt import ask, read_password
+from inverse_cloud.ops.answers import email_problem, password_problem
+from inverse_cloud.prompt import ask, ask_until, read_password
 
 __all__ = ["add_commands", "cmd_init"]
 
@@ -32,11 +33,17 @@ def cmd_init(args: argparse.Namespace) -> int:
         "Relay as USER@HOST[:PORT] (empty: no relay for now)", "", interactive)
     relay_user, relay_host, relay_port = (
         config_mod.parse_user_host(relay_text, "--relay", "inverse-cloud") if relay_text else ("inverse-cloud", "", 22))
-    email = args.acme_email if args.acme_email is not None else ask(
-        "E-mail for Let's Encrypt expiry notices (optional)", "", interactive)
+    if args.acme_email is not None:
+        email = args.acme_email
+    elif interactive:
+        email = ask_until("E-mail for Let's Encrypt expiry notices (optional)", "", email_problem, allow_empty=True)
+    else:
+        email = ""
+    if email and email_problem(email):
+        raise ConfigError(f"--acme-email: {email_problem(email)}")
     user = args.user or ask("First DAV user name", getpass.getuser(), interactive)
     users.validate_username(user)
-    password = read_password(args, interactive, user)
+    password = read_password(args, interactive, user, lambda pw: password_problem(pw, user))
 
     template = (Path(__file__).parent.parent / "templates" / "config.toml.in").read_text(encoding="utf-8")
     text = template.format(

@@ -102,11 +102,16 @@ def fetch_host_key(host: str, port: int, timeout_s: float = 15.0) -> str:
         return await asyncio.wait_for(asyncssh.get_server_host_key(
             host, port, config=None, server_host_key_algs=FETCH_ALGS), timeout_s)
 
+    from inverse_cloud.ops.netprobe import describe
+
     try:
         key = asyncio.run(fetch())
-    except (OSError, TimeoutError, asyncssh.Error) as exc:
-        raise TunnelError(f"cannot fetch the host key of relay {host}:{port}: "
-                          f"{getattr(exc, 'strerror', None) or exc or type(exc).__name__}") from None
+    except (OSError, TimeoutError) as exc:
+        raise TunnelError(f"cannot fetch the host key of relay {host}:{port}: {describe(exc)}; is sshd running "
+                          "there, and is the port open in the provider's firewall?") from None
+    except asyncssh.Error as exc:
+        raise TunnelError(f"cannot fetch the host key of relay {host}:{port}: the SSH handshake failed "
+                          f"({exc.reason or type(exc).__name__}); is it an SSH server?") from None
     if key is None:
         raise TunnelError(f"relay {host}:{port} sent no host key")
     return " ".join(key.export_public_key("openssh").decode().split()[:2])
