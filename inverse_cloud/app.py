@@ -38,8 +38,12 @@ def build_supervisor(cfg: Config) -> Supervisor:
     started_at = time.time()
     sup = Supervisor()
     tracker = SyncTracker()
+    def page_status() -> dict[str, Any]:
+        # Called per page view, once serve runs: every component below is built by then.
+        return snapshot(cfg, server, sup.components, tracker, started_at)
+
     page = HomePage(cfg.server.domain, cfg.server.htpasswd_path, cfg.server.storage_dir,
-                    auth_delay_s=cfg.server.auth_delay_s)
+                    auth_delay_s=cfg.server.auth_delay_s, status=page_status)
     server = DavServer(cfg, public_https_port=443, home_handler=page, response_hooks=[tracker.note])
     sup.add(server)
 

@@ -43,19 +43,26 @@ class _StandaloneTarget:
 
 
 def add_commands(sub: Any, common: argparse.ArgumentParser) -> None:
-    # --config goes on the leaf parsers only: a sub-parser's default would overwrite the parent's value.
-    p = sub.add_parser("cert", help="the TLS certificate: status, renew, CAA record")
+    p = sub.add_parser("cert", help="the TLS certificate: status, renew, CAA record",
+                       description="The TLS certificate: what is served and when it renews, an early renewal, "
+                                   "and the CAA record that pins issuance to our ACME account.")
     csub = p.add_subparsers(dest="cert_command", required=True, metavar="ACTION")
-    s = csub.add_parser("status", parents=[common], help="served certificate, next renewal, last error, CAA")
+    s = csub.add_parser("status", parents=[common], help="served certificate, next renewal, last error, CAA",
+                        description="The certificate (as the running server serves it, else from the files), "
+                                    "the next renewal, the last error and the CAA state.")
     s.add_argument("--json", action="store_true", help="machine-readable output")
     s.set_defaults(func=cmd_status)
-    r = csub.add_parser("renew", parents=[common], help="check now and renew if due (--force: renew anyway)")
+    r = csub.add_parser("renew", parents=[common], help="check now and renew if due (--force: renew anyway)",
+                        description="Check the certificate now and renew it if due; a running server does it "
+                                    "itself (asked over the control socket), otherwise this command does.")
     r.add_argument("--force", action="store_true", help="renew even if the certificate is not due "
                    "(still honours the CA's Retry-After)")
     r.add_argument("--timeout", type=float, default=RENEW_WAIT_S, metavar="S",
                    help=f"how long to wait for a running server's answer (default {RENEW_WAIT_S:.0f})")
     r.set_defaults(func=cmd_renew)
-    c = csub.add_parser("caa", parents=[common], help="print the CAA record that pins our ACME account")
+    c = csub.add_parser("caa", parents=[common], help="print the CAA record that pins our ACME account",
+                        description="Print the CAA record to publish (with our ACME account's accounturi) and "
+                                    "what DNS shows now. Registers the account first if there is none yet.")
     c.set_defaults(func=cmd_caa)
 
 

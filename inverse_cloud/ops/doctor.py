@@ -58,6 +58,7 @@ class Report:
     checks: list[Check] = field(default_factory=list)
     records: list[str] = field(default_factory=list)
     config_ok: bool = True
+    ready: str = ""  # the shared "ready for phones: ..." line
 
     @property
     def first_broken(self) -> Check | None:
@@ -72,7 +73,7 @@ class Report:
     def as_dict(self) -> dict[str, Any]:
         broken = self.first_broken
         return {"ok": self.exit_code == 0, "first_broken": broken.name if broken else None,
-                "checks": [c.__dict__ for c in self.checks], "dns_records": self.records}
+                "checks": [c.__dict__ for c in self.checks], "dns_records": self.records, "ready": self.ready}
 
 
 def parse_resolve(items: list[str]) -> dict[str, list[str]]:
@@ -223,7 +224,14 @@ async def check_dns(ctx: _Ctx) -> Check:
     cfg = ctx.cfg
     assert cfg is not None
     if not cfg.relay.enabled:
-        return Check("DNS", "skip", "no relay configured: phones reach this laptop only on the local network")
+        from inverse_cloud.ops.ready import is_loopback
+
+        host, port = cfg.server.https_listen
+        if is_loopback(f"{host}:{port}"):
+            return Check("DNS", "skip", f"no relay configured, and the server listens on {host}:{port}: only "
+                         "this machine can reach it, no phone can", "add a relay: inverse-cloud setup")
+        return Check("DNS", "skip", f"no relay configured: only devices on this network reach {host}:{port}, "
+                     "and they get a self-signed certificate", "add a relay: inverse-cloud setup")
     domain = cfg.server.domain
     try:
         relay = await ctx.resolve(cfg.relay.host)
@@ -479,6 +487,13 @@ async def run_doctor(path: Path, opts: DoctorOptions) -> Report:
                 report.config_ok = False
             report.checks += [Check(n, "not checked") for n in NAMES[i + 1:]]
             break
+    from inverse_cloud.ops.ready import readiness, ready_line
+
+    broken = report.first_broken
+    if broken is not None:
+        report.ready = ready_line(False, f"{broken.name}: {broken.detail}")
+    else:
+        report.ready = ready_line(*readiness(ctx.status))
     if ctx.cfg is not None and ctx.cfg.relay.enabled:
         if not ctx.relay_addrs:
             with contextlib.suppress(OSError):
@@ -500,6 +515,8 @@ def format_report(report: Report) -> str:
     lines.append("")
     lines.append(f"first broken link: {broken.name}" if broken else
                  ("all links work" if report.exit_code == 0 else "all links work, with warnings"))
+    if report.ready:
+        lines.append(report.ready)
     if report.records:
         lines.append("")
         lines.append("DNS records for this set-up:")

@@ -81,18 +81,31 @@ def cmd_init(args: argparse.Namespace) -> int:
 
 def add_commands(sub: Any, common: argparse.ArgumentParser) -> None:
     """Add ``init`` to the inverse-cloud parser."""
-    p = sub.add_parser("init", parents=[common], help="create the config, the data folder and a first user")
-    p.add_argument("--data-dir", metavar="DIR")
-    p.add_argument("--state-dir", metavar="DIR")
-    p.add_argument("--domain", metavar="NAME")
-    p.add_argument("--user", metavar="NAME")
-    p.add_argument("--password-file", metavar="FILE")
-    p.add_argument("--https-listen", metavar="HOST:PORT", default="127.0.0.1:8443")
-    p.add_argument("--http-listen", metavar="HOST:PORT", default="127.0.0.1:8080")
-    p.add_argument("--relay", metavar="USER@HOST[:PORT]")
-    p.add_argument("--acme-email", metavar="EMAIL")
-    p.add_argument("--acme-directory", metavar="URL")
-    p.add_argument("--acme-ca-bundle", metavar="FILE")
+    p = sub.add_parser(
+        "init", parents=[common], help="create the config, the data folder and a first user",
+        description="Write the config file, create the data and state folders, the first DAV user and the SSH "
+                    "keys for the relay. Asks for what no flag gives (or fails with --non-interactive). "
+                    "`inverse-cloud setup` runs this and every later step.")
+    p.add_argument("--data-dir", metavar="DIR",
+                   help=f"contacts, calendars, users and keys (default: {config_mod.default_data_dir()})")
+    p.add_argument("--state-dir", metavar="DIR",
+                   help=f"certificates, renewal state, control socket (default: {config_mod.default_state_dir()})")
+    p.add_argument("--domain", metavar="NAME", help="the name phones use, e.g. contacts.example.org "
+                   "(default: asked)")
+    p.add_argument("--user", metavar="NAME", help="first DAV user (default: asked, offering your login name)")
+    p.add_argument("--password-file", metavar="FILE", help="file holding that user's password on one line "
+                   "(default: asked twice on the terminal)")
+    p.add_argument("--https-listen", metavar="HOST:PORT", default="127.0.0.1:8443",
+                   help="where this laptop listens for HTTPS; the relay forwards 443 here (default: %(default)s)")
+    p.add_argument("--http-listen", metavar="HOST:PORT", default="127.0.0.1:8080",
+                   help="where this laptop listens for HTTP (ACME challenges, redirects; default: %(default)s)")
+    p.add_argument("--relay", metavar="USER@HOST[:PORT]", help="the relay's tunnel login, empty for none "
+                   "(default: asked; the login defaults to inverse-cloud)")
+    p.add_argument("--acme-email", metavar="EMAIL", help="e-mail for the CA's expiry notices (default: asked; "
+                   "empty: none)")
+    p.add_argument("--acme-directory", metavar="URL", help="ACME directory URL (default: Let's Encrypt)")
+    p.add_argument("--acme-ca-bundle", metavar="FILE", help="CA file to trust for the ACME directory "
+                   "(default: the system's)")
     p.add_argument("--non-interactive", action="store_true", help="never ask; fail on what is missing")
-    p.add_argument("--force", action="store_true", help="overwrite an existing config file")
+    p.add_argument("--force", action="store_true", help="overwrite an existing config file (keys are kept)")
     p.set_defaults(func=cmd_init)

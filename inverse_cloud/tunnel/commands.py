@@ -30,10 +30,11 @@ def add_commands(sub: Any, common: argparse.ArgumentParser) -> None:
         help="print (or apply) what the relay needs, and pin the relay's SSH host key",
         description="Renders the relay's user, authorized_keys, sshd Match block and NAT rules for review; "
                     "then fetches the relay's host key, shows its fingerprint and pins it in the config.")
-    p.add_argument("--output", metavar="DIR", help="write the files into DIR instead of printing them")
+    p.add_argument("--output", metavar="DIR", help="write the files into DIR instead of printing them "
+                   "(default: print them)")
     p.add_argument("--apply", metavar="ADMIN@RELAY[:PORT]",
                    help="run the generated setup.sh on the relay over ssh as ADMIN (root, or sudo without "
-                        "password); idempotent; checks `sshd -t` before reloading sshd")
+                        "password); idempotent; checks `sshd -t` before reloading sshd (default: do not apply)")
     p.add_argument("--nat", choices=["nft", "iptables", "none"], default="nft",
                    help="how setup.sh maps public 443/80 to the forwarded ports (default: nft; 'none' when "
                         "80/443 are used by a web server: see nginx-*.conf)")
