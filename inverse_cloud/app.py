@@ -27,7 +27,7 @@ from inverse_cloud.ops.control import ControlServer, refuse_if_running
 from inverse_cloud.ops.phone import HomePage
 from inverse_cloud.ops.status import SyncTracker, collect, snapshot
 from inverse_cloud.ops.systemd import Notifier, SystemdComponent, short_summary
-from inverse_cloud.ops.verbs import probe_verb
+from inverse_cloud.ops.verbs import cert_renew_verb, probe_verb
 from inverse_cloud.supervisor import Supervisor
 
 __all__ = ["build_supervisor", "cmd_serve", "serve"]
@@ -51,10 +51,12 @@ def build_supervisor(cfg: Config) -> Supervisor:
         from inverse_cloud.tunnel.link import Tunnel
 
         sup.add(Tunnel(cfg, server))
+    manager = None
     if cfg.acme.enabled:
         from inverse_cloud.certs.manager import CertManager
 
-        sup.add(CertManager(cfg, server))
+        manager = CertManager(cfg, server)
+        sup.add(manager)
 
     sup.add(page)
 
@@ -65,6 +67,8 @@ def build_supervisor(cfg: Config) -> Supervisor:
 
     control.register("status", status_verb)
     control.register("probe", probe_verb(server.challenges))
+    if manager is not None:
+        control.register("cert-renew", cert_renew_verb(manager))
     sup.add(control)
 
     sd = SystemdComponent(Notifier(), lambda: short_summary(
