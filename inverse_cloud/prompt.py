@@ -37,7 +37,7 @@ def ask_until(prompt: str, default: str, problem: Problem, *, allow_empty: bool 
         why = problem(answer) if answer else "an answer is needed"
         if why is None:
             return answer
-        print(f"  {why}; try again")
+        print(f"  {why} Try again." if why.endswith("?") else f"  {why}; try again")
 
 
 def read_password_file(path: str) -> str:

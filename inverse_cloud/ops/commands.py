@@ -249,6 +249,9 @@ def cmd_doctor(args: argparse.Namespace) -> int:
 
 def add_commands(sub: Any, common: argparse.ArgumentParser) -> None:
     """Add this area's sub-commands to the inverse-cloud parser."""
+    from inverse_cloud.ops import setup
+
+    setup.add_commands(sub, common)
     p = sub.add_parser("status", parents=[common], help="what the running server is doing (exit 0 healthy, "
                        "1 degraded, 2 not running)",
                        description="Ask the running server (over its control socket) for the tunnel, the "
