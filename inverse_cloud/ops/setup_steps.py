@@ -156,9 +156,13 @@ def step_dns(ctx: Context) -> str:
     from inverse_cloud.ops.doctor import dns_records
 
     cfg = ctx.cfg()
-    relay = relay_addresses(cfg.relay.host)
-    records = [r for r in dns_records(cfg, relay, "") if " A " in r or " AAAA " in r]
-    ctx.out.note("publish at your DNS provider (the relay's own addresses; IPv4 is enough):")
+    # IPv4 only: the NAT rules relay-setup writes cover IPv4, and a half-working AAAA record makes phones on
+    # IPv6 fail now and then; an AAAA record seen at the servers is reported as not the relay.
+    relay = [a for a in relay_addresses(cfg.relay.host) if ":" not in a]
+    if not relay:
+        raise SetupError(f"the relay {cfg.relay.host} has no IPv4 address; the relay's NAT rules cover IPv4 only")
+    records = [r for r in dns_records(cfg, relay, "") if " A " in r]
+    ctx.out.note("publish at your DNS provider (and no AAAA record: the relay forwards IPv4 only):")
     for record in records:
         ctx.out.note(f"    {record}")
     servers = _servers(ctx, cfg.server.domain)
