@@ -29,11 +29,12 @@ PASSWORD = "correct horse battery"
 
 
 def test_setup_from_nothing_to_ready_for_phones(tmp_path):
-    """Typed: a URL for the domain (asked again), the relay, `none` for the admin, the tunnel login, no
-    e-mail, the user and a short password (asked again), then the right one twice. Steps: init, relay (host
-    key shown; typed y), dns (A seen), account (CAA record with accounturi printed), caa (seen after it is
-    added), start (serve started by hand when asked), certificate (Pebble issues through the tunnel), phone
-    (QR code, Thunderbird lines, 'ready for phones: yes'). A rerun skips every step and ends ready again."""
+    """Typed: a URL for the domain (asked again), the relay, `none` for the admin, the user and a short
+    password (asked again), then the right one twice (the tunnel login is the test relay's, as a flag).
+    Steps: init, relay (host key shown; typed y), dns (A seen), account (CAA record with accounturi
+    printed), caa (seen after it is added), start (serve started by hand when asked), certificate (Pebble
+    issues through the tunnel), phone (QR code, Thunderbird lines, 'ready for phones: yes'). A rerun skips
+    every step and ends ready again."""
     missing = sshd_available()
     assert missing is None, missing
     root = tmp_path / "ic"
@@ -48,7 +49,8 @@ def test_setup_from_nothing_to_ready_for_phones(tmp_path):
         argv = ["-m", "inverse_cloud.cli", "setup", "--config", str(cfg_path), "--data-dir", str(root / "data"),
                 "--state-dir", str(root / "state"), "--https-listen", f"127.0.0.1:{free_port()}",
                 "--http-listen", f"127.0.0.1:{free_port()}", "--acme-directory", ca.directory,
-                "--acme-ca-bundle", str(ca.wfe_ca), "--dns-server", ca.dns_server, "--wait", "120"]
+                "--acme-ca-bundle", str(ca.wfe_ca), "--dns-server", ca.dns_server, "--wait", "120",
+                "--tunnel-user", TEST_USER]
         child = pexpect.spawn(sys.executable, argv, encoding="utf-8", timeout=180, dimensions=(50, 220))
         child.logfile_read = sys.stdout
         srv: ServeProcess | None = None
@@ -61,10 +63,6 @@ def test_setup_from_nothing_to_ready_for_phones(tmp_path):
             child.sendline(f"127.0.0.1:{relay.ssh_port}")
             child.expect_exact("Admin login on the relay")
             child.sendline("none")
-            child.expect_exact("Tunnel login to create on the relay [inverse-cloud]")
-            child.sendline(TEST_USER)
-            child.expect_exact("E-mail for the CA's expiry notices")
-            child.sendline("")
             child.expect_exact("First DAV user name")
             child.sendline("alice")
             child.expect_exact("Password for DAV user alice:")

@@ -55,7 +55,9 @@ def test_config_before_or_after_the_command_and_from_the_environment(instance, m
     before = parser.parse_args(["--config", str(instance), "status"])
     after = parser.parse_args(["status", "--config", str(instance)])
     nested = parser.parse_args(["--config", str(instance), "cert", "status"])
-    assert config.config_path(before) == config.config_path(after) == config.config_path(nested) == instance
+    middle = parser.parse_args(["cert", "--config", str(instance), "status"])
+    leaf = parser.parse_args(["cert", "status", "--config", str(instance)])
+    assert {config.config_path(a) for a in (before, after, nested, middle, leaf)} == {instance}
     monkeypatch.setenv("INVERSE_CLOUD_CONFIG", str(instance))
     assert config.config_path(parser.parse_args(["status"])) == instance
     other = instance.parent / "other.toml"

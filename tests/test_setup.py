@@ -131,8 +131,8 @@ def finish(child: pexpect.spawn) -> int:
 
 def test_setup_asks_again_with_reasons_then_resumes(tmp_path, relay, dns_server):
     """Typed answers, wrong ones first: a URL for the domain, an unresolvable relay, a relay port with no SSH
-    server, a bad e-mail, a short password and a mismatch: each is asked again with its one-line reason. The
-    tunnel login defaults to inverse-cloud. Steps then run one line each: init, relay (host key shown and
+    server, a short password and a mismatch: each is asked again with its one-line reason. The tunnel login
+    is not asked: it defaults to inverse-cloud. Steps then run one line each: init, relay (host key shown and
     pinned after typing y), dns (the A record seen at the given server) and account, which fails with one
     line because no CA answers. A rerun asks nothing, says 'done before' for the first three steps and
     stops at the same step: the end state is the same."""
@@ -151,12 +151,6 @@ def test_setup_asks_again_with_reasons_then_resumes(tmp_path, relay, dns_server)
     child.sendline(f"127.0.0.1:{relay.port}")
     child.expect_exact("Admin login on the relay")
     child.sendline("none")
-    child.expect_exact("Tunnel login to create on the relay [inverse-cloud]")
-    child.sendline("")
-    child.expect_exact("E-mail for the CA's expiry notices")
-    child.sendline("not-an-email")
-    child.expect_exact("is not an e-mail address")
-    child.sendline("")
     child.expect_exact("First DAV user name")
     child.sendline("alice")
     child.expect_exact("Password for DAV user alice:")
@@ -202,13 +196,18 @@ def test_setup_asks_again_with_reasons_then_resumes(tmp_path, relay, dns_server)
     assert (root / "cfg" / "config.toml").read_text() == cfg_text
 
 
-def test_setup_non_interactive_refuses_a_bad_answer_in_one_line(tmp_path):
-    """--non-interactive with a URL for --domain: exit 2, one line with the reason, nothing written."""
+def test_setup_non_interactive_refuses_a_bad_answer_in_one_line(tmp_path, relay):
+    """--non-interactive with a URL for --domain, or a bad --email: exit 2, one line with the reason, nothing
+    written."""
     root = tmp_path / "ic"
     child = spawn(root, "--non-interactive", "--domain", "https://laptop.test/", "--relay", "127.0.0.1:1")
     assert finish(child) == 2
     assert "--domain https://laptop.test/: 'https://laptop.test/' is a URL" in child.before
     assert not (root / "cfg" / "config.toml").exists()
+    bad_mail = spawn(root, "--non-interactive", "--domain", "laptop.test", "--relay", f"127.0.0.1:{relay.port}",
+                     "--relay-admin", "none", "--email", "not-an-email")
+    assert finish(bad_mail) == 2
+    assert "not an e-mail address" in bad_mail.before
 
 
 @pytest.mark.parametrize(("check", "answer", "fragment"), [
@@ -240,3 +239,56 @@ def test_state_file_round_trip(tmp_path):
     again = SetupState.load(tmp_path / "s.json")
     assert again.answers == {"domain": "laptop.test"} and again.done == ["init"]
     assert (tmp_path / "s.json").stat().st_mode & 0o077 == 0
+
+
+def test_setup_shows_what_dns_says_and_resumes_after_ctrl_c(tmp_path, relay, dns_server):
+    """Everything given as flags (nothing is asked). The A record is not published yet: the dns step shows
+    what the server says ('no A/AAAA record yet') and keeps waiting; Ctrl-C stops it (exit 130) with init
+    and relay recorded as done. The record is published; the rerun skips init and relay, sees the record and
+    goes on to the next step."""
+    dns_server.records = {("laptop.test", "TXT"): ['"placeholder"']}  # the zone exists, the A record not yet
+    root = tmp_path / "ic"
+    pw = tmp_path / "pw"
+    pw.write_text("correct horse battery\n")
+    flags = ["--domain", "laptop.test", "--relay", f"127.0.0.1:{relay.port}", "--relay-admin", "none",
+             "--email", "", "--user", "alice", "--password-file", str(pw), "--yes",
+             "--dns-server", f"127.0.0.1:{dns_server.port}"]
+    child = spawn(root, *flags)
+    child.expect_exact("[2/8] relay: ")
+    child.expect_exact("127.0.0.1: no A/AAAA record yet")
+    child.sendintr()
+    assert finish(child) == 130
+    state = json.loads((root / "cfg" / "setup-state.json").read_text())
+    assert state["done"] == ["init", "relay"]
+
+    dns_server.records = {("laptop.test", "A"): ["127.0.0.1"]}
+    again = spawn(root, *flags)
+    again.expect_exact("[1/8] init: done before")
+    again.expect_exact("[2/8] relay: done before")
+    again.expect_exact("[3/8] dns: laptop.test -> 127.0.0.1")
+    assert finish(again) == 1  # the account step: no CA in this test
+    assert json.loads((root / "cfg" / "setup-state.json").read_text())["done"] == ["init", "relay", "dns"]
+
+
+def test_relay_step_applies_the_rendered_script_as_the_admin(tmp_path, relay, monkeypatch):
+    """With an admin login, the relay step runs relay-setup's own setup.sh over `ssh ADMIN@HOST:PORT` (the
+    call is recorded here instead of reaching a real relay), then pins the host key it shows."""
+    import argparse
+
+    from inverse_cloud.ops import setup_steps
+    from inverse_cloud.ops.setup import Lines
+    from inverse_cloud.tunnel import commands as tunnel_commands
+    from tests.support import init_instance
+
+    cfg = init_instance(tmp_path / "ic", relay=f"inverse-cloud@127.0.0.1:{relay.port}")
+    calls: list[tuple[str, str]] = []
+    monkeypatch.setattr(tunnel_commands, "apply_over_ssh", lambda target, script: calls.append((target, script)))
+    ctx = setup_steps.Context(args=argparse.Namespace(yes=True), cfg_path=cfg, password="",
+                              answers={"relay": f"127.0.0.1:{relay.port}", "relay_admin": "root"}, out=Lines(),
+                              interactive=False)
+    line = setup_steps.step_relay(ctx)
+    assert calls and calls[0][0] == f"root@127.0.0.1:{relay.port}"
+    assert "inverse-cloud" in calls[0][1] and "sshd -t" in calls[0][1]
+    assert line.startswith("relay side applied on 127.0.0.1 as root (tunnel login inverse-cloud)"), line
+    assert relay.fingerprint in line
+    assert 'host_key = "ssh-ed25519 ' in cfg.read_text()

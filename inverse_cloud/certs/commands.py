@@ -44,7 +44,7 @@ class _StandaloneTarget:
 
 
 def add_commands(sub: Any, common: argparse.ArgumentParser) -> None:
-    p = sub.add_parser("cert", help="the TLS certificate: status, renew, CAA record",
+    p = sub.add_parser("cert", parents=[common], help="the TLS certificate: status, renew, CAA record",
                        description="The TLS certificate: what is served and when it renews, an early renewal, "
                                    "and the CAA record that pins issuance to our ACME account.")
     csub = p.add_subparsers(dest="cert_command", required=True, metavar="ACTION")

@@ -1,8 +1,8 @@
 """``inverse-cloud setup``: from nothing to a syncing phone, as one guided command.
 
 It asks only what it cannot find out (the domain, the relay and its admin login, the first user and
-password), checks each answer on entry and asks again with a one-line reason, then runs the steps, one
-line each::
+password; the tunnel login defaults to ``inverse-cloud`` and the e-mail to none, flags only), checks each
+answer on entry and asks again with a one-line reason, then runs the steps, one line each::
 
     init -> relay (apply the relay side, pin its host key) -> dns (print the records, wait for the A record
     at the domain's authoritative servers) -> account (register, print CAA with accounturi) -> caa (wait for
@@ -102,12 +102,15 @@ def admin_problem(answer: str) -> str | None:
 
 def _answer(args: argparse.Namespace, state: SetupState, key: str, prompt: str, default: str,
             problem: Any, interactive: bool, *, allow_empty: bool = False) -> str:
-    """A flag wins, then the saved answer, then asking; every source passes the same check."""
+    """A flag wins, then the saved answer, then asking (never when ``prompt`` is empty: the default is
+    taken); every source passes the same check."""
     given = getattr(args, key)
     if given is not None:
         value = str(given)
     elif key in state.answers:
         value = state.answers[key]
+    elif not prompt:
+        value = default
     elif interactive:
         value = ask_until(prompt, default, problem, allow_empty=allow_empty)
     elif default or allow_empty:
@@ -135,10 +138,9 @@ def collect_answers(args: argparse.Namespace, state: SetupState, interactive: bo
                          relay_reach_problem, interactive),
         "relay_admin": _answer(args, state, "relay_admin", f"Admin login on the relay to apply its side ({NO_ADMIN}: "
                                "you apply it yourself)", "root", admin_problem, interactive),
-        "tunnel_user": _answer(args, state, "tunnel_user", "Tunnel login to create on the relay", TUNNEL_USER,
-                               login_problem, interactive),
-        "email": _answer(args, state, "email", "E-mail for the CA's expiry notices (optional)", "",
-                         email_problem, interactive, allow_empty=True),
+        # Not asked (a good default, or optional): flags only.
+        "tunnel_user": _answer(args, state, "tunnel_user", "", TUNNEL_USER, login_problem, interactive),
+        "email": _answer(args, state, "email", "", "", email_problem, interactive, allow_empty=True),
         "user": _answer(args, state, "user", "First DAV user name", getpass.getuser(), _user_problem,
                         interactive),
     }
@@ -230,8 +232,7 @@ def add_commands(sub: Any, common: argparse.ArgumentParser) -> None:
                    f"ssh; {NO_ADMIN}: you apply it yourself (default: asked, offering root)")
     p.add_argument("--tunnel-user", metavar="LOGIN", help=f"tunnel login created on the relay (default: "
                    f"{TUNNEL_USER})")
-    p.add_argument("--email", metavar="EMAIL", help="e-mail for the CA's expiry notices (default: asked; empty: "
-                   "none)")
+    p.add_argument("--email", metavar="EMAIL", help="e-mail given to the CA with the account (default: none)")
     p.add_argument("--user", metavar="NAME", help="first DAV user (default: asked, offering your login name)")
     p.add_argument("--password-file", metavar="FILE", help="that user's password on one line (default: asked "
                    "twice)")
