@@ -292,3 +292,52 @@ def test_relay_step_applies_the_rendered_script_as_the_admin(tmp_path, relay, mo
     assert line.startswith("relay side applied on 127.0.0.1 as root (tunnel login inverse-cloud)"), line
     assert relay.fingerprint in line
     assert 'host_key = "ssh-ed25519 ' in cfg.read_text()
+
+
+def gone(pid: int) -> bool:
+    try:
+        return "zombie" in Path(f"/proc/{pid}/status").read_text().lower()
+    except FileNotFoundError:
+        return True
+
+
+def test_start_step_installs_the_unit_enables_linger_and_waits_for_the_server(tmp_path, monkeypatch):
+    """With a user manager (stand-ins for systemctl and loginctl on PATH that record their arguments; the
+    systemctl stand-in starts `serve` for `enable --now`, as the real one would through the unit): the start
+    step writes the unit, runs daemon-reload and enable --now, enables linger, and returns once the server
+    answers on its control socket."""
+    import argparse
+    import os
+    import signal
+
+    from inverse_cloud.ops import setup_steps
+    from inverse_cloud.ops.setup import Lines
+    from tests.support import init_instance, wait_until
+
+    cfg = init_instance(tmp_path / "ic")
+    bindir, calls, pidfile = tmp_path / "bin", tmp_path / "calls", tmp_path / "serve.pid"
+    bindir.mkdir()
+    (bindir / "systemctl").write_text(
+        f'#!/bin/sh\necho "systemctl $*" >> {calls}\n'
+        f'case "$*" in *"enable --now"*) {sys.executable} -m inverse_cloud.cli serve --config {cfg} '
+        f'> {tmp_path}/serve.log 2>&1 & echo $! > {pidfile};; esac\nexit 0\n')
+    (bindir / "loginctl").write_text(f'#!/bin/sh\necho "loginctl $*" >> {calls}\nexit 0\n')
+    for tool in ("systemctl", "loginctl"):
+        (bindir / tool).chmod(0o755)
+    monkeypatch.setenv("PATH", f"{bindir}:{os.environ['PATH']}")
+    monkeypatch.setenv("XDG_CONFIG_HOME", str(tmp_path / "xdg"))
+    ctx = setup_steps.Context(args=argparse.Namespace(wait=60), cfg_path=cfg, password="",
+                              answers={"user": "alice"}, out=Lines(), interactive=False)
+    try:
+        line = setup_steps.step_start(ctx)
+    finally:
+        if pidfile.exists():
+            pid = int(pidfile.read_text())
+            os.kill(pid, signal.SIGTERM)
+            wait_until(lambda: gone(pid), 30, "serve to stop")
+    recorded = calls.read_text()
+    assert "systemctl --user daemon-reload" in recorded
+    assert "systemctl --user enable --now inverse-cloud.service" in recorded
+    assert "loginctl enable-linger" in recorded
+    assert (tmp_path / "xdg" / "systemd" / "user" / "inverse-cloud.service").exists()
+    assert line.startswith("user unit installed and started, linger on"), line
