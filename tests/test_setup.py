@@ -341,3 +341,31 @@ def test_start_step_installs_the_unit_enables_linger_and_waits_for_the_server(tm
     assert "loginctl enable-linger" in recorded
     assert (tmp_path / "xdg" / "systemd" / "user" / "inverse-cloud.service").exists()
     assert line.startswith("user unit installed and started, linger on"), line
+
+
+def test_ctrl_c_at_the_host_key_question_resumes_at_the_relay_step(tmp_path, relay, dns_server):
+    """Ctrl-C while setup asks to confirm the relay's host key: exit 130, only init recorded, nothing pinned.
+    The rerun skips init, asks the same question again (same fingerprint) and, after y, goes on."""
+    root = tmp_path / "ic"
+    pw = tmp_path / "pw"
+    pw.write_text("correct horse battery\n")
+    flags = ["--domain", "laptop.test", "--relay", f"127.0.0.1:{relay.port}", "--relay-admin", "none",
+             "--user", "alice", "--password-file", str(pw), "--dns-server", f"127.0.0.1:{dns_server.port}"]
+    child = spawn(root, *flags)
+    child.expect_exact("[1/8] init: wrote")
+    child.expect_exact(relay.fingerprint)
+    child.expect_exact("[y/N]")
+    child.sendintr()
+    assert finish(child) == 130
+    assert json.loads((root / "cfg" / "setup-state.json").read_text())["done"] == ["init"]
+    assert 'host_key = ""' in (root / "cfg" / "config.toml").read_text()
+
+    again = spawn(root, *flags)
+    again.expect_exact("[1/8] init: done before")
+    again.expect_exact(relay.fingerprint)
+    again.expect_exact("[y/N]")
+    again.sendline("y")
+    again.expect_exact("[2/8] relay: relay side left to you")
+    again.expect_exact("[3/8] dns: laptop.test -> 127.0.0.1")
+    assert finish(again) == 1  # the account step: no CA in this test
+    assert json.loads((root / "cfg" / "setup-state.json").read_text())["done"] == ["init", "relay", "dns"]
