@@ -23,11 +23,11 @@ from inverse_cloud import config as config_mod
 from inverse_cloud.config import Config
 from inverse_cloud.dav.server import DavServer
 from inverse_cloud.errors import ConfigError, InverseCloudError, StartupError
-from inverse_cloud.ops.control import ControlServer
+from inverse_cloud.ops.control import ControlServer, refuse_if_running
 from inverse_cloud.ops.phone import HomePage
 from inverse_cloud.ops.status import SyncTracker, collect, snapshot
 from inverse_cloud.ops.systemd import Notifier, SystemdComponent, short_summary
-from inverse_cloud.ops.verbs import probe_verb
+from inverse_cloud.ops.verbs import cert_renew_verb, probe_verb
 from inverse_cloud.supervisor import Supervisor
 
 __all__ = ["build_supervisor", "cmd_serve", "serve"]
@@ -38,8 +38,12 @@ def build_supervisor(cfg: Config) -> Supervisor:
     started_at = time.time()
     sup = Supervisor()
     tracker = SyncTracker()
+    def page_status() -> dict[str, Any]:
+        # Called per page view, once serve runs: every component below is built by then.
+        return snapshot(cfg, server, sup.components, tracker, started_at)
+
     page = HomePage(cfg.server.domain, cfg.server.htpasswd_path, cfg.server.storage_dir,
-                    auth_delay_s=cfg.server.auth_delay_s)
+                    auth_delay_s=cfg.server.auth_delay_s, status=page_status)
     server = DavServer(cfg, public_https_port=443, home_handler=page, response_hooks=[tracker.note])
     sup.add(server)
 
@@ -47,10 +51,12 @@ def build_supervisor(cfg: Config) -> Supervisor:
         from inverse_cloud.tunnel.link import Tunnel
 
         sup.add(Tunnel(cfg, server))
+    manager = None
     if cfg.acme.enabled:
         from inverse_cloud.certs.manager import CertManager
 
-        sup.add(CertManager(cfg, server))
+        manager = CertManager(cfg, server)
+        sup.add(manager)
 
     sup.add(page)
 
@@ -61,6 +67,8 @@ def build_supervisor(cfg: Config) -> Supervisor:
 
     control.register("status", status_verb)
     control.register("probe", probe_verb(server.challenges))
+    if manager is not None:
+        control.register("cert-renew", cert_renew_verb(manager))
     sup.add(control)
 
     sd = SystemdComponent(Notifier(), lambda: short_summary(
@@ -77,6 +85,13 @@ def serve(cfg: Config) -> None:
     :raises StartupError: a component could not start (the ones already started were stopped).
     :raises ConfigError: the configuration cannot be served as it is.
     """
+    from inverse_cloud.fsutil import access_problem
+
+    for folder, what in ((cfg.server.data_dir, "the data folder"), (cfg.server.state_dir, "the state folder")):
+        problem = access_problem(folder, what)
+        if problem:
+            raise StartupError(problem)
+    asyncio.run(refuse_if_running(cfg.server.control_socket))
     sup = build_supervisor(cfg)
     try:
         asyncio.run(sup.run())

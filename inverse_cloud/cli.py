@@ -1,5 +1,6 @@
-"""Command line. The only module that prints errors for humans and chooses exit codes:
-0 ok, 1 a command failed, 2 bad configuration or usage, 3 ``serve`` could not start."""
+"""Command line. The only module that prints errors for humans and chooses exit codes (README "Exit
+codes"): 0 ok, 1 a command failed, 2 bad configuration or usage, 3 ``serve`` could not start, 130 Ctrl-C,
+141 the output pipe was closed."""
 
 from __future__ import annotations
 
@@ -36,16 +37,23 @@ def build_parser() -> argparse.ArgumentParser:
         prog="inverse-cloud",
         description="Contacts and calendars on your laptop, reachable through a relay that only sees TLS.")
     parser.add_argument("--version", action="version", version=f"inverse-cloud {__version__}")
+    config_help = (f"config file (default: $INVERSE_CLOUD_CONFIG, else {config_mod.default_config_path()}); "
+                   "before or after the command")
+    parser.add_argument("--config", metavar="PATH", help=config_help)
+    # The same option after the command. SUPPRESS: absent there, it must not overwrite a --config given
+    # before the command with None (argparse copies a sub-parser's defaults over the parent's values).
     common = argparse.ArgumentParser(add_help=False)
-    common.add_argument("--config", metavar="PATH",
-                        help=f"config file (default: {config_mod.default_config_path()})")
+    common.add_argument("--config", metavar="PATH", default=argparse.SUPPRESS, help=config_help)
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     # Each area contributes its own commands, in the order `--help` lists them.
     init_cmd.add_commands(sub, common)
     dav_commands.add_commands(sub, common)
-    p = sub.add_parser("serve", parents=[common], help="run the server (and tunnel, and certificates)")
-    p.add_argument("--log-level", choices=["debug", "info", "warning", "error"])
+    p = sub.add_parser("serve", parents=[common], help="run the server (and tunnel, and certificates)",
+                       description="Run the DAV server, the tunnel to the relay and the certificate manager in "
+                                   "the foreground until SIGTERM or Ctrl-C (the systemd unit runs this).")
+    p.add_argument("--log-level", choices=["debug", "info", "warning", "error"],
+                   help="log detail on stderr (default: [server] log_level in the config, info)")
     p.set_defaults(func=_serve)
     for area in (tunnel_commands, cert_commands, ops_commands):
         area.add_commands(sub, common)
@@ -58,7 +66,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     if getattr(args, "command", None) == "user" and args.action != "list" and not args.name:
         parser.error("user add|remove|passwd needs a NAME")
     try:
-        return int(args.func(args))
+        code = int(args.func(args))
+        sys.stdout.flush()  # here, so a closed pipe is seen below and not at interpreter exit
+        return code
+    except BrokenPipeError:
+        # The reader went away (`status | head -n1`): stop quietly, as a program killed by SIGPIPE would.
+        # Later writes (the interpreter's final flush) go to /dev/null instead of raising again.
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        os.close(devnull)
+        return 141
     except ConfigError as exc:
         print(f"inverse-cloud: {exc}", file=sys.stderr)
         return 2

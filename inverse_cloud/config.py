@@ -427,8 +427,9 @@ def replace_server(cfg: Config, **changes: Any) -> Config:
 
 
 def config_path(args: argparse.Namespace) -> Path:
-    """The config file a command was given (``--config``), else :func:`default_config_path`."""
-    given = getattr(args, "config", None)
+    """The config file a command was given (``--config``, before or after the command), else
+    ``$INVERSE_CLOUD_CONFIG``, else :func:`default_config_path`."""
+    given = getattr(args, "config", None) or os.environ.get("INVERSE_CLOUD_CONFIG")
     return Path(given).expanduser() if given else default_config_path()
 
 

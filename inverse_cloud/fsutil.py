@@ -10,7 +10,7 @@ from pathlib import Path
 
 from inverse_cloud.errors import ConfigError
 
-__all__ = ["atomic_write", "check_private", "ensure_private_dir"]
+__all__ = ["access_problem", "atomic_write", "check_private", "ensure_private_dir"]
 
 
 def ensure_private_dir(path: Path) -> Path:
@@ -65,3 +65,32 @@ def check_private(path: Path, what: str) -> None:
             f"{what} {path} has mode {mode:04o}; must be 0600 (run: chmod 600 {path})")
     if st.st_uid != os.getuid():
         raise ConfigError(f"{what} {path} is owned by uid {st.st_uid}, not by you (uid {os.getuid()})")
+
+
+def _user_name(uid: int) -> str:
+    import pwd
+
+    try:
+        return pwd.getpwuid(uid).pw_name
+    except KeyError:
+        return f"uid {uid}"
+
+
+def access_problem(path: Path, what: str) -> str | None:
+    """Why this process cannot use the folder ``path`` (another user's, or behind a folder it may not enter),
+    as one line with the fix; None when it can (or when ``path`` does not exist yet)."""
+    me = _user_name(os.getuid())
+    try:
+        st = path.stat()
+    except FileNotFoundError:
+        return None
+    except PermissionError:
+        return (f"{what} {path} is inside a folder you ({me}) may not enter: run inverse-cloud as the user "
+                "who created it, or move the folder")
+    if os.access(path, os.R_OK | os.W_OK | os.X_OK):
+        return None
+    owner = _user_name(st.st_uid)
+    if st.st_uid != os.getuid():
+        return (f"{what} {path} belongs to {owner}, not to you ({me}): run inverse-cloud as {owner}, or take "
+                f"the folder over with: sudo chown -R {me} {path}")
+    return f"{what} {path} is not readable and writable by you ({me}): run: chmod 700 {path}"

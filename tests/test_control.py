@@ -173,7 +173,7 @@ def _doc(**over):
     ({"certificate": {"served": {"not_after": "2027-11-01T00:00:00Z", "self_signed": True}}}, "degraded",
      "self-signed"),
     ({"relay": {"enabled": False}, "tunnel": None, "acme_enabled": False,
-      "certificate": {"served": {"not_after": "2027-11-01T00:00:00Z", "self_signed": True}}}, "healthy", None),
+      "certificate": {"served": {"not_after": "2027-11-01T00:00:00Z", "self_signed": True}}}, "local only", None),
     ({"storage": {"problem": "storage folder /x is empty"}}, "degraded", "storage folder /x is empty"),
     ({"components": {"acme": {"healthy": False, "last_error": "CA unreachable"}}}, "degraded", "CA unreachable"),
 ])
@@ -203,14 +203,16 @@ def test_status_command_against_running_server(instance, tmp_path):
         out = subprocess.run([*cli, "status", "--config", str(instance)], capture_output=True, text=True,
                              timeout=30)
         assert out.returncode == 0, out.stdout + out.stderr
-        assert "HEALTHY" in out.stdout
+        # No relay in this instance: nothing is broken, but phones cannot reach it, and status says so.
+        assert "LOCAL ONLY" in out.stdout and "HEALTHY" not in out.stdout
+        assert "ready for phones: no, because no relay is configured" in out.stdout
         assert "DAV user alice: calendar (calendar, 0 items), contacts (addressbook, 0 items)" in out.stdout
         assert "alice with 'DAVx5/4.4.3-ose'" in out.stdout
         assert "plaintext only here: TLS ends in this process" in out.stdout
         js = subprocess.run([*cli, "status", "--json", "--config", str(instance)], capture_output=True,
                             text=True, timeout=30)
         doc = json.loads(js.stdout)
-        assert js.returncode == 0 and doc["health"] == "healthy"
+        assert js.returncode == 0 and doc["health"] == "local only" and doc["ready_for_phones"] is False
         assert doc["pid"] == srv.pid
         assert doc["clients"][0]["user_agent"] == "DAVx5/4.4.3-ose"
         assert doc["certificate"]["served"]["self_signed"] is True

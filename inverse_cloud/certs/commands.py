@@ -1,9 +1,10 @@
 """``inverse-cloud cert status | renew [--force] | caa``.
 
-``cert status`` reads the files (certificate store, renewal state, account), so it works whether or not the
-server runs. ``cert renew`` asks a running server (request file + SIGHUP to the pid in the manager's lock
-file) and waits for its answer; with no server running it does the work itself, with a temporary HTTP-01
-listener on ``[server] http_listen``.
+``cert status`` reads the files (certificate store, renewal state, account) and asks a running server over
+the control socket whether it runs, so it works either way. ``cert renew`` asks a running server over the
+control socket (verb ``cert-renew``) and waits for the renewal state file to record the check; with no server
+running it does the work itself, with a temporary HTTP-01 listener on ``[server] http_listen``. With ACME off,
+``renew`` and ``caa`` say so and touch nothing (no account key is created).
 """
 
 from __future__ import annotations
@@ -44,19 +45,26 @@ class _StandaloneTarget:
 
 def add_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser], common: argparse.ArgumentParser
                  ) -> None:
-    # --config goes on the leaf parsers only: a sub-parser's default would overwrite the parent's value.
-    p = sub.add_parser("cert", help="the TLS certificate: status, renew, CAA record")
+    p = sub.add_parser("cert", parents=[common], help="the TLS certificate: status, renew, CAA record",
+                       description="The TLS certificate: what is served and when it renews, an early renewal, "
+                                   "and the CAA record that pins issuance to our ACME account.")
     csub = p.add_subparsers(dest="cert_command", required=True, metavar="ACTION")
-    s = csub.add_parser("status", parents=[common], help="served certificate, next renewal, last error, CAA")
+    s = csub.add_parser("status", parents=[common], help="served certificate, next renewal, last error, CAA",
+                        description="The certificate (as the running server serves it, else from the files), "
+                                    "the next renewal, the last error and the CAA state.")
     s.add_argument("--json", action="store_true", help="machine-readable output")
     s.set_defaults(func=cmd_status)
-    r = csub.add_parser("renew", parents=[common], help="check now and renew if due (--force: renew anyway)")
+    r = csub.add_parser("renew", parents=[common], help="check now and renew if due (--force: renew anyway)",
+                        description="Check the certificate now and renew it if due; a running server does it "
+                                    "itself (asked over the control socket), otherwise this command does.")
     r.add_argument("--force", action="store_true", help="renew even if the certificate is not due "
                    "(still honours the CA's Retry-After)")
     r.add_argument("--timeout", type=float, default=RENEW_WAIT_S, metavar="S",
                    help=f"how long to wait for a running server's answer (default {RENEW_WAIT_S:.0f})")
     r.set_defaults(func=cmd_renew)
-    c = csub.add_parser("caa", parents=[common], help="print the CAA record that pins our ACME account")
+    c = csub.add_parser("caa", parents=[common], help="print the CAA record that pins our ACME account",
+                        description="Print the CAA record to publish (with our ACME account's accounturi) and "
+                                    "what DNS shows now. Registers the account first if there is none yet.")
     c.set_defaults(func=cmd_caa)
 
 
@@ -92,6 +100,15 @@ def status_document(cfg: Config) -> dict[str, Any]:
     files = StateFiles(cfg)
     state = files.load_state()
     holder = files.holder()
+    # The control socket answers whether or not ACME runs (the lock file exists only with ACME on).
+    from inverse_cloud.ops.control import ControlError, ask
+
+    try:
+        live = ask(cfg.server.control_socket, "status", timeout_s=5)
+        running: dict[str, Any] = {"running": True, "pid": live.get("pid"),
+                                   "served": (live.get("certificate") or {}).get("served")}
+    except ControlError:
+        running = {"running": bool(holder and holder[1] == "serve"), "pid": holder[0] if holder else None}
     account = AccountStore(cfg.acme.account_dir).account_uri(cfg.acme.directory)
     issuer = issuer_domain_for(cfg.acme.directory, cfg.acme.caa_issuer)
     now = dt.datetime.now(dt.UTC)
@@ -102,7 +119,7 @@ def status_document(cfg: Config) -> dict[str, Any]:
 
     return {
         "domain": cfg.server.domain, "acme_enabled": cfg.acme.enabled, "directory": cfg.acme.directory,
-        "server": {"running": bool(holder and holder[1] == "serve"), "pid": holder[0] if holder else None},
+        "server": running,
         "certificate": _disk_cert(cfg),
         "next_renewal": iso(state.next_renewal_at), "next_action": state.next_action,
         "last_check": iso(state.last_check_at), "last_success": iso(state.last_success_at),
@@ -150,11 +167,43 @@ def cmd_status(args: argparse.Namespace) -> int:
 
 # --- renew ------------------------------------------------------------------------------------------
 
+def _acme_off(cfg: Config) -> AcmeError:
+    why = "[acme] enabled = false" if cfg.relay.enabled else "no relay is configured, so ACME is off by default"
+    return AcmeError(f"{cfg.path}: ACME is off ({why}): the server serves a self-signed certificate, there is no "
+                     "account and nothing to renew; set [acme] enabled = true (with a relay) to get one")
+
+
+def _server_answer(cfg: Config, cmd: str, **params: Any) -> Any | None:
+    """The running server's answer to ``cmd`` over the control socket; None when no server runs.
+
+    :raises AcmeError: the server runs but refused the command (its answer says why).
+    """
+    from inverse_cloud.ops.control import ControlError, NotRunning, ask
+
+    try:
+        return ask(cfg.server.control_socket, cmd, timeout_s=10, **params)
+    except NotRunning:
+        return None
+    except ControlError as exc:
+        if "unknown command" in str(exc):
+            raise AcmeError(f"the running server was started without ACME; restart it to use the current "
+                            f"config (systemctl --user restart inverse-cloud): {exc}") from None
+        raise AcmeError(f"the running server did not take the request: {exc}") from None
+
+
 def cmd_renew(args: argparse.Namespace) -> int:
     from inverse_cloud.certs.manager import StateFiles
 
     cfg = config_mod.load_config(args)
+    if not cfg.acme.enabled:
+        raise _acme_off(cfg)
     files = StateFiles(cfg)
+    answer = _server_answer(cfg, "cert-renew", force=args.force)
+    if answer is not None:
+        requested = dt.datetime.fromisoformat(answer["requested_at"])
+        print(f"asked the running server to check the certificate{' (forced)' if args.force else ''}",
+              file=sys.stderr)
+        return _wait_for_check(cfg, files, requested, args.timeout)
     holder = files.holder()
     if holder is not None and holder[1] != "serve":
         raise AcmeError(f"another `inverse-cloud cert` command (pid {holder[0]}) is obtaining a certificate; "
@@ -175,13 +224,17 @@ def _renew_via_server(cfg: Config, files: Any, pid: int, force: bool, timeout_s:
         raise AcmeError(f"the server (pid {pid}) is gone; run `inverse-cloud cert renew` again") from None
     print(f"asked the running server (pid {pid}) to check the certificate{' (forced)' if force else ''}",
           file=sys.stderr)
+    return _wait_for_check(cfg, files, requested, timeout_s)
+
+
+def _wait_for_check(cfg: Config, files: Any, requested: dt.datetime, timeout_s: float) -> int:
     deadline = time.monotonic() + timeout_s
     while True:
         state = files.load_state()
         if state.last_check_at is not None and state.last_check_at >= requested:
             return _report(cfg, state, requested)
         if time.monotonic() > deadline:
-            raise AcmeError(f"no answer from the server (pid {pid}) within {timeout_s:.0f} s; see its log "
+            raise AcmeError(f"no answer from the server within {timeout_s:.0f} s; see its log "
                             "(journalctl --user -u inverse-cloud)")
         time.sleep(0.2)  # CLI polling interval while the server works
 
@@ -253,6 +306,8 @@ def cmd_caa(args: argparse.Namespace) -> int:
     from inverse_cloud.certs.caa import evaluate, issuer_domain_for, lookup_caa_sync, recommended_record
 
     cfg = config_mod.load_config(args)
+    if not cfg.acme.enabled:
+        raise _acme_off(cfg)  # before anything that would create an account key
     directory = cfg.acme.directory
     account = AccountStore(cfg.acme.account_dir).account_uri(directory)
     if not account:

@@ -37,8 +37,11 @@ def cmd_user(args: argparse.Namespace) -> int:
 def add_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser], common: argparse.ArgumentParser
                  ) -> None:
     """Add ``user`` to the inverse-cloud parser."""
-    p = sub.add_parser("user", parents=[common], help="manage DAV users")
-    p.add_argument("action", choices=["add", "remove", "passwd", "list"])
-    p.add_argument("name", nargs="?", default="")
-    p.add_argument("--password-file", metavar="FILE")
+    p = sub.add_parser("user", parents=[common], help="manage DAV users",
+                       description="Add, remove, list DAV users or change a password (bcrypt, in the "
+                                   "htpasswd file Radicale reads); a running server sees changes at once.")
+    p.add_argument("action", choices=["add", "remove", "passwd", "list"], help="what to do")
+    p.add_argument("name", nargs="?", default="", help="the user (needed by add, remove and passwd)")
+    p.add_argument("--password-file", metavar="FILE", help="file holding the password on one line "
+                   "(default: asked twice on the terminal)")
     p.set_defaults(func=cmd_user)

@@ -16,33 +16,62 @@ import sys
 from pathlib import Path
 
 from inverse_cloud import config as config_mod
+from inverse_cloud.config import Config
 from inverse_cloud.errors import ConfigError, UserError
 
 __all__ = ["add_commands"]
 
 # --- status -----------------------------------------------------------------------------------------
 
-def cmd_status(args: argparse.Namespace) -> int:
+def _status_once(args: argparse.Namespace, cfg: Config) -> int:
     from inverse_cloud.ops.control import ControlError, NotRunning, ask
+    from inverse_cloud.ops.ready import readiness, ready_line
     from inverse_cloud.ops.status import format_text
 
-    cfg = config_mod.load_config(args)
     try:
         doc = ask(cfg.server.control_socket, "status", timeout_s=args.timeout)
     except NotRunning as exc:
         if args.json:
-            print(json.dumps({"health": "not running", "error": str(exc)}))
+            print(json.dumps({"health": "not running", "error": str(exc), "ready_for_phones": False}))
         else:
             print(f"{exc}; start it with `systemctl --user start inverse-cloud` or `inverse-cloud serve`")
+            print(ready_line(*readiness(None)))
         return 2
     except ControlError as exc:
         if args.json:
-            print(json.dumps({"health": "unknown", "error": str(exc)}))
+            print(json.dumps({"health": "unknown", "error": str(exc), "ready_for_phones": False}))
         else:
             print(f"inverse-cloud: {exc}", file=sys.stderr)
+            print(ready_line(False, str(exc)))
         return 2
     print(json.dumps(doc, indent=2, sort_keys=True) if args.json else format_text(doc))
-    return 0 if doc.get("health") == "healthy" else 1
+    return 0 if doc.get("health") in ("healthy", "local only") else 1
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    import time
+
+    cfg = config_mod.load_config(args)
+    if not args.watch:
+        return _status_once(args, cfg)
+    if args.interval <= 0 or (args.count is not None and args.count < 1):
+        raise ConfigError("--interval must be above 0 and --count at least 1")
+    clear = sys.stdout.isatty() and not args.json
+    shown = 0
+    try:
+        while True:
+            if clear:
+                print("\033[H\033[2J", end="")
+            code = _status_once(args, cfg)
+            shown += 1
+            if args.count is not None and shown >= args.count:
+                return code
+            if clear:
+                print(f"\n(every {args.interval:g} s; Ctrl-C stops)")
+            sys.stdout.flush()
+            time.sleep(args.interval)  # the refresh period the user asked for, not a wait for a condition
+    except KeyboardInterrupt:
+        return 0
 
 
 # --- phone ------------------------------------------------------------------------------------------
@@ -58,7 +87,21 @@ def cmd_phone(args: argparse.Namespace) -> int:
         raise UserError(f"no DAV user in {cfg.server.htpasswd_path}; add one: inverse-cloud user add NAME")
     if user not in known:
         raise UserError(f"no user {user!r} in {cfg.server.htpasswd_path} (known: {', '.join(known) or 'none'})")
+    from inverse_cloud.ops.control import ControlError, ask
+    from inverse_cloud.ops.ready import readiness, ready_line
+
+    if not cfg.relay.enabled:
+        print(f"WARNING: no relay is configured: {cfg.server.domain} does not lead to this laptop, and it serves a "
+              "self-signed certificate, so a phone set up with this will not connect. Add a relay first: "
+              "inverse-cloud setup")
+        print()
     print(render_terminal(account(user, cfg.server.domain)))
+    try:
+        doc = ask(cfg.server.control_socket, "status", timeout_s=5)
+    except ControlError:
+        doc = None
+    print()
+    print(ready_line(*readiness(doc)))
     return 0
 
 
@@ -118,10 +161,16 @@ def cmd_service(args: argparse.Namespace) -> int:
                                 "inverse-cloud")
             print(f"enabled and started {UNIT_NAME}; logs: journalctl --user -u inverse-cloud -f")
         else:
-            print("no systemd user manager reachable from here; to start it, run:\n"
+            print("to start it, run:\n"
                   f"    systemctl --user daemon-reload && systemctl --user enable --now {UNIT_NAME}")
         if _linger_enabled() is not True:
             print(_linger_hint())
+        if not manager and not args.no_systemctl:
+            # The unit exists but nothing runs: that is not the success `install` promises.
+            print("inverse-cloud: the unit is written but not started: no systemd user manager answers "
+                  "(`systemctl --user` needs a login session, or linger); start it with the commands above",
+                  file=sys.stderr)
+            return 1
         print("next: inverse-cloud status   (then `inverse-cloud phone` to set up the phone)")
         return 0
     if args.action == "uninstall":
@@ -201,41 +250,68 @@ def cmd_doctor(args: argparse.Namespace) -> int:
 def add_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser], common: argparse.ArgumentParser
                  ) -> None:
     """Add this area's sub-commands to the inverse-cloud parser."""
+    from inverse_cloud.ops import setup
+
+    setup.add_commands(sub, common)
     p = sub.add_parser("status", parents=[common], help="what the running server is doing (exit 0 healthy, "
-                       "1 degraded, 2 not running)")
+                       "1 degraded, 2 not running)",
+                       description="Ask the running server (over its control socket) for the tunnel, the "
+                                   "certificate, the last sync per device and whether phones can sync now. "
+                                   "Exit 0 healthy (or local only, as configured), 1 degraded, 2 not running.")
     p.add_argument("--json", action="store_true", help="machine-readable output")
-    p.add_argument("--timeout", type=float, default=10.0, metavar="S", help=argparse.SUPPRESS)
+    p.add_argument("--timeout", type=float, default=10.0, metavar="S",
+                   help="how long to wait for the server's answer (default: %(default)g)")
+    p.add_argument("--watch", action="store_true", help="show the state again every --interval seconds until "
+                   "Ctrl-C")
+    p.add_argument("--interval", type=float, default=2.0, metavar="S",
+                   help="seconds between refreshes with --watch (default: %(default)g)")
+    p.add_argument("--count", type=int, metavar="N", help="with --watch: stop after N refreshes (default: until "
+                   "Ctrl-C)")
     p.set_defaults(func=cmd_status)
 
     p = sub.add_parser("doctor", parents=[common], help="walk the path a phone takes and name the first broken "
-                       "link, with the fix")
+                       "link, with the fix",
+                       description="Check, in the order a phone depends on them: the config, key permissions, "
+                                   "DNS, the relay, the server, the forwards, public HTTP and HTTPS, DAV and "
+                                   "CAA. Stops at the first broken link and says how to fix it. Exit 0 all "
+                                   "good, 1 a link is broken or warns, 2 bad configuration.")
     p.add_argument("--resolve", action="append", default=[], metavar="HOST:ADDR",
-                   help="answer DNS for HOST with ADDR instead of asking DNS (repeatable)")
+                   help="answer DNS for HOST with ADDR instead of asking DNS (repeatable; default: ask DNS)")
     p.add_argument("--connect-to", action="append", default=[], metavar="HOST:PORT:ADDR:PORT",
-                   help="like curl: connect there instead when the public path is probed (repeatable)")
+                   help="like curl: connect there instead when the public path is probed (repeatable; default: "
+                        "where DNS points)")
     p.add_argument("--cacert", metavar="FILE", help="CA file to check the public certificate against "
                    "(default: the system's)")
     p.add_argument("--timeout", type=float, default=10.0, metavar="S", help="per-step timeout (default 10)")
-    p.add_argument("--json", action="store_true")
+    p.add_argument("--json", action="store_true", help="machine-readable output")
     p.set_defaults(func=cmd_doctor)
 
-    p = sub.add_parser("phone", parents=[common], help="show the phone/Thunderbird set-up with a QR code")
+    p = sub.add_parser("phone", parents=[common], help="show the phone/Thunderbird set-up with a QR code",
+                       description="Print the DAVx5 QR code, the URLs for Thunderbird and other apps, and "
+                                   "whether phones can sync now.")
     p.add_argument("--user", metavar="NAME", help="DAV user (default: the first one)")
     p.set_defaults(func=cmd_phone)
 
-    p = sub.add_parser("service", parents=[common], help="install|uninstall|status of the systemd user unit")
-    p.add_argument("action", choices=["install", "uninstall", "status"])
+    p = sub.add_parser("service", parents=[common], help="install|uninstall|status of the systemd user unit",
+                       description="Write (install), remove (uninstall) or show (status) the systemd user unit "
+                                   "that runs `inverse-cloud serve` in the background; install also enables "
+                                   "and starts it. Exit 1 when the unit could not be started.")
+    p.add_argument("action", choices=["install", "uninstall", "status"], help="what to do")
     p.add_argument("--unit-dir", metavar="DIR", help="write the unit here (default ~/.config/systemd/user)")
     p.add_argument("--no-systemctl", action="store_true", help="only write/remove the file; do not call systemctl")
     p.set_defaults(func=cmd_service)
 
     p = sub.add_parser("export", parents=[common], help="write a consistent backup (contacts, calendars, users, "
-                       "keys, config) to FILE")
-    p.add_argument("file", metavar="FILE")
+                       "keys, config) to FILE",
+                       description="Write a consistent backup (contacts, calendars, users, keys, config) to "
+                                   "FILE while the server keeps running; keep it private.")
+    p.add_argument("file", metavar="FILE", help="where to write the backup")
     p.set_defaults(func=cmd_export)
 
-    p = sub.add_parser("import", parents=[common], help="restore a backup into an empty store (new laptop)")
-    p.add_argument("file", metavar="FILE")
-    p.add_argument("--data-dir", metavar="DIR", help="where to restore when there is no config yet")
+    p = sub.add_parser("import", parents=[common], help="restore a backup into an empty store (new laptop)",
+                       description="Restore a backup made by `export` into an empty store (a new laptop); "
+                                   "never over existing data.")
+    p.add_argument("file", metavar="FILE", help="the backup to restore")
+    p.add_argument("--data-dir", metavar="DIR", help="where to restore when there is no config yet "
+                   f"(default: {config_mod.default_data_dir()})")
     p.set_defaults(func=cmd_import)
-

@@ -29,7 +29,7 @@ from typing import Any
 from inverse_cloud.errors import InverseCloudError, StartupError
 from inverse_cloud.fsutil import ensure_private_dir
 
-__all__ = ["ControlError", "ControlServer", "NotRunning", "ask", "ask_async"]
+__all__ = ["ControlError", "ControlServer", "NotRunning", "ask", "ask_async", "refuse_if_running"]
 
 log = logging.getLogger(__name__)
 
@@ -56,6 +56,28 @@ def _peer_uid(sock: socket.socket) -> int | None:
     return int(uid)
 
 
+async def refuse_if_running(path: Path) -> None:
+    """Before ``serve`` binds anything: refuse when another server already answers on ``path``.
+
+    :raises StartupError: naming the socket and how to stop the other one.
+    """
+    try:
+        mode = os.lstat(path).st_mode
+    except FileNotFoundError:
+        return
+    if not stat.S_ISSOCK(mode):
+        return
+    try:
+        _reader, writer = await asyncio.wait_for(asyncio.open_unix_connection(str(path)), 2)
+    except (OSError, TimeoutError):
+        return  # a stale file from a crash: ControlServer.start removes it
+    writer.close()
+    with contextlib.suppress(OSError):
+        await writer.wait_closed()
+    raise StartupError(f"another inverse-cloud is already running (it answers on {path}); "
+                       "stop it first (systemctl --user stop inverse-cloud)")
+
+
 class ControlServer:
     """Component: serves the control socket. Commands are registered with :meth:`register`."""
 
@@ -77,16 +99,8 @@ class ControlServer:
         if not stat.S_ISSOCK(self.path.lstat().st_mode):
             raise StartupError(f"control socket path {self.path} exists and is not a socket; remove it or set "
                                "[server] control_socket elsewhere")
-        try:
-            _reader, writer = await asyncio.wait_for(asyncio.open_unix_connection(str(self.path)), 2)
-        except (OSError, TimeoutError):
-            self.path.unlink(missing_ok=True)
-            return
-        writer.close()
-        with contextlib.suppress(OSError):
-            await writer.wait_closed()
-        raise StartupError(f"another inverse-cloud is already running (it answers on {self.path}); "
-                           "stop it first (systemctl --user stop inverse-cloud)")
+        await refuse_if_running(self.path)
+        self.path.unlink(missing_ok=True)
 
     async def start(self) -> None:
         ensure_private_dir(self.path.parent)

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import ipaddress
 import json
 import socket
 import ssl
@@ -28,20 +29,13 @@ from typing import Any
 from inverse_cloud import config as config_mod
 from inverse_cloud.config import Config
 from inverse_cloud.errors import ConfigError
+from inverse_cloud.ops.doctor_options import DoctorOptions, dns_records, parse_connect_to, parse_resolve
 from inverse_cloud.ops.netprobe import describe, dns_addresses, http_request, spki_sha256_of_cert
 
 __all__ = ["Check", "DoctorOptions", "Report", "dns_records", "format_report", "parse_connect_to",
            "parse_resolve", "run_doctor"]
 
 HEALTHY_TUNNEL_STATES = frozenset({"up", "connected", "ready"})
-
-
-@dataclass(frozen=True)
-class DoctorOptions:
-    resolve: dict[str, list[str]] = field(default_factory=dict)
-    connect_to: dict[tuple[str, int], tuple[str, int]] = field(default_factory=dict)
-    cafile: Path | None = None
-    timeout_s: float = 10.0
 
 
 @dataclass
@@ -57,6 +51,7 @@ class Report:
     checks: list[Check] = field(default_factory=list)
     records: list[str] = field(default_factory=list)
     config_ok: bool = True
+    ready: str = ""  # the shared "ready for phones: ..." line
 
     @property
     def first_broken(self) -> Check | None:
@@ -71,49 +66,7 @@ class Report:
     def as_dict(self) -> dict[str, Any]:
         broken = self.first_broken
         return {"ok": self.exit_code == 0, "first_broken": broken.name if broken else None,
-                "checks": [c.__dict__ for c in self.checks], "dns_records": self.records}
-
-
-def parse_resolve(items: list[str]) -> dict[str, list[str]]:
-    """``["host:127.0.0.2", "host:[::1]"]`` -> ``{"host": ["127.0.0.2", "::1"]}``. Raises ValueError."""
-    out: dict[str, list[str]] = {}
-    for item in items:
-        host, sep, addr = item.partition(":")
-        if not sep or not host or not addr:
-            raise ValueError(f"--resolve {item}: expected HOST:ADDR")
-        out.setdefault(host.lower().rstrip("."), []).append(addr.strip("[]"))
-    return out
-
-
-def parse_connect_to(items: list[str]) -> dict[tuple[str, int], tuple[str, int]]:
-    """curl's ``HOST1:PORT1:HOST2:PORT2``. Raises ValueError."""
-    out: dict[tuple[str, int], tuple[str, int]] = {}
-    for item in items:
-        parts = item.split(":")
-        if len(parts) != 4 or not all(p.isdigit() for p in (parts[1], parts[3])):
-            raise ValueError(f"--connect-to {item}: expected HOST:PORT:ADDR:PORT")
-        out[(parts[0].lower(), int(parts[1]))] = (parts[2], int(parts[3]))
-    return out
-
-
-def dns_records(cfg: Config, relay_addrs: list[str], account_uri: str) -> list[str]:
-    """The DNS records the user should have, as zone-file lines (pure)."""
-    from inverse_cloud.certs.caa import issuer_domain_for, recommended_record
-
-    d = cfg.server.domain
-    lines = []
-    for addr in relay_addrs or ["<relay IPv4 address>"]:
-        lines.append(f"{d}. A{'AAA' if ':' in addr else ''} {addr}")
-    issuer = issuer_domain_for(cfg.acme.directory, cfg.acme.caa_issuer) or "<your CA's issuer domain>"
-    lines.append(recommended_record(d, issuer, account_uri or "<account URL: shown after the first certificate>"))
-    parent = d.split(".", 1)[1] if "." in d else d
-    lines += [
-        f"_carddavs._tcp.{parent}. SRV 0 1 443 {d}.   ; optional: clients given only {parent} find the server",
-        f"_caldavs._tcp.{parent}. SRV 0 1 443 {d}.",
-        f'_carddavs._tcp.{parent}. TXT "path=/radicale/"',
-        f'_caldavs._tcp.{parent}. TXT "path=/radicale/"',
-    ]
-    return lines
+                "checks": [c.__dict__ for c in self.checks], "dns_records": self.records, "ready": self.ready}
 
 
 # --- helpers ------------------------------------------------------------------------------------------
@@ -131,9 +84,10 @@ class _Ctx:
         override = self.opts.resolve.get(host.lower().rstrip("."))
         if override:
             return list(override)
+        # A literal address is its own answer; anything else is a name for the resolver (inet_pton would
+        # raise OSError, not ValueError, on a name: every real relay host).
         with contextlib.suppress(ValueError):
-            socket.inet_pton(socket.AF_INET6 if ":" in host else socket.AF_INET, host)
-            return [host]
+            return [str(ipaddress.ip_address(host.strip("[]")))]
         assert self.cfg is not None
         loop = asyncio.get_running_loop()
         if self.cfg.acme.dns_server is not None:
@@ -168,7 +122,7 @@ async def check_config(ctx: _Ctx) -> Check:
     try:
         ctx.cfg = config_mod.load(ctx.path)
     except ConfigError as exc:
-        return Check("config", "fail", str(exc), f"fix {ctx.path} (or run `inverse-cloud init`)")
+        return Check("config", "fail", str(exc), f"correct {ctx.path} (or run `inverse-cloud init`)")
     return Check("config", "ok", f"{ctx.path} is valid")
 
 
@@ -184,9 +138,15 @@ def _mode_problem(path: Path, want: int, is_dir: bool) -> str | None:
 
 
 async def check_keys(ctx: _Ctx) -> Check:
+    from inverse_cloud.fsutil import access_problem
+
     cfg = ctx.cfg
     assert cfg is not None
     s = cfg.server
+    for folder, what in ((s.data_dir, "the data folder"), (s.state_dir, "the state folder")):
+        problem = access_problem(folder, what)
+        if problem:
+            return Check("keys' permissions", "fail", problem, "")
     dirs = [s.data_dir, cfg.relay.key_file.parent, cfg.acme.account_dir]
     files = [cfg.relay.key_file, cfg.relay.takeover_key_file, s.htpasswd_path]
     if cfg.path is not None:
@@ -215,7 +175,14 @@ async def check_dns(ctx: _Ctx) -> Check:
     cfg = ctx.cfg
     assert cfg is not None
     if not cfg.relay.enabled:
-        return Check("DNS", "skip", "no relay configured: phones reach this laptop only on the local network")
+        from inverse_cloud.ops.ready import is_loopback
+
+        host, port = cfg.server.https_listen
+        if is_loopback(f"{host}:{port}"):
+            return Check("DNS", "skip", f"no relay configured, and the server listens on {host}:{port}: only "
+                         "this machine can reach it, no phone can", "add a relay: inverse-cloud setup")
+        return Check("DNS", "skip", f"no relay configured: only devices on this network reach {host}:{port}, "
+                     "and they get a self-signed certificate", "add a relay: inverse-cloud setup")
     domain = cfg.server.domain
     try:
         relay = await ctx.resolve(cfg.relay.host)
@@ -471,6 +438,13 @@ async def run_doctor(path: Path, opts: DoctorOptions) -> Report:
                 report.config_ok = False
             report.checks += [Check(n, "not checked") for n in NAMES[i + 1:]]
             break
+    from inverse_cloud.ops.ready import readiness, ready_line
+
+    broken = report.first_broken
+    if broken is not None:
+        report.ready = ready_line(False, f"{broken.name}: {broken.detail}")
+    else:
+        report.ready = ready_line(*readiness(ctx.status))
     if ctx.cfg is not None and ctx.cfg.relay.enabled:
         if not ctx.relay_addrs:
             with contextlib.suppress(OSError):
@@ -492,6 +466,8 @@ def format_report(report: Report) -> str:
     lines.append("")
     lines.append(f"first broken link: {broken.name}" if broken else
                  ("all links work" if report.exit_code == 0 else "all links work, with warnings"))
+    if report.ready:
+        lines.append(report.ready)
     if report.records:
         lines.append("")
         lines.append("DNS records for this set-up:")

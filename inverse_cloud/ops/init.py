@@ -8,7 +8,8 @@ from pathlib import Path
 
 from inverse_cloud import config as config_mod
 from inverse_cloud.errors import ConfigError
-from inverse_cloud.prompt import ask, read_password
+from inverse_cloud.ops.answers import email_problem, password_problem
+from inverse_cloud.prompt import ask, ask_until, read_password
 
 __all__ = ["add_commands", "cmd_init"]
 
@@ -31,11 +32,17 @@ def cmd_init(args: argparse.Namespace) -> int:
         "Relay as USER@HOST[:PORT] (empty: no relay for now)", "", interactive)
     relay_user, relay_host, relay_port = (
         config_mod.parse_user_host(relay_text, "--relay", "inverse-cloud") if relay_text else ("inverse-cloud", "", 22))
-    email = args.acme_email if args.acme_email is not None else ask(
-        "E-mail for Let's Encrypt expiry notices (optional)", "", interactive)
+    if args.acme_email is not None:
+        email = args.acme_email
+    elif interactive:
+        email = ask_until("E-mail for Let's Encrypt expiry notices (optional)", "", email_problem, allow_empty=True)
+    else:
+        email = ""
+    if email and email_problem(email):
+        raise ConfigError(f"--acme-email: {email_problem(email)}")
     user = args.user or ask("First DAV user name", getpass.getuser(), interactive)
     users.validate_username(user)
-    password = read_password(args, interactive, user)
+    password = read_password(args, interactive, user, lambda pw: password_problem(pw, user))
 
     template = (Path(__file__).parent.parent / "templates" / "config.toml.in").read_text(encoding="utf-8")
     text = template.format(
@@ -74,18 +81,31 @@ def cmd_init(args: argparse.Namespace) -> int:
 def add_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser], common: argparse.ArgumentParser
                  ) -> None:
     """Add ``init`` to the inverse-cloud parser."""
-    p = sub.add_parser("init", parents=[common], help="create the config, the data folder and a first user")
-    p.add_argument("--data-dir", metavar="DIR")
-    p.add_argument("--state-dir", metavar="DIR")
-    p.add_argument("--domain", metavar="NAME")
-    p.add_argument("--user", metavar="NAME")
-    p.add_argument("--password-file", metavar="FILE")
-    p.add_argument("--https-listen", metavar="HOST:PORT", default="127.0.0.1:8443")
-    p.add_argument("--http-listen", metavar="HOST:PORT", default="127.0.0.1:8080")
-    p.add_argument("--relay", metavar="USER@HOST[:PORT]")
-    p.add_argument("--acme-email", metavar="EMAIL")
-    p.add_argument("--acme-directory", metavar="URL")
-    p.add_argument("--acme-ca-bundle", metavar="FILE")
+    p = sub.add_parser(
+        "init", parents=[common], help="create the config, the data folder and a first user",
+        description="Write the config file, create the data and state folders, the first DAV user and the SSH "
+                    "keys for the relay. Asks for what no flag gives (or fails with --non-interactive). "
+                    "`inverse-cloud setup` runs this and every later step.")
+    p.add_argument("--data-dir", metavar="DIR",
+                   help=f"contacts, calendars, users and keys (default: {config_mod.default_data_dir()})")
+    p.add_argument("--state-dir", metavar="DIR",
+                   help=f"certificates, renewal state, control socket (default: {config_mod.default_state_dir()})")
+    p.add_argument("--domain", metavar="NAME", help="the name phones use, e.g. contacts.example.org "
+                   "(default: asked)")
+    p.add_argument("--user", metavar="NAME", help="first DAV user (default: asked, offering your login name)")
+    p.add_argument("--password-file", metavar="FILE", help="file holding that user's password on one line "
+                   "(default: asked twice on the terminal)")
+    p.add_argument("--https-listen", metavar="HOST:PORT", default="127.0.0.1:8443",
+                   help="where this laptop listens for HTTPS; the relay forwards 443 here (default: %(default)s)")
+    p.add_argument("--http-listen", metavar="HOST:PORT", default="127.0.0.1:8080",
+                   help="where this laptop listens for HTTP (ACME challenges, redirects; default: %(default)s)")
+    p.add_argument("--relay", metavar="USER@HOST[:PORT]", help="the relay's tunnel login, empty for none "
+                   "(default: asked; the login defaults to inverse-cloud)")
+    p.add_argument("--acme-email", metavar="EMAIL", help="e-mail for the CA's expiry notices (default: asked; "
+                   "empty: none)")
+    p.add_argument("--acme-directory", metavar="URL", help="ACME directory URL (default: Let's Encrypt)")
+    p.add_argument("--acme-ca-bundle", metavar="FILE", help="CA file to trust for the ACME directory "
+                   "(default: the system's)")
     p.add_argument("--non-interactive", action="store_true", help="never ask; fail on what is missing")
-    p.add_argument("--force", action="store_true", help="overwrite an existing config file")
+    p.add_argument("--force", action="store_true", help="overwrite an existing config file (keys are kept)")
     p.set_defaults(func=cmd_init)

@@ -6,6 +6,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import hashlib
+import os
+import socket
 import ssl
 
 from cryptography import x509
@@ -78,9 +80,28 @@ def spki_sha256_of_cert(der: bytes) -> str:
         serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo)).hexdigest()
 
 
+# getaddrinfo's failures (socket.EAI_*), in words: Python shows some of them as "unknown error -2".
+_EAI_WORDS = {
+    "EAI_NONAME": "no such name in DNS: no A/AAAA record, or a typo",
+    "EAI_NODATA": "no such name in DNS: the name exists but has no address record",
+    "EAI_AGAIN": "DNS did not answer: check this machine's network and resolver",
+    "EAI_FAIL": "DNS failed to answer: check this machine's resolver",
+    "EAI_ADDRFAMILY": "the name has no address of the needed family",
+}
+
+
 def describe(exc: BaseException) -> str:
+    """A network failure as a phrase a person reads: "connection refused", "no such name in DNS: ...",
+    never Python's "Connect call failed ('127.0.0.1', 22)" or "[Errno -2] ..."."""
     if isinstance(exc, TimeoutError):
         return "timed out"
+    if isinstance(exc, socket.gaierror):
+        for name, words in _EAI_WORDS.items():
+            if exc.errno == getattr(socket, name, None):
+                return words
+        return f"name lookup failed: {exc.strerror or 'unknown reason'}"
     if isinstance(exc, ConnectionRefusedError):
         return "connection refused"
+    if isinstance(exc, OSError) and exc.errno is not None:
+        return os.strerror(exc.errno).lower()
     return str(exc) or type(exc).__name__

@@ -16,8 +16,9 @@ import logging
 import os
 import random
 import time
+from collections.abc import Callable, Mapping
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 from urllib.parse import quote
@@ -25,9 +26,11 @@ from urllib.parse import quote
 import bcrypt
 from aiohttp import web
 
+from inverse_cloud.ops.ready import readiness, ready_line
 from inverse_cloud.ops.status import basic_user, collections_of
 
-__all__ = ["Account", "HomePage", "HtpasswdChecker", "account", "render_html", "render_terminal"]
+__all__ = ["Account", "HomePage", "HtpasswdChecker", "PageState", "account", "page_state", "render_html",
+           "render_terminal"]
 
 log = logging.getLogger(__name__)
 
@@ -61,15 +64,82 @@ def account(user: str, domain: str, port: int = 443) -> Account:
     )
 
 
+@dataclass(frozen=True)
+class PageState:
+    """What the home page shows about the running server, for one signed-in user."""
+
+    relay_enabled: bool
+    ready: str                                   # the shared "ready for phones: ..." line
+    devices: list[tuple[str, str]] = field(default_factory=list)   # (user agent, last sync, UTC ISO)
+    cert_until: str = ""
+    cert_self_signed: bool = True
+    next_renewal: str = ""
+    tunnel_state: str = ""
+    tunnel_since: str = ""
+
+
+def page_state(doc: Mapping[str, Any], user: str) -> PageState:
+    """The page's view of a status document (see :func:`inverse_cloud.ops.status.snapshot`), with only
+    ``user``'s own devices (pure)."""
+    cert = doc.get("certificate") or {}
+    served = cert.get("served") or {}
+    manager = cert.get("manager") or {}
+    tunnel = doc.get("tunnel") or {}
+    devices = [(str(c.get("user_agent", "-")), str(c.get("last_seen", "")))
+               for c in doc.get("clients") or [] if c.get("user") == user]
+    return PageState(
+        relay_enabled=bool((doc.get("relay") or {}).get("enabled")), ready=ready_line(*readiness(doc)),
+        devices=devices, cert_until=str(served.get("not_after", "")),
+        cert_self_signed=bool(served.get("self_signed", True)), next_renewal=str(manager.get("next_renewal", "")),
+        tunnel_state=str(tunnel.get("state", "")), tunnel_since=str(tunnel.get("connected_since") or ""))
+
+
+def _state_html(state: PageState) -> str:
+    e = html.escape
+    rows = "".join(f"<tr><td>{e(agent)}</td><td>{e(seen)}</td></tr>\n" for agent, seen in state.devices)
+    devices = (f"<table id=\"devices\"><tr><th>Device (user agent)</th><th>Last sync (UTC)</th></tr>\n{rows}"
+               "</table>" if rows else "<p id=\"devices\">No device of yours has synced since the server "
+               "started.</p>")
+    kind = "self-signed (phones will not trust it)" if state.cert_self_signed else "from the CA"
+    cert = f"{kind}, valid until {e(state.cert_until) or 'unknown'}"
+    if state.next_renewal:
+        cert += f"; next renewal {e(state.next_renewal)}"
+    if not state.relay_enabled:
+        tunnel = "no relay configured"
+    elif state.tunnel_state.lower() == "up" and state.tunnel_since:
+        tunnel = f"up since {e(state.tunnel_since)}"
+    else:
+        tunnel = e(state.tunnel_state or "not started")
+    return f"""<h2>State</h2>
+<p id="ready"><strong>{e(state.ready)}</strong></p>
+<ul>
+<li>Certificate: <span id="cert">{cert}</span></li>
+<li>Tunnel to the relay: <span id="tunnel">{tunnel}</span></li>
+</ul>
+<h3>Your devices</h3>
+{devices}
+"""
+
+
 def qr_svg(data: str) -> str:
     import segno  # imported on first use: ~1 MiB the server need not carry until someone opens the page
 
     return str(segno.make(data, error="m").svg_inline(scale=6, title="DAVx5 set-up link", border=4))
 
 
-def render_html(acct: Account, collections: list[dict[str, Any]] | None = None) -> str:
-    """The phone page (pure). Everything shown is escaped; no script, no external resource."""
+def render_html(acct: Account, collections: list[dict[str, Any]] | None = None,
+                state: PageState | None = None) -> str:
+    """The phone page (pure). Everything shown is escaped; no script, no external resource. ``state``
+    (None: not known) adds the ready line, certificate, tunnel and the user's devices."""
     e = html.escape
+    if state is None:
+        note = "Your contacts and your password are decrypted on the machine that serves this page and nowhere else."
+    elif state.relay_enabled:
+        note = ("The relay in front of this laptop forwards encrypted bytes only: this page, your contacts and "
+                "your password are decrypted on the laptop and nowhere else.")
+    else:
+        note = ("No relay is configured: this machine serves this page itself, with a self-signed certificate, "
+                "and a phone elsewhere cannot reach it. <code>inverse-cloud setup</code> adds a relay.")
     rows = ""
     for c in collections or []:
         url = f"{acct.dav_root}{quote(acct.user, safe='')}/{quote(c['collection'], safe='')}/"
@@ -113,10 +183,10 @@ location <code id="caldav">{e(acct.caldav)}</code>.</li>
 <p class="note">Typing just <code>{e(acct.domain)}</code> also works: the server answers the
 <code>/.well-known/carddav</code> and <code>/.well-known/caldav</code> discovery requests.</p>
 
+{_state_html(state) if state is not None else ""}
 <h2>Your collections</h2>
 {table}
-<p class="note">The relay in front of this laptop forwards encrypted bytes only: this page, your
-contacts and your password are decrypted on the laptop and nowhere else.</p>
+<p class="note" id="where">{note}</p>
 </body></html>
 """
 
@@ -220,8 +290,10 @@ class HomePage:
     name = "phone-page"
 
     def __init__(self, domain: str, htpasswd: Path, storage_dir: Path, auth_delay_s: float = 1.0,
-                 public_port: int = 443) -> None:
+                 public_port: int = 443, status: Callable[[], Mapping[str, Any]] | None = None) -> None:
         self.domain = domain
+        # The running server's status document (cheap, no file access); None: the page shows no state.
+        self.status = status
         self.checker = HtpasswdChecker(htpasswd)
         self.storage_dir = storage_dir
         self.auth_delay_s = auth_delay_s
@@ -255,7 +327,8 @@ class HomePage:
             return self._unauthorized("wrong user name or password\n")
         loop = asyncio.get_running_loop()
         all_colls = await loop.run_in_executor(None, collections_of, self.storage_dir)
-        body = render_html(account(user, self.domain, self.public_port), all_colls.get(user, []))
+        state = page_state(self.status(), user) if self.status is not None else None
+        body = render_html(account(user, self.domain, self.public_port), all_colls.get(user, []), state)
         return web.Response(text=body, content_type="text/html", charset="utf-8", headers={
             # No script, no external load: the SVG is inline, styles are inline.
             "Content-Security-Policy": "default-src 'none'; style-src 'unsafe-inline'; img-src data:; "

@@ -25,6 +25,7 @@ from typing import TYPE_CHECKING, Any
 from cryptography.hazmat.primitives import serialization
 
 from inverse_cloud import __version__
+from inverse_cloud.ops.ready import HEALTHY_TUNNEL_STATES, readiness, ready_line
 
 if TYPE_CHECKING:   # types only: status reporting must not import the server at module level
     from aiohttp import web
@@ -38,7 +39,6 @@ __all__ = ["SyncTracker", "assess", "collect", "collections_of", "format_text", 
 
 CERT_WARN_DAYS = 7
 MAX_CLIENTS = 64
-HEALTHY_TUNNEL_STATES = frozenset({"up", "connected", "ready"})
 
 
 def _utc_iso(ts: float) -> str:
@@ -203,6 +203,8 @@ async def collect(cfg: Config, server: DavServer | None, components: Iterable[Co
     doc["plaintext"] = plaintext_line(doc)
     now = dt.datetime.fromtimestamp(time.time(), dt.UTC).replace(tzinfo=None)
     doc["health"], doc["problems"], doc["notes"] = assess(doc, now)
+    ready, because = readiness(doc)
+    doc["ready_for_phones"], doc["ready_because"] = ready, because
     return doc
 
 
@@ -246,7 +248,8 @@ def _parse_time(text: Any) -> dt.datetime | None:
 
 
 def assess(doc: dict[str, Any], now: dt.datetime) -> tuple[str, list[str], list[str]]:
-    """``("healthy"|"degraded", problems, notes)`` for a status document (pure; ``now`` naive UTC)."""
+    """``("healthy"|"degraded"|"local only", problems, notes)`` for a status document (pure; ``now`` naive
+    UTC). "local only": nothing is broken, but no relay is configured, so phones cannot reach the server."""
     problems: list[str] = []
     notes: list[str] = []
     served = (doc.get("certificate") or {}).get("served")
@@ -290,7 +293,14 @@ def assess(doc: dict[str, Any], now: dt.datetime) -> tuple[str, list[str], list[
     for name, value in (doc.get("components") or {}).items():
         if isinstance(value, dict) and value.get("healthy") is False:
             problems.append(f"{name}: {value.get('last_error') or 'reports unhealthy'}")
-    return ("degraded" if problems else "healthy"), problems, notes
+    if problems:
+        return "degraded", problems, notes
+    if not (doc.get("relay") or {}).get("enabled"):
+        # Nothing is broken, but phones cannot reach it: not "healthy" for anyone reading it at a glance.
+        notes.append("no relay configured: phones outside this machine cannot reach it (`inverse-cloud setup` "
+                     "adds a relay)")
+        return "local only", problems, notes
+    return "healthy", problems, notes
 
 
 def _ago(iso: str | None, now: dt.datetime) -> str:
@@ -316,7 +326,7 @@ def format_text(doc: dict[str, Any]) -> str:
     relay = doc.get("relay") or {}
     tunnel = doc.get("tunnel")
     if not relay.get("enabled"):
-        lines.append("tunnel:       none (no relay configured; local only)")
+        lines.append("tunnel:       none (no relay configured: local only, phones cannot reach this server)")
     elif tunnel is None:
         lines.append(f"tunnel:       no tunnel component reports (relay {relay.get('host')}:{relay.get('port')})")
     else:
@@ -372,4 +382,5 @@ def format_text(doc: dict[str, Any]) -> str:
         lines.append(f"last sync:    {c['user']} with {c['user_agent']!r}: {_ago(c.get('last_seen'), now)}, "
                      f"{c['requests']} request(s), {c['writes']} write(s)")
     lines.append(doc.get("plaintext", ""))
+    lines.append(ready_line(*readiness(doc)))
     return "\n".join(lines)

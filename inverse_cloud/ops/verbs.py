@@ -1,16 +1,17 @@
-"""The control socket's verbs (see :mod:`inverse_cloud.ops.control`): what ``status`` and ``doctor`` ask a
-running server."""
+"""The control socket's verbs (see :mod:`inverse_cloud.ops.control`): what ``status``, ``doctor`` and ``cert``
+ask a running server."""
 
 from __future__ import annotations
 
 import asyncio
+import datetime as dt
 import secrets
 from collections.abc import Awaitable, Callable
-from typing import Any
+from typing import Any, Protocol
 
 from inverse_cloud.dav.web import ChallengeStore
 
-__all__ = ["PROBE_TTL_S", "probe_verb"]
+__all__ = ["PROBE_TTL_S", "RenewTarget", "cert_renew_verb", "probe_verb"]
 
 # How long a doctor probe token is served on the HTTP listener.
 PROBE_TTL_S = 60.0
@@ -29,3 +30,21 @@ def probe_verb(challenges: ChallengeStore) -> Callable[[dict[str, Any]], Awaitab
         return {"token": token, "value": value, "expires_in_s": PROBE_TTL_S}
 
     return probe
+
+
+class RenewTarget(Protocol):
+    """What ``cert renew`` needs of the certificate manager."""
+
+    def request_check(self, force: bool = False) -> None: ...
+
+
+def cert_renew_verb(manager: RenewTarget) -> Callable[[dict[str, Any]], Awaitable[Any]]:
+    """``cert renew [--force]``: ask the manager to check now (it skips its own backoff, never the CA's
+    Retry-After). Returns at once; the command then watches the renewal state file for the result."""
+
+    async def renew(request: dict[str, Any]) -> Any:
+        requested = dt.datetime.now(dt.UTC)
+        manager.request_check(bool(request.get("force")))
+        return {"requested_at": requested.isoformat()}
+
+    return renew

@@ -30,10 +30,11 @@ def add_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser], commo
         help="print (or apply) what the relay needs, and pin the relay's SSH host key",
         description="Renders the relay's user, authorized_keys, sshd Match block and NAT rules for review; "
                     "then fetches the relay's host key, shows its fingerprint and pins it in the config.")
-    p.add_argument("--output", metavar="DIR", help="write the files into DIR instead of printing them")
+    p.add_argument("--output", metavar="DIR", help="write the files into DIR instead of printing them "
+                   "(default: print them)")
     p.add_argument("--apply", metavar="ADMIN@RELAY[:PORT]",
                    help="run the generated setup.sh on the relay over ssh as ADMIN (root, or sudo without "
-                        "password); idempotent; checks `sshd -t` before reloading sshd")
+                        "password); idempotent; checks `sshd -t` before reloading sshd (default: do not apply)")
     p.add_argument("--nat", choices=["nft", "iptables", "none"], default="nft",
                    help="how setup.sh maps public 443/80 to the forwarded ports (default: nft; 'none' when "
                         "80/443 are used by a web server: see nginx-*.conf)")
@@ -102,11 +103,16 @@ def fetch_host_key(host: str, port: int, timeout_s: float = 15.0) -> str:
         return await asyncio.wait_for(asyncssh.get_server_host_key(
             host, port, config=None, server_host_key_algs=FETCH_ALGS), timeout_s)
 
+    from inverse_cloud.ops.netprobe import describe
+
     try:
         key = asyncio.run(fetch())
-    except (OSError, TimeoutError, asyncssh.Error) as exc:
-        raise TunnelError(f"cannot fetch the host key of relay {host}:{port}: "
-                          f"{getattr(exc, 'strerror', None) or exc or type(exc).__name__}") from None
+    except (OSError, TimeoutError) as exc:
+        raise TunnelError(f"cannot fetch the host key of relay {host}:{port}: {describe(exc)}; is sshd running "
+                          "there, and is the port open in the provider's firewall?") from None
+    except asyncssh.Error as exc:
+        raise TunnelError(f"cannot fetch the host key of relay {host}:{port}: the SSH handshake failed "
+                          f"({exc.reason or type(exc).__name__}); is it an SSH server?") from None
     if key is None:
         raise TunnelError(f"relay {host}:{port} sent no host key")
     return " ".join(key.export_public_key("openssh").decode().split()[:2])

@@ -1,0 +1,260 @@
+"""``inverse-cloud setup``: from nothing to a syncing phone, as one guided command.
+
+It asks only what it cannot find out (the domain, the relay and its admin login, the first user and
+password; the tunnel login defaults to ``inverse-cloud`` and the e-mail to none, flags only), checks each
+answer on entry and asks again with a one-line reason, then runs the steps, one line each::
+
+    init -> relay (apply the relay side, pin its host key) -> dns (print the records, wait for the A record
+    at the domain's authoritative servers) -> account (register, print CAA with accounturi) -> caa (wait for
+    it) -> start (user unit + linger, or wait for `serve`) -> certificate (the first one) -> phone
+
+Resumable and idempotent: the answers (never the password) and the finished steps are kept in
+``setup-state.json`` next to the config; a rerun skips what is done. Every answer is also a flag, and
+``--non-interactive`` never asks (a missing or wrong answer is one line and exit 2).
+
+The order is the point of the ``caa`` step: the first certificate is ordered only after DNS shows the CAA
+record that pins our account, so the relay never has a window in which it could get one for the name.
+"""
+
+from __future__ import annotations
+
+import argparse
+import getpass
+import json
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from inverse_cloud import config as config_mod
+from inverse_cloud.errors import ConfigError
+from inverse_cloud.fsutil import atomic_write
+from inverse_cloud.ops.answers import (
+    domain_problem,
+    email_problem,
+    password_problem,
+    relay_problem,
+    resolve_problem,
+    ssh_problem,
+)
+from inverse_cloud.prompt import ask_until, read_password
+
+__all__ = ["STEPS", "SetupState", "add_commands", "cmd_setup"]
+
+STEPS = ("init", "relay", "dns", "account", "caa", "start", "certificate", "phone")
+TUNNEL_USER = "inverse-cloud"
+NO_ADMIN = "none"   # the relay side is applied by hand (relay-setup --output), setup only pins the host key
+
+
+class SetupState:
+    """The answers and the finished steps, in a 0600 JSON file next to the config."""
+
+    def __init__(self, path: Path, answers: dict[str, str], done: list[str]) -> None:
+        self.path, self.answers, self.done = path, answers, done
+
+    @classmethod
+    def load(cls, path: Path) -> SetupState:
+        try:
+            doc = json.loads(path.read_text(encoding="utf-8"))
+        except FileNotFoundError:
+            return cls(path, {}, [])
+        except (OSError, ValueError) as exc:
+            raise ConfigError(f"{path}: unreadable set-up state ({exc}); remove it to start the set-up over") from None
+        answers = {str(k): str(v) for k, v in (doc.get("answers") or {}).items()}
+        return cls(path, answers, [str(s) for s in doc.get("done") or [] if s in STEPS])
+
+    def save(self) -> None:
+        doc = {"answers": self.answers, "done": self.done}
+        atomic_write(self.path, json.dumps(doc, indent=1).encode("utf-8"), mode=0o600)
+
+    def finish(self, step: str) -> None:
+        if step not in self.done:
+            self.done.append(step)
+        self.save()
+
+
+# --- answers -----------------------------------------------------------------------------------------
+
+def _split_relay(text: str) -> tuple[str, int]:
+    host, _, port = text.rpartition("@")[2].partition(":")
+    return host, int(port) if port else 22
+
+
+def relay_reach_problem(answer: str) -> str | None:
+    """The relay answer: syntax, then the name resolves, then something speaks SSH on the port."""
+    problem = relay_problem(answer)
+    if problem:
+        return problem
+    host, port = _split_relay(answer)
+    return resolve_problem(host) or ssh_problem(host, port)
+
+
+def login_problem(answer: str) -> str | None:
+    """A login name on the relay (not user@host, not a path)."""
+    if "@" in answer or ":" in answer or not answer.replace("-", "").replace("_", "").replace(".", "").isalnum():
+        return f"{answer!r}: give only a login name, e.g. root"
+    return None
+
+
+def admin_problem(answer: str) -> str | None:
+    return None if answer == NO_ADMIN else login_problem(answer)
+
+
+def _answer(args: argparse.Namespace, state: SetupState, key: str, prompt: str, default: str,
+            problem: Any, interactive: bool, *, allow_empty: bool = False) -> str:
+    """A flag wins, then the saved answer, then asking (never when ``prompt`` is empty: the default is
+    taken); every source passes the same check."""
+    given = getattr(args, key)
+    if given is not None:
+        value = str(given)
+    elif key in state.answers:
+        value = state.answers[key]
+    elif not prompt:
+        value = default
+    elif interactive:
+        value = ask_until(prompt, default, problem, allow_empty=allow_empty)
+    elif default or allow_empty:
+        value = default
+    else:
+        raise ConfigError(f"--{key.replace('_', '-')} is needed with --non-interactive")
+    why = problem(value) if value else None
+    if why:
+        if given is None and interactive:  # a saved answer that no longer passes: ask again
+            value = ask_until(prompt, default, problem, allow_empty=allow_empty)
+        else:
+            raise ConfigError(f"--{key.replace('_', '-')} {value}: {why}")
+    state.answers[key] = value
+    state.save()
+    return value
+
+
+def collect_answers(args: argparse.Namespace, state: SetupState, interactive: bool, need_password: bool
+                    ) -> tuple[dict[str, str], str]:
+    """The answers (saved) and the password (never saved; "" when the user exists already)."""
+    a = {
+        "domain": _answer(args, state, "domain", "Domain phones will use (e.g. contacts.example.org)", "",
+                          domain_problem, interactive),
+        "relay": _answer(args, state, "relay", "Relay host, as HOST or HOST:PORT (its SSH server)", "",
+                         relay_reach_problem, interactive),
+        "relay_admin": _answer(args, state, "relay_admin", f"Admin login on the relay to apply its side ({NO_ADMIN}: "
+                               "you apply it yourself)", "root", admin_problem, interactive),
+        # Not asked (a good default, or optional): flags only.
+        "tunnel_user": _answer(args, state, "tunnel_user", "", TUNNEL_USER, login_problem, interactive),
+        "email": _answer(args, state, "email", "", "", email_problem, interactive, allow_empty=True),
+        "user": _answer(args, state, "user", "First DAV user name", getpass.getuser(), _user_problem,
+                        interactive),
+    }
+    password = ""
+    if need_password:
+        password = read_password(args, interactive, a["user"], lambda pw: password_problem(pw, a["user"]))
+    return a, password
+
+
+def _user_problem(answer: str) -> str | None:
+    from inverse_cloud.dav.users import validate_username
+    from inverse_cloud.errors import UserError
+
+    try:
+        validate_username(answer)
+    except UserError as exc:
+        return str(exc)
+    return None
+
+
+# --- output ------------------------------------------------------------------------------------------
+
+class Lines:
+    """One line per step; a live line (redrawn in place on a terminal) while waiting."""
+
+    def __init__(self) -> None:
+        self.live = sys.stdout.isatty()
+        self.started = time.monotonic()
+        self._open = False
+
+    def step(self, n: int, name: str, text: str) -> None:
+        self.end()
+        print(f"[{n}/{len(STEPS)}] {name}: {text}  ({time.monotonic() - self.started:.0f} s)", flush=True)
+
+    def note(self, text: str) -> None:
+        self.end()
+        print(f"      {text}", flush=True)
+
+    def progress(self, text: str) -> None:
+        line = f"      ... {text}"
+        if self.live:
+            print("\r\033[K" + line[:200], end="", flush=True)
+            self._open = True
+        else:
+            print(line, flush=True)
+
+    def end(self) -> None:
+        if self._open:
+            print(flush=True)
+            self._open = False
+
+
+# --- the command -------------------------------------------------------------------------------------
+
+def cmd_setup(args: argparse.Namespace) -> int:
+    from inverse_cloud.ops import setup_steps as steps
+
+    cfg_path = config_mod.config_path(args)
+    state = SetupState.load(cfg_path.parent / "setup-state.json")
+    if cfg_path.exists() and "init" not in state.done:
+        state.done.append("init")  # an existing config is used as it is (init refuses to overwrite it)
+    interactive = not args.non_interactive and sys.stdin.isatty()
+    answers, password = collect_answers(args, state, interactive, need_password="init" not in state.done)
+    out = Lines()
+    ctx = steps.Context(args=args, cfg_path=cfg_path, answers=answers, password=password, out=out,
+                        interactive=interactive)
+    for n, name in enumerate(STEPS, 1):
+        if name in state.done and name not in steps.ALWAYS:
+            out.step(n, name, "done before")
+            continue
+        result = steps.RUN[name](ctx)
+        out.step(n, name, result)
+        state.finish(name)
+    out.end()
+    return 0 if ctx.ready else 1
+
+
+def add_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser], common: argparse.ArgumentParser
+                 ) -> None:
+    """Add ``setup`` to the inverse-cloud parser."""
+    p = sub.add_parser(
+        "setup", parents=[common], help="guided set-up: from nothing to a syncing phone (resumable)",
+        description="Ask what cannot be found out, check each answer, then: write the config, apply the relay "
+                    "side, print the DNS records and wait for them, register the ACME account and wait for its "
+                    "CAA record, start the service, wait for the first certificate, and show the phone QR code. "
+                    "Ctrl-C and run it again to continue where it stopped.")
+    p.add_argument("--domain", metavar="NAME", help="the name phones use (default: asked)")
+    p.add_argument("--relay", metavar="HOST[:PORT]", help="the relay's SSH server (default: asked)")
+    p.add_argument("--relay-admin", metavar="LOGIN", help=f"admin login on the relay that applies its side over "
+                   f"ssh; {NO_ADMIN}: you apply it yourself (default: asked, offering root)")
+    p.add_argument("--tunnel-user", metavar="LOGIN", help=f"tunnel login created on the relay (default: "
+                   f"{TUNNEL_USER})")
+    p.add_argument("--email", metavar="EMAIL", help="e-mail given to the CA with the account (default: none)")
+    p.add_argument("--user", metavar="NAME", help="first DAV user (default: asked, offering your login name)")
+    p.add_argument("--password-file", metavar="FILE", help="that user's password on one line (default: asked "
+                   "twice)")
+    p.add_argument("--staging", action="store_true", help="use Let's Encrypt's staging CA first, so retries "
+                   "cannot hit production rate limits (rerun without it later)")
+    p.add_argument("--yes", action="store_true", help="accept the relay's host key without asking (it is "
+                   "still shown)")
+    p.add_argument("--non-interactive", action="store_true", help="never ask; fail on what is missing")
+    p.add_argument("--wait", type=float, default=1800.0, metavar="S",
+                   help="how long each wait (DNS records, server start, certificate) lasts before setup stops "
+                        "and says what it saw (default: %(default)g)")
+    p.add_argument("--data-dir", metavar="DIR", help=f"as for init (default: {config_mod.default_data_dir()})")
+    p.add_argument("--state-dir", metavar="DIR", help=f"as for init (default: {config_mod.default_state_dir()})")
+    p.add_argument("--https-listen", metavar="HOST:PORT", default="127.0.0.1:8443",
+                   help="as for init (default: %(default)s)")
+    p.add_argument("--http-listen", metavar="HOST:PORT", default="127.0.0.1:8080",
+                   help="as for init (default: %(default)s)")
+    p.add_argument("--acme-directory", metavar="URL", help="ACME directory (default: Let's Encrypt)")
+    p.add_argument("--acme-ca-bundle", metavar="FILE", help="CA file for the ACME directory (default: the "
+                   "system's)")
+    p.add_argument("--dns-server", metavar="HOST:PORT",
+                   help="for tests: ask this DNS server instead of the domain's authoritative servers "
+                        "(default: the authoritative servers)")
+    p.set_defaults(func=cmd_setup)
