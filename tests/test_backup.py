@@ -167,9 +167,32 @@ def test_import_refuses_while_the_server_runs(instance, tmp_path):
             import_backup(dest, cfg, config_path=instance)
 
 
-def test_export_waits_for_a_writer_and_includes_its_item(instance, tmp_path):
-    """A writer holding Radicale's exclusive lock delays the export; the item it writes before releasing is
-    in the snapshot (nothing half-written, nothing acknowledged missing)."""
+class _FlockSpy:
+    """Stands in for the fcntl module inside ops.backup: every call goes to the real one; a lock request
+    refused because another process holds the lock sets ``refused``."""
+
+    def __init__(self) -> None:
+        self.refused = threading.Event()
+
+    def __getattr__(self, name: str) -> object:
+        return getattr(fcntl, name)
+
+    def flock(self, fd: int, operation: int) -> None:
+        try:
+            fcntl.flock(fd, operation)
+        except BlockingIOError:
+            self.refused.set()
+            raise
+
+
+def test_export_waits_for_a_writer_and_includes_its_item(instance, tmp_path, monkeypatch):
+    """A writer holds Radicale's exclusive lock: the export asks for the lock, is refused and waits (it has
+    not finished); the writer completes an item and releases; the item is in the snapshot (nothing
+    half-written, nothing acknowledged missing)."""
+    from inverse_cloud.ops import backup as backup_mod
+
+    spy = _FlockSpy()
+    monkeypatch.setattr(backup_mod, "fcntl", spy)
     cfg = config_mod.load(instance)
     _fill(cfg, cards=1, events=0)
     coll = cfg.server.storage_dir / "collection-root" / "alice" / "contacts"
@@ -177,19 +200,19 @@ def test_export_waits_for_a_writer_and_includes_its_item(instance, tmp_path):
     holder = open(lock_path, "w+")  # noqa: SIM115 -- held across threads on purpose
     fcntl.flock(holder.fileno(), fcntl.LOCK_EX)
     results: dict[str, object] = {}
-    started = threading.Event()
 
     def run() -> None:
-        started.set()
         results["r"] = export_backup(cfg, tmp_path / "during-write.tar.gz")
 
     t = threading.Thread(target=run)
     t.start()
     try:
-        started.wait(10)
+        # Either the export is now waiting for the lock, or (broken) it finished without asking.
+        wait_until(lambda: spy.refused.is_set() or not t.is_alive(), 10, "the export to ask for the lock")
+        assert "r" not in results, "export finished while the storage was locked for writing"
+        assert spy.refused.is_set()
         # The write in progress: the item is complete before the writer releases the lock.
         (coll / "late.vcf").write_bytes(_card(42))
-        assert "r" not in results, "export finished while the storage was locked for writing"
     finally:
         fcntl.flock(holder.fileno(), fcntl.LOCK_UN)
         holder.close()
@@ -198,6 +221,7 @@ def test_export_waits_for_a_writer_and_includes_its_item(instance, tmp_path):
     with tarfile.open(tmp_path / "during-write.tar.gz") as tar:
         assert "data/collections/collection-root/alice/contacts/late.vcf" in tar.getnames()
     assert result.items == 2  # type: ignore[attr-defined]
+    assert result.lock_wait_s > 0  # type: ignore[attr-defined]
 
 
 def test_lock_timeout_is_one_line(tmp_path):
