@@ -413,6 +413,8 @@ def test_b5_path_traversal_reads_and_writes_nothing_outside(ctx):
 
 
 def test_b5_absolute_uri_request_line(ctx):
+    """B5: a request line with an absolute URI naming another host is answered 400 (not routed, not a close),
+    one log line at most."""
     with row(ctx, max_log_lines=1):
         answer = raw_request(ctx, MALFORMED["absolute URI"])
         assert answer is not None and answer[0] == 400

@@ -319,8 +319,9 @@ def test_f4_short_suspend_keeps_the_session(tmp_path):
 
 @pytest.mark.slow
 def test_f4_long_suspend_reconnects(tmp_path):
-    """F4 variant B: relay ClientAlive 1 s x 3 drops the session during an 8 s SIGSTOP; after SIGCONT the
-    client sees the link gone, reconnects, and a sync started right after works within the deadline."""
+    """F4 variant B: serve is stopped (SIGSTOP) until the relay's ClientAlive (1 s x 3) has dropped its
+    session; after SIGCONT the client sees the link gone (one 'relay link lost' line or more), reconnects,
+    and a sync started right after works within the deadline."""
     with stack(tmp_path, client_alive=(1, 3), keepalive=(2, 3), proxy=False) as (srv, relay, _):
         holder = relay.holders()
         srv.signal(signal.SIGSTOP)
@@ -352,6 +353,7 @@ def test_f14_permitlisten_mismatch_is_one_line_and_local_keeps_serving(tmp_path)
                        "the permitlisten line", on_timeout=srv.log)
             lines = [line for line in tunnel_lines(srv) if "relay refused to listen on" in line]
             assert len(lines) == 1, lines
+            assert any("still held by a previous session; taking over" in line for line in tunnel_lines(srv))
             assert f"relay refused to listen on 127.0.0.1:{relay.https_port} (check permitlisten" in lines[0]
             assert "ERROR" in lines[0] and "PermitListen" in lines[0]
             assert local_ok(srv)
