@@ -194,3 +194,33 @@ def test_relay_setup_output_writes_the_bundle(instance, tmp_path):
     assert os.access(out / "setup.sh", os.X_OK)
     keys = (out / "authorized_keys").read_text()
     assert (Path(instance).parent / "data" / "ssh" / "id_ed25519.pub").read_text().split()[1] in keys
+
+
+# --- golden files: the exact text a relay admin reviews and runs as root -----------------------------
+
+GOLDEN = Path(__file__).parent / "golden" / "relay"
+GOLDEN_CASES = {
+    "nft": (dict(), "nft"),
+    "iptables": (dict(), "iptables"),
+    "none": (dict(), "none"),
+    "public-listen": (dict(listen_host="203.0.113.7", https_port=1443, http_port=1080, client_alive_interval_s=20,
+                           client_alive_count_max=4), "nft"),
+}
+
+
+@pytest.mark.parametrize("case", list(GOLDEN_CASES))
+def test_bundle_matches_the_reviewed_golden_files(case):
+    """Every file of the bundle equals its reviewed copy under tests/golden/relay/<case>/ (a change to the
+    text a relay admin runs as root shows up as a diff there). After an intended change, regenerate with
+    INVERSE_CLOUD_UPDATE_GOLDEN=1 and review the diff."""
+    kw, nat = GOLDEN_CASES[case]
+    files = relay.bundle(spec(**kw), nat)
+    root = GOLDEN / case
+    if os.environ.get("INVERSE_CLOUD_UPDATE_GOLDEN") == "1":
+        for name, text in files.items():
+            (root / name).parent.mkdir(parents=True, exist_ok=True)
+            (root / name).write_text(text)
+    on_disk = {str(p.relative_to(root)) for p in root.rglob("*") if p.is_file()}
+    assert on_disk == set(files)
+    for name, text in files.items():
+        assert text == (root / name).read_text(), f"{case}/{name} differs from its golden copy"
