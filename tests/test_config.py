@@ -169,3 +169,72 @@ def test_every_option_is_documented_in_template_and_example():
         assert not missing, f"{name} does not document {sorted(missing)}"
     cfg = config.load(REPO / "config.example.toml")
     assert cfg.server.domain == "contacts.example.org"
+
+
+# --- user@host[:port], and the exact wording of errors without a file (mutation survivors) --------------
+
+@pytest.mark.parametrize(("text", "default_user", "expected"), [
+    ("alice@relay.example", None, ("alice", "relay.example", 22)),
+    ("alice@relay.example:2222", None, ("alice", "relay.example", 2222)),
+    ("relay.example:1", "ictunnel", ("ictunnel", "relay.example", 1)),
+    ("relay.example:65535", "ictunnel", ("ictunnel", "relay.example", 65535)),
+    ("a@b@relay.example", None, ("a@b", "relay.example", 22)),        # the last @ separates the host
+    ("alice@::1", None, ("alice", "::1", 22)),                         # two colons: an IPv6 host, no port
+])
+def test_parse_user_host(text, default_user, expected):
+    assert config.parse_user_host(text, "--relay", default_user) == expected
+
+
+@pytest.mark.parametrize(("text", "default_user", "message"), [
+    ("alice@relay.example:0", None, "--relay alice@relay.example:0: port must be 1-65535"),
+    ("alice@relay.example:65536", None, "--relay alice@relay.example:65536: port must be 1-65535"),
+    ("alice@relay.example:x", None, "--relay alice@relay.example:x: port must be 1-65535"),
+    ("relay.example", None, "--relay relay.example: expected USER@HOST[:PORT]"),
+    ("alice@", None, "--relay alice@: expected USER@HOST[:PORT]"),
+    ("@relay.example", None, "--relay @relay.example: expected USER@HOST[:PORT]"),
+    ("alice@:22", "bob", "--relay alice@:22: expected USER@HOST[:PORT]"),
+])
+def test_parse_user_host_rejects_with_one_line(text, default_user, message):
+    with pytest.raises(ConfigError) as caught:
+        config.parse_user_host(text, "--relay", default_user)
+    assert str(caught.value) == message
+
+
+@pytest.mark.parametrize(("text", "message"), [
+    ('[server]\ndomain = "a.test"\nmax_connections = false\n',
+     'config: line 3: [server] max_connections: expected an integer 4-100000, got false'),
+    ('[server]\ndomain = "a.test"\n[rely]\nhost = "x"\n',
+     'config: line 3: [rely]: unknown section (did you mean "[relay]"?)'),
+    ('[server]\ndomain = "a.test"\n"log_level" = "loud"\n',
+     "config: line 3: [server] log_level: expected one of"),
+    ('[server]\ndomain = "a.test"\n[ "relay" ]\nhots = "x"\n',
+     'config: line 4: [relay] hots: unknown key (did you mean "host"?)'),
+])
+def test_errors_from_text_without_a_file_say_config(text, message):
+    """loads() without a path: the message starts 'config: line N:' and names the key as in the file."""
+    with pytest.raises(ConfigError) as caught:
+        config.loads(text)
+    assert str(caught.value).startswith(message), str(caught.value)
+
+
+@pytest.mark.parametrize(("text", "message"), [
+    ('[server]\ndomain = "a.test"\nhttps_listen = \n',
+     "config: line 3, column 16: TOML syntax error: [server] https_listen: invalid value"),
+    ('[server]\ndomain = "a.test"\n[relay]\n"port" = \n',
+     "config: line 4, column 10: TOML syntax error: [relay] port: invalid value"),
+    ("domain = \n", "config: line 1, column 10: TOML syntax error: domain: invalid value"),
+    ('[server]\ndomain = "a.test"\n[relay\n',
+     "config: line 3, column 7: TOML syntax error: Expected ']' at the end of a table declaration"),
+])
+def test_syntax_errors_name_the_key_on_their_line(text, message):
+    """tomllib's message, with the [section] key written on the failing line when there is one."""
+    with pytest.raises(ConfigError) as caught:
+        config.loads(text)
+    assert str(caught.value) == message
+
+
+def test_replace_server_changes_only_the_named_fields():
+    cfg = config.loads(GOOD)
+    other = config.replace_server(cfg, max_connections=8)
+    assert other.server.max_connections == 8 and cfg.server.max_connections == 512
+    assert other.server.domain == cfg.server.domain and other.relay == cfg.relay and other.acme == cfg.acme
