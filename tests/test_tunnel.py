@@ -16,11 +16,12 @@ import asyncssh
 import pytest
 
 from inverse_cloud.config import loads
-from inverse_cloud.errors import AuthRejected, ForwardRefused, HostKeyMismatch
+from inverse_cloud.errors import AuthRejected, ConfigError, ForwardRefused, HostKeyMismatch, TunnelError
 from inverse_cloud.tunnel.link import (
     BACKOFF_S,
     FORWARD_REFUSED_RETRY_S,
     SLOW_RETRY_S,
+    Failure,
     QuickAckConnector,
     Tunnel,
     classify,
@@ -34,7 +35,9 @@ from tests.support import free_port
 @pytest.mark.parametrize("attempt,kind,rand,expected", [
     (0, "transient", 0.0, 0.5), (0, "transient", 0.999999, 1.0), (1, "transient", 0.0, 1.0),
     (2, "transient", 1.0, 4.0), (6, "transient", 1.0, 60.0), (50, "transient", 1.0, 60.0),
-    (-1, "transient", 1.0, 1.0),
+    (-1, "transient", 1.0, 1.0), (3, "transient", 1.0, 8.0), (4, "transient", 1.0, 16.0),
+    (5, "transient", 0.0, 16.0), (5, "transient", 0.5, 24.0), (6, "transient", 0.0, 30.0),
+    (0, "refused", 0.0, FORWARD_REFUSED_RETRY_S / 2),
     (0, "fatal", 0.0, SLOW_RETRY_S / 2), (9, "fatal", 1.0, SLOW_RETRY_S),
     (0, "refused", 1.0, FORWARD_REFUSED_RETRY_S),
 ])
@@ -70,6 +73,33 @@ def test_classify(exc, kind, needle):
     failure = classify(exc, offered_fp="SHA256:bbb (ssh-rsa)", **CTX)
     assert failure.kind == kind
     assert needle in failure.message and "\n" not in failure.message
+
+
+FIX = "if you rebuilt the relay run `inverse-cloud relay-setup --accept-new-host-key`"
+
+
+@pytest.mark.parametrize("exc,offered,kind,message", [
+    (asyncssh.HostKeyNotVerifiable("x"), "SHA256:bbb (ssh-rsa)", "fatal",
+     f"relay host key changed: expected SHA256:aaa (ssh-ed25519), got SHA256:bbb (ssh-rsa); {FIX}"),
+    (asyncssh.HostKeyNotVerifiable("x"), None, "fatal",
+     f"relay host key changed: expected SHA256:aaa (ssh-ed25519), got a key that could not be read; {FIX}"),
+    (asyncssh.KeyExchangeFailed("No matching HOST KEY format"), None, "fatal",
+     f"relay host key changed: expected SHA256:aaa (ssh-ed25519), but the relay offers no host key of that type; "
+     f"{FIX}"),
+    (asyncssh.KeyExchangeFailed("No matching kex"), None, "transient", "relay closed the connection (No matching kex)"),
+    (asyncssh.PermissionDenied("Permission denied"), None, "fatal",
+     "relay relay.example:22 refused our key /k/id_ed25519 for user 'ictunnel'; install /k/id_ed25519.pub on the "
+     "relay (run `inverse-cloud relay-setup`)"),
+    (asyncssh.ConnectionLost(""), None, "transient", "relay closed the connection (ConnectionLost)"),
+    (OSError("plain"), None, "transient", "plain"),
+    (OSError(), None, "transient", "OSError"),
+    (TunnelError("tunnel thing"), None, "transient", "tunnel thing"),
+    (ConfigError("relay key /k is missing"), None, "fatal", "relay key /k is missing"),
+    (ValueError("weird"), None, "transient", "ValueError: weird"),
+])
+def test_classify_exact_lines(exc, offered, kind, message):
+    """The whole line each failure becomes (what status and the log show), and its retry schedule."""
+    assert classify(exc, offered_fp=offered, **CTX) == Failure(kind, message)
 
 
 # --- the QUICKACK hook ---------------------------------------------------------------------------------
