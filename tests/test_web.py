@@ -751,3 +751,110 @@ async def test_right_credentials_and_a_first_unauthenticated_try_are_not_delayed
         await asyncio.gather(wrong, return_exceptions=True)
         await runner.cleanup()
         bridge.close()
+
+
+# --- the worker pool: unverified credentials get half of it; Radicale's answers mapped --------------------
+
+class GateApp:
+    """Wrong credentials wait inside the app until ``release`` is set (a slow password check), then 401;
+    alice's right password is answered 200 at once. Records how many requests were inside at once."""
+
+    def __init__(self) -> None:
+        import threading
+
+        self.release = threading.Event()
+        self.lock = threading.Lock()
+        self.inside = 0
+        self.most_inside = 0
+
+    def __call__(self, environ: dict[str, Any], start_response: Callable[..., Any]) -> Iterable[bytes]:
+        environ["wsgi.input"].read()
+        if environ.get("HTTP_AUTHORIZATION") == BASIC_ALICE:
+            start_response("200 OK", [("Content-Type", "text/plain")])
+            return [b"ok"]
+        with self.lock:
+            self.inside += 1
+            self.most_inside = max(self.most_inside, self.inside)
+        try:
+            self.release.wait(30)
+        finally:
+            with self.lock:
+                self.inside -= 1
+        start_response("401 Unauthorized", [("WWW-Authenticate", 'Basic realm="x"')])
+        return [b"no"]
+
+
+async def test_guessing_cannot_take_the_workers_of_a_known_good_user():
+    """4 worker threads: requests with credentials not yet seen to work may hold at most 2 of them. Alice
+    logs in once (200: her credentials are now known good); 5 guesses then stall inside a slow check; only
+    2 are ever inside the app at once, and alice is still answered at once; released, every guess gets
+    its 401."""
+    app = GateApp()
+    bridge = make_bridge(app, threads=4)
+    runner, port = await serve(make_https_app(bridge), shutdown_timeout_s=1)
+    base = f"http://127.0.0.1:{port}"
+    try:
+        assert await asyncio.wait_for(_status(base, BASIC_ALICE), 20) == 200
+        import base64
+
+        guesses = [asyncio.ensure_future(_status(base, "Basic " + base64.b64encode(f"alice:guess{i}".encode())
+                                                 .decode())) for i in range(5)]
+        await _until(lambda: app.inside == 2, "two guesses inside the app")
+        assert await asyncio.wait_for(_status(base, BASIC_ALICE), 20) == 200
+        assert app.most_inside == 2 and not any(g.done() for g in guesses)
+        app.release.set()
+        assert await asyncio.wait_for(asyncio.gather(*guesses), 30) == [401] * 5
+        assert app.most_inside == 2
+    finally:
+        app.release.set()
+        await runner.cleanup()
+        bridge.close()
+
+
+def _answering(status: str, note: str = "") -> Callable[..., Iterable[bytes]]:
+    import logging
+
+    def app(environ: dict[str, Any], start_response: Callable[..., Any]) -> Iterable[bytes]:
+        environ["wsgi.input"].read()
+        if note:
+            logging.getLogger("radicale").error("%s", note)
+        start_response(status, [("Content-Type", "text/plain")])
+        return [b"from radicale"]
+
+    return app
+
+
+@pytest.mark.parametrize(("method", "status", "note", "expected", "error_line"), [
+    # Radicale's "remote destination not supported" for a MOVE/COPY is the client's wrong Destination.
+    ("MOVE", "502 Bad Gateway", "", 403, None),
+    ("COPY", "502 Bad Gateway", "", 403, None),
+    ("GET", "502 Bad Gateway", "", 502, "Radicale answered 502 to GET /radicale/alice/x.vcf: no details"),
+    # A write that failed for lack of space is a 507 with one line saying so.
+    ("PUT", "500 Internal Server Error", "Failed to write: [Errno 28] No space left on device", 507,
+     "no space left on device; PUT /radicale/alice/x.vcf refused with 507"),
+    ("GET", "500 Internal Server Error", "Failed to read: [Errno 28] No space left on device", 500,
+     "Radicale answered 500 to GET /radicale/alice/x.vcf: Failed to read: [Errno 28] No space left on device"),
+])
+async def test_radicale_5xx_answers_are_mapped_or_logged_once(caplog, method, status, note, expected, error_line):
+    import logging
+
+    caplog.set_level(logging.INFO)
+    bridge = make_bridge(_answering(status, note))
+    runner, port = await serve(make_https_app(bridge))
+    try:
+        async with aiohttp.ClientSession() as s:
+            headers = {"Authorization": BASIC_ALICE, "Destination": "https://elsewhere.example/x.vcf"}
+            async with s.request(method, f"http://127.0.0.1:{port}/radicale/alice/x.vcf", headers=headers,
+                                 data=b"BEGIN:VCARD" if method == "PUT" else None) as r:
+                assert r.status == expected
+                text = await r.text()
+    finally:
+        await runner.cleanup()
+        bridge.close()
+    errors = [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR and r.name.startswith("inverse")]
+    if error_line is None:
+        assert errors == [] and text == "Destination is not on this server\n"
+    else:
+        assert len(errors) == 1 and error_line in errors[0], errors
+    if expected == 507:
+        assert text == "Insufficient Storage: the server's disk is full; nothing was changed\n"
