@@ -727,12 +727,12 @@ def test_l3_slow_bodies_get_408_and_do_not_stop_a_sync(ctx, tmp_path):
 @pytest.mark.slow
 def test_l4_brute_force_does_not_stop_the_real_user(ctx, tmp_path):
     """L4: 20 parallel clients guess passwords for 10 s while the real user syncs 200 cards with vdirsyncer.
-    Every guess gets 401, each no sooner than half the failed-login delay (auth_delay_s = 0.5), never a 5xx;
-    the real sync completes; the log shows the client address, and repeats are collapsed into a summary line
-    (row L4)."""
+    Every guess gets 401, never a 5xx; the real sync completes; the log shows the client address, and
+    repeats are collapsed into a summary line (row L4). That each failure waits out the delay is B6's check:
+    here the password hashing of 20 parallel guessers alone takes longer than the delay, so this row could
+    not tell (with the delay removed it still passed)."""
     stop = threading.Event()
     statuses: list[int] = []
-    guess_s: list[float] = []
     lock = threading.Lock()
 
     def guesser(k: int) -> None:
@@ -740,14 +740,12 @@ def test_l4_brute_force_does_not_stop_the_real_user(ctx, tmp_path):
             for _ in range(200):  # bounded
                 if stop.is_set():
                     return
-                t0 = time.monotonic()
                 try:
                     r = dav.request("PROPFIND", "/radicale/alice/", headers={"Depth": "0"})
                 except OSError:
                     continue
                 with lock:
                     statuses.append(r.status)
-                    guess_s.append(time.monotonic() - t0)
 
     mark = len(ctx.srv.log())
     threads = [threading.Thread(target=guesser, args=(k,), daemon=True) for k in range(20)]
@@ -764,7 +762,6 @@ def test_l4_brute_force_does_not_stop_the_real_user(ctx, tmp_path):
             t.join(30)
     print(f"\nreal user's sync under 20 guessing clients: {took:.1f} s; guesses answered: {len(statuses)}")
     assert statuses and set(statuses) == {401}, sorted(set(statuses))
-    assert min(guess_s) >= 0.25, f"a guess was answered after {min(guess_s):.2f} s, without the failed-login delay"
     new = ctx.srv.log()[mark:]
     assert "Traceback" not in new
     # Repeats are collapsed: per address, the first failed login of a minute is logged in full, the rest
