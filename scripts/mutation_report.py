@@ -1,6 +1,5 @@
-"""Summarise a mutmut run (mutants/*.meta): killed/total per module and the diff of every surviving mutant.
-
-Run by scripts/mutate.sh after ``mutmut run``; arguments restrict the report to those module paths."""
+"""Summarise a mutmut run (mutants/*.meta in the current folder): killed/total per module and the diff of every
+surviving mutant. Run by scripts/mutate.sh after ``mutmut run``; arguments restrict the report to those modules."""
 
 from __future__ import annotations
 
