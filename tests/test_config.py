@@ -238,3 +238,33 @@ def test_replace_server_changes_only_the_named_fields():
     other = config.replace_server(cfg, max_connections=8)
     assert other.server.max_connections == 8 and cfg.server.max_connections == 512
     assert other.server.domain == cfg.server.domain and other.relay == cfg.relay and other.acme == cfg.acme
+
+
+@pytest.mark.parametrize(("extra", "message"), [
+    ('[relay]\nuser = 5\n', "config: line 4: [relay] user: expected a string, got 5"),
+    ('data_dir = ""\n', 'config: line 3: [server] data_dir: expected a non-empty string, got ""'),
+    ('[acme]\nenabled = "yes"\n', 'config: line 4: [acme] enabled: expected true or false, got "yes"'),
+    ("auth_delay_s = 11\n", "config: line 3: [server] auth_delay_s: expected a number 0-10, got 11"),
+    ("auth_delay_s = true\n", "config: line 3: [server] auth_delay_s: expected a number 0-10, got true"),
+    ('[relay]\nhost_key = "not a key"\n', 'config: line 4: [relay] host_key: expected an OpenSSH public key line '
+                                         'such as "ssh-ed25519 AAAAC3...", got "not a key"'),
+])
+def test_each_value_check_names_what_it_expected(extra, message):
+    with pytest.raises(ConfigError) as caught:
+        config.loads(GOOD + extra)
+    assert str(caught.value) == message
+
+
+def test_a_section_that_is_not_a_table():
+    with pytest.raises(ConfigError) as caught:
+        config.loads('server = 3\n')
+    assert str(caught.value) == "config: line 1: server: expected a [table]"
+
+
+def test_a_config_file_that_is_not_utf8_is_one_line(tmp_path):
+    path = tmp_path / "config.toml"
+    path.write_bytes(b'[server]\ndomain = "\xff"\n')
+    with pytest.raises(ConfigError) as caught:
+        config.load(path)
+    assert str(caught.value) == (f"{path}: cannot read config file: 'utf-8' codec can't decode byte 0xff in "
+                                 "position 19: invalid start byte")

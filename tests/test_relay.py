@@ -224,3 +224,23 @@ def test_bundle_matches_the_reviewed_golden_files(case):
     assert on_disk == set(files)
     for name, text in files.items():
         assert text == (root / name).read_text(), f"{case}/{name} differs from its golden copy"
+
+
+@pytest.mark.parametrize(("host", "loopback"), [("127.0.0.1", True), ("127.0.0.2", True), ("::1", True),
+                                                ("localhost", True), ("203.0.113.7", False),
+                                                ("relay.example", False)])
+def test_listen_is_loopback(host, loopback):
+    """Only a loopback listen needs route_localnet for the DNAT (a name other than localhost is not one)."""
+    assert spec(listen_host=host).listen_is_loopback is loopback
+    assert ("route_localnet" in relay.setup_script(spec(listen_host=host), "nft")) is loopback
+
+
+def test_bad_inputs_to_the_renderer_are_one_line():
+    with pytest.raises(ValueError) as caught:
+        relay.authorized_keys(relay.RelaySpec(domain="laptop.test", user="u", tunnel_key="garbage",
+                                              takeover_key=TKO))
+    assert str(caught.value) == "not an OpenSSH public key line: 'garbage'"
+    with pytest.raises(ValueError) as caught:
+        relay.setup_script(spec(), "pf")
+    assert str(caught.value) == "nat must be nft, iptables or none, not 'pf'"
+    assert relay.takeover_command() in relay.authorized_keys(spec())
