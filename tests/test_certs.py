@@ -490,3 +490,25 @@ def test_failure_level_at_exactly_half_the_renewal_window():
     half = LE90.not_after - LE90.lifetime / 3 / 2
     assert failure_level(LE90, half, 1) == logging.WARNING
     assert failure_level(LE90, half + dt.timedelta(seconds=1), 1) == logging.ERROR
+
+
+def test_retry_schedule_defaults_to_the_ca_schedule():
+    assert [next_retry_delay_s(n) for n in (1, 2, 5)] == [60.0, 600.0, 86400.0]
+
+
+def test_ari_cert_id_refuses_an_aki_without_key_identifier():
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "example")])
+    aki = x509.AuthorityKeyIdentifier(None, [x509.DirectoryName(name)], 7)
+    cert = (x509.CertificateBuilder().subject_name(name).issuer_name(name).public_key(key.public_key())
+            .serial_number(7).not_valid_before(T0).not_valid_after(T0 + D)
+            .add_extension(aki, critical=False).sign(key, hashes.SHA256()))
+    with pytest.raises(ValueError) as info:
+        ari_cert_id(cert)
+    assert str(info.value) == "certificate's Authority Key Identifier has no keyIdentifier"
+
+
+def test_ari_cert_id_strips_only_base64_padding():
+    """An identifier part that ends in 'X' keeps it (only '=' padding is dropped)."""
+    cert = _cert_with(0x17, bytes(range(1, 19)) + b"\x00\x00\x17")
+    assert ari_cert_id(cert) == "AQIDBAUGBwgJCgsMDQ4PEBESAAAX.Fw"
