@@ -244,3 +244,28 @@ def test_bad_inputs_to_the_renderer_are_one_line():
         relay.setup_script(spec(), "pf")
     assert str(caught.value) == "nat must be nft, iptables or none, not 'pf'"
     assert relay.takeover_command() in relay.authorized_keys(spec())
+
+
+@pytest.mark.parametrize(("line", "rendered"), [
+    ("ssh-ed25519 AAAAC3Nz", "ssh-ed25519 AAAAC3Nz"),                                # no comment: no trailing space
+    ("  ssh-ed25519 AAAAC3Nz tunnel laptop.test \n", "ssh-ed25519 AAAAC3Nz tunnel laptop.test"),
+    ("ssh-ed25519 AAAAC3Nz one\ntwo", "ssh-ed25519 AAAAC3Nz one two"),              # a comment stays one line
+])
+def test_key_lines_are_copied_as_one_clean_line(line, rendered):
+    keys = relay.authorized_keys(relay.RelaySpec(domain="laptop.test", user="u", tunnel_key=line, takeover_key=TKO))
+    tunnel_line = keys.splitlines()[[i for i, k in enumerate(keys.splitlines()) if "AAAAC3Nz" in k][0]]
+    assert tunnel_line.endswith(" " + rendered)
+
+
+def test_a_long_bad_key_line_is_quoted_up_to_40_characters():
+    with pytest.raises(ValueError) as caught:
+        relay.authorized_keys(relay.RelaySpec(domain="laptop.test", user="u", tunnel_key="x" * 60, takeover_key=TKO))
+    assert str(caught.value) == f"not an OpenSSH public key line: {'x' * 40!r}"
+
+
+def test_localhost_listen_is_dnatted_to_127_0_0_1_and_nft_is_the_default():
+    s = spec(listen_host="localhost")
+    assert "dnat to 127.0.0.1:44353" in relay.nftables_rules(s) and "localhost:44353" not in relay.nftables_rules(s)
+    assert "127.0.0.1:44353" in relay.nginx_stream(s) and "127.0.0.1:8053" in relay.nginx_http_vhost(s)
+    assert relay.setup_script(spec()) == relay.setup_script(spec(), "nft")
+    assert relay.bundle(spec()) == relay.bundle(spec(), "nft")
