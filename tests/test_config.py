@@ -268,3 +268,97 @@ def test_a_config_file_that_is_not_utf8_is_one_line(tmp_path):
         config.load(path)
     assert str(caught.value) == (f"{path}: cannot read config file: 'utf-8' codec can't decode byte 0xff in "
                                  "position 19: invalid start byte")
+
+
+EXACT = {
+    "syntax error": "config: line 3, column 16: TOML syntax error: [server] https_listen: invalid value",
+    "unknown key": 'config: line 4: [relay] hots: unknown key (did you mean "host"?)',
+    "unknown section": 'config: line 3: [rely]: unknown section (did you mean "[relay]"?)',
+    "wrong type": 'config: line 4: [relay] port: expected an integer 1-65535, got "x"',
+    "port 70000": "config: line 4: [relay] port: expected an integer 1-65535, got 70000",
+    "listen port 70000": 'config: line 3: [server] https_listen: port must be 0-65535, got "127.0.0.1:70000"',
+    "missing domain": "config: line 1: [server] domain: missing required key",
+    "duplicate key": "config: line 3, column 18: TOML syntax error: [server] domain is defined twice",
+    "duplicate table": "config: line 3, column 8: TOML syntax error: [server] is defined twice",
+    "bool for int": "config: line 3: [server] max_connections: expected an integer 4-100000, got true",
+    "bad domain": "config: line 2: [server] domain: expected a DNS name such as contacts.example.org, got "
+                  '"not a domain"',
+    "bad choice": 'config: line 3: [server] log_level: expected one of "debug", "info", "warning", "error", got "loud"',
+    "locked radicale option": "config: line 4: [radicale.auth] type: is set by inverse-cloud itself and cannot be "
+                              "overridden",
+    "radicale option outside a table": "config: line 4: [radicale] foo: expected a table such as [radicale.storage] "
+                                       "holding Radicale options",
+}
+
+
+@pytest.mark.parametrize(("name", "text", "line", "fragments"), BAD_CONFIGS, ids=[c[0] for c in BAD_CONFIGS])
+def test_bad_config_exact_line(name, text, line, fragments):
+    """The whole line, for text given without a file (so it starts 'config:')."""
+    with pytest.raises(ConfigError) as caught:
+        config.loads(text)
+    assert str(caught.value) == EXACT[name]
+
+
+@pytest.mark.parametrize(("extra", "message"), [
+    ("[zzzzqq]\nx=1\n", "config: line 3: [zzzzqq]: unknown section; known: acme, radicale, relay, server"),
+    ("[relay]\nqqqqzz = 1\n", "config: line 4: [relay] qqqqzz: unknown key; known keys: enabled, host, port, user, "
+                             "key_file, takeover_key_file, host_key, listen_host, https_port, http_port, "
+                             "keepalive_interval_s, keepalive_count_max, connect_timeout_s"),
+    ("max_connections = 3\n", "config: line 3: [server] max_connections: expected an integer 4-100000, got 3"),
+    ("max_connections = 100001\n",
+     "config: line 3: [server] max_connections: expected an integer 4-100000, got 100001"),
+    ("auth_delay_s = -0.1\n", "config: line 3: [server] auth_delay_s: expected a number 0-10, got -0.1"),
+    ("auth_delay_s = 10.5\n", "config: line 3: [server] auth_delay_s: expected a number 0-10, got 10.5"),
+    ('https_listen = "[::1]:65536"\n',
+     'config: line 3: [server] https_listen: port must be 0-65535, got "[::1]:65536"'),
+    ('https_listen = "nope"\n',
+     'config: line 3: [server] https_listen: expected HOST:PORT, e.g. 127.0.0.1:8443, got "nope"'),
+])
+def test_range_and_name_errors_exact(extra, message):
+    with pytest.raises(ConfigError) as caught:
+        config.loads(GOOD + extra)
+    assert str(caught.value) == message
+
+
+def test_range_ends_and_normalised_values_are_accepted():
+    def server(extra: str) -> config.ServerConfig:
+        return config.loads(GOOD + extra).server
+
+    assert server("max_connections = 4\n").max_connections == 4
+    assert server("max_connections = 100000\n").max_connections == 100000
+    assert server("auth_delay_s = 0\n").auth_delay_s == 0.0 and isinstance(server("auth_delay_s = 0\n").auth_delay_s,
+                                                                         float)
+    assert server("auth_delay_s = 10\n").auth_delay_s == 10.0
+    assert server('https_listen = "[::ABCD]:65535"\n').https_listen == ("::ABCD", 65535)
+    assert server('https_listen = "127.0.0.1:0"\n').https_listen == ("127.0.0.1", 0)
+    assert server('log_level = "debug"\n').log_level == "debug"
+    assert config.loads('[server]\ndomain = "Laptop.Test."\n').server.domain == "laptop.test"
+    with pytest.raises(ConfigError, match="expected a DNS name"):
+        config.loads('[server]\ndomain = ".laptop.test"\n')
+    key = "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIPdR/oJumYvxBj5EcrtzZ7CKnzQkJornglLlC0nU8PWb"
+    assert config.loads(GOOD + f'[relay]\nhost_key = "{key}"\n').relay.host_key == key
+    extra = config.loads(GOOD + '[radicale.storage]\nmax_sync_token_age = "100"\n').radicale_extra
+    assert dict(extra) == {"storage": {"max_sync_token_age": "100"}}
+
+
+def test_load_passes_overrides_and_reads_utf8(tmp_path):
+    path = tmp_path / "config.toml"
+    path.write_text('[server]\ndomain = "a.test"\n# café\n', encoding="utf-8")
+    cfg = config.load(path, {"server": {"max_connections": 8}})
+    assert cfg.server.max_connections == 8 and cfg.path == path
+
+
+@pytest.mark.parametrize(("var", "fn", "fallback", "tail"), [
+    ("XDG_CONFIG_HOME", config.default_config_path, ".config", "inverse-cloud/config.toml"),
+    ("XDG_DATA_HOME", config.default_data_dir, ".local/share", "inverse-cloud"),
+    ("XDG_STATE_HOME", config.default_state_dir, ".local/state", "inverse-cloud"),
+])
+def test_xdg_locations(monkeypatch, tmp_path, var, fn, fallback, tail):
+    """An absolute XDG_* wins; unset or relative falls back under the home folder."""
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    monkeypatch.setenv(var, str(tmp_path / "xdg"))
+    assert fn() == tmp_path / "xdg" / tail
+    monkeypatch.setenv(var, "relative/path")
+    assert fn() == tmp_path / "home" / fallback / tail
+    monkeypatch.delenv(var)
+    assert fn() == tmp_path / "home" / fallback / tail
