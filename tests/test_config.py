@@ -362,3 +362,21 @@ def test_xdg_locations(monkeypatch, tmp_path, var, fn, fallback, tail):
     assert fn() == tmp_path / "home" / fallback / tail
     monkeypatch.delenv(var)
     assert fn() == tmp_path / "home" / fallback / tail
+
+
+def test_every_server_field_comes_from_its_own_key(tmp_path):
+    text = (f'[server]\ndomain = "a.test"\ndata_dir = "{tmp_path}/d"\nstate_dir = "{tmp_path}/s"\n'
+            "max_body_bytes = 123456\nbody_grace_s = 2.5\nbody_min_rate_bps = 777\nidle_timeout_s = 33.0\n"
+            "handshake_timeout_s = 4.5\nmax_connections = 99\nradicale_threads = 3\nauth_delay_s = 0.25\n"
+            'shutdown_timeout_s = 7.0\nlog_level = "warning"\n'
+            '[radicale.storage]\nflag_on = true\nflag_off = false\n')
+    cfg = config.loads(text)
+    s = cfg.server
+    assert (s.max_body_bytes, s.body_grace_s, s.body_min_rate_bps, s.idle_timeout_s, s.handshake_timeout_s,
+            s.max_connections, s.radicale_threads, s.auth_delay_s, s.shutdown_timeout_s, s.log_level) == (
+        123456, 2.5, 777, 33.0, 4.5, 99, 3, 0.25, 7.0, "warning")
+    assert s.control_socket == tmp_path / "s" / "control.sock"
+    assert dict(cfg.radicale_extra) == {"storage": {"flag_on": "True", "flag_off": "False"}}
+    custom = config.loads(text.replace('log_level = "warning"\n', f'log_level = "warning"\ncontrol_socket = '
+                                                                  f'"{tmp_path}/c.sock"\n'))
+    assert custom.server.control_socket == tmp_path / "c.sock"
