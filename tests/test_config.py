@@ -380,3 +380,31 @@ def test_every_server_field_comes_from_its_own_key(tmp_path):
     custom = config.loads(text.replace('log_level = "warning"\n', f'log_level = "warning"\ncontrol_socket = '
                                                                   f'"{tmp_path}/c.sock"\n'))
     assert custom.server.control_socket == tmp_path / "c.sock"
+
+
+def test_every_relay_and_acme_field_comes_from_its_own_key(tmp_path):
+    key = "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIPdR/oJumYvxBj5EcrtzZ7CKnzQkJornglLlC0nU8PWb"
+    text = (f'[server]\ndomain = "a.test"\ndata_dir = "{tmp_path}/d"\nstate_dir = "{tmp_path}/s"\n'
+            f'[relay]\nenabled = false\nhost = "relay.example"\nport = 2222\nuser = "bob"\nkey_file = "{tmp_path}/k"\n'
+            f'takeover_key_file = "{tmp_path}/t"\nhost_key = "{key}"\nlisten_host = "127.0.0.2"\nhttps_port = 1443\n'
+            "http_port = 1080\nkeepalive_interval_s = 7.0\nkeepalive_count_max = 4\nconnect_timeout_s = 9.0\n"
+            '[acme]\nenabled = true\ndirectory = "https://ca.example/dir"\nemail = "me@a.test"\n'
+            f'ca_bundle = "{tmp_path}/ca.pem"\neab_kid = "kid"\neab_hmac_key = "hmac"\nkey_type = "ecdsa-p384"\n'
+            'check_interval_s = 120.0\nself_check_address = "127.0.0.1:8080"\ndns_server = "127.0.0.1:5353"\n'
+            'caa_issuer = " Pebble.Test "\n')
+    cfg = config.loads(text, tmp_path / "c.toml")
+    r, a = cfg.relay, cfg.acme
+    assert cfg.path == tmp_path / "c.toml"
+    assert (r.enabled, r.host, r.port, r.user, r.key_file, r.takeover_key_file, r.host_key, r.listen_host,
+            r.https_port, r.http_port, r.keepalive_interval_s, r.keepalive_count_max, r.connect_timeout_s) == (
+        False, "relay.example", 2222, "bob", tmp_path / "k", tmp_path / "t", key, "127.0.0.2", 1443, 1080, 7.0, 4,
+        9.0)
+    assert (a.enabled, a.directory, a.email, a.ca_bundle, a.eab_kid, a.eab_hmac_key, a.key_type, a.check_interval_s,
+            a.account_dir, a.self_check_address, a.dns_server, a.caa_issuer) == (
+        True, "https://ca.example/dir", "me@a.test", tmp_path / "ca.pem", "kid", "hmac", "ecdsa-p384", 120.0,
+        tmp_path / "d" / "acme", ("127.0.0.1", 8080), ("127.0.0.1", 5353), "pebble.test")
+    # Without a relay host: relay off, and ACME follows the relay unless set.
+    plain = config.loads(f'[server]\ndomain = "a.test"\ndata_dir = "{tmp_path}/d"\n')
+    assert plain.relay.enabled is False and plain.acme.enabled is False
+    assert plain.relay.key_file == tmp_path / "d" / "ssh" / "id_ed25519"
+    assert plain.relay.takeover_key_file == tmp_path / "d" / "ssh" / "id_ed25519_takeover"
