@@ -8,6 +8,7 @@ import base64
 import fcntl
 import hashlib
 import io
+import json
 import os
 import stat
 import subprocess
@@ -248,3 +249,91 @@ def test_export_command(instance, tmp_path):
     assert out.returncode == 0, out.stderr
     assert "wrote" in out.stdout and "keep it private" in out.stdout
     wait_until(lambda: (tmp_path / "e.tgz").exists(), 5, "export file")
+
+
+def _retar(src: Path, dest: Path, change) -> Path:
+    """Copy export ``src`` to ``dest``, passing each (TarInfo, bytes) through ``change`` (None drops it)."""
+    with tarfile.open(src) as tar:
+        members = [(m, tar.extractfile(m).read() if m.isfile() else b"") for m in tar.getmembers()]
+    with tarfile.open(dest, "w:gz") as tar:
+        for m, data in members:
+            for out in change(m, data) or []:
+                info, body = out
+                info.size = len(body)
+                tar.addfile(info, io.BytesIO(body))
+    return dest
+
+
+def test_import_in_process_into_an_initialised_laptop(instance, tmp_path):
+    """Export A, then import it into B (initialised, nothing stored, no server running): the items and the
+    user file are A's, B's empty collections folder is moved aside (never deleted), Radicale verified the
+    store, B's config is kept; into a fresh folder without a config, the exported config is written with
+    the new data folder."""
+    cfg = config_mod.load(instance)
+    _fill(cfg, cards=3, events=1)
+    dest = tmp_path / "a.tar.gz"
+    export_backup(cfg, dest)
+    from tests.support import init_instance
+
+    b_path = init_instance(tmp_path / "b", password="other pw")
+    b = config_mod.load(b_path)
+    b.server.storage_dir.mkdir(parents=True, exist_ok=True)
+    (b.server.storage_dir / "collection-root").mkdir()
+    b_config_text = b_path.read_text()
+    with tarfile.open(dest) as tar:
+        exported = len(tar.getnames()) - 1     # all but the manifest
+    result = import_backup(dest, b, config_path=b_path)
+    assert (result.files, result.items, result.config_written) == (exported, 4, None)
+    assert result.moved_aside is not None and result.moved_aside.name.startswith("collections.before-import-")
+    assert (result.moved_aside / "collection-root").is_dir()
+    assert _items(b) == _items(cfg)
+    assert b.server.htpasswd_path.read_bytes() == cfg.server.htpasswd_path.read_bytes()
+    assert b_path.read_text() == b_config_text
+    fresh = tmp_path / "fresh"
+    again = import_backup(dest, None, config_path=fresh / "config.toml", data_dir=fresh / "data")
+    assert again.config_written == fresh / "config.toml" and again.moved_aside is None
+    written = config_mod.load(fresh / "config.toml")
+    assert written.server.data_dir == fresh / "data" and _items(written) == _items(cfg)
+    assert stat.S_IMODE((fresh / "config.toml").stat().st_mode) == 0o600
+
+
+@pytest.mark.parametrize(("case", "message"), [
+    ("no manifest", "is not an inverse-cloud export (no valid MANIFEST.json)"),
+    ("other format", "export format 99 is not supported by this version"),
+    ("absolute name", "unexpected entry '/etc/x'; refusing the whole file"),
+    ("dot-dot name", "unexpected entry 'data/../../x'; refusing the whole file"),
+    ("not in manifest", "data/extra.txt is not in the manifest; refusing the whole file"),
+    ("missing file", "1 file(s) listed in the manifest are missing"),
+    ("not a tar", "not a readable export (file could not be opened successfully)"),
+])
+def test_import_refuses_a_malformed_export_with_one_line(instance, tmp_path, case, message):
+    cfg = config_mod.load(instance)
+    _fill(cfg, cards=1, events=0)
+    dest = tmp_path / "a.tar.gz"
+    export_backup(cfg, dest)
+
+    def change(m, data):
+        if case == "no manifest" and m.name == "MANIFEST.json":
+            return []
+        if case == "other format" and m.name == "MANIFEST.json":
+            return [(m, json.dumps({**json.loads(data), "format": 99}).encode())]
+        if case == "missing file" and m.name == "data/users.htpasswd":
+            return []
+        out = [(m, data)]
+        if m.name == "config.toml" and case in ("absolute name", "dot-dot name", "not in manifest"):
+            extra = tarfile.TarInfo({"absolute name": "/etc/x", "dot-dot name": "data/../../x",
+                                     "not in manifest": "data/extra.txt"}[case])
+            out.append((extra, b"x"))
+        return out
+
+    bad = tmp_path / "bad.tar.gz"
+    if case == "not a tar":
+        bad.write_bytes(b"this is not a tar file at all")
+    else:
+        _retar(dest, bad, change)
+    fresh = tmp_path / "fresh"
+    with pytest.raises(BackupError) as caught:
+        import_backup(bad, None, config_path=fresh / "config.toml", data_dir=fresh / "data")
+    assert message in str(caught.value) and str(caught.value).startswith(str(bad))
+    assert "\n" not in str(caught.value)
+    assert not (fresh / "config.toml").exists() and not (fresh / "data" / "collections").exists()
