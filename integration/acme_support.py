@@ -79,6 +79,8 @@ class SyncLoad:
     handshakes_ok: int = 0
     fresh_serials: list[int] = field(default_factory=list)
     long_serial: int = 0
+    # (serial the long-lived connection presents, serial a fresh handshake got) for every round with both
+    rounds: list[tuple[int, int]] = field(default_factory=list)
     reconnects: int = 0
 
     def __post_init__(self) -> None:
@@ -98,7 +100,8 @@ class SyncLoad:
     def _run(self) -> None:
         ctx = tls_context(self.cafile)
         conn = VerifiedConn(self.port, ctx, timeout=20)
-        sock_id = None
+        # The socket object itself, held: an id() of a closed socket can be reused by the next one.
+        first_sock = None
         deadline = time.monotonic() + self.max_s
         for _ in range(self.max_rounds):
             if self._stop.is_set() or time.monotonic() > deadline:
@@ -113,16 +116,17 @@ class SyncLoad:
                 else:
                     self.requests_ok += 1
                 assert conn.sock is not None
-                if sock_id is None:
-                    sock_id = id(conn.sock)
-                    der = conn.sock.getpeercert(binary_form=True)
-                    self.long_serial = x509.load_der_x509_certificate(der).serial_number if der else 0
-                elif id(conn.sock) != sock_id:
+                der = conn.sock.getpeercert(binary_form=True)
+                long_serial = x509.load_der_x509_certificate(der).serial_number if der else 0
+                if first_sock is None:
+                    first_sock, self.long_serial = conn.sock, long_serial
+                elif conn.sock is not first_sock:
                     self.reconnects += 1
-                    sock_id = id(conn.sock)
+                    first_sock = conn.sock
             except (OSError, http.client.HTTPException) as exc:
                 self.failures.append(f"long-lived connection: {type(exc).__name__}: {exc}")
                 conn.close()
+                long_serial = 0
             serial = verified_serial(self.port, self.cafile)
             if serial is None:
                 self.failures.append("fresh handshake failed")
@@ -130,5 +134,7 @@ class SyncLoad:
                 self.handshakes_ok += 1
                 if not self.fresh_serials or self.fresh_serials[-1] != serial:
                     self.fresh_serials.append(serial)
+                if long_serial:
+                    self.rounds.append((long_serial, serial))
             self._stop.wait(0.05)  # pacing of the load generator
         conn.close()

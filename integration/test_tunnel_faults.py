@@ -89,7 +89,8 @@ def tunnel_lines(srv: ServeProcess) -> list[str]:
 @pytest.mark.slow
 def test_f1_reset_link_reconnects_at_once(tmp_path):
     """F1: RST both ends of the SSH connection -> one line 'relay link lost (connection reset);
-    reconnecting' -> reconnect (first retry within 1 s) -> sync works; no takeover needed."""
+    reconnecting' -> reconnect -> sync works within 20 s (the time is printed; that the first retry after a
+    stable link comes at once is tests/test_tunnel.py's check); no takeover needed."""
     with stack(tmp_path) as (srv, relay, px):
         t0 = time.monotonic()
         assert px.reset() >= 1
@@ -118,23 +119,23 @@ def test_f2_frozen_link_detected_by_keepalive_then_recovers(tmp_path):
 @pytest.mark.slow
 @pytest.mark.parametrize("mode", ["cut", "rebind"])
 def test_network_change_takes_over_the_stale_session(tmp_path, mode):
-    """Stale-port takeover and F5: the old path dies silently (cut; rebind = new connections also come from
+    """Stale-port takeover: the old path dies silently (cut; rebind = new connections also come from
     another source address, as after a network change) while the relay keeps the dead session with
-    ClientAlive 15 s x 3; a phone keeps connecting to the port every 0.5 s meanwhile (which kept the seed
-    stack's port held for good). The client notices via keepalive, reconnects, its listen is refused ->
-    'still held by a previous session; taking over' -> the takeover key ends the old session -> forwards
-    bound -> sync works well before the relay's own ClientAlive would have fired."""
-    with stack(tmp_path, client_alive=(15, 3)) as (srv, relay, px):
+    ClientAlive 300 s x 3, so only the takeover can free the port within the test. The client notices via
+    keepalive, reconnects, its listen is refused -> 'still held by a previous session; taking over' -> the
+    takeover key ends the old session -> forwards bound by a new session -> sync works (deadline 120 s,
+    far below the relay's 15 min). F5 below adds a phone connecting every 0.5 s and a real address change."""
+    with stack(tmp_path, client_alive=(300, 3)) as (srv, relay, px):
         old = relay.holders()
         t0 = time.monotonic()
         px.set_mode(mode)
-        took = recover(srv, relay, f"network change ({mode}) with a stale relay session", t0, 40)
+        took = recover(srv, relay, f"network change ({mode}) with a stale relay session", t0, 120)
         lines = tunnel_lines(srv)
         assert any("still held by a previous session; taking over" in line for line in lines), "\n".join(lines)
         assert any(re.search(r"takeover: ended [1-9]\d* other session", line) for line in lines), "\n".join(lines)
         new = relay.holders()
         assert new and new != old
-        print(f"[tunnel-faults] recovered in {took:.2f} s; relay ClientAlive alone would need ~45 s")
+        print(f"[tunnel-faults] recovered in {took:.2f} s; relay ClientAlive alone would need ~15 min")
         px.set_mode("pass")
 
 
@@ -202,15 +203,16 @@ F5_USER = "icnetchg"   # its own tunnel user: the takeover ends every other sess
 
 @pytest.mark.slow
 def test_f5_laptop_address_really_changes(tmp_path):
-    """F5 with a real network change. The relay side (sshd with relay-setup's config and ClientAlive 15 s x 3,
+    """F5 with a real network change. The relay side (sshd with relay-setup's config and ClientAlive 300 s x 3,
     the phone, curl, ss) runs in a private network namespace; `inverse-cloud serve` runs in the laptop's own
     namespace, joined by a veth pair, with address A; keepalive 1 s x 3. While the tunnel is up and a phone
     connects to the relay's forwarded port every 0.5 s, the laptop loses A and gets B: the old connection is a
     dead path, and the relay still holds that session and the forwarded port. Expected: keepalive declares the
     link dead (one line, no traceback, no flood); the client reconnects from B (ss on the relay and sshd's log
     show B); its listen is refused -> 'still held by a previous session; taking over' -> 'takeover: ended N
-    other session(s)' -> forwards bound by a new session -> a DAV sync through the relay works well before the
-    relay's ClientAlive (~45 s) would have freed the port; the session from A is gone."""
+    other session(s)' -> forwards bound by a new session -> a DAV sync through the relay works (deadline 120 s;
+    the relay's ClientAlive would need 15 min, so only the takeover can have freed the port); the session
+    from A is gone."""
     missing = sshd_available()
     assert missing is None, missing
     for tool in ("ip", "ss", "curl"):
@@ -219,7 +221,7 @@ def test_f5_laptop_address_really_changes(tmp_path):
         sshd_port = free_port()
         cfg = init_instance(tmp_path / "ic", relay=f"{F5_USER}@{RELAY_ADDRESS}:{sshd_port}")
         configure(cfg, "relay", keepalive_interval_s=1, keepalive_count_max=3, connect_timeout_s=3)
-        with relay_sshd(cfg, user=F5_USER, client_alive_interval=15, client_alive_count_max=3,
+        with relay_sshd(cfg, user=F5_USER, client_alive_interval=300, client_alive_count_max=3,
                         listen_address=RELAY_ADDRESS) as relay, \
                 ServeProcess(cfg, prefix=laptop.exec_prefix, ready_probe=laptop.tls_handshake_ok) as srv:
             dump = lambda: srv.log()[-4000:] + "\n--- sshd ---\n" + relay.log()[-3000:]  # noqa: E731
@@ -239,7 +241,7 @@ def test_f5_laptop_address_really_changes(tmp_path):
                 wait_until(lambda: ADDRESS_B in ssh_peers(relay), 20, f"a session from {ADDRESS_B} on the relay",
                            interval_s=0.1, on_timeout=dump)
                 print(f"[tunnel-faults] F5: session from the new address {time.monotonic() - t0:.2f} s after")
-                took = recover(srv, relay, "real address change (F5)", t0, 40)
+                took = recover(srv, relay, "real address change (F5)", t0, 120)
                 with DavClient(relay.https_port, selfsigned_cert(cfg.parent)) as dav:
                     uid = new_uid()
                     assert dav.put(f"/radicale/alice/contacts/{uid}.vcf", vcard(uid, "After The Move")).status == 201
@@ -248,7 +250,7 @@ def test_f5_laptop_address_really_changes(tmp_path):
                            on_timeout=lambda: str(phone.counts()))
                 after = phone.counts()
             print(f"[tunnel-faults] F5: address change -> working sync {took:.2f} s (relay ClientAlive alone "
-                  f"~45 s); phone attempts since the change: {after[0] - before[0]} ok, {after[1] - before[1]} "
+                  f"~15 min); phone attempts since the change: {after[0] - before[0]} ok, {after[1] - before[1]} "
                   "failed")
             new = tunnel_lines(srv)[seen:]
             print("[tunnel-faults] F5 log:\n  " + "\n  ".join(new))
@@ -317,8 +319,9 @@ def test_f4_short_suspend_keeps_the_session(tmp_path):
 
 @pytest.mark.slow
 def test_f4_long_suspend_reconnects(tmp_path):
-    """F4 variant B: relay ClientAlive 1 s x 3 drops the session during an 8 s SIGSTOP; after SIGCONT the
-    client sees the link gone, reconnects, and a sync started right after works within the deadline."""
+    """F4 variant B: serve is stopped (SIGSTOP) until the relay's ClientAlive (1 s x 3) has dropped its
+    session; after SIGCONT the client sees the link gone (one 'relay link lost' line or more), reconnects,
+    and a sync started right after works within the deadline."""
     with stack(tmp_path, client_alive=(1, 3), keepalive=(2, 3), proxy=False) as (srv, relay, _):
         holder = relay.holders()
         srv.signal(signal.SIGSTOP)
@@ -350,6 +353,7 @@ def test_f14_permitlisten_mismatch_is_one_line_and_local_keeps_serving(tmp_path)
                        "the permitlisten line", on_timeout=srv.log)
             lines = [line for line in tunnel_lines(srv) if "relay refused to listen on" in line]
             assert len(lines) == 1, lines
+            assert any("still held by a previous session; taking over" in line for line in tunnel_lines(srv))
             assert f"relay refused to listen on 127.0.0.1:{relay.https_port} (check permitlisten" in lines[0]
             assert "ERROR" in lines[0] and "PermitListen" in lines[0]
             assert local_ok(srv)
@@ -393,8 +397,8 @@ def _req(method: str, path: str, body: bytes = b"", extra: str = "") -> bytes:
 def test_f15_response_lost_after_commit_no_duplicate(tmp_path):
     """F15: the link drops right after Radicale committed a PUT, before the response reaches the phone (the
     proxy in front of the relay's port resets the connection instead of delivering the first response
-    bytes). The phone retries the same PUT with If-None-Match: * -> 412 (it was stored) -> exactly one
-    item with that UID, byte-identical to what was sent."""
+    bytes). The item is stored (a GET on another connection finds it); the phone retries the same PUT with
+    If-None-Match: * -> 412 -> exactly one item with that UID, its stored text the card that was sent."""
     with stack(tmp_path, proxy=False) as (srv, relay, _):
         with ChaosProxy(relay.https_port) as phone_link:
             uid = "f15-0001"
@@ -423,11 +427,13 @@ def test_f15_response_lost_after_commit_no_duplicate(tmp_path):
                 except (ConnectionResetError, ssl.SSLError, OSError):
                     lost = True
                 assert lost, "the response got through: the fault was not injected"
+            committed = _https(phone_link.port, [_req("GET", path)])[0]
+            assert committed.startswith(b"HTTP/1.1 200"), committed[:200]   # stored before the response was lost
             retry = _https(phone_link.port, [put])[0]
             status = int(retry.split(b" ", 2)[1])
             print(f"\n[tunnel-faults] F15: retried PUT after the lost response -> {status}")
-            assert status in (412, 201)
+            assert status == 412, retry[:300]
             listing = _https(phone_link.port, [_req("PROPFIND", "/radicale/alice/contacts/", b"", "Depth: 1\r\n")])[0]
             assert listing.count(f"{uid}.vcf".encode()) == 1
             stored = _https(phone_link.port, [_req("GET", path)])[0].partition(b"\r\n\r\n")[2]
-            assert stored.count(f"UID:{uid}".encode()) == 1 and b"FN:F15 Canary" in stored
+            assert stored == card, (stored, card)

@@ -5,7 +5,8 @@ Without re-arming TCP_QUICKACK, a response of >= ~100 KB followed by the next re
 relay's sshd holds the small request behind Nagle until our delayed ACK fires). The test fails only if,
 for some size, most round trips through the tunnel take a delayed-ACK-sized extra time over the direct
 baseline (a behaviour check with a generous margin, not a timing target). The same run without the hook is
-printed for comparison (not asserted: whether the stall shows depends on the kernel)."""
+the control: it must show the stall for some size, or the check proves nothing on this kernel (then the test
+is skipped, saying so, rather than passing)."""
 
 from __future__ import annotations
 
@@ -118,3 +119,8 @@ async def test_no_delayed_ack_stalls_through_the_tunnel(tmp_path):
             failures.append(f"{size} B: {stalls}/{ROUNDS} round trips waited > {STALL_S * 1000:.0f} ms over the "
                             f"direct baseline ({ms(base)} ms)")
     assert not failures, "delayed-ACK-sized stalls through the tunnel: " + "; ".join(failures)
+    control = [size for size in SIZES
+               if sum(t - statistics.median(direct[size]) > STALL_S for t in without[size]) > ROUNDS // 2]
+    if not control:
+        pytest.skip("without the QUICKACK hook no size stalled on this kernel: the check proves nothing here")
+    print(f"[tunnel-latency] without the hook, sizes {control} stall: the hook is what prevents it")

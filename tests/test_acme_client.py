@@ -344,3 +344,26 @@ asyncio.run(main())
     assert "directory: AcmeError" in out, out      # port 9 refuses: the GET really went out
     assert "before: []" in out, out
     assert "after: ['acme', 'josepy', 'requests']" in out, out
+
+
+@pytest.mark.parametrize("content", ['{"accounts": {"https://a/dir": ', "[1, 2]", '{"accounts": ["x"]}'])
+def test_corrupt_account_file_means_look_the_account_up_again(tmp_path, caplog, content):
+    """account.json that is not JSON, not an object, or holds no mapping: no account URL (the driver looks it
+    up again with the key, which is untouched); unparsable text is one WARNING naming the file; the next save
+    writes a good file."""
+    import logging
+
+    caplog.set_level(logging.INFO)
+    store = AccountStore(tmp_path / "acme")
+    key = store.load_or_create_key()
+    store.meta_path.write_text(content)
+    assert store.account_uri("https://a/dir") == ""
+    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    if content.startswith('{"accounts": {'):
+        assert warnings == [f"ACME account file {store.meta_path} unreadable (" + warnings[0].split(" (", 1)[1]]
+        assert warnings[0].endswith("; the account URL will be looked up again")
+    else:
+        assert warnings == []
+    store.save_account_uri("https://a/dir", "https://a/acct/1")
+    assert store.account_uri("https://a/dir") == "https://a/acct/1"
+    assert store.load_or_create_key().thumbprint() == key.thumbprint()

@@ -8,6 +8,7 @@ import base64
 import fcntl
 import hashlib
 import io
+import json
 import os
 import stat
 import subprocess
@@ -167,9 +168,32 @@ def test_import_refuses_while_the_server_runs(instance, tmp_path):
             import_backup(dest, cfg, config_path=instance)
 
 
-def test_export_waits_for_a_writer_and_includes_its_item(instance, tmp_path):
-    """A writer holding Radicale's exclusive lock delays the export; the item it writes before releasing is
-    in the snapshot (nothing half-written, nothing acknowledged missing)."""
+class _FlockSpy:
+    """Stands in for the fcntl module inside ops.backup: every call goes to the real one; a lock request
+    refused because another process holds the lock sets ``refused``."""
+
+    def __init__(self) -> None:
+        self.refused = threading.Event()
+
+    def __getattr__(self, name: str) -> object:
+        return getattr(fcntl, name)
+
+    def flock(self, fd: int, operation: int) -> None:
+        try:
+            fcntl.flock(fd, operation)
+        except BlockingIOError:
+            self.refused.set()
+            raise
+
+
+def test_export_waits_for_a_writer_and_includes_its_item(instance, tmp_path, monkeypatch):
+    """A writer holds Radicale's exclusive lock: the export asks for the lock, is refused and waits (it has
+    not finished); the writer completes an item and releases; the item is in the snapshot (nothing
+    half-written, nothing acknowledged missing)."""
+    from inverse_cloud.ops import backup as backup_mod
+
+    spy = _FlockSpy()
+    monkeypatch.setattr(backup_mod, "fcntl", spy)
     cfg = config_mod.load(instance)
     _fill(cfg, cards=1, events=0)
     coll = cfg.server.storage_dir / "collection-root" / "alice" / "contacts"
@@ -177,19 +201,19 @@ def test_export_waits_for_a_writer_and_includes_its_item(instance, tmp_path):
     holder = open(lock_path, "w+")  # noqa: SIM115 -- held across threads on purpose
     fcntl.flock(holder.fileno(), fcntl.LOCK_EX)
     results: dict[str, object] = {}
-    started = threading.Event()
 
     def run() -> None:
-        started.set()
         results["r"] = export_backup(cfg, tmp_path / "during-write.tar.gz")
 
     t = threading.Thread(target=run)
     t.start()
     try:
-        started.wait(10)
+        # Either the export is now waiting for the lock, or (broken) it finished without asking.
+        wait_until(lambda: spy.refused.is_set() or not t.is_alive(), 10, "the export to ask for the lock")
+        assert "r" not in results, "export finished while the storage was locked for writing"
+        assert spy.refused.is_set()
         # The write in progress: the item is complete before the writer releases the lock.
         (coll / "late.vcf").write_bytes(_card(42))
-        assert "r" not in results, "export finished while the storage was locked for writing"
     finally:
         fcntl.flock(holder.fileno(), fcntl.LOCK_UN)
         holder.close()
@@ -198,6 +222,7 @@ def test_export_waits_for_a_writer_and_includes_its_item(instance, tmp_path):
     with tarfile.open(tmp_path / "during-write.tar.gz") as tar:
         assert "data/collections/collection-root/alice/contacts/late.vcf" in tar.getnames()
     assert result.items == 2  # type: ignore[attr-defined]
+    assert result.lock_wait_s > 0  # type: ignore[attr-defined]
 
 
 def test_lock_timeout_is_one_line(tmp_path):
@@ -224,3 +249,91 @@ def test_export_command(instance, tmp_path):
     assert out.returncode == 0, out.stderr
     assert "wrote" in out.stdout and "keep it private" in out.stdout
     wait_until(lambda: (tmp_path / "e.tgz").exists(), 5, "export file")
+
+
+def _retar(src: Path, dest: Path, change) -> Path:
+    """Copy export ``src`` to ``dest``, passing each (TarInfo, bytes) through ``change`` (None drops it)."""
+    with tarfile.open(src) as tar:
+        members = [(m, tar.extractfile(m).read() if m.isfile() else b"") for m in tar.getmembers()]
+    with tarfile.open(dest, "w:gz") as tar:
+        for m, data in members:
+            for out in change(m, data) or []:
+                info, body = out
+                info.size = len(body)
+                tar.addfile(info, io.BytesIO(body))
+    return dest
+
+
+def test_import_in_process_into_an_initialised_laptop(instance, tmp_path):
+    """Export A, then import it into B (initialised, nothing stored, no server running): the items and the
+    user file are A's, B's empty collections folder is moved aside (never deleted), Radicale verified the
+    store, B's config is kept; into a fresh folder without a config, the exported config is written with
+    the new data folder."""
+    cfg = config_mod.load(instance)
+    _fill(cfg, cards=3, events=1)
+    dest = tmp_path / "a.tar.gz"
+    export_backup(cfg, dest)
+    from tests.support import init_instance
+
+    b_path = init_instance(tmp_path / "b", password="another long password")
+    b = config_mod.load(b_path)
+    b.server.storage_dir.mkdir(parents=True, exist_ok=True)
+    (b.server.storage_dir / "collection-root").mkdir()
+    b_config_text = b_path.read_text()
+    with tarfile.open(dest) as tar:
+        exported = len(tar.getnames()) - 1     # all but the manifest
+    result = import_backup(dest, b, config_path=b_path)
+    assert (result.files, result.items, result.config_written) == (exported, 4, None)
+    assert result.moved_aside is not None and result.moved_aside.name.startswith("collections.before-import-")
+    assert (result.moved_aside / "collection-root").is_dir()
+    assert _items(b) == _items(cfg)
+    assert b.server.htpasswd_path.read_bytes() == cfg.server.htpasswd_path.read_bytes()
+    assert b_path.read_text() == b_config_text
+    fresh = tmp_path / "fresh"
+    again = import_backup(dest, None, config_path=fresh / "config.toml", data_dir=fresh / "data")
+    assert again.config_written == fresh / "config.toml" and again.moved_aside is None
+    written = config_mod.load(fresh / "config.toml")
+    assert written.server.data_dir == fresh / "data" and _items(written) == _items(cfg)
+    assert stat.S_IMODE((fresh / "config.toml").stat().st_mode) == 0o600
+
+
+@pytest.mark.parametrize(("case", "message"), [
+    ("no manifest", "is not an inverse-cloud export (no valid MANIFEST.json)"),
+    ("other format", "export format 99 is not supported by this version"),
+    ("absolute name", "unexpected entry '/etc/x'; refusing the whole file"),
+    ("dot-dot name", "unexpected entry 'data/../../x'; refusing the whole file"),
+    ("not in manifest", "data/extra.txt is not in the manifest; refusing the whole file"),
+    ("missing file", "1 file(s) listed in the manifest are missing"),
+    ("not a tar", "not a readable export (file could not be opened successfully)"),
+])
+def test_import_refuses_a_malformed_export_with_one_line(instance, tmp_path, case, message):
+    cfg = config_mod.load(instance)
+    _fill(cfg, cards=1, events=0)
+    dest = tmp_path / "a.tar.gz"
+    export_backup(cfg, dest)
+
+    def change(m, data):
+        if case == "no manifest" and m.name == "MANIFEST.json":
+            return []
+        if case == "other format" and m.name == "MANIFEST.json":
+            return [(m, json.dumps({**json.loads(data), "format": 99}).encode())]
+        if case == "missing file" and m.name == "data/users.htpasswd":
+            return []
+        out = [(m, data)]
+        if m.name == "config.toml" and case in ("absolute name", "dot-dot name", "not in manifest"):
+            extra = tarfile.TarInfo({"absolute name": "/etc/x", "dot-dot name": "data/../../x",
+                                     "not in manifest": "data/extra.txt"}[case])
+            out.append((extra, b"x"))
+        return out
+
+    bad = tmp_path / "bad.tar.gz"
+    if case == "not a tar":
+        bad.write_bytes(b"this is not a tar file at all")
+    else:
+        _retar(dest, bad, change)
+    fresh = tmp_path / "fresh"
+    with pytest.raises(BackupError) as caught:
+        import_backup(bad, None, config_path=fresh / "config.toml", data_dir=fresh / "data")
+    assert message in str(caught.value) and str(caught.value).startswith(str(bad))
+    assert "\n" not in str(caught.value)
+    assert not (fresh / "config.toml").exists() and not (fresh / "data" / "collections").exists()

@@ -282,3 +282,233 @@ def test_failure_level_escalates(cert, now, failures, level):
                                          (86400, "1d"), (90061, "1d1h")])
 def test_human_duration(s, text):
     assert human_duration(s) == text
+
+
+# --- boundaries and exact wording (each row kills a mutant a looser test let live) ----------------------
+
+def _cert_with(serial: int, aki: bytes | None) -> x509.Certificate:
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "example")])
+    builder = (x509.CertificateBuilder().subject_name(name).issuer_name(name).public_key(key.public_key())
+               .serial_number(serial).not_valid_before(T0).not_valid_after(T0 + D))
+    if aki is not None:
+        builder = builder.add_extension(x509.AuthorityKeyIdentifier(aki, None, None), critical=False)
+    return builder.sign(key, hashes.SHA256())
+
+
+def test_a_certificate_is_expired_at_its_not_after_instant():
+    assert LE90.is_expired(LE90.not_after) and not LE90.is_expired(LE90.not_after - dt.timedelta(microseconds=1))
+
+
+def test_aware_makes_naive_times_utc_and_converts_others_to_utc(monkeypatch):
+    """Naive means UTC; an aware time in another zone becomes the same instant in UTC, whatever the
+    machine's own time zone (set to Europe/Berlin here)."""
+    import time
+
+    from inverse_cloud.certs.policy import aware
+
+    monkeypatch.setenv("TZ", "Europe/Berlin")
+    time.tzset()
+    try:
+        naive = aware(dt.datetime(2026, 3, 1, 12, 0))
+        assert naive == T0 and naive.tzinfo is UTC
+        plus2 = aware(dt.datetime(2026, 3, 1, 14, 0, tzinfo=dt.timezone(dt.timedelta(hours=2))))
+        assert plus2 == T0 and plus2.tzinfo is UTC and plus2.hour == 12
+    finally:
+        monkeypatch.delenv("TZ")
+        time.tzset()
+
+
+def test_a_zero_length_ari_window_is_its_start():
+    w = AriWindow(T0, T0)
+    assert choose_in_window(w, 0.7) == T0
+    assert parse_renewal_info({"suggestedWindow": {"start": "2026-03-01T12:00:00Z",
+                                                   "end": "2026-03-01T12:00:00Z"}}) == AriWindow(T0, T0, "")
+
+
+@pytest.mark.parametrize(("obj", "message"), [
+    ({}, "renewalInfo without suggestedWindow start/end ('suggestedWindow')"),
+    ({"suggestedWindow": {"start": "2026-05-02T00:00:00Z", "end": "2026-05-01T00:00:00Z"}},
+     "renewalInfo window ends before it starts"),
+    ({"suggestedWindow": {"start": 5, "end": "2026-05-01T00:00:00Z"}}, "expected an RFC 3339 time, got 5"),
+    ({"suggestedWindow": {"start": "soon", "end": "2026-05-01T00:00:00Z"}}, "expected an RFC 3339 time, got 'soon'"),
+])
+def test_malformed_renewal_info_messages(obj, message):
+    with pytest.raises(ValueError) as info:
+        parse_renewal_info(obj)
+    assert str(info.value) == message
+
+
+@pytest.mark.parametrize(("text", "expected"), [
+    ("2026-03-01T12:00:00.1234567Z", T0.replace(microsecond=123456)),           # 7 fraction digits: cut to 6
+    ("2026-03-01T14:00:00.123456789+02:00", T0.replace(microsecond=123456)),    # 9 digits and an offset
+    ("2026-03-01T12:00:00.1234567", T0.replace(microsecond=123456)),            # no zone: UTC
+    ("2026-03-01t12:00:00z", T0),                                                # lower-case t and z
+])
+def test_rfc3339_times_the_ca_may_send(text, expected):
+    w = parse_renewal_info({"suggestedWindow": {"start": text, "end": "2027-01-01T00:00:00Z"}})
+    assert w.start == expected
+
+
+@pytest.mark.parametrize(("url", "expected"), [(None, ""), (5, ""), ("https://x.example/why", "https://x.example/why")])
+def test_renewal_info_explanation_url_is_kept_only_as_text(url, expected):
+    obj: dict[str, object] = {"suggestedWindow": {"start": "2026-05-01T00:00:00Z", "end": "2026-05-02T00:00:00Z"}}
+    if url is not None:
+        obj["explanationURL"] = url
+    assert parse_renewal_info(obj).explanation_url == expected
+
+
+def test_retry_after_detail_variants():
+    assert parse_retry_after_detail("retry after 2026-03-01T13:00:00Z", T0) == 3600.0     # ISO 'T' form
+    assert parse_retry_after_detail("retry after 2026-03-01 11:00:00 UTC", T0) == 0.0     # in the past: now
+    assert parse_retry_after_detail("", T0) is None
+    assert parse_retry_after_detail(None, T0) is None  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize(("serial", "tail"), [
+    (0x7F, "fw"),          # 7 bits: one byte, no sign padding
+    (0x80, "AIA"),         # high bit set: a leading zero byte keeps it positive (DER INTEGER)
+    (0x87654321, "AIdlQyE"),
+])
+def test_ari_cert_id_serial_encoding(serial, tail):
+    cert = _cert_with(serial, bytes(range(1, 21)))
+    assert ari_cert_id(cert) == "AQIDBAUGBwgJCgsMDQ4PEBESExQ." + tail
+
+
+def test_ari_cert_id_without_a_key_identifier_names_what_is_missing():
+    with pytest.raises(ValueError) as info:
+        ari_cert_id(_cert_with(5, None))
+    assert str(info.value) == "certificate has no Authority Key Identifier"
+
+
+def test_record_failure_of_another_kind_starts_a_new_streak():
+    s = _failed(1, T0, kind="ca")
+    s.record_failure(T0 + M, "path broken", "path")
+    assert (s.failures, s.failure_kind, s.last_error, s.last_failure_at, s.last_attempt_at) == (
+        1, "path", "path broken", T0 + M, T0 + M)
+    s.record_failure(T0 + 2 * M, "still", "path", retry_after_s=9.0)
+    assert (s.failures, s.retry_after_s) == (2, 9.0)
+
+
+def test_record_success_and_clear_failures_reset_everything_they_own():
+    s = _failed(3, T0, kind="path", retry_after_s=30.0)
+    s.ari_serial, s.ari_start, s.ari_end, s.ari_time, s.ari_next_fetch = "aa", T0, T0 + D, T0 + H, T0 + 2 * H
+    s.record_success(T0 + D, "bb")
+    assert s == RenewalState(last_attempt_at=T0 + D, last_success_at=T0 + D, last_serial="bb")
+    t = _failed(2, T0, kind="path", retry_after_s=5.0)
+    t.last_check_at, t.caa_state = T0, "ok"
+    t.clear_failures()
+    assert t == RenewalState(last_attempt_at=T0, last_check_at=T0, caa_state="ok")
+
+
+def test_state_file_text_is_sorted_and_indented_by_one():
+    text = RenewalState(failures=1, last_error="x").to_json()
+    assert text.startswith('{\n "ari_end": null,\n "ari_next_fetch": null,')
+    assert text.endswith("\n}\n") and '\n "failures": 1,\n' in text
+
+
+def test_state_file_every_field_survives_a_round_trip():
+    s = RenewalState(failures=2, failure_kind="path", last_error="e", last_failure_at=T0, retry_after_s=1.5,
+                     last_attempt_at=T0 + M, last_success_at=T0 - D, last_serial="ab", ari_serial="ab",
+                     ari_start=T0, ari_end=T0 + D, ari_time=T0 + H, ari_next_fetch=T0 + 2 * H,
+                     last_check_at=T0 + 3 * M, next_renewal_at=T0 + 60 * D, next_action="wait",
+                     caa_state="ok", caa_detail="d", caa_checked_at=T0 + 4 * M, extra={"k": [1]})
+    assert RenewalState.from_json(s.to_json()) == s
+
+
+def test_a_corrupt_state_file_falls_back_field_by_field():
+    """Every bad value falls back to its default, and the fields after it are still read."""
+    raw = {"failures": "x", "ari_start": "not a time", "ari_end": 7, "ari_next_fetch": [],
+           "retry_after_s": "soon", "failure_kind": "path", "extra": [1], "last_serial": "ff",
+           "next_renewal_at": "2026-03-01T12:00:00+00:00", "caa_state": None}
+    s = RenewalState.from_json(json.dumps(raw))
+    assert (s.failures, s.ari_start, s.ari_end, s.ari_next_fetch, s.retry_after_s) == (0, None, None, None, None)
+    assert (s.failure_kind, s.extra, s.last_serial, s.next_renewal_at) == ("path", {}, "ff", T0)
+    assert s.caa_state == "None"
+    assert RenewalState.from_json('{"retry_after_s": null, "ari_time": null}') == RenewalState()
+    nulls = RenewalState.from_json('{"retry_after_s": "2.5", "extra": {"a": 1}, "failure_kind": "ca"}')
+    assert (nulls.retry_after_s, nulls.extra) == (2.5, {"a": 1})
+    with pytest.raises(ValueError) as info:
+        RenewalState.from_json("[1, 2]")
+    assert str(info.value) == "state file is not a JSON object"
+    with pytest.raises(ValueError):
+        RenewalState.from_json("{not json")
+
+
+def test_copy_does_not_share_extra():
+    s = RenewalState(extra={"a": 1})
+    c = s.copy()
+    c.extra["b"] = 2
+    assert s.extra == {"a": 1} and c.extra == {"a": 1, "b": 2} and c.failures == s.failures
+
+
+def test_no_streak_means_no_backoff_even_with_a_failure_time_left():
+    s = RenewalState(failures=0, last_failure_at=T0)
+    assert next_attempt_at(s, T0 + M) is None
+
+
+@pytest.mark.parametrize(("cert", "now", "state", "reason"), [
+    (None, T0, RenewalState(), "no CA-issued certificate for the domain"),
+    (LE90, T0 + 91 * D, RenewalState(), "certificate expired according to the local clock"),
+    (LE90, T0, RenewalState(), "renewal due at 0.33 of the lifetime left"),
+    (LE90, T0 + 61 * D, RenewalState(), "renewal due (0.33 of the lifetime left)"),
+    (LE90, T0 + 61 * D, _failed(1, T0 + 61 * D), "renewal due (0.33 of the lifetime left); backing off after "
+                                                 "1 failure(s)"),
+    (LE90, T0 + 61 * D, _failed(1, T0 + 61 * D, retry_after_s=3600), "renewal due (0.33 of the lifetime left); "
+                                                                     "the ACME server asked us to wait"),
+])
+def test_decide_reason_wording(cert, now, state, reason):
+    assert decide(cert, now, state).reason == reason
+
+
+def test_forced_renewal_reason_and_ari_source_wording():
+    assert decide(LE90, T0 + D, RenewalState(), force=True).reason == "renewal requested"
+    s = RenewalState(ari_serial=LE90.serial_hex, ari_time=T0 + 10 * D)
+    assert decide(LE90, T0 + D, s).reason == "renewal due at the CA's renewal window (ARI)"
+
+
+def test_ari_is_ignored_when_exactly_a_twentieth_of_the_lifetime_is_left():
+    s = RenewalState(ari_serial=LE90.serial_hex, ari_time=T0 + 200 * D)
+    at_the_mark = LE90.not_after - LE90.lifetime / 20
+    assert decide(LE90, at_the_mark, s).action == "renew"
+    assert decide(LE90, at_the_mark - dt.timedelta(seconds=1), s).action == "wait"
+
+
+def test_a_streak_is_moot_once_the_cas_hold_ends_exactly_now_and_ari_counts():
+    """The Retry-After hold ending at this instant no longer holds; and a streak is moot when the CA's ARI
+    window (for the served certificate) puts the renewal later than the lifetime rule would."""
+    failed_at = T0 + 70 * D
+    s = _failed(1, failed_at, retry_after_s=60.0)
+    s.ari_serial, s.ari_time = LE90.serial_hex, T0 + 80 * D
+    assert failures_are_moot(LE90, failed_at + M, s)
+    assert not failures_are_moot(LE90, failed_at + M - dt.timedelta(seconds=1), s)
+    no_ari = _failed(1, failed_at)
+    assert not failures_are_moot(LE90, failed_at + H, no_ari)   # past 2/3 of the lifetime: renewal is due
+
+
+def test_failure_level_at_exactly_half_the_renewal_window():
+    half = LE90.not_after - LE90.lifetime / 3 / 2
+    assert failure_level(LE90, half, 1) == logging.WARNING
+    assert failure_level(LE90, half + dt.timedelta(seconds=1), 1) == logging.ERROR
+
+
+def test_retry_schedule_defaults_to_the_ca_schedule():
+    assert [next_retry_delay_s(n) for n in (1, 2, 5)] == [60.0, 600.0, 86400.0]
+
+
+def test_ari_cert_id_refuses_an_aki_without_key_identifier():
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "example")])
+    aki = x509.AuthorityKeyIdentifier(None, [x509.DirectoryName(name)], 7)
+    cert = (x509.CertificateBuilder().subject_name(name).issuer_name(name).public_key(key.public_key())
+            .serial_number(7).not_valid_before(T0).not_valid_after(T0 + D)
+            .add_extension(aki, critical=False).sign(key, hashes.SHA256()))
+    with pytest.raises(ValueError) as info:
+        ari_cert_id(cert)
+    assert str(info.value) == "certificate's Authority Key Identifier has no keyIdentifier"
+
+
+def test_ari_cert_id_strips_only_base64_padding():
+    """An identifier part that ends in 'X' keeps it (only '=' padding is dropped)."""
+    cert = _cert_with(0x17, bytes(range(1, 19)) + b"\x00\x00\x17")
+    assert ari_cert_id(cert) == "AQIDBAUGBwgJCgsMDQ4PEBESAAAX.Fw"

@@ -194,3 +194,78 @@ def test_relay_setup_output_writes_the_bundle(instance, tmp_path):
     assert os.access(out / "setup.sh", os.X_OK)
     keys = (out / "authorized_keys").read_text()
     assert (Path(instance).parent / "data" / "ssh" / "id_ed25519.pub").read_text().split()[1] in keys
+
+
+# --- golden files: the exact text a relay admin reviews and runs as root -----------------------------
+
+GOLDEN = Path(__file__).parent / "golden" / "relay"
+GOLDEN_CASES = {
+    "nft": (dict(), "nft"),
+    "iptables": (dict(), "iptables"),
+    "none": (dict(), "none"),
+    "public-listen": (dict(listen_host="203.0.113.7", https_port=1443, http_port=1080, client_alive_interval_s=20,
+                           client_alive_count_max=4), "nft"),
+}
+
+
+@pytest.mark.parametrize("case", list(GOLDEN_CASES))
+def test_bundle_matches_the_reviewed_golden_files(case):
+    """Every file of the bundle equals its reviewed copy under tests/golden/relay/<case>/ (a change to the
+    text a relay admin runs as root shows up as a diff there). After an intended change, regenerate with
+    INVERSE_CLOUD_UPDATE_GOLDEN=1 and review the diff."""
+    kw, nat = GOLDEN_CASES[case]
+    files = relay.bundle(spec(**kw), nat)
+    root = GOLDEN / case
+    if os.environ.get("INVERSE_CLOUD_UPDATE_GOLDEN") == "1":
+        for name, text in files.items():
+            (root / name).parent.mkdir(parents=True, exist_ok=True)
+            (root / name).write_text(text)
+    on_disk = {str(p.relative_to(root)) for p in root.rglob("*") if p.is_file()}
+    assert on_disk == set(files)
+    for name, text in files.items():
+        assert text == (root / name).read_text(), f"{case}/{name} differs from its golden copy"
+
+
+@pytest.mark.parametrize(("host", "loopback"), [("127.0.0.1", True), ("127.0.0.2", True), ("::1", True),
+                                                ("localhost", True), ("203.0.113.7", False),
+                                                ("relay.example", False)])
+def test_listen_is_loopback(host, loopback):
+    """Only a loopback listen needs route_localnet for the DNAT (a name other than localhost is not one)."""
+    assert spec(listen_host=host).listen_is_loopback is loopback
+    assert ("route_localnet" in relay.setup_script(spec(listen_host=host), "nft")) is loopback
+
+
+def test_bad_inputs_to_the_renderer_are_one_line():
+    with pytest.raises(ValueError) as caught:
+        relay.authorized_keys(relay.RelaySpec(domain="laptop.test", user="u", tunnel_key="garbage",
+                                              takeover_key=TKO))
+    assert str(caught.value) == "not an OpenSSH public key line: 'garbage'"
+    with pytest.raises(ValueError) as caught:
+        relay.setup_script(spec(), "pf")
+    assert str(caught.value) == "nat must be nft, iptables or none, not 'pf'"
+    assert relay.takeover_command() in relay.authorized_keys(spec())
+
+
+@pytest.mark.parametrize(("line", "rendered"), [
+    ("ssh-ed25519 AAAAC3Nz", "ssh-ed25519 AAAAC3Nz"),                                # no comment: no trailing space
+    ("  ssh-ed25519 AAAAC3Nz tunnel laptop.test \n", "ssh-ed25519 AAAAC3Nz tunnel laptop.test"),
+    ("ssh-ed25519 AAAAC3Nz one\ntwo", "ssh-ed25519 AAAAC3Nz one two"),              # a comment stays one line
+])
+def test_key_lines_are_copied_as_one_clean_line(line, rendered):
+    keys = relay.authorized_keys(relay.RelaySpec(domain="laptop.test", user="u", tunnel_key=line, takeover_key=TKO))
+    tunnel_line = keys.splitlines()[[i for i, k in enumerate(keys.splitlines()) if "AAAAC3Nz" in k][0]]
+    assert tunnel_line.endswith(" " + rendered)
+
+
+def test_a_long_bad_key_line_is_quoted_up_to_40_characters():
+    with pytest.raises(ValueError) as caught:
+        relay.authorized_keys(relay.RelaySpec(domain="laptop.test", user="u", tunnel_key="x" * 60, takeover_key=TKO))
+    assert str(caught.value) == f"not an OpenSSH public key line: {'x' * 40!r}"
+
+
+def test_localhost_listen_is_dnatted_to_127_0_0_1_and_nft_is_the_default():
+    s = spec(listen_host="localhost")
+    assert "dnat to 127.0.0.1:44353" in relay.nftables_rules(s) and "localhost:44353" not in relay.nftables_rules(s)
+    assert "127.0.0.1:44353" in relay.nginx_stream(s) and "127.0.0.1:8053" in relay.nginx_http_vhost(s)
+    assert relay.setup_script(spec()) == relay.setup_script(spec(), "nft")
+    assert relay.bundle(spec()) == relay.bundle(spec(), "nft")

@@ -10,8 +10,6 @@ import logging
 import socket
 import ssl
 import stat
-import threading
-import warnings
 from collections.abc import AsyncIterator
 from pathlib import Path
 
@@ -22,7 +20,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 
 from inverse_cloud.certs.store import CertStore, TLSManager, server_context
 from inverse_cloud.errors import CertStoreError
-from tests.support import ThrowawayCA, served_certificate_serial
+from tests.support import ThrowawayCA, client_handshake, handshake_with_permissive_server, served_certificate_serial
 
 DOMAIN = "laptop.test"
 
@@ -216,44 +214,6 @@ def test_context_policy_is_mozilla_intermediate(store):
     assert ctx.options & ssl.OP_NO_COMPRESSION and ctx.options & ssl.OP_NO_RENEGOTIATION
 
 
-def client_handshake(port: int, lo: ssl.TLSVersion, hi: ssl.TLSVersion) -> str:
-    """Handshake as a client limited to versions lo..hi, offering every cipher an old phone would."""
-    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
-    ctx.check_hostname, ctx.verify_mode = False, ssl.CERT_NONE
-    ctx.set_ciphers("ALL:@SECLEVEL=0")
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", DeprecationWarning)  # TLS 1.0/1.1 are deprecated: that is the point
-        ctx.minimum_version, ctx.maximum_version = lo, hi
-    with socket.create_connection(("127.0.0.1", port), timeout=5) as raw, \
-            ctx.wrap_socket(raw, server_hostname=DOMAIN) as s:
-        return str(s.version())
-
-
-def handshake_with_permissive_server(tmp_path: Path, version: ssl.TLSVersion) -> str:
-    """The same client against a server that still allows TLS 1.0 (control for the test below)."""
-    d = CertStore(tmp_path / "permissive").ensure_self_signed(DOMAIN)
-    srv = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
-    srv.set_ciphers("ALL:@SECLEVEL=0")
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", DeprecationWarning)
-        srv.minimum_version = ssl.TLSVersion.TLSv1
-    srv.load_cert_chain(d / "fullchain.pem", d / "privkey.pem")
-    with socket.create_server(("127.0.0.1", 0)) as listener:
-        def accept_one() -> None:
-            conn, _ = listener.accept()
-            try:
-                srv.wrap_socket(conn, server_side=True).close()
-            except (ssl.SSLError, OSError):
-                conn.close()
-
-        t = threading.Thread(target=accept_one)
-        t.start()
-        try:
-            return client_handshake(listener.getsockname()[1], version, version)
-        finally:
-            t.join(5)
-
-
 @pytest.mark.parametrize(("version", "name"), [(ssl.TLSVersion.TLSv1, "TLSv1"), (ssl.TLSVersion.TLSv1_1, "TLSv1.1")])
 async def test_old_tls_versions_are_refused(listening, tmp_path, version, name):
     """A client that can only speak TLS 1.0/1.1 cannot complete a handshake; TLS 1.2 and 1.3 can. The
@@ -261,7 +221,7 @@ async def test_old_tls_versions_are_refused(listening, tmp_path, version, name):
     _, port = listening
     with pytest.raises((ssl.SSLError, ConnectionError)):
         await asyncio.to_thread(client_handshake, port, version, version)
-    assert await asyncio.to_thread(handshake_with_permissive_server, tmp_path, version) == name
+    assert await asyncio.to_thread(handshake_with_permissive_server, tmp_path / "permissive", version) == name
     tls12, tls13 = ssl.TLSVersion.TLSv1_2, ssl.TLSVersion.TLSv1_3
     assert await asyncio.to_thread(client_handshake, port, tls12, tls12) == "TLSv1.2"
     assert await asyncio.to_thread(client_handshake, port, tls12, tls13) == "TLSv1.3"

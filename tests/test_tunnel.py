@@ -16,12 +16,12 @@ import asyncssh
 import pytest
 
 from inverse_cloud.config import loads
-from inverse_cloud.errors import AuthRejected, ForwardRefused, HostKeyMismatch
-from inverse_cloud.tunnel import link as tunnel_mod
+from inverse_cloud.errors import AuthRejected, ConfigError, ForwardRefused, HostKeyMismatch, TunnelError
 from inverse_cloud.tunnel.link import (
     BACKOFF_S,
     FORWARD_REFUSED_RETRY_S,
     SLOW_RETRY_S,
+    Failure,
     QuickAckConnector,
     Tunnel,
     classify,
@@ -35,7 +35,9 @@ from tests.support import free_port
 @pytest.mark.parametrize("attempt,kind,rand,expected", [
     (0, "transient", 0.0, 0.5), (0, "transient", 0.999999, 1.0), (1, "transient", 0.0, 1.0),
     (2, "transient", 1.0, 4.0), (6, "transient", 1.0, 60.0), (50, "transient", 1.0, 60.0),
-    (-1, "transient", 1.0, 1.0),
+    (-1, "transient", 1.0, 1.0), (3, "transient", 1.0, 8.0), (4, "transient", 1.0, 16.0),
+    (5, "transient", 0.0, 16.0), (5, "transient", 0.5, 24.0), (6, "transient", 0.0, 30.0),
+    (0, "refused", 0.0, FORWARD_REFUSED_RETRY_S / 2),
     (0, "fatal", 0.0, SLOW_RETRY_S / 2), (9, "fatal", 1.0, SLOW_RETRY_S),
     (0, "refused", 1.0, FORWARD_REFUSED_RETRY_S),
 ])
@@ -73,6 +75,33 @@ def test_classify(exc, kind, needle):
     assert needle in failure.message and "\n" not in failure.message
 
 
+FIX = "if you rebuilt the relay run `inverse-cloud relay-setup --accept-new-host-key`"
+
+
+@pytest.mark.parametrize("exc,offered,kind,message", [
+    (asyncssh.HostKeyNotVerifiable("x"), "SHA256:bbb (ssh-rsa)", "fatal",
+     f"relay host key changed: expected SHA256:aaa (ssh-ed25519), got SHA256:bbb (ssh-rsa); {FIX}"),
+    (asyncssh.HostKeyNotVerifiable("x"), None, "fatal",
+     f"relay host key changed: expected SHA256:aaa (ssh-ed25519), got a key that could not be read; {FIX}"),
+    (asyncssh.KeyExchangeFailed("No matching HOST KEY format"), None, "fatal",
+     f"relay host key changed: expected SHA256:aaa (ssh-ed25519), but the relay offers no host key of that type; "
+     f"{FIX}"),
+    (asyncssh.KeyExchangeFailed("No matching kex"), None, "transient", "relay closed the connection (No matching kex)"),
+    (asyncssh.PermissionDenied("Permission denied"), None, "fatal",
+     "relay relay.example:22 refused our key /k/id_ed25519 for user 'ictunnel'; install /k/id_ed25519.pub on the "
+     "relay (run `inverse-cloud relay-setup`)"),
+    (asyncssh.ConnectionLost(""), None, "transient", "relay closed the connection (ConnectionLost)"),
+    (OSError("plain"), None, "transient", "plain"),
+    (OSError(), None, "transient", "OSError"),
+    (TunnelError("tunnel thing"), None, "transient", "tunnel thing"),
+    (ConfigError("relay key /k is missing"), None, "fatal", "relay key /k is missing"),
+    (ValueError("weird"), None, "transient", "ValueError: weird"),
+])
+def test_classify_exact_lines(exc, offered, kind, message):
+    """The whole line each failure becomes (what status and the log show), and its retry schedule."""
+    assert classify(exc, offered_fp=offered, **CTX) == Failure(kind, message)
+
+
 # --- the QUICKACK hook ---------------------------------------------------------------------------------
 
 @pytest.mark.skipif(not hasattr(socket, "TCP_QUICKACK"), reason="TCP_QUICKACK is Linux-only")
@@ -80,6 +109,7 @@ async def test_quickack_rearmed_after_every_read():
     """The connector wraps the protocol asyncssh would use: every read re-arms TCP_QUICKACK on the socket
     (read back with getsockopt) before the data reaches the inner protocol, which sees every byte."""
     received = bytearray()
+    got_more, checked = asyncio.Event(), asyncio.Event()
 
     class Inner(asyncio.Protocol):
         def connection_made(self, transport):
@@ -87,12 +117,17 @@ async def test_quickack_rearmed_after_every_read():
 
         def data_received(self, data):
             received.extend(data)
+            got_more.set()
 
     async def serve(reader, writer):
-        for _ in range(5):
+        for i in range(5):
             writer.write(b"x" * 1000)
             await writer.drain()
-            await asyncio.sleep(0.01)   # separate segments -> separate reads
+            # The next segment is sent only once this one was read: five reads, however loaded the machine.
+            while len(received) < 1000 * (i + 1):
+                got_more.clear()
+                await asyncio.wait_for(got_more.wait(), 10)
+        await checked.wait()   # keep the connection (and the socket option) until the test has read it
         writer.close()
 
     server = await asyncio.start_server(serve, "127.0.0.1", 0)
@@ -103,10 +138,11 @@ async def test_quickack_rearmed_after_every_read():
         assert isinstance(inner, Inner)
         await wait_for(lambda: len(received) >= 5000, 5.0, "5000 bytes through the connector")
         assert bytes(received) == b"x" * 5000
-        assert connector.protocol is not None and connector.protocol.rearms >= 2
+        assert connector.protocol is not None and connector.protocol.rearms >= 5
         sock = transport.get_extra_info("socket")
         assert sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_QUICKACK) == 1
     finally:
+        checked.set()
         transport.close()
         server.close()
         await server.wait_closed()
@@ -123,6 +159,8 @@ class FakeRelay:
         self.allowed = [k.export_public_key() for k in allowed]
         self.refuse_listens = 0          # how many tcpip-forward requests to refuse
         self.refuse_always = False
+        self.reject_auth = 0             # how many public-key logins to refuse (any key)
+        self.hang_takeover = False       # the takeover command never ends
         self.takeover_runs = 0
         self.listen_requests: list[tuple[str, int]] = []
         self.conns: list[asyncssh.SSHServerConnection] = []
@@ -143,6 +181,9 @@ class FakeRelay:
                 return True
 
             def validate_public_key(self, username, key):
+                if relay.reject_auth > 0:
+                    relay.reject_auth -= 1
+                    return False
                 return username == "ictunnel" and key.export_public_key() in relay.allowed
 
             def server_requested(self, listen_host, listen_port):
@@ -154,6 +195,8 @@ class FakeRelay:
 
         async def process(proc: asyncssh.SSHServerProcess) -> None:
             relay.takeover_runs += 1
+            if relay.hang_takeover:
+                await asyncio.Event().wait()   # until the client gives up and the connection closes
             relay.refuse_listens = 0
             proc.stdout.write("inverse-cloud takeover: ended 1 other session(s)\n")
             proc.exit(0)
@@ -224,10 +267,44 @@ def _write_key(path: Path, key: asyncssh.SSHKey) -> None:
     path.chmod(0o600)
 
 
+def patch_tunnel(monkeypatch, name: str, value) -> None:
+    """Set ``name`` in every loaded tunnel module that defines it: the reconnect loop reads it from its own
+    module's globals, whichever module of the package that is."""
+    import sys
+
+    modules = [m for n, m in list(sys.modules.items()) if n.startswith("inverse_cloud.tunnel") and hasattr(m, name)]
+    assert modules, f"no tunnel module defines {name}"
+    for module in modules:
+        monkeypatch.setattr(module, name, value)
+
+
+class Backoff:
+    """Stands in for ``retry_delay`` in the loop: records every (attempt, kind) the loop asks about and the
+    real schedule's answer, then makes the loop wait ``delay_s`` instead (20 ms unless a test says)."""
+
+    def __init__(self) -> None:
+        self.calls: list[tuple[int, str]] = []
+        self.real: list[float] = []
+        self.delay_s = 0.02
+
+    def __call__(self, attempt: int, kind: str, rand: float) -> float:
+        assert 0 <= rand < 1
+        self.calls.append((attempt, kind))
+        self.real.append(retry_delay(attempt, kind, rand))
+        return self.delay_s
+
+
 @pytest.fixture
-async def rig(tmp_path, monkeypatch):
-    """Keys, a FakeRelay, an EchoTarget and a config pointing at them; retry delays shortened to 20 ms."""
-    monkeypatch.setattr(tunnel_mod, "retry_delay", lambda attempt, kind, rand: 0.02)
+def backoff(monkeypatch) -> Backoff:
+    recorder = Backoff()
+    patch_tunnel(monkeypatch, "retry_delay", recorder)
+    return recorder
+
+
+@pytest.fixture
+async def rig(tmp_path, backoff):
+    """Keys, a FakeRelay, an EchoTarget and a config pointing at them; retry delays shortened to 20 ms
+    (the ``backoff`` fixture records what the loop asked for)."""
     host_key = asyncssh.generate_private_key("ssh-ed25519")
     tun, tko = asyncssh.generate_private_key("ssh-ed25519"), asyncssh.generate_private_key("ssh-ed25519")
     _write_key(tmp_path / "tun", tun)
@@ -278,11 +355,13 @@ def tunnel_lines(caplog) -> list[str]:
             if r.name == "inverse_cloud.tunnel.link" and r.levelno >= logging.INFO]
 
 
-async def test_forwards_bytes_both_ways_with_origin_registered_first(rig, caplog):
+async def test_forwards_bytes_both_ways_with_origin_registered_first(rig, caplog, monkeypatch):
     """Up -> a client connects to the relay's forwarded port and sends 2 MiB then half-closes: the echo
     comes back complete, then EOF; our listener already knew the relay-seen origin when the first byte
-    arrived; the mapping is dropped after the connection. One INFO line 'tunnel up'."""
+    arrived; the mapping is dropped after the connection (its linger shortened to 50 ms). One INFO line
+    'tunnel up'."""
     caplog.set_level(logging.INFO)
+    patch_tunnel(monkeypatch, "PEER_LINGER_S", 0.05)
     make, relay, target = rig
     async with started(make()) as t:
         await wait_for(lambda: t.state == "up", what="tunnel up")
@@ -297,6 +376,11 @@ async def test_forwards_bytes_both_ways_with_origin_registered_first(rig, caplog
         local_port = writer.get_extra_info("sockname")[1]
         assert target.seen_origin == [("127.0.0.1", local_port)]
         writer.close()
+        registered = [p for what, p in target.peers.events if what == "register"]
+        assert len(registered) == 1
+        await wait_for(lambda: target.peers.registered == {}, what="the peer mapping dropped")
+        assert target.peers.events == [("register", registered[0]), ("unregister", registered[0])]
+        await wait_for(lambda: t.active_channels == 0, what="the channel counted as closed")
         st = t.status()
         assert st["state"] == "up" and [f["bound"] for f in st["forwards"]] == [True, True]
         assert st["connected_since"] and st["reconnects"] == [] and st["last_error"] is None
@@ -455,3 +539,152 @@ async def test_sighup_leaves_a_healthy_link_alone(rig, caplog):
         await wait_for(lambda: t.connections == 2 and t.state == "up", what="reconnected by SIGUSR1")
         assert not any("SIGHUP" in m for m in tunnel_lines(caplog))
         assert relay.listen_requests.count(("127.0.0.1", t.relay.https_port)) == 2
+
+
+# --- the reconnect schedule through the loop ------------------------------------------------------------
+
+async def test_backoff_grows_with_each_consecutive_failure(rig, backoff):
+    """Relay unreachable: each attempt asks the schedule with the next attempt number (0, 1, 2, ...), as
+    a transient failure, and the real schedule would have waited 0.5-1 s, 1-2 s, 2-4 s, 4-8 s."""
+    make, _, _ = rig
+    async with started(make(port=free_port())) as t:
+        await wait_for(lambda: len(backoff.calls) >= 4, what="four failed attempts")
+        assert backoff.calls[:4] == [(0, "transient"), (1, "transient"), (2, "transient"), (3, "transient")]
+        for delay, base in zip(backoff.real[:4], BACKOFF_S, strict=False):
+            assert base / 2 <= delay <= base
+        assert t.state == "down"
+
+
+async def test_flapping_link_keeps_its_backoff(rig, backoff):
+    """Two rejected logins (attempts 0 and 1, 'fatal'), then up, then the relay drops the link at once
+    (up for less than STABLE_S): the next wait continues the count (attempt 2), it does not start over."""
+    make, relay, _ = rig
+    relay.reject_auth = 2
+    async with started(make()) as t:
+        await wait_for(lambda: t.state == "up", what="up after two rejected logins")
+        assert backoff.calls == [(0, "fatal"), (1, "fatal")]
+        relay.conns[-1].close()
+        await wait_for(lambda: len(backoff.calls) >= 3, what="the drop handled")
+        assert backoff.calls[2] == (2, "transient")
+
+
+async def test_stable_link_that_drops_is_retried_at_once_and_backoff_starts_over(rig, backoff, monkeypatch):
+    """A link up for at least STABLE_S (shortened to 0) drops: the loop does not wait the schedule's delay
+    (300 s here) but reconnects at once, and the count starts over: the next failure (a rejected login)
+    asks for attempt 0."""
+    patch_tunnel(monkeypatch, "STABLE_S", 0.0)
+    make, relay, _ = rig
+    relay.reject_auth = 1
+    async with started(make()) as t:
+        await wait_for(lambda: t.state == "up", what="up after one rejected login")
+        assert backoff.calls == [(0, "fatal")]
+        backoff.delay_s = 300.0
+        relay.reject_auth = 1
+        relay.conns[-1].close()
+        await wait_for(lambda: len(backoff.calls) >= 3, what="an immediate reconnect, refused")
+        assert backoff.calls[1:] == [(1, "transient"), (0, "fatal")]
+
+
+async def test_sighup_on_a_link_that_is_not_up_retries_at_once(rig, backoff, caplog):
+    """Relay unreachable and the next attempt 300 s away: reload() (SIGHUP) makes the next attempt now,
+    with one INFO line 'retrying now (SIGHUP)'."""
+    caplog.set_level(logging.INFO)
+    backoff.delay_s = 300.0
+    make, _, _ = rig
+    async with started(make(port=free_port())) as t:
+        await wait_for(lambda: len(backoff.calls) >= 1, what="the first failure")
+        t.reload()
+        await wait_for(lambda: len(backoff.calls) >= 2, what="a second attempt after SIGHUP")
+        assert sum("retrying now (SIGHUP)" in m for m in tunnel_lines(caplog)) == 1
+
+
+# --- takeover failures, a local listener that is down, closing a frozen link ---------------------------
+
+async def test_rejected_takeover_key_is_one_warning_then_the_link_comes_up(rig, tmp_path, caplog):
+    """The first listen is refused and the relay does not accept the takeover key: one WARNING 'takeover
+    of the stale session failed: ... refused the takeover key ...; waiting for the relay to drop it', the
+    takeover command never ran, and once the port is free the forwards bind."""
+    caplog.set_level(logging.INFO)
+    make, relay, _ = rig
+    tko = asyncssh.read_private_key(str(tmp_path / "tko")).export_public_key()
+    relay.allowed.remove(tko)
+    relay.refuse_listens = 1
+    async with started(make()) as t:
+        await wait_for(lambda: t.state == "up", what="up once the port is free")
+        failed = [m for m in tunnel_lines(caplog) if "takeover of the stale session failed" in m]
+        assert len(failed) == 1, tunnel_lines(caplog)
+        assert "refused the takeover key" in failed[0] and "for user 'ictunnel'" in failed[0]
+        assert failed[0].endswith("waiting for the relay to drop it (ClientAlive)")
+        assert relay.takeover_runs == 0 and t.takeovers == 1
+
+
+async def test_rejected_takeover_key_line_names_the_takeover_key_file(rig, tmp_path, caplog):
+    """The WARNING for a rejected takeover key names the takeover key file and its .pub, the one to install."""
+    caplog.set_level(logging.INFO)
+    make, relay, _ = rig
+    relay.allowed.remove(asyncssh.read_private_key(str(tmp_path / "tko")).export_public_key())
+    relay.refuse_listens = 1
+    async with started(make()) as t:
+        await wait_for(lambda: t.state == "up", what="up once the port is free")
+        failed = [m for m in tunnel_lines(caplog) if "takeover of the stale session failed" in m]
+        assert f"refused the takeover key {tmp_path / 'tko'} for user 'ictunnel'; install {tmp_path / 'tko'}.pub" \
+            in failed[0]
+
+
+async def test_hanging_takeover_times_out_with_one_warning(rig, caplog, monkeypatch):
+    """The takeover command never ends: after TAKEOVER_TIMEOUT_S (shortened to 0.3 s) one WARNING
+    'takeover ... failed: timed out', and the loop goes on (the next listen is granted: up)."""
+    caplog.set_level(logging.INFO)
+    patch_tunnel(monkeypatch, "TAKEOVER_TIMEOUT_S", 0.3)
+    make, relay, _ = rig
+    relay.refuse_listens, relay.hang_takeover = 1, True
+    async with started(make()) as t:
+        await wait_for(lambda: t.state == "up", what="up after the timed-out takeover")
+        failed = [m for m in tunnel_lines(caplog) if "takeover of the stale session failed" in m]
+        assert len(failed) == 1 and "failed: timed out;" in failed[0], tunnel_lines(caplog)
+        assert relay.takeover_runs == 1
+
+
+async def test_connection_while_the_local_listener_is_down_is_refused_cleanly(rig, monkeypatch):
+    """Our HTTPS listener is down: a connection through the relay is closed without data, its peer mapping
+    is released at once, no channel stays counted, the link stays up; with the listener back on the same
+    port, the next connection is forwarded."""
+    patch_tunnel(monkeypatch, "PEER_LINGER_S", 0.05)
+    make, relay, target = rig
+    async with started(make()) as t:
+        await wait_for(lambda: t.state == "up", what="up")
+        https = target.servers[0]
+        https.close()
+        await https.wait_closed()
+        reader, writer = await asyncio.open_connection("127.0.0.1", t.relay.https_port)
+        writer.write(b"hello")
+        assert await asyncio.wait_for(reader.read(), 10) == b""
+        writer.close()
+        await wait_for(lambda: len(target.peers.events) == 2, what="register + unregister")
+        assert target.peers.registered == {} and target.peers.events[1][0] == "unregister"
+        assert t.active_channels == 0 and t.state == "up"
+
+        async def echo(r, w):
+            w.write(await r.read(5))
+            await w.drain()
+            w.close()
+
+        target.servers[0] = await asyncio.start_server(echo, "127.0.0.1", target.https_port)
+        reader, writer = await asyncio.open_connection("127.0.0.1", t.relay.https_port)
+        writer.write(b"again")
+        assert await asyncio.wait_for(reader.read(), 10) == b"again"
+        writer.close()
+
+
+async def test_aclose_on_a_frozen_link_ends_within_close_timeout(rig):
+    """The relay stops reading (a frozen link; keepalives far off): aclose() cannot get the forwards'
+    cancellation confirmed, gives up after CLOSE_TIMEOUT_S and aborts; it returns, state 'down'."""
+    make, relay, _ = rig
+    t = make(keepalive_interval_s=600)
+    await t.start()
+    try:
+        await wait_for(lambda: t.state == "up", what="up")
+        relay.conns[-1]._transport.pause_reading()
+    finally:
+        await asyncio.wait_for(t.aclose(), 30)
+    assert t.state == "down" and t.status()["forwards"][0]["bound"] is False

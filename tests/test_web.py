@@ -47,8 +47,8 @@ class RecordingApp:
         return [json.dumps(seen).encode()]
 
 
-async def serve(app: web.Application) -> tuple[web.AppRunner, int]:
-    runner = web.AppRunner(app, keepalive_timeout=5, handle_signals=False)
+async def serve(app: web.Application, shutdown_timeout_s: float = 60.0) -> tuple[web.AppRunner, int]:
+    runner = web.AppRunner(app, keepalive_timeout=5, handle_signals=False, shutdown_timeout=shutdown_timeout_s)
     await runner.setup()
     site = web.TCPSite(runner, "127.0.0.1", 0)
     await site.start()
@@ -71,6 +71,16 @@ def make_bridge(app: Any, peers: PeerDirectory | None = None, **kw: Any) -> Radi
                                   auth_delay_s=0.0)
     params.update(kw)
     return RadicaleBridge(app, remote_of=(peers or PeerDirectory()).remote_of, **params)
+
+
+async def _until(predicate: Callable[[], object], what: str, timeout_s: float = 10.0) -> None:
+    """Poll ``predicate`` on the loop until it holds; TimeoutError naming ``what`` after the deadline."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout_s
+    while not predicate():
+        if loop.time() > deadline:
+            raise TimeoutError(f"timed out waiting for {what}")
+        await asyncio.sleep(0.01)
 
 
 @pytest.fixture
@@ -320,17 +330,23 @@ async def test_chunked_body_over_limit_is_cut_at_the_limit(dav):
     assert app.calls == []
 
 
-async def test_truncated_body_gets_400(dav):
-    app, _, base, _ = dav
+async def test_body_cut_short_by_eof_is_closed_without_reaching_radicale(dav, caplog):
+    """Content-Length 100, 5 bytes, then the client's EOF: aiohttp ends the connection without an answer
+    (the client can no longer send the rest, so no status would help it), within the deadline rather than
+    hanging; Radicale is never called and nothing is logged as an error."""
+    import logging
+
+    app, _, base, bridge = dav
     port = int(base.rsplit(":", 1)[1])
     reader, writer = await asyncio.open_connection("127.0.0.1", port)
     writer.write(b"PUT /radicale/alice/contacts/a.vcf HTTP/1.1\r\nHost: x\r\nContent-Length: 100\r\n\r\nshort")
     writer.write_eof()
-    data = await asyncio.wait_for(reader.read(), 5)
+    data = await asyncio.wait_for(reader.read(), 10)
     writer.close()
+    assert data == b""
+    await _until(lambda: bridge.active == 0, "the handler to end")
     assert app.calls == []
-    # aiohttp may notice the early EOF first (connection closed without an answer) or we answer 400.
-    assert data == b"" or data.startswith(b"HTTP/1.1 400"), data[:80]
+    assert not [r for r in caplog.records if r.levelno >= logging.ERROR]
 
 
 async def test_trickling_body_gets_408_and_never_reaches_radicale():
@@ -342,12 +358,12 @@ async def test_trickling_body_gets_408_and_never_reaches_radicale():
         reader, writer = await asyncio.open_connection("127.0.0.1", port)
         writer.write(b"PUT /radicale/alice/contacts/a.vcf HTTP/1.1\r\nHost: x\r\nContent-Length: 10000\r\n\r\n")
         read = asyncio.ensure_future(reader.read())
-        for _ in range(100):  # one byte every 50 ms: 20 B/s, far below 100 B/s; bounded at 5 s
-            if read.done():
-                break
+        for _ in range(10):  # one byte every 50 ms (20 B/s, far below 100 B/s), then silence
             writer.write(b"z")
-            await asyncio.sleep(0.05)
-        # The answer comes, and then the connection is closed (no lingering on a refused body).
+            await asyncio.sleep(0.05)  # the trickle's pace, not a wait for the server
+        # The answer comes, and then the connection is closed (no lingering on a refused body). The client
+        # has stopped writing by then: a byte sent after the server's close would draw a reset that can
+        # discard the 408 before it is read.
         data = await asyncio.wait_for(read, 15)
         writer.close()
         assert data.startswith(b"HTTP/1.1 408"), data[:80]
@@ -554,13 +570,13 @@ async def test_broken_chunk_framing_after_the_headers_is_400_not_500(dav, tail):
     """Chunk framing that breaks in a later packet (after the handler started reading the body) ends in a
     4xx and a closed connection -- aiohttp does not fail the body stream, so it is the body deadline's 408
     -- never a 5xx."""
-    app, _, base, _ = dav
+    app, _, base, bridge = dav
     port = int(base.rsplit(":", 1)[1])
     reader, writer = await asyncio.open_connection("127.0.0.1", port)
     writer.write(b"PUT /radicale/alice/contacts/a.vcf HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n"
                  b"3\r\nabc\r\n")
     await writer.drain()
-    await asyncio.sleep(0.2)  # let the handler start reading the body before the broken part arrives
+    await _until(lambda: bridge.active == 1, "the handler reading the body")  # before the broken part arrives
     writer.write(tail)
     data = await asyncio.wait_for(reader.read(), 10)
     writer.close()
@@ -569,17 +585,19 @@ async def test_broken_chunk_framing_after_the_headers_is_400_not_500(dav, tail):
 
 
 async def test_client_leaving_mid_body_is_not_logged_as_500(dav, caplog):
+    """The client resets the connection while the handler waits for the rest of the body: the handler ends
+    (the bridge counts no request in flight), Radicale was never called, nothing is logged as an error."""
     import logging
 
-    app, _, base, _ = dav
+    caplog.set_level(logging.INFO)
+    app, _, base, bridge = dav
     port = int(base.rsplit(":", 1)[1])
     reader, writer = await asyncio.open_connection("127.0.0.1", port)
     writer.write(b"PUT /radicale/alice/contacts/a.vcf HTTP/1.1\r\nHost: x\r\nContent-Length: 1000\r\n\r\nabc")
     await writer.drain()
-    await asyncio.sleep(0.2)  # the handler is now waiting for the rest of the body
+    await _until(lambda: bridge.active == 1, "the handler waiting for the rest of the body")
     writer.transport.abort()
-    with caplog.at_level(logging.INFO):
-        await asyncio.sleep(0.3)  # let the server notice the closed connection
+    await _until(lambda: bridge.active == 0, "the handler to notice the closed connection")
     assert app.calls == []
     assert not [r for r in caplog.records if r.levelno >= logging.ERROR or "Error handling" in r.getMessage()]
 
@@ -643,12 +661,26 @@ async def test_pending_failed_login_summaries_are_written_at_shutdown(caplog):
     assert caplog.text.count("more failed logins") == 1
 
 
-async def test_repeated_failed_logins_are_one_line_and_a_summary(caplog):
+async def test_repeated_failed_logins_are_one_line_and_a_summary(caplog, monkeypatch):
     """Five wrong passwords from one address: one access line in full, then one summary line with the
     count when the window closes; 401s without credentials (a client's first, unauthenticated try) are
-    logged one by one as ordinary requests."""
+    logged one by one as ordinary requests. The window's clock is frozen, so however slow the requests the
+    five fall into one 60 s window; the summary's timer is captured (it is due at the window's end, 60 s
+    from its start) and run by the test."""
+    now = [500.0]
     logger_class = access_logger_class(PeerDirectory())
-    logger_class.failures = FailedLoginDigest(window_s=0.5)  # type: ignore[attr-defined]
+    logger_class.failures = FailedLoginDigest(window_s=60, clock=lambda: now[0])  # type: ignore[attr-defined]
+    loop = asyncio.get_running_loop()
+    timers: list[tuple[float, Callable[[], None]]] = []
+    real_call_later = loop.call_later
+
+    def call_later(delay: float, callback: Callable[..., Any], *args: Any, **kw: Any) -> asyncio.TimerHandle:
+        if getattr(callback, "__qualname__", "").startswith("AccessLogger._schedule_summary"):
+            timers.append((delay, callback))
+            return real_call_later(3600, lambda: None)
+        return real_call_later(delay, callback, *args, **kw)
+
+    monkeypatch.setattr(loop, "call_later", call_later)
     runner, port = await _serve_denying(logger_class)
     caplog.set_level("INFO", logger="aiohttp.access")
     try:
@@ -657,13 +689,173 @@ async def test_repeated_failed_logins_are_one_line_and_a_summary(caplog):
             for _ in range(2):
                 async with s.get(f"http://127.0.0.1:{port}/radicale/") as r:
                     assert r.status == 401
-        deadline = asyncio.get_running_loop().time() + 10
-        while "4 more failed logins" not in caplog.text:
-            assert asyncio.get_running_loop().time() < deadline, caplog.text
-            await asyncio.sleep(0.05)  # poll interval while the summary's window closes
+        assert "more failed logins" not in caplog.text
+        assert [delay for delay, _ in timers] == [60.0]
+        timers[0][1]()
     finally:
         await runner.cleanup()
     lines = [r.getMessage() for r in caplog.records if r.name == "aiohttp.access"]
     assert len([line for line in lines if '" 401 ' in line]) == 1 + 2, lines
     summary = [line for line in lines if "more failed logins" in line]
-    assert summary == [summary[0]] and summary[0].startswith("127.0.0.1: 4 more failed logins"), lines
+    assert len(summary) == 1 and summary[0].startswith("127.0.0.1: 4 more failed logins within 60 s"), lines
+
+
+class AuthApp:
+    """A WSGI app standing in for Radicale's login: 200 for alice's password, 401 otherwise."""
+
+    def __call__(self, environ: dict[str, Any], start_response: Callable[..., Any]) -> Iterable[bytes]:
+        environ["wsgi.input"].read()
+        if environ.get("HTTP_AUTHORIZATION") == BASIC_ALICE:
+            start_response("200 OK", [("Content-Type", "text/plain")])
+            return [b"ok"]
+        start_response("401 Unauthorized", [("WWW-Authenticate", 'Basic realm="x"')])
+        return [b"no"]
+
+
+async def _status(base: str, authorization: str | None) -> int:
+    headers = {"Authorization": authorization} if authorization else {}
+    async with aiohttp.ClientSession() as s:
+        async with s.request("PROPFIND", f"{base}/radicale/alice/", headers=headers) as r:
+            return r.status
+
+
+async def test_wrong_credentials_wait_at_least_half_the_auth_delay():
+    """auth_delay_s = 0.4: a wrong password and a malformed Basic header are each answered 401 no sooner
+    than 0.2 s (the delay is auth_delay_s * (0.5 + random))."""
+    bridge = make_bridge(AuthApp(), auth_delay_s=0.4)
+    runner, port = await serve(make_https_app(bridge))
+    loop = asyncio.get_running_loop()
+    try:
+        for credentials in ("Basic YWxpY2U6d3Jvbmc=", "Basic !!!!"):   # alice:wrong; not base64
+            start = loop.time()
+            assert await _status(f"http://127.0.0.1:{port}", credentials) == 401
+            assert loop.time() - start >= 0.2, credentials
+    finally:
+        await runner.cleanup()
+        bridge.close()
+
+
+async def test_right_credentials_and_a_first_unauthenticated_try_are_not_delayed():
+    """auth_delay_s = 60: a wrong password is held back (still unanswered when the others are done), while
+    alice's right password (200) and a request without credentials (401, a client's first try) are
+    answered at once, next to it."""
+    bridge = make_bridge(AuthApp(), auth_delay_s=60)
+    runner, port = await serve(make_https_app(bridge), shutdown_timeout_s=0.1)  # the held-back 401 is cut
+    base = f"http://127.0.0.1:{port}"
+    wrong = asyncio.ensure_future(_status(base, "Basic YWxpY2U6d3Jvbmc="))
+    try:
+        assert await asyncio.wait_for(_status(base, BASIC_ALICE), 20) == 200
+        assert await asyncio.wait_for(_status(base, None), 20) == 401
+        assert not wrong.done()
+    finally:
+        wrong.cancel()
+        await asyncio.gather(wrong, return_exceptions=True)
+        await runner.cleanup()
+        bridge.close()
+
+
+# --- the worker pool: unverified credentials get half of it; Radicale's answers mapped --------------------
+
+class GateApp:
+    """Wrong credentials wait inside the app until ``release`` is set (a slow password check), then 401;
+    alice's right password is answered 200 at once. Records how many requests were inside at once."""
+
+    def __init__(self) -> None:
+        import threading
+
+        self.release = threading.Event()
+        self.lock = threading.Lock()
+        self.inside = 0
+        self.most_inside = 0
+
+    def __call__(self, environ: dict[str, Any], start_response: Callable[..., Any]) -> Iterable[bytes]:
+        environ["wsgi.input"].read()
+        if environ.get("HTTP_AUTHORIZATION") == BASIC_ALICE:
+            start_response("200 OK", [("Content-Type", "text/plain")])
+            return [b"ok"]
+        with self.lock:
+            self.inside += 1
+            self.most_inside = max(self.most_inside, self.inside)
+        try:
+            self.release.wait(30)
+        finally:
+            with self.lock:
+                self.inside -= 1
+        start_response("401 Unauthorized", [("WWW-Authenticate", 'Basic realm="x"')])
+        return [b"no"]
+
+
+async def test_guessing_cannot_take_the_workers_of_a_known_good_user():
+    """4 worker threads: requests with credentials not yet seen to work may hold at most 2 of them. Alice
+    logs in once (200: her credentials are now known good); 5 guesses then stall inside a slow check; only
+    2 are ever inside the app at once, and alice is still answered at once; released, every guess gets
+    its 401."""
+    app = GateApp()
+    bridge = make_bridge(app, threads=4)
+    runner, port = await serve(make_https_app(bridge), shutdown_timeout_s=1)
+    base = f"http://127.0.0.1:{port}"
+    try:
+        assert await asyncio.wait_for(_status(base, BASIC_ALICE), 20) == 200
+        import base64
+
+        guesses = [asyncio.ensure_future(_status(base, "Basic " + base64.b64encode(f"alice:guess{i}".encode())
+                                                 .decode())) for i in range(5)]
+        await _until(lambda: app.inside == 2, "two guesses inside the app")
+        assert await asyncio.wait_for(_status(base, BASIC_ALICE), 20) == 200
+        assert app.most_inside == 2 and not any(g.done() for g in guesses)
+        app.release.set()
+        assert await asyncio.wait_for(asyncio.gather(*guesses), 30) == [401] * 5
+        assert app.most_inside == 2
+    finally:
+        app.release.set()
+        await runner.cleanup()
+        bridge.close()
+
+
+def _answering(status: str, note: str = "") -> Callable[..., Iterable[bytes]]:
+    import logging
+
+    def app(environ: dict[str, Any], start_response: Callable[..., Any]) -> Iterable[bytes]:
+        environ["wsgi.input"].read()
+        if note:
+            logging.getLogger("radicale").error("%s", note)
+        start_response(status, [("Content-Type", "text/plain")])
+        return [b"from radicale"]
+
+    return app
+
+
+@pytest.mark.parametrize(("method", "status", "note", "expected", "error_line"), [
+    # Radicale's "remote destination not supported" for a MOVE/COPY is the client's wrong Destination.
+    ("MOVE", "502 Bad Gateway", "", 403, None),
+    ("COPY", "502 Bad Gateway", "", 403, None),
+    ("GET", "502 Bad Gateway", "", 502, "Radicale answered 502 to GET /radicale/alice/x.vcf: no details"),
+    # A write that failed for lack of space is a 507 with one line saying so.
+    ("PUT", "500 Internal Server Error", "Failed to write: [Errno 28] No space left on device", 507,
+     "no space left on device; PUT /radicale/alice/x.vcf refused with 507"),
+    ("GET", "500 Internal Server Error", "Failed to read: [Errno 28] No space left on device", 500,
+     "Radicale answered 500 to GET /radicale/alice/x.vcf: Failed to read: [Errno 28] No space left on device"),
+])
+async def test_radicale_5xx_answers_are_mapped_or_logged_once(caplog, method, status, note, expected, error_line):
+    import logging
+
+    caplog.set_level(logging.INFO)
+    bridge = make_bridge(_answering(status, note))
+    runner, port = await serve(make_https_app(bridge))
+    try:
+        async with aiohttp.ClientSession() as s:
+            headers = {"Authorization": BASIC_ALICE, "Destination": "https://elsewhere.example/x.vcf"}
+            async with s.request(method, f"http://127.0.0.1:{port}/radicale/alice/x.vcf", headers=headers,
+                                 data=b"BEGIN:VCARD" if method == "PUT" else None) as r:
+                assert r.status == expected
+                text = await r.text()
+    finally:
+        await runner.cleanup()
+        bridge.close()
+    errors = [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR and r.name.startswith("inverse")]
+    if error_line is None:
+        assert errors == [] and text == "Destination is not on this server\n"
+    else:
+        assert len(errors) == 1 and error_line in errors[0], errors
+    if expected == 507:
+        assert text == "Insufficient Storage: the server's disk is full; nothing was changed\n"

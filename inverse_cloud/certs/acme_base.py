@@ -106,7 +106,8 @@ class AccountStore:
         return raw if isinstance(raw, dict) else {}
 
     def account_uri(self, directory: str) -> str:
-        uri = self._meta().get("accounts", {}).get(directory, "")
+        accounts = self._meta().get("accounts")
+        uri = accounts.get(directory, "") if isinstance(accounts, dict) else ""
         return uri if isinstance(uri, str) else ""
 
     def save_account_uri(self, directory: str, uri: str) -> None:

@@ -257,7 +257,9 @@ def import_backup(src: Path, cfg: Config | None, *, config_path: Path, data_dir:
     try:
         tar = tarfile.open(src, mode="r:*")
     except (tarfile.TarError, OSError) as exc:
-        raise BackupError(f"{src}: not a readable export ({exc})") from None
+        # tarfile lists every compression it tried, one per line: the user gets one line.
+        reason = str(exc).splitlines()[0].rstrip(":") if str(exc) else type(exc).__name__
+        raise BackupError(f"{src}: not a readable export ({reason})") from None
     with tar:
         manifest = _read_manifest(tar, src)
         target_data = cfg.server.data_dir if cfg is not None else (data_dir or config_mod.default_data_dir())

@@ -303,9 +303,9 @@ class Tunnel:
             pass
         self._wake.clear()
 
-    def _classify(self, exc: BaseException) -> Failure:
+    def _classify(self, exc: BaseException, key_file: Path | None = None) -> Failure:
         return classify(exc, relay=f"{self.relay.host}:{self.relay.port}", expected_fp=self.expected_fp,
-                        offered_fp=None, key_file=self.relay.key_file, user=self.relay.user)
+                        offered_fp=None, key_file=key_file or self.relay.key_file, user=self.relay.user)
 
     async def _load_key(self, path: Path, what: str) -> asyncssh.SSHKey:
         def read() -> asyncssh.SSHKey:
@@ -438,7 +438,7 @@ class Tunnel:
             out = str(result.stdout or "").strip().splitlines()
             log.info("%s %s", self.tag, out[-1] if out else f"takeover exited with {result.exit_status}")
         except (OSError, asyncssh.Error, TimeoutError, ConfigError) as exc:
-            failure = self._classify(exc)
+            failure = self._classify(exc, key_file=self.relay.takeover_key_file)
             log.warning("%s takeover of the stale session failed: %s; waiting for the relay to drop it "
                         "(ClientAlive)", self.tag, failure.message.replace("our key", "the takeover key"))
 

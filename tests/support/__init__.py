@@ -15,7 +15,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
 
-__all__ = ["ServeProcess", "ThrowawayCA", "free_port", "init_instance", "wait_until"]
+__all__ = ["ServeProcess", "ThrowawayCA", "client_handshake", "free_port", "handshake_with_permissive_server",
+           "init_instance", "wait_until"]
 
 T = TypeVar("T")
 
@@ -224,6 +225,53 @@ def served_certificate_serial(host: str, port: int, server_name: str = "laptop.t
         der = s.getpeercert(binary_form=True)
     assert der is not None
     return int(x509.load_der_x509_certificate(der).serial_number)
+
+
+def client_handshake(port: int, lo: ssl.TLSVersion, hi: ssl.TLSVersion, server_name: str = "laptop.test") -> str:
+    """Handshake as a client limited to versions lo..hi, offering every cipher an old phone would; the
+    version negotiated. :raises ssl.SSLError, ConnectionError: the handshake failed."""
+    import warnings
+
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    ctx.check_hostname, ctx.verify_mode = False, ssl.CERT_NONE
+    ctx.set_ciphers("ALL:@SECLEVEL=0")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)  # TLS 1.0/1.1 are deprecated: that is the point
+        ctx.minimum_version, ctx.maximum_version = lo, hi
+    with socket.create_connection(("127.0.0.1", port), timeout=5) as raw, \
+            ctx.wrap_socket(raw, server_hostname=server_name) as s:
+        return str(s.version())
+
+
+def handshake_with_permissive_server(work_dir: Path, version: ssl.TLSVersion) -> str:
+    """:func:`client_handshake` limited to ``version``, against a server that still allows TLS 1.0: the
+    control for a test that our server refuses ``version`` (it shows this machine's OpenSSL can speak it)."""
+    import threading
+    import warnings
+
+    from inverse_cloud.certs.store import CertStore
+
+    d = CertStore(work_dir).ensure_self_signed("laptop.test")
+    srv = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    srv.set_ciphers("ALL:@SECLEVEL=0")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)
+        srv.minimum_version = ssl.TLSVersion.TLSv1
+    srv.load_cert_chain(d / "fullchain.pem", d / "privkey.pem")
+    with socket.create_server(("127.0.0.1", 0)) as listener:
+        def accept_one() -> None:
+            conn, _ = listener.accept()
+            try:
+                srv.wrap_socket(conn, server_side=True).close()
+            except (ssl.SSLError, OSError):
+                conn.close()
+
+        t = threading.Thread(target=accept_one)
+        t.start()
+        try:
+            return client_handshake(listener.getsockname()[1], version, version)
+        finally:
+            t.join(5)
 
 
 class ThrowawayCA:

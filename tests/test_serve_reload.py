@@ -1,0 +1,81 @@
+"""SIGHUP to a running `inverse-cloud serve` whose reload fails: a broken user file, a certificate pair that is
+not a certificate. Each is one ERROR line naming the file, no traceback, and the process keeps serving;
+once the file is fixed, the next SIGHUP takes it."""
+
+from __future__ import annotations
+
+import signal
+import subprocess
+
+from inverse_cloud import config
+from inverse_cloud.certs.store import CertStore
+from tests.support import ServeProcess, ThrowawayCA, served_certificate_serial, wait_until
+
+
+def propfind(port: int, user: str = "alice:correct horse") -> str:
+    auth = ["-u", user] if user else []
+    return subprocess.run(["curl", "-sk", "-o", "/dev/null", "-w", "%{http_code}", *auth, "-X", "PROPFIND",
+                           "-H", "Depth: 0", f"https://127.0.0.1:{port}/radicale/alice/"],
+                          capture_output=True, text=True, timeout=30, check=False).stdout
+
+
+def error_lines(text: str) -> list[str]:
+    return [line for line in text.splitlines() if " ERROR " in line]
+
+
+def test_broken_htpasswd_on_sighup_is_one_error_line_and_serving_goes_on(instance):
+    """The user file becomes garbage, SIGHUP: one ERROR 'reload failed: Invalid htpasswd file <path>', no
+    traceback; the server still answers (a request without credentials: 401, not a 5xx or a dead process);
+    the file restored and SIGHUP again: alice syncs (207)."""
+    cfg = config.load(instance)
+    good = cfg.server.htpasswd_path.read_bytes()
+    with ServeProcess(instance) as srv:
+        assert propfind(srv.https_port) == "207"
+        mark = len(srv.log())
+        cfg.server.htpasswd_path.write_text("this is not an htpasswd line\n")
+        srv.signal(signal.SIGHUP)
+        wait_until(lambda: error_lines(srv.log()[mark:]), 20, "the reload's ERROR line", on_timeout=srv.log)
+        assert propfind(srv.https_port, user="") == "401"
+        new = srv.log()[mark:]
+        errors = error_lines(new)
+        assert len(errors) == 1, new
+        assert f"reload failed: Invalid htpasswd file '{cfg.server.htpasswd_path}'" in errors[0]
+        assert "Traceback" not in new
+        cfg.server.htpasswd_path.write_bytes(good)
+        mark = len(srv.log())
+        srv.signal(signal.SIGHUP)
+        wait_until(lambda: "reloading certificates and users" in srv.log()[mark:], 20, "the second reload")
+        wait_until(lambda: propfind(srv.https_port) == "207", 20, "alice syncing again")
+        assert srv.proc is not None and srv.proc.poll() is None
+        assert error_lines(srv.log()[mark:]) == []
+
+
+def test_corrupt_certificate_pair_on_sighup_is_one_error_line_and_the_old_one_is_served(instance, tmp_path):
+    """An issued pair is served; a new 'pair' that is not a certificate is stored and SIGHUP sent: one ERROR
+    'certificate in <dir> refused: ...; keeping <the old one>', no traceback, the old serial is still what a
+    handshake gets and DAV still works; a good pair stored and SIGHUP: its serial is served."""
+    cfg = config.load(instance)
+    store = CertStore(cfg.server.cert_dir)
+    ca = ThrowawayCA(tmp_path)
+    chain, key, first = ca.issue()
+    store.save(chain, key)
+    with ServeProcess(instance) as srv:
+        assert served_certificate_serial("127.0.0.1", srv.https_port) == first
+        mark = len(srv.log())
+        # A pair stored, then damaged on disk (the store itself refuses to write an unparsable chain).
+        broken = store.save(*ca.issue()[:2])
+        (broken / "fullchain.pem").write_bytes(
+            b"-----BEGIN CERTIFICATE-----\nbm90IGEgY2VydA==\n-----END CERTIFICATE-----\n")
+        srv.signal(signal.SIGHUP)
+        wait_until(lambda: error_lines(srv.log()[mark:]), 20, "the reload's ERROR line", on_timeout=srv.log)
+        new = srv.log()[mark:]
+        errors = error_lines(new)
+        assert len(errors) == 1 and f"certificate in {broken.resolve()} refused: " in errors[0], new
+        assert "; keeping " in errors[0] and "Traceback" not in new
+        assert served_certificate_serial("127.0.0.1", srv.https_port) == first
+        assert propfind(srv.https_port) == "207"
+        chain2, key2, second = ca.issue()
+        store.save(chain2, key2)
+        srv.signal(signal.SIGHUP)
+        wait_until(lambda: served_certificate_serial("127.0.0.1", srv.https_port) == second, 20,
+                   "the good new pair served", on_timeout=srv.log)
