@@ -8,6 +8,7 @@ from __future__ import annotations
 import logging
 import os
 import sqlite3
+import threading
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -347,3 +348,42 @@ def test_index_file_is_private_and_named_like_radicales_caches(server: Callable[
     assert db.name.startswith(".Radicale.cache") and (db.stat().st_mode & 0o777) == 0o600
     with sqlite3.connect(db) as conn:
         assert conn.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+
+
+def test_comparing_one_collection_holds_up_no_other(server: Callable[..., Dav], tmp_path: Path,
+                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    """The first use after a restart of a book with items written behind the server's back reads them (here:
+    stalled inside the read); meanwhile a sync of another collection is answered, not queued behind it."""
+    dav = server()
+    other = "/alice/other/"
+    _four_cards(dav)
+    dav.mkcol(other)
+    dav.put(other + "o.vcf", vcard("u-o"))
+    dav.app._storage.index.close()
+    for i in range(3):
+        (book_dir(tmp_path) / f"outside{i}.vcf").write_text(vcard(f"u-out{i}"))
+    dav = server()
+    entered, release, resumed = threading.Event(), threading.Event(), threading.Event()
+    real_read = plugin.Collection.read_item
+
+    def stalled_read(self: plugin.Collection, href: str) -> tuple[str, str] | None:
+        if self.path == "alice/book":
+            entered.set()
+            release.wait(5)           # (on a time-out the test fails below: the other sync had to wait)
+            release.set()
+            resumed.set()
+        return real_read(self, href)
+
+    monkeypatch.setattr(plugin.Collection, "read_item", stalled_read)
+    result: dict[str, tuple[int, str, dict[str, tuple[int, str]]]] = {}
+    reader = threading.Thread(target=lambda: result.setdefault("book", dav.sync(BOOK)))
+    reader.start()
+    try:
+        assert entered.wait(10)
+        status, _, items = dav.sync(other)
+        assert status == 207 and len(items) == 1
+        assert not resumed.is_set(), "the other collection's sync waited for the book's comparison"
+    finally:
+        release.set()
+        reader.join(30)
+    assert result["book"][0] == 207 and len(result["book"][2]) == 7

@@ -32,7 +32,7 @@ import threading
 import time
 import uuid
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Concatenate, ParamSpec, Protocol, TypeVar, cast
 
 from inverse_cloud.dav.storage.watch import DirWatcher
@@ -95,6 +95,7 @@ class _Coll:
     ino: int = -1
     scanned: bool = False
     pruned_at: float = 0.0
+    lock: threading.Lock = field(default_factory=threading.Lock)
 
 
 @dataclass(frozen=True)
@@ -122,30 +123,34 @@ def make_token(gen: str, seq: int) -> str:
 
 
 def _guarded(method: Callable[Concatenate[Index, _A, _P], _R]) -> Callable[Concatenate[Index, _A, _P], _R]:
-    """Run ``method`` under the index lock; database and file-system failures become IndexUnavailable
-    (logged once). ``_A`` is the Folder, or the collection path, the call is about."""
+    """Database and file-system failures in ``method`` become IndexUnavailable (logged once). ``_A`` is the
+    Folder, or the collection path, the call is about."""
 
     @functools.wraps(method)
     def guarded(self: Index, about: _A, /, *args: _P.args, **kwargs: _P.kwargs) -> _R:
         path = about if isinstance(about, str) else cast(Folder, about).path
-        with self._lock:
-            try:
-                result = method(self, about, *args, **kwargs)
-            except (sqlite3.Error, OSError) as exc:
-                raise self._unavailable(path, exc) from exc
-            except ValueError:
-                raise                        # a token it cannot serve: an answer, not a failure
-            except BaseException:
+        try:
+            result = method(self, about, *args, **kwargs)
+        except (sqlite3.Error, OSError) as exc:
+            raise self._unavailable(path, exc) from exc
+        except ValueError:
+            raise                        # a token it cannot serve: an answer, not a failure
+        except BaseException:
+            with self._lock:
                 self._colls.pop(path, None)  # e.g. a broken item file: compare again at the next use
-                raise
-            self._failing = False
-            return result
+            raise
+        self._failing = False
+        return result
 
     return guarded
 
 
 class Index:
-    """The index of every collection of one store. Thread-safe (one lock; Radicale calls from a pool).
+    """The index of every collection of one store. Thread-safe: Radicale calls from a pool of threads.
+
+    Locks: ``_lock`` guards the database connection and the dictionaries, and is only held for a few
+    statements; a collection's own lock is held while it is compared with its files (which may read many
+    items), so a first use of one big collection never holds up requests on the others.
 
     Every public method raises :class:`IndexUnavailable` when the database cannot be used; the condition
     is logged once, and the collection is compared with its files again at its next use.
@@ -155,7 +160,7 @@ class Index:
         self._db_path = db_path
         self._max_token_age_s = max_token_age_s
         self._max_item_bytes = max_item_bytes
-        self._lock = threading.Lock()
+        self._lock = threading.RLock()
         self._colls: dict[str, _Coll] = {}
         self._db: sqlite3.Connection | None = None
         self._failing = False
@@ -217,71 +222,76 @@ class Index:
                 self._watcher = None
 
     def _unavailable(self, folder_path: str, exc: BaseException) -> IndexUnavailable:
-        if not self._failing:
-            log.warning("storage index %s unusable (%s): serving %r with Radicale's own storage code until it "
-                        "recovers", self._db_path, exc, folder_path)
-        self._failing = True
-        self._colls.clear()       # reload and compare with the files at the next use
-        if self._db is not None:
-            self._db.close()
-            self._db = None
+        with self._lock:
+            if not self._failing:
+                log.warning("storage index %s unusable (%s): serving %r with Radicale's own storage code until "
+                            "it recovers", self._db_path, exc, folder_path)
+            self._failing = True
+            self._colls.clear()       # reload and compare with the files at the next use
+            if self._db is not None:
+                self._db.close()
+                self._db = None
         return IndexUnavailable(str(exc))
 
     # --- coherence --------------------------------------------------------------------------------
 
     def _coll(self, folder: Folder) -> _Coll:
         """The collection's state, compared with its files as far as the watch says it must be."""
-        db = self._conn()
-        c = self._colls.get(folder.path)
-        if c is None:
-            row = db.execute("SELECT id, gen, seq, pruned_seq FROM collections WHERE path=?",
-                             (folder.path,)).fetchone()
-            if row is None:
-                gen = uuid.uuid4().hex
-                cur = db.execute("INSERT INTO collections(path, gen, seq) VALUES(?, ?, 0)", (folder.path, gen))
-                assert cur.lastrowid is not None
-                row = (cur.lastrowid, gen, 0, 0)
-            c = _Coll(id=row[0], gen=row[1], seq=row[2], pruned_seq=row[3])
-            self._colls[folder.path] = c
-        fs = folder.filesystem_path
-        w = self._watcher
-        if w is not None:
-            changes = w.drain()
-            if changes.overflow:
-                for cl in self._colls.values():
-                    cl.scanned = False
-            self._stale.update(changes.whole)
-            for path, names_ in changes.names.items():
-                self._pending.setdefault(path, set()).update(names_)
-        names = self._pending.pop(fs, set())
-        whole = not c.scanned or fs in self._stale
-        self._stale.discard(fs)
-        ino = os.stat(fs).st_ino
-        if ino != c.ino:
-            whole = True
-        if w is not None and (whole or not w.is_watching(fs)):
-            try:
-                w.watch(fs)           # before the comparison: a change during it is reported next time
-            except OSError as exc:
-                log.warning("storage index: cannot watch %s (%s): each request compares its files", fs, exc)
-        if w is None or not w.is_watching(fs):
-            whole = True
-        if whole:
-            self._compare_all(c, folder)
-            c.ino, c.scanned = ino, True
-        elif names:
-            self._compare_names(c, folder, names)
+        with self._lock:
+            c = self._colls.get(folder.path)
+            if c is None:
+                db = self._conn()
+                row = db.execute("SELECT id, gen, seq, pruned_seq FROM collections WHERE path=?",
+                                 (folder.path,)).fetchone()
+                if row is None:
+                    gen = uuid.uuid4().hex
+                    cur = db.execute("INSERT INTO collections(path, gen, seq) VALUES(?, ?, 0)", (folder.path, gen))
+                    assert cur.lastrowid is not None
+                    row = (cur.lastrowid, gen, 0, 0)
+                c = _Coll(id=row[0], gen=row[1], seq=row[2], pruned_seq=row[3])
+                self._colls[folder.path] = c
+        with c.lock:      # a second request on this collection waits here until the comparison is done
+            fs = folder.filesystem_path
+            with self._lock:
+                w = self._watcher
+                if w is not None:
+                    changes = w.drain()
+                    if changes.overflow:
+                        for cl in self._colls.values():
+                            cl.scanned = False
+                    self._stale.update(changes.whole)
+                    for path, names_ in changes.names.items():
+                        self._pending.setdefault(path, set()).update(names_)
+                names = self._pending.pop(fs, set())
+                whole = not c.scanned or fs in self._stale
+                self._stale.discard(fs)
+                ino = os.stat(fs).st_ino
+                if ino != c.ino:
+                    whole = True
+                if w is not None and (whole or not w.is_watching(fs)):
+                    try:
+                        w.watch(fs)       # before the comparison: a change during it is reported next time
+                    except OSError as exc:
+                        log.warning("storage index: cannot watch %s (%s): each request compares its files", fs, exc)
+                if w is None or not w.is_watching(fs):
+                    whole = True
+            if whole:
+                self._compare_all(c, folder)
+                c.ino, c.scanned = ino, True
+            elif names:
+                self._compare_names(c, folder, names)
         return c
 
     def _rows(self, c: _Coll, hrefs: Iterable[str] | None = None) -> dict[str, _Row]:
-        db = self._conn()
         q = "SELECT href, etag, size, mtime_ns, seq, deleted_at FROM items WHERE coll=?"
-        if hrefs is None:
-            cur = db.execute(q, (c.id,))
-        else:
-            hl = list(hrefs)
-            cur = db.execute(q + f" AND href IN ({','.join('?' * len(hl))})", (c.id, *hl))
-        return {h: _Row(e, s, m, q_, d is not None) for h, e, s, m, q_, d in cur}
+        with self._lock:
+            db = self._conn()
+            if hrefs is None:
+                cur = db.execute(q, (c.id,))
+            else:
+                hl = list(hrefs)
+                cur = db.execute(q + f" AND href IN ({','.join('?' * len(hl))})", (c.id, *hl))
+            return {h: _Row(e, s, m, q_, d is not None) for h, e, s, m, q_, d in cur}
 
     def _compare_all(self, c: _Coll, folder: Folder) -> None:
         listing: dict[str, os.stat_result] = {}
@@ -315,23 +325,29 @@ class Index:
 
     def _apply(self, c: _Coll, folder: Folder, todo: dict[str, os.stat_result | None], rows: dict[str, _Row]
                ) -> None:
-        """Record what the files now say for ``todo`` (href -> stat, None: gone), in one transaction."""
-        db = self._conn()
-        db.execute("BEGIN IMMEDIATE")
-        try:
-            seq = c.seq
-            for href, st in sorted(todo.items()):
-                row = rows.get(href)
-                found = None
-                if st is not None and st.st_size <= self._max_item_bytes:
-                    found = folder.read_item(href)
-                seq = self._put_row(db, c, seq, href, row, found, st)
-            db.execute("UPDATE collections SET seq=? WHERE id=?", (seq, c.id))
-            db.execute("COMMIT")
-        except BaseException:
-            db.execute("ROLLBACK")
-            raise
-        c.seq = seq
+        """Record what the files now say for ``todo`` (href -> stat, None: gone), in one transaction.
+        The items are read (through Radicale's item cache) before the database lock is taken."""
+        found: dict[str, tuple[str, str] | None] = {}
+        for href, st in sorted(todo.items()):
+            found[href] = (folder.read_item(href) if st is not None and st.st_size <= self._max_item_bytes
+                           else None)
+        self._write(c, [(href, rows.get(href), found[href], todo[href]) for href in found])
+
+    def _write(self, c: _Coll, changes: list[tuple[str, _Row | None, tuple[str, str] | None, os.stat_result | None]]
+               ) -> None:
+        with self._lock:
+            db = self._conn()
+            db.execute("BEGIN IMMEDIATE")
+            try:
+                seq = c.seq
+                for href, row, found, st in changes:
+                    seq = self._put_row(db, c, seq, href, row, found, st)
+                db.execute("UPDATE collections SET seq=? WHERE id=?", (seq, c.id))
+                db.execute("COMMIT")
+            except BaseException:
+                db.execute("ROLLBACK")
+                raise
+            c.seq = seq
 
     def _put_row(self, db: sqlite3.Connection, c: _Coll, seq: int, href: str, row: _Row | None,
                  found: tuple[str, str] | None, st: os.stat_result | None) -> int:
@@ -357,29 +373,34 @@ class Index:
         if now - c.pruned_at < PRUNE_INTERVAL_S:
             return
         c.pruned_at = now
-        db = self._conn()
         limit = now - self._max_token_age_s
-        row = db.execute("SELECT max(seq) FROM items WHERE coll=? AND deleted_at < ?", (c.id, limit)).fetchone()
-        if row[0] is None:
-            return
-        db.execute("BEGIN IMMEDIATE")
-        try:
-            db.execute("DELETE FROM items WHERE coll=? AND deleted_at < ?", (c.id, limit))
+        with self._lock:
+            db = self._conn()
+            row = db.execute("SELECT max(seq) FROM items WHERE coll=? AND deleted_at < ?", (c.id, limit)).fetchone()
+            if row[0] is None:
+                return
             pruned = max(c.pruned_seq, int(row[0]))
-            db.execute("UPDATE collections SET pruned_seq=? WHERE id=?", (pruned, c.id))
-            db.execute("COMMIT")
-        except BaseException:
-            db.execute("ROLLBACK")
-            raise
-        c.pruned_seq = pruned
+            db.execute("BEGIN IMMEDIATE")
+            try:
+                db.execute("DELETE FROM items WHERE coll=? AND deleted_at < ?", (c.id, limit))
+                db.execute("UPDATE collections SET pruned_seq=? WHERE id=?", (pruned, c.id))
+                db.execute("COMMIT")
+            except BaseException:
+                db.execute("ROLLBACK")
+                raise
+            c.pruned_seq = pruned
+
+    def _query(self, sql: str, args: tuple[object, ...]) -> list[tuple[object, ...]]:
+        with self._lock:
+            return self._conn().execute(sql, args).fetchall()
 
     # --- queries ----------------------------------------------------------------------------------
 
     @_guarded
     def has_uid(self, folder: Folder, uid: str) -> bool:
         c = self._coll(folder)
-        return self._conn().execute("SELECT 1 FROM items WHERE coll=? AND uid=? AND deleted_at IS NULL LIMIT 1",
-                                    (c.id, uid)).fetchone() is not None
+        return bool(self._query("SELECT 1 FROM items WHERE coll=? AND uid=? AND deleted_at IS NULL LIMIT 1",
+                                (c.id, uid)))
 
     @_guarded
     def sync(self, folder: Folder, old_token: str) -> tuple[str, Iterable[str]]:
@@ -389,34 +410,29 @@ class Index:
         :raises ValueError: a malformed token, or one this index cannot serve.
         """
         c = self._coll(folder)
-        token = make_token(c.gen, c.seq)
+        with self._lock:
+            seq_now, gen = c.seq, c.gen
+        token = make_token(gen, seq_now)
         if not old_token:
-            hrefs = [h for (h,) in self._conn().execute("SELECT href FROM items WHERE coll=? ORDER BY href",
-                                                        (c.id,))]
-            return token, hrefs
-        gen, seq = parse_token(old_token)
-        if gen != c.gen or seq > c.seq or seq < c.pruned_seq:
+            return token, [str(h) for (h,) in self._query("SELECT href FROM items WHERE coll=? ORDER BY href",
+                                                          (c.id,))]
+        gen_old, seq = parse_token(old_token)
+        if gen_old != gen or seq > seq_now or seq < c.pruned_seq:
             raise ValueError(f"Token not found: {old_token!r}")
-        if seq == c.seq:
+        if seq == seq_now:
             return token, ()
-        return token, [h for (h,) in self._conn().execute(
-            "SELECT href FROM items WHERE coll=? AND seq>? ORDER BY href", (c.id, seq))]
+        return token, [str(h) for (h,) in self._query(
+            "SELECT href FROM items WHERE coll=? AND seq>? AND seq<=? ORDER BY href", (c.id, seq, seq_now))]
 
     @_guarded
     def state(self, folder: Folder) -> tuple[str, int, int]:
         """(generation, sequence number, newest item mtime in ns or 0): what the collection's etag and
         last-modified are made of."""
         c = self._coll(folder)
-        row = self._conn().execute("SELECT max(mtime_ns) FROM items WHERE coll=? AND deleted_at IS NULL",
-                                   (c.id,)).fetchone()
-        return c.gen, c.seq, int(row[0] or 0)
-
-    @_guarded
-    def hrefs(self, folder: Folder) -> list[str]:
-        """The items (no tombstones), sorted."""
-        c = self._coll(folder)
-        return [h for (h,) in self._conn().execute(
-            "SELECT href FROM items WHERE coll=? AND deleted_at IS NULL ORDER BY href", (c.id,))]
+        with self._lock:
+            row = self._conn().execute("SELECT max(mtime_ns) FROM items WHERE coll=? AND deleted_at IS NULL",
+                                       (c.id,)).fetchone()
+            return c.gen, c.seq, int(row[0] or 0)
 
     # --- our own writes ---------------------------------------------------------------------------
 
@@ -426,49 +442,40 @@ class Index:
         Called under Radicale's write lock, after the files are on disk."""
         c = self._coll(folder)      # the watch reports our own write: usually already recorded here
         rows = self._rows(c, changes)
-        db = self._conn()
-        todo: list[tuple[str, tuple[str, str] | None, os.stat_result | None]] = []
+        todo: list[tuple[str, _Row | None, tuple[str, str] | None, os.stat_result | None]] = []
         for href, found in changes.items():
             st = None
+            row = rows.get(href)
             if found is not None:
                 st = os.stat(os.path.join(folder.filesystem_path, href))
-                if _matches(rows.get(href), st) and rows[href].etag == found[1]:
+                if _matches(row, st) and row is not None and row.etag == found[1]:
                     continue
-            elif href not in rows or rows[href].deleted:
+            elif row is None or row.deleted:
                 continue
-            todo.append((href, found, st))
+            todo.append((href, row, found, st))
         if todo:
-            db.execute("BEGIN IMMEDIATE")
-            try:
-                seq = c.seq
-                for href, found, st in todo:
-                    seq = self._put_row(db, c, seq, href, rows.get(href), found, st)
-                db.execute("UPDATE collections SET seq=? WHERE id=?", (seq, c.id))
-                db.execute("COMMIT")
-            except BaseException:
-                db.execute("ROLLBACK")
-                raise
-            c.seq = seq
+            self._write(c, todo)
         self._prune(c)
 
     @_guarded
     def forget(self, path: str) -> None:
         """The collection at ``path`` (and any below it) was deleted or replaced: its tokens end, its next
         use starts a new generation from its files."""
-        db = self._conn()
-        ids = [i for (i,) in db.execute("SELECT id FROM collections WHERE path=? OR path LIKE ? ESCAPE '\\'",
-                                        (path, _like_prefix(path)))]
-        db.execute("BEGIN IMMEDIATE")
-        try:
-            for i in ids:
-                db.execute("DELETE FROM items WHERE coll=?", (i,))
-                db.execute("DELETE FROM collections WHERE id=?", (i,))
-            db.execute("COMMIT")
-        except BaseException:
-            db.execute("ROLLBACK")
-            raise
-        for p in [p for p in self._colls if p == path or p.startswith(path + "/")]:
-            del self._colls[p]
+        with self._lock:
+            db = self._conn()
+            ids = [i for (i,) in db.execute("SELECT id FROM collections WHERE path=? OR path LIKE ? ESCAPE '\\'",
+                                            (path, _like_prefix(path)))]
+            db.execute("BEGIN IMMEDIATE")
+            try:
+                for i in ids:
+                    db.execute("DELETE FROM items WHERE coll=?", (i,))
+                    db.execute("DELETE FROM collections WHERE id=?", (i,))
+                db.execute("COMMIT")
+            except BaseException:
+                db.execute("ROLLBACK")
+                raise
+            for p in [p for p in self._colls if p == path or p.startswith(path + "/")]:
+                del self._colls[p]
 
 
 def _matches(row: _Row | None, st: os.stat_result) -> bool:
