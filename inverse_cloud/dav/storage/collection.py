@@ -16,7 +16,7 @@ from __future__ import annotations
 import json
 import os
 import time
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from hashlib import sha256
 from typing import IO, TYPE_CHECKING, Any, TextIO, cast
 
@@ -82,6 +82,20 @@ class Collection(multifilesystem.Collection):
         if os.path.exists(self._props_path):
             last = max(last, os.path.getmtime(self._props_path))
         return time.strftime("%a, %d %b %Y %H:%M:%S GMT", time.gmtime(last))
+
+    def get_multi(self, hrefs: Iterable[str]) -> Iterator[tuple[str, radicale_item.Item | None]]:
+        """Radicale's ``get_multi`` without its listing of the folder, where the folder cannot hold two names
+        for one file: the listing exists to catch case-insensitive matches, and costs a multiget (and the
+        items of an incremental sync) time in proportion to the collection's size."""
+        if not self._is_collision_free:
+            yield from super().get_multi(hrefs)
+            return
+        for href in hrefs:
+            if not pathutils.is_safe_filesystem_path_component(href):
+                yield href, None
+                continue
+            if pathutils.file_check_size(os.path.join(self._filesystem_path, href), self._storage._max_resource_size):
+                yield href, self._get(href, verify_href=False)
 
     # --- writes -----------------------------------------------------------------------------------
 
