@@ -395,3 +395,20 @@ def test_comparing_one_collection_holds_up_no_other(server: Callable[..., Dav], 
         release.set()
         reader.join(30)
     assert result["book"][0] == 207 and len(result["book"][2]) == 7
+
+
+def test_a_write_the_index_never_heard_of_is_found_at_the_next_start(server: Callable[..., Dav],
+                                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    """The process dies between a write's file and its index row (here: the index is not told, and no watch
+    is active, as after a SIGKILL): at the next start the comparison with the files records the change, a
+    token from before reports it, and its UID is taken."""
+    dav = server()
+    token = _four_cards(dav)
+    dav.app._storage.index.close()                  # no watch reports what follows
+    monkeypatch.setattr(plugin.Storage, "record", lambda self, collection, changes: None)
+    assert dav.put(BOOK + "late.vcf", vcard("u-late")) == 201
+    assert dav.delete(BOOK + "c0.vcf") == 200
+    monkeypatch.undo()
+    dav = server()
+    assert changed(dav, token)[1] == {"late.vcf": 200, "c0.vcf": 404}
+    assert dav.put(BOOK + "other.vcf", vcard("u-late")) == 409
