@@ -412,3 +412,35 @@ def test_a_write_the_index_never_heard_of_is_found_at_the_next_start(server: Cal
     dav = server()
     assert changed(dav, token)[1] == {"late.vcf": 200, "c0.vcf": 404}
     assert dav.put(BOOK + "other.vcf", vcard("u-late")) == 409
+
+
+def test_a_whole_calendar_put_is_flushed_once_not_per_item(server: Callable[..., Dav],
+                                                           monkeypatch: pytest.MonkeyPatch) -> None:
+    """A PUT of a 60-event calendar writes the new collection folder with one file-system flush before it is
+    renamed into place, not two fsyncs per event; every event is then served and listed by a sync, and
+    fsync is on again for the next write."""
+    from radicale import pathutils
+
+    from inverse_cloud.dav.storage import collection as collection_mod
+
+    fsyncs, flushes = [0], [0]
+    real_fsync, real_flush = pathutils.fsync, collection_mod.flush_filesystem
+
+    def counting_fsync(fd: int) -> None:
+        fsyncs[0] += 1
+        real_fsync(fd)
+
+    def counting_flush(path: str) -> None:
+        flushes[0] += 1
+        real_flush(path)
+
+    dav = server()
+    monkeypatch.setattr(pathutils, "fsync", counting_fsync)
+    monkeypatch.setattr(collection_mod, "flush_filesystem", counting_flush)
+    events = "".join(f"BEGIN:VEVENT\r\nUID:e{i}\r\nDTSTART:20260101T{i % 24:02d}0000Z\r\nDURATION:PT1H\r\n"
+                     f"SUMMARY:event {i}\r\nDTSTAMP:20260101T000000Z\r\nEND:VEVENT\r\n" for i in range(60))
+    ics = "BEGIN:VCALENDAR\r\nVERSION:2.0\r\nPRODID:x\r\n" + events + "END:VCALENDAR\r\n"
+    assert dav.request("PUT", "/alice/cal/", ics, content_type="text/calendar")[0] == 201
+    assert flushes[0] == 1 and fsyncs[0] < 10, (flushes, fsyncs)
+    assert len(dav.sync("/alice/cal/")[2]) == 60
+    assert dav.app._storage._filesystem_fsync is True
