@@ -1,10 +1,10 @@
 """Differential test: the storage plugin against stock multifilesystem, side by side (hypothesis).
 
 Random sequences of PUT (new, replacing, conflicting UIDs, If-None-Match), DELETE, MOVE (within and across
-collections), deleting and re-creating a collection, a PUT of a whole address book replacing one, sync-
-collection from random earlier tokens, multiget, PROPFIND and restarts of our side go to two Radicale apps
-that differ only in ``[storage] type``. Every answer must be the same: statuses, item sets and etags, and
-what each sync reports (href, status, etag). Only the token strings differ; they are compared through a
+collections), deleting and re-creating a collection, a PUT of a whole address book replacing one,
+sync-collection from random earlier tokens, multiget, PROPFIND and restarts of our side go to two Radicale
+apps that differ only in ``[storage] type``. Every answer must be the same: statuses, item sets and etags,
+and what each sync reports (href, status, etag). Only the token strings differ; they are compared through a
 pairing, so that a token repeats on one side exactly when it repeats on the other (a sync reports "no
 change" on both or on neither).
 
