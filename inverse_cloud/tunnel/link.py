@@ -33,7 +33,7 @@ from typing import Any
 import asyncssh
 
 from inverse_cloud.config import Config
-from inverse_cloud.errors import ConfigError, ForwardRefused, HostKeyMismatch, TunnelError
+from inverse_cloud.errors import ConfigError, ForwardRefused, TunnelError
 from inverse_cloud.fsutil import check_private
 from inverse_cloud.tunnel.channels import (
     ChannelEnd,
@@ -42,6 +42,7 @@ from inverse_cloud.tunnel.channels import (
     QuickAckConnector,
     quickack_supported,
 )
+from inverse_cloud.tunnel.dial import RelayClient, dial
 from inverse_cloud.tunnel.policy import (
     BACKOFF_S,
     FORWARD_REFUSED_RETRY_S,
@@ -77,9 +78,6 @@ CHANNEL_MAX_PACKET = 256 * 1024
 CLOSE_TIMEOUT_S = 2.0
 # A link that stayed up this long is re-established at once when it drops (a flapping relay gets backoff).
 STABLE_S = 5.0
-# Host key algorithms we accept a relay to show (after the pinned key's own); no SHA-1 ssh-rsa.
-HOST_KEY_ALGS = ("ssh-ed25519", "ecdsa-sha2-nistp256", "ecdsa-sha2-nistp384", "ecdsa-sha2-nistp521",
-                 "rsa-sha2-512", "rsa-sha2-256")
 # A forwarded connection's peer mapping outlives the connection a little, so that a request still being
 # logged when the tunnel side closes is attributed to the relay-seen client.
 PEER_LINGER_S = 5.0
@@ -93,22 +91,6 @@ class _Forward:
     relay_port: int
     bound: bool = False
     listener: asyncssh.SSHListener | None = None
-
-
-class _Client(asyncssh.SSHClient):
-    """Records the host key the relay offered (for the mismatch line) and why the link went down."""
-
-    def __init__(self) -> None:
-        self.offered_fp: str | None = None
-        self.lost: Exception | None = None
-
-    def validate_host_public_key(self, host: str, addr: str, port: int, key: asyncssh.SSHKey) -> bool:
-        # Only called for a key that is NOT the pinned one: remember it and refuse.
-        self.offered_fp = f"{key.get_fingerprint('sha256')} ({key.get_algorithm()})"
-        return False
-
-    def connection_lost(self, exc: Exception | None) -> None:
-        self.lost = exc
 
 
 def _iso(t: float | None) -> str | None:
@@ -318,39 +300,12 @@ class Tunnel:
         return await asyncio.to_thread(read)
 
     async def _connect(self, key: asyncssh.SSHKey, *, keepalive: bool) -> tuple[asyncssh.SSHClientConnection,
-                                                                                 _Client]:
+                                                                                 RelayClient]:
         assert self.host_key is not None
-        client = _Client()
         self._connector = QuickAckConnector() if self.quickack and keepalive else None
-        options: dict[str, Any] = {}
-        if self._connector is not None:
-            options["tunnel"] = self._connector
-        # The pinned key's algorithms first, so a relay that has that key always shows it; the others only
-        # so that a relay WITHOUT it still shows some key, whose fingerprint the mismatch line can name
-        # (it is refused all the same: the pinned key is the only trusted one).
-        pinned = [a.decode() for a in self.host_key.sig_algorithms]
-        options["server_host_key_algs"] = pinned + [a for a in HOST_KEY_ALGS if a not in pinned]
-        if keepalive:
-            options["keepalive_interval"] = self.relay.keepalive_interval_s
-            options["keepalive_count_max"] = self.relay.keepalive_count_max
         self.attempts += 1
-        try:
-            conn = await asyncssh.connect(
-                self.relay.host, self.relay.port, username=self.relay.user,
-                client_factory=lambda: client,
-                known_hosts=([self.host_key], [], []),   # the pinned key only; never None
-                client_keys=[key], agent_path=None, agent_forwarding=False, config=None,
-                x509_trusted_certs=None, x509_trusted_cert_paths=None,
-                password_auth=False, kbdint_auth=False, host_based_auth=False, gss_auth=False, gss_kex=False,
-                connect_timeout=self.relay.connect_timeout_s, login_timeout=self.relay.connect_timeout_s,
-                **options)
-        except (asyncssh.HostKeyNotVerifiable, asyncssh.KeyExchangeFailed) as exc:
-            failure = classify(exc, relay=f"{self.relay.host}:{self.relay.port}", expected_fp=self.expected_fp,
-                               offered_fp=client.offered_fp, key_file=self.relay.key_file, user=self.relay.user)
-            if failure.kind == "fatal":
-                raise HostKeyMismatch(failure.message) from exc
-            raise
-        return conn, client
+        return await dial(self.relay, self.host_key, self.expected_fp, key, keepalive=keepalive,
+                          connector=self._connector)
 
     async def _session(self, takeover_tried: bool) -> None:
         """One connection: connect, bind both forwards, serve until the link drops.
