@@ -50,8 +50,10 @@ from inverse_cloud.tunnel.policy import (
     Failure,
     classify,
     describe_lost,
+    lost_reason,
     retry_delay,
 )
+from inverse_cloud.tunnel.watcher import LinkWatcher
 
 __all__ = [
     "BACKOFF_S",
@@ -109,12 +111,13 @@ class Tunnel:
     name = "tunnel"
 
     def __init__(self, cfg: Config, target: ForwardTarget, *, quickack: bool = True,
-                 wall_clock: Callable[[], float] = time.time) -> None:
+                 wall_clock: Callable[[], float] = time.time, watcher: LinkWatcher | None = None) -> None:
         self.cfg = cfg
         self.relay = cfg.relay
         self.target = target
         self.quickack = quickack and quickack_supported()
         self._clock = wall_clock
+        self._watcher = watcher
         self.tag = f"[relay={self.relay.host}:{self.relay.port}]"
         self.forwards = [_Forward("https", self.relay.https_port), _Forward("http", self.relay.http_port)]
         self.state = "down"
@@ -127,6 +130,9 @@ class Tunnel:
         self._closing = False
         self._wake: asyncio.Event | None = None
         self._requested = False
+        self._wake_reason: tuple[str, str] | None = None     # (status reason, log detail) of a requested drop
+        self._down_reason: str | None = None
+        self.last_reconnect: tuple[float, str] | None = None
         self._up_mono = 0.0
         self._conn: asyncssh.SSHClientConnection | None = None
         self._connector: QuickAckConnector | None = None
@@ -155,24 +161,39 @@ class Tunnel:
         self.state = "connecting"
         self._wake = asyncio.Event()
         self._task = asyncio.create_task(self._run(), name="tunnel")
+        if self._watcher is not None:
+            await self._watcher.start(self)
 
     def reload(self) -> None:
         """SIGHUP (certificates and users re-read, `cert renew`): a healthy link is left alone -- dropping it
         would cut phones off and break the public path an ACME validation may be about to use; a link
         waiting out a backoff tries again now."""
-        if self._wake is not None and self.state != "up":
-            log.info("%s retrying now (SIGHUP)", self.tag)
+        self.retry_now("SIGHUP")
+
+    def retry_now(self, why: str) -> None:
+        """A link waiting out a backoff tries again now (``why`` goes in the log line); a healthy link is left
+        alone."""
+        if self._wake is not None and self.state != "up" and not self._wake.is_set():
+            log.info("%s retrying now (%s)", self.tag, why)
             self._wake.set()
 
     def reconnect(self) -> None:
         """SIGUSR1: re-establish the link now (for a network-change hook): drop a link that may be dead
         without waiting for keepalives, or skip the rest of a backoff wait."""
+        self.reconnect_for("requested (SIGUSR1)", "SIGUSR1")
+
+    def reconnect_for(self, reason: str, detail: str) -> None:
+        """Drop the link now and reconnect without backoff (the link watcher's probe got no answer, or
+        SIGUSR1); ``reason`` is what status shows as the last reconnect's reason."""
         if self._wake is not None:
-            log.info("%s reconnecting now (SIGUSR1)", self.tag)
+            log.info("%s reconnecting now (%s)", self.tag, detail)
+            self._wake_reason = (reason, detail)
             self._wake.set()
 
     async def aclose(self) -> None:
         self._closing = True
+        if self._watcher is not None:
+            await self._watcher.aclose()
         task, self._task = self._task, None
         # Cancel until done: asyncio.wait_for on 3.11 can swallow a cancellation that races with
         # completion (cpython#86296), so one cancel() is not always enough.
@@ -228,6 +249,9 @@ class Tunnel:
             "forwards": [{"name": f.name, "relay_port": f.relay_port, "relay_host": self.relay.listen_host,
                           "local_port": local[f.name], "bound": f.bound} for f in self.forwards],
             "takeovers": self.takeovers,
+            "last_reconnect": None if self.last_reconnect is None else
+            {"at": _iso(self.last_reconnect[0]), "reason": self.last_reconnect[1]},
+            "network_watch": None if self._watcher is None else self._watcher.watching,
         }
 
     def _set_state(self, state: str, error: str | None, level: int) -> None:
@@ -266,6 +290,7 @@ class Tunnel:
             elif failure.kind in ("fatal", "refused"):
                 self._set_state("failed", failure.message, logging.ERROR)
             elif self.state == "up":
+                self._down_reason = lost_reason(failure.message)
                 self._set_state("down", f"relay link lost ({failure.message}); reconnecting", logging.WARNING)
                 if time.monotonic() - self._up_mono >= STABLE_S:
                     delay, attempt = 0.0, 0       # a link that had been working: first retry at once
@@ -339,6 +364,7 @@ class Tunnel:
         now = self._clock()
         if self._ever_up:
             self.reconnects.append(now)
+            self.last_reconnect = (now, self._down_reason or "unknown")
         self._ever_up = True
         self.connections += 1
         self.connected_since = now
@@ -350,6 +376,9 @@ class Tunnel:
             + f" (relay host key {self.expected_fp})", logging.INFO)
         assert self._wake is not None
         self._wake.clear()
+        self._wake_reason = None
+        if self._watcher is not None:
+            self._watcher.link_up(conn)
         closed = asyncio.ensure_future(conn.wait_closed())
         woken = asyncio.ensure_future(self._wake.wait())
         try:
@@ -358,10 +387,13 @@ class Tunnel:
             # on cancellation (aclose) self._conn stays set: aclose closes it
             for fut in (closed, woken):
                 fut.cancel()
+            if self._watcher is not None:
+                self._watcher.link_down()
         if woken.done() and not woken.cancelled() and not closed.done():
             self._wake.clear()
             await self._close_conn(graceful=False)     # the link may be dead: do not wait for answers
             self._requested = True
+            self._down_reason = (self._wake_reason or ("requested", ""))[0]
             client.lost = TunnelError("reconnect requested")
         self.connected_since = None
         for fwd in self.forwards:
