@@ -195,12 +195,12 @@ async def test_change_while_down_retries_at_once(rig, caplog, monkeypatch):
 
 
 async def test_netlink_watch_starts_and_stops(rig):
-    """With netlink on (the default), the watcher subscribes on start (status shows network_watch true)
+    """With netlink on (the default), the watcher subscribes on start (status shows network_watch.netlink true)
     and closes its socket on aclose."""
     make, _ = rig
     w = LinkWatcher()
     t = make(w)
     async with started(t):
         await wait_for(lambda: t.state == "up", what="up")
-        assert t.status()["network_watch"] is True
+        assert t.status()["network_watch"] == {"netlink": True, "checks": 0, "probes": 0}
     assert w.watching is False

@@ -251,7 +251,7 @@ class Tunnel:
             "takeovers": self.takeovers,
             "last_reconnect": None if self.last_reconnect is None else
             {"at": _iso(self.last_reconnect[0]), "reason": self.last_reconnect[1]},
-            "network_watch": None if self._watcher is None else self._watcher.watching,
+            "network_watch": None if self._watcher is None else self._watcher.status(),
         }
 
     def _set_state(self, state: str, error: str | None, level: int) -> None:

@@ -110,6 +110,10 @@ class LinkWatcher:
         """Whether netlink changes are being watched (False: resume check only)."""
         return self._sock is not None
 
+    def status(self) -> dict[str, bool | int]:
+        """For the tunnel's status: netlink watched or not, checks made after changes, probes sent."""
+        return {"netlink": self.watching, "checks": self.checks, "probes": self.probes}
+
     async def start(self, link: WatchedLink) -> None:
         self._link = link
         if self._use_netlink:
