@@ -198,6 +198,9 @@ class LinkWatcher:
                 await self._check(changed, resume)
             except (OSError, TimeoutError) as exc:   # a kernel read failed: keepalives still apply
                 log.debug("link check failed: %s", exc)
+            except Exception as exc:  # boundary: the watcher must outlive any one failed check
+                log.warning("link check failed: %s: %s; keepalives still apply", type(exc).__name__, exc,
+                            exc_info=log.isEnabledFor(logging.DEBUG))
 
     @staticmethod
     async def _kernel_state(local: str, relay: str) -> PathState:
