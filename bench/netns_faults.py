@@ -179,12 +179,16 @@ def run(faults: list[str], reps: int, bound_s: float) -> dict[str, list[dict[str
                     for rep in range(reps):
                         for name in faults:
                             _settle(srv, relay, phone)
+                            before = len(status(cfg).get("reconnects") or [])
                             log(f"rep {rep + 1}: {name}")
                             out = _fault(name, laptop, srv, relay, rep)
                             took = phone.wait_ok_after(out.pop("end"), bound_s)
-                            last = status(cfg).get("last_reconnect")
-                            out.update(recovered_s=None if took is None else round(took, 2),
-                                       reason=last.get("reason") if isinstance(last, dict) else None)
+                            now = status(cfg)
+                            last = now.get("last_reconnect")
+                            reconnected = len(now.get("reconnects") or []) - before
+                            reason = last.get("reason") if isinstance(last, dict) else "not in this version's status"
+                            out.update(recovered_s=None if took is None else round(took, 2), reconnects=reconnected,
+                                       reason=reason if reconnected else "no reconnect")
                             log(f"  {name}: {out}")
                             res[name].append(out)
                 finally:
@@ -202,11 +206,13 @@ def report(res: dict[str, list[dict[str, Any]]], bound_s: float) -> list[str]:
     code = os.path.dirname(os.path.dirname(os.path.abspath(sys.modules["inverse_cloud"].__file__ or "")))
     lines = [f"(7) faults on a real path (laptop netns + veth + real sshd; keepalive 5 s x 3, ClientAlive 15 s x 3; "
              f"phone PROPFIND every 0.5 s); serve from {os.getcwd()}, bench process imports {code}",
-             "    seconds from the end of the fault to the phone's next 207 (each run), [status reason]"]
+             "    seconds from the end of the fault to the phone's next 207 (each run), [last reconnect's reason in "
+             "status, or no reconnect]"]
     for name, runs in res.items():
         vals = ", ".join(f"never (> {bound_s:.0f} s)" if r["recovered_s"] is None else f"{r['recovered_s']:.2f}"
                          for r in runs)
-        reasons = sorted({str(r.get("reason")) for r in runs})
+        reasons = sorted({f"{r.get('reason')}" + (f" x{r['reconnects']}" if r.get("reconnects", 0) > 1 else "")
+                          for r in runs})
         lines.append(f"    {what[name]}: {vals} s  [{', '.join(reasons)}]")
         if name == "frozen":
             lines.append("      relay dropped the frozen session after: "
