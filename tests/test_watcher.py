@@ -204,3 +204,16 @@ async def test_netlink_watch_starts_and_stops(rig):
         await wait_for(lambda: t.state == "up", what="up")
         assert t.status()["network_watch"] == {"netlink": True, "checks": 0, "probes": 0}
     assert w.watching is False
+
+
+async def test_probe_answered_by_a_live_relay_not_by_a_closed_connection(rig):
+    """probe(): a real keepalive request to the relay counts as answered; once the relay has closed the
+    connection, asyncssh 'answers' pending and new requests itself: that is no answer."""
+    make, relay = rig
+    async with started(make(LinkWatcher(netlink=False, read_state=FakePath()))) as t:
+        await wait_for(lambda: t.state == "up", what="up")
+        conn = t._conn
+        assert conn is not None and await watcher_mod.probe(conn, 5.0) is True
+        relay.conns[-1].close()
+        await wait_for(conn.is_closed, what="closed by the relay")
+        assert await watcher_mod.probe(conn, 5.0) is False

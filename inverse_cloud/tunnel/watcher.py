@@ -68,14 +68,15 @@ async def probe(conn: asyncssh.SSHClientConnection, timeout_s: float) -> bool:
     """Send one keepalive request on ``conn``; True if the relay answered within ``timeout_s``.
 
     OpenSSH answers ``keepalive@openssh.com`` with a failure message: any answer counts. asyncssh has no
-    public call for one global request; this is the one its own keepalive timer makes.
+    public call for one global request; this is the one its own keepalive timer makes. A connection that
+    closes meanwhile "answers" every pending request itself: that is no answer.
     """
     try:
         async with asyncio.timeout(timeout_s):
             await conn._make_global_request(b"keepalive@openssh.com")
     except (TimeoutError, OSError, asyncssh.Error):
         return False
-    return True
+    return not conn.is_closed()
 
 
 class LinkWatcher:
@@ -228,8 +229,8 @@ class LinkWatcher:
         why = change.detail if change is not None else "resumed from suspend (or the process was frozen)"
         self.probes += 1
         answered = await probe(conn, PROBE_TIMEOUT_S)
-        if conn is not self._conn:
-            return                                  # the link was replaced meanwhile
+        if conn is not self._conn or conn.is_closed():
+            return                                  # the link was replaced or closed meanwhile: the tunnel knows
         if answered:
             self._baseline = state
             log.info("%s %s; the relay still answers: link kept", self._link.tag, why)
