@@ -14,7 +14,8 @@ Faults, each repeated ``reps`` times after the link has been up for SETTLE_S:
   sigstop   serve is stopped (SIGSTOP) for 60 s, as in a suspend, then resumed;
   restart   the relay's sshd is restarted (listener and every session);
   frozen    serve is stopped until the relay ends its session: the seconds the relay's ClientAlive takes to
-            drop a laptop that answers nothing (then serve is resumed and its recovery measured too).
+            drop a laptop that answers nothing (then serve is resumed and its recovery measured too). The phone
+            pauses meanwhile: while something keeps connecting to the port, sshd's ClientAlive never fires.
 
 Which code runs is the ``inverse_cloud`` the child imports: ``python -m`` puts the working directory first
 on its path, so run the bench from the checkout to measure (see bench/README.md).
@@ -70,6 +71,7 @@ class PollingPhone:
         self.results: list[tuple[float, float, bool]] = []
         self._lock = threading.Lock()
         self._stop = threading.Event()
+        self.paused = threading.Event()
         self._thread = threading.Thread(target=self._run, name="phone", daemon=True)
 
     def _attempt(self) -> None:
@@ -89,7 +91,8 @@ class PollingPhone:
     def _run(self) -> None:
         with ThreadPoolExecutor(max_workers=10, thread_name_prefix="phone") as pool:
             while not self._stop.is_set():
-                pool.submit(self._attempt)
+                if not self.paused.is_set():
+                    pool.submit(self._attempt)
                 self._stop.wait(0.5)          # the phone's pace, not a wait for a condition
 
     def start(self) -> None:
@@ -128,7 +131,8 @@ def _settle(srv: ServeProcess, relay: RelaySshd, phone: PollingPhone) -> None:
     time.sleep(SETTLE_S)                      # the link must count as established (backoff rules)
 
 
-def _fault(name: str, laptop: LaptopNetns, srv: ServeProcess, relay: RelaySshd, rep: int) -> dict[str, Any]:
+def _fault(name: str, laptop: LaptopNetns, srv: ServeProcess, relay: RelaySshd, rep: int,
+           phone: PollingPhone) -> dict[str, Any]:
     """Inject one fault; return when it is over, with ``end`` (monotonic) and fault-specific figures."""
     out: dict[str, Any] = {}
     if name == "address":
@@ -148,6 +152,9 @@ def _fault(name: str, laptop: LaptopNetns, srv: ServeProcess, relay: RelaySshd, 
     elif name == "restart":
         relay.restart()
     elif name == "frozen":
+        # the phone pauses: while something keeps connecting to the forwarded port, sshd's ClientAlive
+        # never fires (its check runs only when the session has been idle for a whole interval)
+        phone.paused.set()
         holders = relay.holders()
         t0 = time.monotonic()
         srv.signal(signal.SIGSTOP)
@@ -155,8 +162,11 @@ def _fault(name: str, laptop: LaptopNetns, srv: ServeProcess, relay: RelaySshd, 
             wait_until(lambda: relay.holders() != holders, 180, "the relay dropping the frozen session",
                        interval_s=0.1)
             out["relay_dropped_after_s"] = round(time.monotonic() - t0, 1)
+        except TimeoutError:
+            out["relay_dropped_after_s"] = None
         finally:
             srv.signal(signal.SIGCONT)
+            phone.paused.clear()
     else:
         raise ValueError(name)
     out["end"] = time.monotonic()
@@ -181,7 +191,7 @@ def run(faults: list[str], reps: int, bound_s: float) -> dict[str, list[dict[str
                             _settle(srv, relay, phone)
                             before = len(status(cfg).get("reconnects") or [])
                             log(f"rep {rep + 1}: {name}")
-                            out = _fault(name, laptop, srv, relay, rep)
+                            out = _fault(name, laptop, srv, relay, rep, phone)
                             took = phone.wait_ok_after(out.pop("end"), bound_s)
                             now = status(cfg)
                             last = now.get("last_reconnect")
