@@ -134,7 +134,8 @@ def test_network_change_takes_over_the_stale_session(tmp_path, mode):
         assert any(re.search(r"takeover: ended [1-9]\d* other session", line) for line in lines), "\n".join(lines)
         new = relay.holders()
         assert new and new != old
-        print(f"[tunnel-faults] recovered in {took:.2f} s; relay ClientAlive alone would need ~60 s (or never, while the phone keeps connecting)")
+        print(f"[tunnel-faults] recovered in {took:.2f} s; relay ClientAlive alone would need ~60 s (never while "
+              "the phone keeps connecting)")
         px.set_mode("pass")
 
 
