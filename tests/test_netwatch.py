@@ -103,6 +103,7 @@ def test_resumed_table(mono, boot, expected):
     ("relay closed the connection (Connection lost)", "relay closed"),
     ("Connection lost", "relay closed"),
     ("connection reset", "connection reset"),
+    ("[Errno 32] Broken pipe", "relay closed"),        # the relay ended the session while we were frozen
     ("something new", "something new"),
 ])
 def test_lost_reason_table(message, reason):

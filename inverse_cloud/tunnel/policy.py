@@ -105,6 +105,6 @@ def lost_reason(message: str) -> str:
         return "keepalive timeout"
     if "reset" in low:
         return "connection reset"
-    if "closed" in low or "connection lost" in low or "disconnect" in low:
+    if "closed" in low or "connection lost" in low or "disconnect" in low or "broken pipe" in low:
         return "relay closed"
     return message
