@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""How to persist the storage index (issue 12): SQLite (WAL) against a file snapshot + fsync'ed journal.
+"""How to persist the storage index: SQLite (WAL) against a file snapshot + fsync'ed journal.
 
     .venv/bin/python bench/index_store_bench.py --sizes 10000,50000
 

@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""Storage scale benchmark (issue 12): per-operation cost against collection size, ours against stock Radicale.
+"""Storage scale benchmark: per-operation cost against collection size, ours against stock Radicale.
 
     .venv/bin/python bench/scale_bench.py --sizes 500,2000,8000            # the documented run
     .venv/bin/python bench/scale_bench.py --sizes 500,2000,8000,20000 --calendar 50000

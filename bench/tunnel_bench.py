@@ -5,6 +5,7 @@ ServerAliveInterval=30`` + ``ssh -R``, interleaved in one run on loopback. Print
     .venv/bin/python bench/tunnel_bench.py                  # the documented run (~6-8 min on 2 cores)
     .venv/bin/python bench/tunnel_bench.py --reps 3         # more repetitions (each adds ~5 min)
     .venv/bin/python bench/tunnel_bench.py --quick          # 50 cards, bound 40 s, 64 MiB: a smoke run
+    .venv/bin/python bench/tunnel_bench.py --scenarios netns --reps 3   # (7) only: faults on a real path
 
 Both sides run behind their own real sshd relay with ClientAliveInterval 15 (x3) and a chaos TCP proxy
 between the laptop side and the relay:
@@ -31,6 +32,12 @@ Scenarios, per repetition, alternating which side goes first:
                  master and workers + autossh + ssh);
   (5) throughput raw bytes through each tunnel to a plain TCP sink, both directions, with CPU seconds per GiB
                  of the laptop-side tunnel process (ours: the Tunnel in a child process; seed: ssh -R).
+  (7) netns      ours only, opt-in (root, network namespaces, ~4 min per repetition): the laptop in its own
+                 network namespace behind a veth, a real sshd relay, product defaults, a phone PROPFIND every
+                 0.5 s: seconds from the end of each fault (address change, 20 s outage, 60 s SIGSTOP, relay
+                 sshd restart, frozen until the relay drops the session) to the next 207, and the reason
+                 status gives (bench/netns_faults.py; --faults to choose). Run it from the checkout whose
+                 code you want measured: `python -m` puts the working directory first on serve's path.
 A recovery that does not happen within --bound is reported as "never (> bound)"; the seed side is then
 repaired (stale relay session killed, ssh restarted) before the next scenario.
 """
@@ -463,6 +470,8 @@ def main() -> int:
     ap.add_argument("--quick", action="store_true", help="50 cards, bound 40 s, 64 MiB")
     ap.add_argument("--direct", action="store_true",
                     help="also run the sync workload straight to each laptop side, to show what the tunnel adds")
+    ap.add_argument("--faults", default="address,outage,sigstop,restart,frozen",
+                    help="faults of the netns scenario (7)")
     ap.add_argument("--json-out", help="write the figures as JSON here")
     ap.add_argument("--child-tunnel", help=argparse.SUPPRESS)
     ap.add_argument("--target-port", type=int, help=argparse.SUPPRESS)
@@ -472,6 +481,19 @@ def main() -> int:
         return 0
     if args.quick:
         args.cards, args.bound, args.bytes = 50, 40, 64 << 20
+    if args.scenarios == "netns":
+        from netns_faults import report
+        from netns_faults import run as run_netns
+
+        t0 = time.monotonic()
+        netns_res = run_netns(args.faults.split(","), args.reps, args.bound)
+        print("\n".join([f"\n=== tunnel bench: netns faults, {args.reps} rep(s), bound {args.bound:g} s ==="]
+                        + report(netns_res, args.bound) + [f"(total {time.monotonic() - t0:.0f} s)"]))
+        if args.json_out:
+            Path(args.json_out).parent.mkdir(parents=True, exist_ok=True)
+            Path(args.json_out).write_text(json.dumps({"args": vars(args), "results": {"netns": netns_res}},
+                                                      indent=1, default=str) + "\n")
+        return 0
     for tool in ("nginx", "autossh", "ssh", "/usr/sbin/sshd"):
         if shutil.which(tool) is None:
             print(f"{tool} is not installed (apt-get install nginx autossh openssh-server)", file=sys.stderr)

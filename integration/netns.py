@@ -90,6 +90,10 @@ class LaptopNetns:
         _ip("-n", self.name, "addr", "add", f"{new}/{PREFIX_LEN}", "dev", self.laptop_if)
         self.address = new
 
+    def ip(self, *args: str) -> None:
+        """``ip ARGS`` inside the laptop's namespace (e.g. ``link set iclaptop0 down``)."""
+        _ip("-n", self.name, *args)
+
     def call(self, fn: Callable[..., T], *args: object) -> T:
         """``fn(*args)`` with this thread inside the laptop's namespace (sockets it opens live there); the
         thread returns to its own namespace afterwards, also when ``fn`` raises."""
@@ -119,13 +123,14 @@ def _links_here() -> list[str]:
 
 
 @contextlib.contextmanager
-def laptop_netns(relay_address: str, laptop_address: str) -> Iterator[LaptopNetns]:
-    """A fresh laptop namespace (unique name) wired to the calling thread's namespace; deleted on exit."""
+def laptop_netns(relay_address: str, laptop_address: str, name_prefix: str = "ic-laptop") -> Iterator[LaptopNetns]:
+    """A fresh laptop namespace (``name_prefix``-pid-random) wired to the calling thread's namespace; deleted on
+    exit."""
     others = [name for name in _links_here() if name != "lo"]
     if others:  # the host's namespace, or another test's: the veth end and its route would land there
         raise RuntimeError(f"laptop_netns needs a fresh namespace on the calling side (found {others}): run it "
                            "inside relay_sandbox.private_netns()")
-    ns = LaptopNetns(name=f"ic-laptop-{os.getpid()}-{secrets.token_hex(3)}", relay_address=relay_address,
+    ns = LaptopNetns(name=f"{name_prefix}-{os.getpid()}-{secrets.token_hex(3)}", relay_address=relay_address,
                      address=laptop_address)
     try:
         ns.create()

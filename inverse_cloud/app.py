@@ -6,7 +6,8 @@ Start order (the supervisor stops in reverse):
 1. the DAV server: both listeners, the Radicale bridge, the TLS manager (a self-signed stand-in until a
    certificate exists), with the phone page as its home page and the sync tracker as a response hook;
 2. the tunnel to the relay, when ``[relay]`` names a host: it starts after the listeners it forwards to
-   and stops before them, so no new connection arrives while the server drains;
+   and stops before them, so no new connection arrives while the server drains; it owns its link watcher
+   (netlink and resume checks), which it starts and stops with itself;
 3. the certificate manager, when ``[acme]`` is enabled: it needs the HTTP listener (challenges) and,
    through the tunnel, the public path;
 4. the phone page's own thread pool, the control socket (``status``, ``probe``), systemd notifications.
@@ -49,8 +50,9 @@ def build_supervisor(cfg: Config) -> Supervisor:
 
     if cfg.relay.enabled and cfg.relay.host:
         from inverse_cloud.tunnel.link import Tunnel
+        from inverse_cloud.tunnel.watcher import LinkWatcher
 
-        sup.add(Tunnel(cfg, server))
+        sup.add(Tunnel(cfg, server, watcher=LinkWatcher()))
     manager = None
     if cfg.acme.enabled:
         from inverse_cloud.certs.manager import CertManager

@@ -237,6 +237,15 @@ def test_format_text_renders_tunnel_and_manager_fields():
     assert "last ACME error: none" in text
 
 
+def test_format_text_shows_the_last_reconnect_reason():
+    doc = _doc(version="0.1.0", domain="laptop.test", pid=1, started_at="x", health="healthy", problems=[],
+               notes=[], dav={}, clients=[], plaintext="plaintext only here")
+    doc["tunnel"].update(reconnects=["2026-11-25T10:00:00+00:00"],
+                         last_reconnect={"at": "2026-11-25T10:00:00+00:00", "reason": "address change"})
+    assert "1 reconnect(s) in the last day; last reconnect: address change at 2026-11-25T10:00:00+00:00" \
+        in format_text(doc)
+
+
 def test_status_with_broken_config_exits_2(tmp_path):
     bad = tmp_path / "c.toml"
     bad.write_text("[server]\ndomain = 3\n")

@@ -69,6 +69,15 @@ def test_readme_says_offline_refuses_and_no_aaaa():
     assert "NO AAAA record" in text
 
 
+def test_readme_gives_the_real_clientalive_drop_time():
+    """sshd ends a silent client when its count of silent intervals goes above ClientAliveCountMax: with
+    15 s x 3 that is ~60 s, not 45 s (the old figure, interval x count): in README.txt and the drop-in."""
+    assert "dropped after 60 s at the earliest (ClientAlive" in relay.readme(spec())
+    five_by_four = spec(client_alive_interval_s=5, client_alive_count_max=4)
+    assert "dropped after 25 s at the earliest" in relay.readme(five_by_four)
+    assert "dropped (and its ports freed) after 60 s at the earliest" in relay.sshd_dropin(spec())
+
+
 def test_nginx_variant_routes_by_sni_without_terminating_tls():
     stream = relay.nginx_stream(spec())
     assert "ssl_preread on;" in stream and "laptop.test 127.0.0.1:44353;" in stream

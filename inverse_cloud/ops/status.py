@@ -340,6 +340,9 @@ def format_text(doc: dict[str, Any]) -> str:
             extra.append(f"{len(reconnects)} reconnect(s) in the last day")
         elif reconnects is not None:
             extra.append(f"{reconnects} reconnect(s)")
+        last = tunnel.get("last_reconnect")
+        if isinstance(last, dict) and last.get("reason"):
+            extra.append(f"last reconnect: {last['reason']} at {last.get('at')}")
         forwards = tunnel.get("forwards")
         if isinstance(forwards, list) and forwards and all(isinstance(f, dict) for f in forwards):
             extra.append("forwards " + ", ".join(

@@ -33,7 +33,7 @@ from typing import Any
 import asyncssh
 
 from inverse_cloud.config import Config
-from inverse_cloud.errors import ConfigError, ForwardRefused, HostKeyMismatch, TunnelError
+from inverse_cloud.errors import ConfigError, ForwardRefused, TunnelError
 from inverse_cloud.fsutil import check_private
 from inverse_cloud.tunnel.channels import (
     ChannelEnd,
@@ -42,6 +42,7 @@ from inverse_cloud.tunnel.channels import (
     QuickAckConnector,
     quickack_supported,
 )
+from inverse_cloud.tunnel.dial import RelayClient, dial
 from inverse_cloud.tunnel.policy import (
     BACKOFF_S,
     FORWARD_REFUSED_RETRY_S,
@@ -49,8 +50,10 @@ from inverse_cloud.tunnel.policy import (
     Failure,
     classify,
     describe_lost,
+    lost_reason,
     retry_delay,
 )
+from inverse_cloud.tunnel.watcher import LinkWatcher
 
 __all__ = [
     "BACKOFF_S",
@@ -77,9 +80,6 @@ CHANNEL_MAX_PACKET = 256 * 1024
 CLOSE_TIMEOUT_S = 2.0
 # A link that stayed up this long is re-established at once when it drops (a flapping relay gets backoff).
 STABLE_S = 5.0
-# Host key algorithms we accept a relay to show (after the pinned key's own); no SHA-1 ssh-rsa.
-HOST_KEY_ALGS = ("ssh-ed25519", "ecdsa-sha2-nistp256", "ecdsa-sha2-nistp384", "ecdsa-sha2-nistp521",
-                 "rsa-sha2-512", "rsa-sha2-256")
 # A forwarded connection's peer mapping outlives the connection a little, so that a request still being
 # logged when the tunnel side closes is attributed to the relay-seen client.
 PEER_LINGER_S = 5.0
@@ -93,22 +93,6 @@ class _Forward:
     relay_port: int
     bound: bool = False
     listener: asyncssh.SSHListener | None = None
-
-
-class _Client(asyncssh.SSHClient):
-    """Records the host key the relay offered (for the mismatch line) and why the link went down."""
-
-    def __init__(self) -> None:
-        self.offered_fp: str | None = None
-        self.lost: Exception | None = None
-
-    def validate_host_public_key(self, host: str, addr: str, port: int, key: asyncssh.SSHKey) -> bool:
-        # Only called for a key that is NOT the pinned one: remember it and refuse.
-        self.offered_fp = f"{key.get_fingerprint('sha256')} ({key.get_algorithm()})"
-        return False
-
-    def connection_lost(self, exc: Exception | None) -> None:
-        self.lost = exc
 
 
 def _iso(t: float | None) -> str | None:
@@ -127,12 +111,13 @@ class Tunnel:
     name = "tunnel"
 
     def __init__(self, cfg: Config, target: ForwardTarget, *, quickack: bool = True,
-                 wall_clock: Callable[[], float] = time.time) -> None:
+                 wall_clock: Callable[[], float] = time.time, watcher: LinkWatcher | None = None) -> None:
         self.cfg = cfg
         self.relay = cfg.relay
         self.target = target
         self.quickack = quickack and quickack_supported()
         self._clock = wall_clock
+        self._watcher = watcher
         self.tag = f"[relay={self.relay.host}:{self.relay.port}]"
         self.forwards = [_Forward("https", self.relay.https_port), _Forward("http", self.relay.http_port)]
         self.state = "down"
@@ -145,6 +130,9 @@ class Tunnel:
         self._closing = False
         self._wake: asyncio.Event | None = None
         self._requested = False
+        self._wake_reason: tuple[str, str] | None = None     # (status reason, log detail) of a requested drop
+        self._down_reason: str | None = None
+        self.last_reconnect: tuple[float, str] | None = None
         self._up_mono = 0.0
         self._conn: asyncssh.SSHClientConnection | None = None
         self._connector: QuickAckConnector | None = None
@@ -173,24 +161,39 @@ class Tunnel:
         self.state = "connecting"
         self._wake = asyncio.Event()
         self._task = asyncio.create_task(self._run(), name="tunnel")
+        if self._watcher is not None:
+            await self._watcher.start(self)
 
     def reload(self) -> None:
         """SIGHUP (certificates and users re-read, `cert renew`): a healthy link is left alone -- dropping it
         would cut phones off and break the public path an ACME validation may be about to use; a link
         waiting out a backoff tries again now."""
-        if self._wake is not None and self.state != "up":
-            log.info("%s retrying now (SIGHUP)", self.tag)
+        self.retry_now("SIGHUP")
+
+    def retry_now(self, why: str) -> None:
+        """A link waiting out a backoff tries again now (``why`` goes in the log line); a healthy link is left
+        alone."""
+        if self._wake is not None and self.state != "up" and not self._wake.is_set():
+            log.info("%s retrying now (%s)", self.tag, why)
             self._wake.set()
 
     def reconnect(self) -> None:
         """SIGUSR1: re-establish the link now (for a network-change hook): drop a link that may be dead
         without waiting for keepalives, or skip the rest of a backoff wait."""
+        self.reconnect_for("requested (SIGUSR1)", "SIGUSR1")
+
+    def reconnect_for(self, reason: str, detail: str) -> None:
+        """Drop the link now and reconnect without backoff (the link watcher's probe got no answer, or
+        SIGUSR1); ``reason`` is what status shows as the last reconnect's reason."""
         if self._wake is not None:
-            log.info("%s reconnecting now (SIGUSR1)", self.tag)
+            log.info("%s reconnecting now (%s)", self.tag, detail)
+            self._wake_reason = (reason, detail)
             self._wake.set()
 
     async def aclose(self) -> None:
         self._closing = True
+        if self._watcher is not None:
+            await self._watcher.aclose()
         task, self._task = self._task, None
         # Cancel until done: asyncio.wait_for on 3.11 can swallow a cancellation that races with
         # completion (cpython#86296), so one cancel() is not always enough.
@@ -246,6 +249,9 @@ class Tunnel:
             "forwards": [{"name": f.name, "relay_port": f.relay_port, "relay_host": self.relay.listen_host,
                           "local_port": local[f.name], "bound": f.bound} for f in self.forwards],
             "takeovers": self.takeovers,
+            "last_reconnect": None if self.last_reconnect is None else
+            {"at": _iso(self.last_reconnect[0]), "reason": self.last_reconnect[1]},
+            "network_watch": None if self._watcher is None else self._watcher.status(),
         }
 
     def _set_state(self, state: str, error: str | None, level: int) -> None:
@@ -284,6 +290,7 @@ class Tunnel:
             elif failure.kind in ("fatal", "refused"):
                 self._set_state("failed", failure.message, logging.ERROR)
             elif self.state == "up":
+                self._down_reason = lost_reason(failure.message)
                 self._set_state("down", f"relay link lost ({failure.message}); reconnecting", logging.WARNING)
                 if time.monotonic() - self._up_mono >= STABLE_S:
                     delay, attempt = 0.0, 0       # a link that had been working: first retry at once
@@ -318,39 +325,12 @@ class Tunnel:
         return await asyncio.to_thread(read)
 
     async def _connect(self, key: asyncssh.SSHKey, *, keepalive: bool) -> tuple[asyncssh.SSHClientConnection,
-                                                                                 _Client]:
+                                                                                 RelayClient]:
         assert self.host_key is not None
-        client = _Client()
         self._connector = QuickAckConnector() if self.quickack and keepalive else None
-        options: dict[str, Any] = {}
-        if self._connector is not None:
-            options["tunnel"] = self._connector
-        # The pinned key's algorithms first, so a relay that has that key always shows it; the others only
-        # so that a relay WITHOUT it still shows some key, whose fingerprint the mismatch line can name
-        # (it is refused all the same: the pinned key is the only trusted one).
-        pinned = [a.decode() for a in self.host_key.sig_algorithms]
-        options["server_host_key_algs"] = pinned + [a for a in HOST_KEY_ALGS if a not in pinned]
-        if keepalive:
-            options["keepalive_interval"] = self.relay.keepalive_interval_s
-            options["keepalive_count_max"] = self.relay.keepalive_count_max
         self.attempts += 1
-        try:
-            conn = await asyncssh.connect(
-                self.relay.host, self.relay.port, username=self.relay.user,
-                client_factory=lambda: client,
-                known_hosts=([self.host_key], [], []),   # the pinned key only; never None
-                client_keys=[key], agent_path=None, agent_forwarding=False, config=None,
-                x509_trusted_certs=None, x509_trusted_cert_paths=None,
-                password_auth=False, kbdint_auth=False, host_based_auth=False, gss_auth=False, gss_kex=False,
-                connect_timeout=self.relay.connect_timeout_s, login_timeout=self.relay.connect_timeout_s,
-                **options)
-        except (asyncssh.HostKeyNotVerifiable, asyncssh.KeyExchangeFailed) as exc:
-            failure = classify(exc, relay=f"{self.relay.host}:{self.relay.port}", expected_fp=self.expected_fp,
-                               offered_fp=client.offered_fp, key_file=self.relay.key_file, user=self.relay.user)
-            if failure.kind == "fatal":
-                raise HostKeyMismatch(failure.message) from exc
-            raise
-        return conn, client
+        return await dial(self.relay, self.host_key, self.expected_fp, key, keepalive=keepalive,
+                          connector=self._connector)
 
     async def _session(self, takeover_tried: bool) -> None:
         """One connection: connect, bind both forwards, serve until the link drops.
@@ -384,6 +364,7 @@ class Tunnel:
         now = self._clock()
         if self._ever_up:
             self.reconnects.append(now)
+            self.last_reconnect = (now, self._down_reason or "unknown")
         self._ever_up = True
         self.connections += 1
         self.connected_since = now
@@ -395,6 +376,9 @@ class Tunnel:
             + f" (relay host key {self.expected_fp})", logging.INFO)
         assert self._wake is not None
         self._wake.clear()
+        self._wake_reason = None
+        if self._watcher is not None:
+            self._watcher.link_up(conn)
         closed = asyncio.ensure_future(conn.wait_closed())
         woken = asyncio.ensure_future(self._wake.wait())
         try:
@@ -403,10 +387,13 @@ class Tunnel:
             # on cancellation (aclose) self._conn stays set: aclose closes it
             for fut in (closed, woken):
                 fut.cancel()
+            if self._watcher is not None:
+                self._watcher.link_down()
         if woken.done() and not woken.cancelled() and not closed.done():
             self._wake.clear()
             await self._close_conn(graceful=False)     # the link may be dead: do not wait for answers
             self._requested = True
+            self._down_reason = (self._wake_reason or ("requested", ""))[0]
             client.lost = TunnelError("reconnect requested")
         self.connected_since = None
         for fwd in self.forwards:

@@ -13,7 +13,7 @@ import asyncssh
 from inverse_cloud.errors import AuthRejected, ConfigError, ForwardRefused, HostKeyMismatch, TunnelError
 
 __all__ = ["BACKOFF_S", "FORWARD_REFUSED_RETRY_S", "SLOW_RETRY_S", "Failure", "classify", "describe_lost",
-           "retry_delay"]
+           "lost_reason", "retry_delay"]
 
 # Reconnect schedule after consecutive transient failures (seconds, before jitter). The first retry comes
 # within a second (a dropped link should cost a phone seconds, not minutes); the cap keeps a long outage
@@ -95,3 +95,16 @@ def describe_lost(exc: Exception) -> str:
     if "reset" in low:
         return "connection reset"
     return text
+
+
+def lost_reason(message: str) -> str:
+    """The reason for a reconnect that status shows, from the message a dropped link was logged with
+    (pure): ``keepalive timeout``, ``relay closed``, ``connection reset``, or the message itself."""
+    low = message.lower()
+    if "keepalive" in low:
+        return "keepalive timeout"
+    if "reset" in low:
+        return "connection reset"
+    if "closed" in low or "connection lost" in low or "disconnect" in low or "broken pipe" in low:
+        return "relay closed"
+    return message

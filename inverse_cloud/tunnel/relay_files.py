@@ -13,7 +13,8 @@ What the relay gets, and why:
     this key when its listen is refused, then reconnects ;
 * an sshd ``Match User`` drop-in: ``AllowTcpForwarding remote`` (``restrict,port-forwarding`` alone
   re-enables *local* forwards, OpenSSH regress/forward-control.sh), ``PermitListen``, ``PermitOpen none``,
-  no TTY/X11/agent, ClientAlive 15 s x 3. No ``ForceCommand``: it would override the takeover command;
+  no TTY/X11/agent, ClientAlive 15 s x 3 (sshd drops a silent client at the fourth silent interval: ~60 s).
+  No ``ForceCommand``: it would override the takeover command;
 * public 80/443 mapped onto the forwarded ports with DNAT (client address preserved), as nftables and
   iptables, or nginx on a relay whose 80/443 already serve something (SNI routing, no TLS termination);
 * an idempotent ``setup.sh`` for ``--apply`` that checks ``sshd -t`` before reloading sshd.
@@ -134,8 +135,9 @@ def sshd_dropin(spec: RelaySpec) -> str:
         "    PermitTTY no\n"
         "    PermitTunnel no\n"
         "    PermitUserRC no\n"
-        "    # A session that stops answering is dropped (and its ports freed) after about "
-        f"{spec.client_alive_interval_s * spec.client_alive_count_max} s\n"
+        "    # A session that stops answering is dropped (and its ports freed) after "
+        f"{spec.client_alive_interval_s * (spec.client_alive_count_max + 1)} s at the earliest (the silent interval "
+        "after the last probe)\n"
         f"    ClientAliveInterval {spec.client_alive_interval_s}\n"
         f"    ClientAliveCountMax {spec.client_alive_count_max}\n"
         "    # no ForceCommand here: it would override the takeover key's command\n"
@@ -242,7 +244,8 @@ def nginx_stream(spec: RelaySpec) -> str:
 
 
 def readme(spec: RelaySpec) -> str:
-    alive = spec.client_alive_interval_s * spec.client_alive_count_max
+    # sshd ends a client when its count of silent intervals goes ABOVE ClientAliveCountMax: interval x (count + 1)
+    alive = spec.client_alive_interval_s * (spec.client_alive_count_max + 1)
     return (
         f"What the relay needs for {spec.domain} (review, then run setup.sh as root on the relay,\n"
         "or let `inverse-cloud relay-setup --apply ADMIN@RELAY` do it):\n"
@@ -263,8 +266,9 @@ def readme(spec: RelaySpec) -> str:
         "IPv6: these rules cover IPv4 only. Publish an A record for the domain and NO AAAA record: a\n"
         "half-working AAAA makes phones on IPv6 fail intermittently.\n"
         "\n"
-        f"A dead laptop session is dropped after about {alive} s (ClientAlive); the laptop does not wait for\n"
-        "that: when its listen is refused it ends the stale session with the takeover key and reconnects.\n"
+        f"A dead laptop session is dropped after {alive} s at the earliest (ClientAlive; later, or never, while\n"
+        "phones keep connecting to its port); the laptop does not wait for that: when its listen is refused\n"
+        "it ends the stale session with the takeover key and reconnects.\n"
         "The relay sees the server name (SNI), timing and sizes, never contents or passwords.\n"
     )
 
