@@ -47,7 +47,7 @@ Match User ictunnel
     PermitTTY no
     PermitTunnel no
     PermitUserRC no
-    # A session that stops answering is dropped (and its ports freed) after about 45 s
+    # A session that stops answering is dropped (and its ports freed) after 60 s at the earliest (the silent interval after the last probe)
     ClientAliveInterval 15
     ClientAliveCountMax 3
     # no ForceCommand here: it would override the takeover key's command
