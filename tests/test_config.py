@@ -45,7 +45,7 @@ BAD_CONFIGS = [
     ("bad choice", '[server]\ndomain = "a.test"\nlog_level = "loud"\n', 3,
      ["[server] log_level", '"debug"', 'got "loud"']),
     ("locked radicale option", '[server]\ndomain = "a.test"\n[radicale.auth]\ntype = "none"\n', 4,
-     ["[radicale.auth] type", "cannot be overridden"]),
+     ["[radicale.auth] type", "not a Radicale option inverse-cloud passes through"]),
     ("radicale option outside a table", '[server]\ndomain = "a.test"\n[radicale]\nfoo = 1\n', 4,
      ["[radicale] foo", "expected a table"]),
 ]
@@ -122,8 +122,10 @@ def test_relay_host_enables_relay_and_acme_staging_switches_directory():
 
 
 def test_radicale_pass_through_options():
-    cfg = config.loads(GOOD + "[radicale.storage]\nmax_sync_token_age = 100\n[radicale.web]\nx = true\n")
-    assert cfg.radicale_extra == {"storage": {"max_sync_token_age": "100"}, "web": {"x": "True"}}
+    cfg = config.loads(GOOD + "[radicale.storage]\nmax_sync_token_age = 100\n[radicale.rights]\n"
+                              "permit_delete_collection = false\n")
+    assert cfg.radicale_extra == {"storage": {"max_sync_token_age": "100"},
+                                  "rights": {"permit_delete_collection": "False"}}
 
 
 def test_overrides_win_over_file():
@@ -169,3 +171,32 @@ def test_every_option_is_documented_in_template_and_example():
         assert not missing, f"{name} does not document {sorted(missing)}"
     cfg = config.load(REPO / "config.example.toml")
     assert cfg.server.domain == "contacts.example.org"
+
+
+@pytest.mark.parametrize(("section", "option", "value"), [
+    ("storage", "hook", '"id > /tmp/pwned"'),           # a shell command run after every write
+    ("storage", "type", '"os"'),                         # a Python module Radicale imports
+    ("storage", "folder_umask", '"0000"'),               # world-readable contacts
+    ("storage", "filesystem_cache_folder", '"/tmp/x"'),
+    ("sharing", "type", '"csv"'),                        # password-less token shares
+    ("web", "type", '"internal"'),                       # the web UI: [server] web_ui says that
+    ("hook", "type", '"email"'),
+    ("auth", "strip_domain", "true"),
+    ("logging", "request_content_on_debug", "true"),
+    ("server", "hosts", '"0.0.0.0:5232"'),
+    ("nosuchsection", "x", "1"),
+])
+def test_radicale_pass_through_refuses_options_outside_the_allowlist(section, option, value):
+    """[radicale.*] passes through only options known to be harmless; anything else (a command to run,
+    a module to import, sharing, the web UI, a new option a Radicale upgrade adds) is refused with one
+    line naming the option."""
+    with pytest.raises(ConfigError) as info:
+        config.loads(GOOD + f"[radicale.{section}]\n{option} = {value}\n")
+    message = str(info.value)
+    assert f"[radicale.{section}] {option}" in message and "\n" not in message, message
+    assert "line 4" in message, message
+
+
+def test_web_ui_is_off_unless_asked_for():
+    assert config.loads(GOOD).server.web_ui is False
+    assert config.loads(GOOD + "web_ui = true\n").server.web_ui is True
