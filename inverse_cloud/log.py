@@ -11,7 +11,7 @@ import logging
 import os
 import sys
 
-__all__ = ["setup"]
+__all__ = ["printable", "setup"]
 
 _PRIORITY = {
     logging.DEBUG: 7,
@@ -20,6 +20,20 @@ _PRIORITY = {
     logging.ERROR: 3,
     logging.CRITICAL: 2,
 }
+
+
+def _escape(ch: str) -> str:
+    code = ord(ch)
+    return f"\\x{code:02x}" if code < 0x100 else (f"\\u{code:04x}" if code < 0x10000 else f"\\U{code:08x}")
+
+
+def printable(text: str) -> str:
+    """``text`` with every non-printable character (C0/C1 controls, line and paragraph separators, bidi
+    overrides, ...) written as a Python-style escape, ``\\x1b``: a client-chosen string in a log line can
+    neither start a new line (a fake line for a fail2ban filter) nor drive the terminal showing it."""
+    if text.isprintable():
+        return text
+    return "".join(ch if ch.isprintable() else _escape(ch) for ch in text)
 
 
 class _OneLineFormatter(logging.Formatter):
@@ -31,6 +45,14 @@ class _OneLineFormatter(logging.Formatter):
         self._debug = debug
 
     def format(self, record: logging.LogRecord) -> str:
+        message = record.getMessage()
+        if not message.isprintable():
+            # Messages carry client strings (paths, user names, user agents, Radicale's notes): escape
+            # them at every level. Below debug a newline folds to " | " (multi-line messages of ours).
+            if not self._debug:
+                message = message.replace("\n", " | ")
+            record = logging.makeLogRecord(record.__dict__)
+            record.msg, record.args = printable(message), None
         if record.exc_info and not self._debug:
             # One line: keep the exception's message, drop the traceback.
             exc = record.exc_info[1]

@@ -789,3 +789,31 @@ async def test_radicale_web_ui_is_served_only_when_configured(tmp_path, web_ui):
         # Radicale's "none" web backend: a one-line text answer, no page, no script.
         assert status == 200 and "<" not in text, text[:200]
         assert "LoginScene" not in script
+
+
+async def test_access_log_escapes_control_characters_from_the_client(caplog):
+    """A path with percent-encoded ESC, CR and LF, and a user agent with a C1 control and a bidi override,
+    are logged with those characters escaped (``\\x1b``), never raw: no terminal escapes in
+    ``journalctl``, no fake second line for a fail2ban filter."""
+    bridge = make_bridge(RecordingApp())
+    runner = web.AppRunner(make_https_app(bridge), handle_signals=False,
+                           access_log_class=access_logger_class(PeerDirectory()))
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+    caplog.set_level("INFO", logger="aiohttp.access")
+    try:
+        async with aiohttp.ClientSession() as s:
+            fake = "%0a1.2.3.4: 9 more failed logins within 60 s"
+            async with s.get(f"http://127.0.0.1:{port}/radicale/%1b[31mred%0d%0a{fake}", headers={
+                    "Authorization": BASIC_ALICE, "User-Agent": "evil\u0085\u202eagent"}) as r:
+                assert r.status < 500
+    finally:
+        await runner.cleanup()
+        bridge.close()
+    lines = [r.getMessage() for r in caplog.records if r.name == "aiohttp.access"]
+    assert len(lines) == 1, lines
+    line = lines[0]
+    assert line.isprintable(), repr(line)
+    assert "\\x1b[31mred\\x0d\\x0a" in line and "\\x85\\u202e" in line, line

@@ -22,6 +22,7 @@ from aiohttp.abc import AbstractAccessLogger
 from inverse_cloud.dav.environ import WRITE_METHODS
 from inverse_cloud.dav.wsgi import NOTE_KEY, RadicaleBridge, WsgiResult
 from inverse_cloud.fsutil import atomic_write
+from inverse_cloud.log import printable
 
 __all__ = [
     "AccessLogger",
@@ -321,9 +322,11 @@ class AccessLogger(AbstractAccessLogger):
                     self._schedule_summary(address, window[0])
                 return
         note = request.get(NOTE_KEY)
-        self.logger.info('%s "%s %s" %s %s %.1fms "%s"%s', address, request.method, request.path,
+        # Client strings are escaped here as well as by the formatter: this logger may have other handlers.
+        self.logger.info('%s "%s %s" %s %s %.1fms "%s"%s', address, request.method, printable(request.path),
                          response.status, response.body_length, time * 1000,
-                         request.headers.get("User-Agent", "-")[:120], f" ({note})" if note else "")
+                         printable(request.headers.get("User-Agent", "-")[:120]),
+                         f" ({printable(note)})" if note else "")
 
     def _summary(self, address: str, hidden: int) -> None:
         assert self.failures is not None
