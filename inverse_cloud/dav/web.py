@@ -312,7 +312,8 @@ class AccessLogger(AbstractAccessLogger):
         peer = getattr(request.protocol, "peername", None)
         remote = self.peers.resolve(peer) if self.peers else (peer or ("-",))
         address = str(remote[0])
-        if response.status == 401 and "Authorization" in request.headers and self.failures is not None:
+        # 429: a guessing address throttled (dav/throttle.py); collapsed like the failed logins it follows.
+        if response.status in (401, 429) and "Authorization" in request.headers and self.failures is not None:
             full, unreported = self.failures.admit(address)
             if unreported:
                 self._summary(address, unreported)
