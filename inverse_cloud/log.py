@@ -10,8 +10,10 @@ from __future__ import annotations
 import logging
 import os
 import sys
+import time
+from collections.abc import Callable
 
-__all__ = ["printable", "setup"]
+__all__ = ["RepeatLimiter", "printable", "setup"]
 
 _PRIORITY = {
     logging.DEBUG: 7,
@@ -84,6 +86,36 @@ class _AiohttpParserNoise(logging.Filter):
         return True
 
 
+class RepeatLimiter(logging.Filter):
+    """At most one line per ``interval_s`` for messages that repeat under load: asyncio's
+    "socket.accept() out of system resource" comes once a second per listener for as long as descriptors
+    are short, and an exhausted process must not flood the journal too. The line that passes says how
+    many were dropped since the last one."""
+
+    PREFIXES = ("socket.accept() out of system resource",)
+
+    def __init__(self, interval_s: float = 10.0, clock: Callable[[], float] = time.monotonic) -> None:
+        super().__init__()
+        self.interval_s, self.clock = interval_s, clock
+        self._last: dict[str, float] = {}
+        self._dropped: dict[str, int] = {}
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = record.getMessage()
+        prefix = next((p for p in self.PREFIXES if message.startswith(p)), None)
+        if prefix is None:
+            return True
+        now = self.clock()
+        if now - self._last.get(prefix, -self.interval_s) < self.interval_s:
+            self._dropped[prefix] = self._dropped.get(prefix, 0) + 1
+            return False
+        self._last[prefix] = now
+        dropped = self._dropped.pop(prefix, 0)
+        if dropped:
+            record.msg, record.args = f"{message} ({dropped} more like it in the last {self.interval_s:.0f} s)", None
+        return True
+
+
 def short_reason(exc: BaseException | None) -> str:
     """aiohttp's parser errors span lines and quote the offending bytes (which may hold credentials):
     keep the words, drop the quoted bytes and the caret line."""
@@ -106,6 +138,7 @@ def setup(level: str = "info") -> None:
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(_OneLineFormatter(journald, numeric <= logging.DEBUG))
     handler.addFilter(_AiohttpParserNoise())
+    handler.addFilter(RepeatLimiter())
     root = logging.getLogger()
     for old in list(root.handlers):
         root.removeHandler(old)

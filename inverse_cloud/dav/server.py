@@ -76,6 +76,27 @@ def check_versions() -> None:
                                f"{'.'.join(map(str, minimum))}')")
 
 
+def raise_open_files_limit() -> tuple[int, int]:
+    """Raise the soft RLIMIT_NOFILE to the hard limit (capped at 2**20); returns (before, after).
+
+    Every tunnelled connection costs two descriptors (the tunnel's loopback socket and the accepted one):
+    at the usual soft limit of 1024, about 500 idle connections through the relay made accept() fail
+    with EMFILE and took the service down. The caps ([server] max_connections, the tunnel's per-address
+    cap) are what bound the use; this only makes room for them.
+    """
+    import resource
+
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    target = 1 << 20 if hard == resource.RLIM_INFINITY else min(hard, 1 << 20)
+    if soft != resource.RLIM_INFINITY and soft < target:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+        except (ValueError, OSError):
+            return soft, soft
+        return soft, target
+    return soft, soft
+
+
 def limit_malloc_arenas(arenas: int = 2) -> bool:
     """Cap glibc's malloc arenas (``mallopt(M_ARENA_MAX)``, as ``MALLOC_ARENA_MAX`` would), before the
     first worker thread exists. glibc gives each thread that allocates under contention an arena of its
@@ -121,6 +142,13 @@ class DavServer:
     async def start(self) -> None:
         s = self.cfg.server
         check_http_parser()
+        before, after = raise_open_files_limit()
+        if after < 4 * s.max_connections + 64:
+            log.warning("only %d file descriptors allowed (ulimit -n); each connection needs two: lower [server] "
+                        "max_connections to %d or raise the limit (LimitNOFILE= in the unit)", after,
+                        max(4, (after - 64) // 4))
+        elif after != before:
+            log.debug("open files limit raised from %d to %d", before, after)
         https_sock = bind_socket(*s.https_listen, "[server] https_listen")
         try:
             http_sock = bind_socket(*s.http_listen, "[server] http_listen")
