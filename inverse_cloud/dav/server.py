@@ -53,13 +53,29 @@ def check_http_parser() -> None:
     check_versions()
 
 
-# The first releases with the fixes reliability.md lists (aiohttp: idle-connection closing #13681 and the
-# 2026 smuggling CVEs; asyncssh: Terrapin CVE-2023-48795). pip pins these too; this catches a venv that
-# was altered by hand or a distribution package shadowing ours.
-MINIMUM_VERSIONS = {"aiohttp": (3, 14, 5), "asyncssh": (2, 14, 2)}
+# The floors of pyproject.toml's pins (a test keeps the two equal): the first releases with the fixes we
+# rely on (aiohttp: idle-connection closing and the 2026 smuggling CVEs; asyncssh: Terrapin
+# CVE-2023-48795 and the current line; Radicale: predefined_collections, cache_logins, validate_*
+# hardening; acme: HTTP-01 without TLS-ALPN-01). pip enforces them at install; this catches a venv
+# altered by hand or a distribution package shadowing ours.
+MINIMUM_VERSIONS = {
+    "aiohttp": (3, 14, 5), "asyncssh": (2, 24, 1), "radicale": (3, 9, 0), "acme": (5, 9, 0),
+    "bcrypt": (4, 1), "cryptography": (44,), "dnspython": (2, 6), "segno": (1, 6), "pyrage": (1, 4, 0),
+}
+
+
+def _release(text: str) -> tuple[int, ...]:
+    parts = []
+    for piece in text.split(".")[:3]:
+        digits = "".join(ch for ch in piece if ch.isdigit()) if piece[:1].isdigit() else ""
+        if not digits:
+            break
+        parts.append(int(digits))
+    return tuple(parts)
 
 
 def check_versions() -> None:
+    """:raises StartupError: an installed dependency is older than its pin's floor."""
     from importlib.metadata import PackageNotFoundError, version
 
     from inverse_cloud.errors import StartupError
@@ -69,11 +85,10 @@ def check_versions() -> None:
             text = version(name)
         except PackageNotFoundError:
             continue
-        parts = tuple(int(p) for p in text.split(".")[:3] if p.isdigit())
-        if parts < minimum:
-            raise StartupError(f"{name} {text} is older than {'.'.join(map(str, minimum))}, which has security "
-                               f"fixes inverse-cloud relies on; upgrade it (pip install -U '{name}>="
-                               f"{'.'.join(map(str, minimum))}')")
+        if _release(text) < minimum:
+            floor = ".".join(map(str, minimum))
+            raise StartupError(f"{name} {text} is older than {floor}, which has fixes inverse-cloud relies on; "
+                               f"upgrade it (pip install -U '{name}>={floor}', or reinstall from requirements.lock)")
 
 
 def raise_open_files_limit() -> tuple[int, int]:
