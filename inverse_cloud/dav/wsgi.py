@@ -7,7 +7,8 @@ itself live in :mod:`inverse_cloud.dav.environ`):
   as the limit is passed, without reading the rest) and a minimum-rate deadline (408 for a trickle),
   spooled to a temporary file past 256 KiB: a worker thread never waits on a slow client;
 * Radicale runs in a dedicated, bounded thread pool; requests whose credentials are not known good
-  may use only part of it, so a password-guessing flood cannot starve a syncing phone;
+  may use only part of it, and each address only part of that, with a growing backoff after failed
+  logins (:mod:`inverse_cloud.dav.throttle`), so a password-guessing flood cannot starve a phone;
 * the failed-login delay is an ``asyncio.sleep`` here, not Radicale's ``time.sleep`` in a thread;
 * spoofable headers (``X-Remote-User``, ``X-Script-Name``, ``X-Forwarded-*``, ...) never reach Radicale;
   ``REMOTE_ADDR`` is the real client (the relay's view, for tunnelled connections);
