@@ -303,7 +303,9 @@ def _journey(tmp_path: Path, python: str, mark) -> None:
                     before = items_in(storage)
                     still_writing = writer.poll() is None
                     backup = tmp_path / "backup.tar.gz"
-                    out = cli("export", str(backup), "--config", str(cfg))
+                    passphrase = tmp_path / "backup-passphrase"
+                    passphrase.write_text("correct horse battery staple\n")
+                    out = cli("export", str(backup), "--config", str(cfg), "--passphrase-file", str(passphrase))
                     assert out.returncode == 0, out.stderr
                 finally:
                     wait_until(lambda: writer.poll() is not None, 180, "vdirsyncer to finish")
@@ -333,7 +335,8 @@ def _journey(tmp_path: Path, python: str, mark) -> None:
     # 7. Import on a fresh data folder: Radicale's --verify-storage accepts it; everything committed before
     #    the export began is there, byte for byte.
     new = tmp_path / "new-laptop"
-    out = cli("import", str(backup), "--config", str(new / "config.toml"), "--data-dir", str(new / "data"))
+    out = cli("import", str(backup), "--config", str(new / "config.toml"), "--data-dir", str(new / "data"),
+              "--passphrase-file", str(passphrase), "--accept-changes")
     assert out.returncode == 0, out.stderr
     new_storage = config_mod.load(new / "config.toml").server.storage_dir
     verify = subprocess.run([python, "-m", "radicale", "--config", "",
@@ -348,7 +351,7 @@ def _journey(tmp_path: Path, python: str, mark) -> None:
     # 8. Import onto the old (non-empty) store is refused and changes nothing.
     old_data = config_mod.load(cfg).server.data_dir
     snapshot = tree_hash(old_data)
-    out = cli("import", str(backup), "--config", str(cfg))
+    out = cli("import", str(backup), "--config", str(cfg), "--passphrase-file", str(passphrase))
     assert out.returncode == 1 and "refusing to import" in out.stderr, out.stderr
     assert tree_hash(old_data) == snapshot
     mark("import onto non-empty refused")

@@ -112,6 +112,9 @@ class ServerConfig:
     shutdown_timeout_s: float
     log_level: str
     control_socket: Path
+    # Radicale's web interface at /radicale/.web/ (it can delete collections once logged in). Off: phones
+    # and desktop clients never use it, and it shares the phone page's origin.
+    web_ui: bool = False
 
     @property
     def storage_dir(self) -> Path:
@@ -197,6 +200,7 @@ SCHEMA: dict[str, dict[str, tuple[Checker, Any]]] = {
         "shutdown_timeout_s": (_float_range(0, 600), 15.0),
         "log_level": (_choice("debug", "info", "warning", "error"), "info"),
         "control_socket": (_path, None),
+        "web_ui": (_bool, False),
     },
     "relay": {
         "enabled": (_bool, None),
@@ -229,11 +233,22 @@ SCHEMA: dict[str, dict[str, tuple[Checker, Any]]] = {
     },
 }
 
-# Radicale options a user may not override through [radicale.*]: they are what keeps the server safe.
-_RADICALE_LOCKED = {
-    ("auth", "type"), ("auth", "htpasswd_filename"), ("rights", "type"),
-    ("server", "hosts"), ("server", "ssl"), ("server", "script_name"),
-    ("storage", "filesystem_folder"),
+# The Radicale options [radicale.*] may pass through: each is a limit, a cache setting or a client
+# compatibility switch that cannot run code, widen access, move data or log content. Everything else
+# (storage.type and storage.hook run code; sharing.* makes password-less shares; web.type is [server]
+# web_ui; auth.*/rights.type decide who sees what; logging.* can write contacts to the log) is refused,
+# and so is any option a future Radicale adds until it is reviewed here.
+RADICALE_PASS_THROUGH: dict[str, frozenset[str]] = {
+    "server": frozenset({"max_vevent_rrule_occurrence"}),
+    "encoding": frozenset({"request", "stock"}),
+    "auth": frozenset({"realm", "cache_successful_logins_expiry", "cache_failed_logins_expiry"}),
+    "rights": frozenset({"permit_delete_collection", "permit_overwrite_collection"}),
+    "storage": frozenset({"max_sync_token_age", "skip_broken_item", "strict_preconditions",
+                          "use_mtime_and_size_for_item_cache", "use_cache_subfolder_for_item",
+                          "use_cache_subfolder_for_history", "use_cache_subfolder_for_synctoken",
+                          "predefined_collections"}),
+    "reporting": frozenset({"max_expand_occurrence", "max_freebusy_occurrence", "freebusy_view_past_days",
+                            "freebusy_view_future_days"}),
 }
 
 
@@ -374,9 +389,12 @@ def _radicale_extra(raw: Any, errors: _Errors) -> dict[str, dict[str, str]]:
             raise errors.fail("radicale", section,
                               "expected a table such as [radicale.storage] holding Radicale options")
         for option, value in options.items():
-            if (section, option) in _RADICALE_LOCKED:
+            allowed = RADICALE_PASS_THROUGH.get(section, frozenset())
+            if option not in allowed:
+                listed = ", ".join(sorted(allowed)) if allowed else "none"
                 raise errors.fail(f"radicale.{section}", option,
-                                  "is set by inverse-cloud itself and cannot be overridden")
+                                  "is not a Radicale option inverse-cloud passes through (it could run code, "
+                                  f"widen access or is set by inverse-cloud itself); allowed here: {listed}")
             if isinstance(value, bool):
                 value = "True" if value else "False"
             out.setdefault(section, {})[option] = str(value)
@@ -397,6 +415,7 @@ def _build(path: Path | None, v: dict[str, dict[str, Any]], radicale_extra: dict
         handshake_timeout_s=s["handshake_timeout_s"], max_connections=s["max_connections"],
         radicale_threads=s["radicale_threads"], auth_delay_s=s["auth_delay_s"],
         shutdown_timeout_s=s["shutdown_timeout_s"], log_level=s["log_level"], control_socket=control,
+        web_ui=s["web_ui"],
     )
     r = v["relay"]
     ssh_dir = data_dir / "ssh"

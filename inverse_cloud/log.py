@@ -10,8 +10,10 @@ from __future__ import annotations
 import logging
 import os
 import sys
+import time
+from collections.abc import Callable
 
-__all__ = ["setup"]
+__all__ = ["RepeatLimiter", "printable", "setup"]
 
 _PRIORITY = {
     logging.DEBUG: 7,
@@ -20,6 +22,20 @@ _PRIORITY = {
     logging.ERROR: 3,
     logging.CRITICAL: 2,
 }
+
+
+def _escape(ch: str) -> str:
+    code = ord(ch)
+    return f"\\x{code:02x}" if code < 0x100 else (f"\\u{code:04x}" if code < 0x10000 else f"\\U{code:08x}")
+
+
+def printable(text: str) -> str:
+    """``text`` with every non-printable character (C0/C1 controls, line and paragraph separators, bidi
+    overrides, ...) written as a Python-style escape, ``\\x1b``: a client-chosen string in a log line can
+    neither start a new line (a fake line for a fail2ban filter) nor drive the terminal showing it."""
+    if text.isprintable():
+        return text
+    return "".join(ch if ch.isprintable() else _escape(ch) for ch in text)
 
 
 class _OneLineFormatter(logging.Formatter):
@@ -31,6 +47,14 @@ class _OneLineFormatter(logging.Formatter):
         self._debug = debug
 
     def format(self, record: logging.LogRecord) -> str:
+        message = record.getMessage()
+        if not message.isprintable():
+            # Messages carry client strings (paths, user names, user agents, Radicale's notes): escape
+            # them at every level. Below debug a newline folds to " | " (multi-line messages of ours).
+            if not self._debug:
+                message = message.replace("\n", " | ")
+            record = logging.makeLogRecord(record.__dict__)
+            record.msg, record.args = printable(message), None
         if record.exc_info and not self._debug:
             # One line: keep the exception's message, drop the traceback.
             exc = record.exc_info[1]
@@ -62,6 +86,36 @@ class _AiohttpParserNoise(logging.Filter):
         return True
 
 
+class RepeatLimiter(logging.Filter):
+    """At most one line per ``interval_s`` for messages that repeat under load: asyncio's
+    "socket.accept() out of system resource" comes once a second per listener for as long as descriptors
+    are short, and an exhausted process must not flood the journal too. The line that passes says how
+    many were dropped since the last one."""
+
+    PREFIXES = ("socket.accept() out of system resource",)
+
+    def __init__(self, interval_s: float = 10.0, clock: Callable[[], float] = time.monotonic) -> None:
+        super().__init__()
+        self.interval_s, self.clock = interval_s, clock
+        self._last: dict[str, float] = {}
+        self._dropped: dict[str, int] = {}
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = record.getMessage()
+        prefix = next((p for p in self.PREFIXES if message.startswith(p)), None)
+        if prefix is None:
+            return True
+        now = self.clock()
+        if now - self._last.get(prefix, -self.interval_s) < self.interval_s:
+            self._dropped[prefix] = self._dropped.get(prefix, 0) + 1
+            return False
+        self._last[prefix] = now
+        dropped = self._dropped.pop(prefix, 0)
+        if dropped:
+            record.msg, record.args = f"{message} ({dropped} more like it in the last {self.interval_s:.0f} s)", None
+        return True
+
+
 def short_reason(exc: BaseException | None) -> str:
     """aiohttp's parser errors span lines and quote the offending bytes (which may hold credentials):
     keep the words, drop the quoted bytes and the caret line."""
@@ -84,6 +138,7 @@ def setup(level: str = "info") -> None:
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(_OneLineFormatter(journald, numeric <= logging.DEBUG))
     handler.addFilter(_AiohttpParserNoise())
+    handler.addFilter(RepeatLimiter())
     root = logging.getLogger()
     for old in list(root.handlers):
         root.removeHandler(old)

@@ -11,7 +11,7 @@ from pathlib import Path
 
 from inverse_cloud.errors import ConfigError, UserError
 
-__all__ = ["ask", "ask_until", "read_password", "read_password_file"]
+__all__ = ["ask", "ask_until", "read_passphrase", "read_password", "read_password_file"]
 
 # A check returns why an answer will not do (one line), or None when it will.
 Problem = Callable[[str], str | None]
@@ -86,3 +86,30 @@ def read_password(args: argparse.Namespace, interactive: bool, user: str, proble
             print("  the two passwords differ; try again")
             continue
         return first
+
+
+def read_passphrase(passphrase_file: str | None, confirm: bool) -> str:
+    """A backup passphrase from ``passphrase_file`` (its first line), else asked on the terminal (twice
+    when ``confirm``).
+
+    :raises ConfigError: no file and no terminal, an unreadable file, or an empty passphrase.
+    :raises UserError: the two answers differ.
+    """
+    if passphrase_file:
+        try:
+            text = Path(passphrase_file).expanduser().read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError) as exc:
+            raise ConfigError(f"--passphrase-file {passphrase_file}: {getattr(exc, 'strerror', None) or exc}"
+                              ) from None
+        passphrase = text.splitlines()[0] if text else ""
+        if not passphrase:
+            raise ConfigError(f"--passphrase-file {passphrase_file}: the file is empty")
+        return passphrase
+    if not sys.stdin.isatty():
+        raise ConfigError("no passphrase: give --passphrase-file FILE (or run on a terminal to be asked)")
+    first = getpass.getpass("Backup passphrase: ")
+    if not first:
+        raise ConfigError("empty passphrase refused")
+    if confirm and first != getpass.getpass("Again: "):
+        raise UserError("passphrases differ; nothing was written")
+    return first

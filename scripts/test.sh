@@ -14,7 +14,10 @@ if [ ${#missing[@]} -gt 0 ]; then
 fi
 VENV="${VENV:-.venv}"
 [ -x "$VENV/bin/python" ] || python3 -m venv "$VENV"
-"$VENV/bin/pip" install -q --disable-pip-version-check -e ".[test]"
+# The tested set, every file checked against its hash (requirements.lock, made by pip-compile); then the
+# package itself without resolving anything again.
+"$VENV/bin/pip" install -q --disable-pip-version-check --require-hashes -r requirements.lock
+"$VENV/bin/pip" install -q --disable-pip-version-check --no-deps --no-build-isolation -e .
 "$VENV/bin/ruff" check .
 "$VENV/bin/mypy"
 "$VENV/bin/python" -m pytest -p no:cacheprovider "$@"

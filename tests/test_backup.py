@@ -84,7 +84,7 @@ def test_export_then_import_on_a_new_laptop(instance, tmp_path):
     (cfg.acme.account_dir / "account-key.pem").write_bytes(b"not really a key")
     os.chmod(cfg.acme.account_dir / "account-key.pem", 0o600)
     dest = tmp_path / "backups" / "ic.tar.gz"
-    result = export_backup(cfg, dest)
+    result = export_backup(cfg, dest, None)
     assert result.items == 8
     assert stat.S_IMODE(dest.stat().st_mode) == 0o600
     with tarfile.open(dest) as tar:
@@ -97,7 +97,7 @@ def test_export_then_import_on_a_new_laptop(instance, tmp_path):
     new_root = tmp_path / "new-laptop"
     new_cfg_path = new_root / "config.toml"
     out = subprocess.run([sys.executable, "-m", "inverse_cloud.cli", "import", str(dest), "--config",
-                          str(new_cfg_path), "--data-dir", str(new_root / "data")],
+                          str(new_cfg_path), "--data-dir", str(new_root / "data"), "--accept-changes"],
                          capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
     assert "restored" in out.stdout and "Radicale verified the store" in out.stdout
@@ -125,7 +125,7 @@ def test_import_refuses_a_non_empty_store_and_changes_nothing(instance, tmp_path
     cfg = config_mod.load(instance)
     _fill(cfg, cards=2, events=1)
     dest = tmp_path / "b.tar.gz"
-    export_backup(cfg, dest)
+    export_backup(cfg, dest, None)
     app = build_application(cfg)
     assert _dav(app, "PUT", "/alice/contacts/newer.vcf", _card(99)) == 201  # a change after the export
     before = _tree_hash(cfg.server.data_dir)
@@ -142,7 +142,7 @@ def test_import_refuses_a_damaged_file(instance, tmp_path):
     cfg = config_mod.load(instance)
     _fill(cfg, cards=2, events=0)
     dest = tmp_path / "b.tar.gz"
-    export_backup(cfg, dest)
+    export_backup(cfg, dest, None)
     with tarfile.open(dest) as tar:
         members = [(m, tar.extractfile(m).read() if m.isfile() else b"") for m in tar.getmembers()]
     bad = tmp_path / "bad.tar.gz"
@@ -162,7 +162,7 @@ def test_import_refuses_a_damaged_file(instance, tmp_path):
 def test_import_refuses_while_the_server_runs(instance, tmp_path):
     cfg = config_mod.load(instance)
     dest = tmp_path / "empty.tar.gz"
-    export_backup(cfg, dest)
+    export_backup(cfg, dest, None)
     with ServeProcess(instance):
         with pytest.raises(BackupError, match="while inverse-cloud is running"):
             import_backup(dest, cfg, config_path=instance)
@@ -203,7 +203,7 @@ def test_export_waits_for_a_writer_and_includes_its_item(instance, tmp_path, mon
     results: dict[str, object] = {}
 
     def run() -> None:
-        results["r"] = export_backup(cfg, tmp_path / "during-write.tar.gz")
+        results["r"] = export_backup(cfg, tmp_path / "during-write.tar.gz", None)
 
     t = threading.Thread(target=run)
     t.start()
@@ -240,14 +240,14 @@ def test_lock_timeout_is_one_line(tmp_path):
 def test_export_refuses_a_destination_inside_the_data_folder(instance):
     cfg = config_mod.load(instance)
     with pytest.raises(BackupError, match="inside the data folder"):
-        export_backup(cfg, cfg.server.data_dir / "x.tar.gz")
+        export_backup(cfg, cfg.server.data_dir / "x.tar.gz", None)
 
 
 def test_export_command(instance, tmp_path):
     out = subprocess.run([sys.executable, "-m", "inverse_cloud.cli", "export", str(tmp_path / "e.tgz"), "--config",
-                          str(instance)], capture_output=True, text=True, timeout=120)
+                          str(instance), "--no-encrypt"], capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
-    assert "wrote" in out.stdout and "keep it private" in out.stdout
+    assert "wrote" in out.stdout and "unencrypted: keep it private" in out.stdout
     wait_until(lambda: (tmp_path / "e.tgz").exists(), 5, "export file")
 
 
@@ -272,7 +272,7 @@ def test_import_in_process_into_an_initialised_laptop(instance, tmp_path):
     cfg = config_mod.load(instance)
     _fill(cfg, cards=3, events=1)
     dest = tmp_path / "a.tar.gz"
-    export_backup(cfg, dest)
+    export_backup(cfg, dest, None)
     from tests.support import init_instance
 
     b_path = init_instance(tmp_path / "b", password="another long password")
@@ -282,7 +282,7 @@ def test_import_in_process_into_an_initialised_laptop(instance, tmp_path):
     b_config_text = b_path.read_text()
     with tarfile.open(dest) as tar:
         exported = len(tar.getnames()) - 1     # all but the manifest
-    result = import_backup(dest, b, config_path=b_path)
+    result = import_backup(dest, b, config_path=b_path, accept_changes=True)   # A's users replace B's
     assert (result.files, result.items, result.config_written) == (exported, 4, None)
     assert result.moved_aside is not None and result.moved_aside.name.startswith("collections.before-import-")
     assert (result.moved_aside / "collection-root").is_dir()
@@ -290,7 +290,8 @@ def test_import_in_process_into_an_initialised_laptop(instance, tmp_path):
     assert b.server.htpasswd_path.read_bytes() == cfg.server.htpasswd_path.read_bytes()
     assert b_path.read_text() == b_config_text
     fresh = tmp_path / "fresh"
-    again = import_backup(dest, None, config_path=fresh / "config.toml", data_dir=fresh / "data")
+    again = import_backup(dest, None, config_path=fresh / "config.toml", data_dir=fresh / "data",
+                          accept_changes=True)
     assert again.config_written == fresh / "config.toml" and again.moved_aside is None
     written = config_mod.load(fresh / "config.toml")
     assert written.server.data_dir == fresh / "data" and _items(written) == _items(cfg)
@@ -310,7 +311,7 @@ def test_import_refuses_a_malformed_export_with_one_line(instance, tmp_path, cas
     cfg = config_mod.load(instance)
     _fill(cfg, cards=1, events=0)
     dest = tmp_path / "a.tar.gz"
-    export_backup(cfg, dest)
+    export_backup(cfg, dest, None)
 
     def change(m, data):
         if case == "no manifest" and m.name == "MANIFEST.json":
@@ -337,3 +338,186 @@ def test_import_refuses_a_malformed_export_with_one_line(instance, tmp_path, cas
     assert message in str(caught.value) and str(caught.value).startswith(str(bad))
     assert "\n" not in str(caught.value)
     assert not (fresh / "config.toml").exists() and not (fresh / "data" / "collections").exists()
+
+
+# --- hardening: a backup from an untrusted place ------------------------------------------------------
+
+def _cli(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "inverse_cloud.cli", *args], capture_output=True, text=True,
+                          timeout=180)
+
+
+def _rewrite(src: Path, dest: Path, change) -> None:
+    """Copy a plain export, letting ``change(name, data)`` return new bytes for a member (or None to keep
+    it), and recompute the manifest's sums as an attacker would."""
+    import json
+
+    with tarfile.open(src) as tar:
+        members = {m.name: tar.extractfile(m).read() for m in tar.getmembers() if m.isfile()}
+    manifest = json.loads(members.pop("MANIFEST.json"))
+    extra = change(None, None) or {}
+    for name in list(members):
+        new = change(name, members[name])
+        if new is not None:
+            members[name] = new
+    members.update(extra)
+    manifest["files"] = {name: hashlib.sha256(data).hexdigest() for name, data in members.items()}
+    members["MANIFEST.json"] = json.dumps(manifest).encode()
+    with tarfile.open(dest, "w:gz") as tar:
+        for name, data in members.items():
+            info = tarfile.TarInfo(name)
+            info.size, info.mode = len(data), 0o600
+            tar.addfile(info, io.BytesIO(data))
+
+
+def test_export_is_encrypted_by_default_and_a_wrong_passphrase_or_a_flipped_bit_is_refused(instance, tmp_path):
+    """`export` asks for a passphrase (here from a file) and writes the age format: no vCard, user name or
+    key is readable in it. Import with a wrong passphrase, or of the file with one bit flipped, is refused
+    with one line before anything is written; the right passphrase restores it."""
+    cfg = config_mod.load(instance)
+    _fill(cfg, cards=2, events=1)
+    secret = tmp_path / "pass"
+    secret.write_text("a long backup passphrase\n")
+    dest = tmp_path / "ic.age"
+    out = _cli("export", str(dest), "--config", str(instance), "--passphrase-file", str(secret))
+    assert out.returncode == 0, out.stderr
+    blob = dest.read_bytes()
+    assert blob.startswith(b"age-encryption.org/v1\n")
+    for clear in (b"BEGIN:VCARD", b"alice", b"OPENSSH PRIVATE KEY", b"MANIFEST"):
+        assert clear not in blob
+    wrong = tmp_path / "wrong"
+    wrong.write_text("not the passphrase\n")
+    flipped = tmp_path / "flipped.age"
+    tampered = bytearray(blob)
+    tampered[len(tampered) // 2] ^= 0x01
+    flipped.write_bytes(bytes(tampered))
+    fresh = tmp_path / "fresh"
+    for src, pw in ((dest, wrong), (flipped, secret)):
+        out = _cli("import", str(src), "--config", str(fresh / "config.toml"), "--data-dir", str(fresh / "data"),
+                   "--passphrase-file", str(pw), "--accept-changes")
+        assert out.returncode == 1, out.stderr
+        assert "wrong passphrase, or the file was modified" in out.stderr
+        assert len(out.stderr.strip().splitlines()) == 1, out.stderr
+        assert not fresh.exists() or not any(fresh.rglob("*")), list(fresh.rglob("*"))
+    out = _cli("import", str(dest), "--config", str(fresh / "config.toml"), "--data-dir", str(fresh / "data"),
+               "--passphrase-file", str(secret), "--accept-changes")
+    assert out.returncode == 0, out.stderr
+    assert _items(config_mod.load(fresh / "config.toml")) == _items(cfg)
+
+
+def test_import_lists_what_it_would_change_and_needs_accept_changes(instance, tmp_path):
+    """A tampered (plain) export that adds a user and replaces the relay's pinned host key, with the
+    manifest recomputed: import onto this laptop lists both changes and changes nothing; with
+    --accept-changes it goes ahead."""
+    cfg = config_mod.load(instance)
+    plain = tmp_path / "plain.tar.gz"
+    export_backup(cfg, plain, None)
+    evil = tmp_path / "evil.tar.gz"
+
+    def change(name, data):
+        if name is None:
+            return {"data/ssh/relay_known_hosts": b"[relay.evil]:22 ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIEvil\n"}
+        if name == "data/users.htpasswd":
+            return data + b"mallory:$2b$12$abcdefghijklmnopqrstuuN0Pq0pUyZ3yvyCTJzXqQ9uzZkTzh6hG\n"
+        return None
+
+    _rewrite(plain, evil, change)
+    before = _tree_hash(cfg.server.data_dir)
+    out = _cli("import", str(evil), "--config", str(instance))
+    assert out.returncode == 1, out.stderr
+    assert "users: adds mallory" in out.stdout, out.stdout
+    assert "relay_known_hosts" in out.stdout, out.stdout
+    assert "--accept-changes" in out.stderr and len(out.stderr.strip().splitlines()) == 1, out.stderr
+    assert _tree_hash(cfg.server.data_dir) == before
+    out = _cli("import", str(evil), "--config", str(instance), "--accept-changes")
+    assert out.returncode == 0, out.stderr
+    assert "mallory" in (cfg.server.htpasswd_path).read_text()
+
+
+@pytest.mark.parametrize("evil_option", ['[radicale.storage]\nhook = "touch {marker}"\n',
+                                         '[radicale.storage]\ntype = "tests.pwned_{marker_name}"\n'])
+def test_import_refuses_an_exported_config_that_runs_code(instance, tmp_path, evil_option):
+    """An export whose config.toml sets storage.hook (a shell command after every write) or storage.type
+    (a module imported while the store is verified), with the manifest recomputed: import onto a new
+    laptop is refused with one line, even with --accept-changes, and nothing is written. Before, it was
+    imported ("Radicale verified the store") and the first PUT ran the command."""
+    cfg = config_mod.load(instance)
+    plain = tmp_path / "plain.tar.gz"
+    export_backup(cfg, plain, None)
+    marker = tmp_path / "pwned"
+    option = evil_option.format(marker=marker, marker_name="x")
+    _rewrite(plain, tmp_path / "evil.tar.gz",
+             lambda name, data: data + b"\n" + option.encode() if name == "config.toml" else None)
+    fresh = tmp_path / "fresh"
+    out = _cli("import", str(tmp_path / "evil.tar.gz"), "--config", str(fresh / "config.toml"),
+               "--data-dir", str(fresh / "data"), "--accept-changes")
+    assert out.returncode == 1, out.stdout + out.stderr
+    assert "its config is refused" in out.stderr and "not a Radicale option" in out.stderr, out.stderr
+    assert not (fresh / "config.toml").exists() and not (fresh / "data" / "collections").exists()
+    assert not marker.exists()
+
+
+class _Zeros:
+    def __init__(self, size: int) -> None:
+        self.left = size
+
+    def read(self, n: int = -1) -> bytes:
+        n = self.left if n < 0 else min(n, self.left)
+        self.left -= n
+        return bytes(n)
+
+
+def _bomb(dest: Path, size: int) -> None:
+    """A small .tar.gz holding one item of ``size`` zero bytes, listed in a valid manifest."""
+    import json
+
+    digest = hashlib.sha256()
+    zeros = _Zeros(size)
+    while chunk := zeros.read(1 << 20):
+        digest.update(chunk)
+    name = "data/collections/collection-root/alice/contacts/big.vcf"
+    manifest = {"format": 1, "files": {name: digest.hexdigest()}, "items": 1}
+    with tarfile.open(dest, "w:gz") as tar:
+        info = tarfile.TarInfo(name)
+        info.size = size
+        tar.addfile(info, _Zeros(size))
+        data = json.dumps(manifest).encode()
+        info = tarfile.TarInfo("MANIFEST.json")
+        info.size = len(data)
+        tar.addfile(info, io.BytesIO(data))
+
+
+def test_import_streams_members_to_disk(tmp_path):
+    """A 64 MiB item in a .tar.gz of a few hundred KB is written without ever holding it in memory (peak
+    traced allocation under 16 MiB; reading it whole took more than 64 MiB)."""
+    import tracemalloc
+
+    bomb = tmp_path / "bomb.tar.gz"
+    _bomb(bomb, 64 << 20)
+    assert bomb.stat().st_size < 1 << 20
+    fresh = tmp_path / "fresh"
+    tracemalloc.start()
+    try:
+        import_backup(bomb, None, config_path=fresh / "config.toml", data_dir=fresh / "data", check_running=False)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    print(f"peak traced allocation importing a 64 MiB member: {peak / 2**20:.1f} MiB")
+    assert peak < 16 << 20, peak
+    assert (fresh / "data/collections/collection-root/alice/contacts/big.vcf").stat().st_size == 64 << 20
+
+
+@pytest.mark.parametrize(("member_cap", "total_cap", "message"), [
+    (1 << 20, 1 << 30, "over the 1048576-byte cap per file"),
+    (1 << 30, 2 << 20, "over the import's cap"),
+])
+def test_import_caps_each_member_and_the_total(tmp_path, member_cap, total_cap, message):
+    """A member over the per-file cap, or members over the total cap, refuse the whole file before any of
+    it is written; nothing is left behind."""
+    bomb = tmp_path / "bomb.tar.gz"
+    _bomb(bomb, 3 << 20)
+    fresh = tmp_path / "fresh"
+    with pytest.raises(BackupError, match=message):
+        import_backup(bomb, None, config_path=fresh / "config.toml", data_dir=fresh / "data", check_running=False,
+                      max_member_bytes=member_cap, max_total_bytes=total_cap)
+    assert not [p for p in fresh.rglob("*") if p.is_file()]

@@ -45,7 +45,7 @@ BAD_CONFIGS = [
     ("bad choice", '[server]\ndomain = "a.test"\nlog_level = "loud"\n', 3,
      ["[server] log_level", '"debug"', 'got "loud"']),
     ("locked radicale option", '[server]\ndomain = "a.test"\n[radicale.auth]\ntype = "none"\n', 4,
-     ["[radicale.auth] type", "cannot be overridden"]),
+     ["[radicale.auth] type", "not a Radicale option inverse-cloud passes through"]),
     ("radicale option outside a table", '[server]\ndomain = "a.test"\n[radicale]\nfoo = 1\n', 4,
      ["[radicale] foo", "expected a table"]),
 ]
@@ -122,8 +122,10 @@ def test_relay_host_enables_relay_and_acme_staging_switches_directory():
 
 
 def test_radicale_pass_through_options():
-    cfg = config.loads(GOOD + "[radicale.storage]\nmax_sync_token_age = 100\n[radicale.web]\nx = true\n")
-    assert cfg.radicale_extra == {"storage": {"max_sync_token_age": "100"}, "web": {"x": "True"}}
+    cfg = config.loads(GOOD + "[radicale.storage]\nmax_sync_token_age = 100\n[radicale.rights]\n"
+                              "permit_delete_collection = false\n")
+    assert cfg.radicale_extra == {"storage": {"max_sync_token_age": "100"},
+                                  "rights": {"permit_delete_collection": "False"}}
 
 
 def test_overrides_win_over_file():
@@ -284,8 +286,9 @@ EXACT = {
     "bad domain": "config: line 2: [server] domain: expected a DNS name such as contacts.example.org, got "
                   '"not a domain"',
     "bad choice": 'config: line 3: [server] log_level: expected one of "debug", "info", "warning", "error", got "loud"',
-    "locked radicale option": "config: line 4: [radicale.auth] type: is set by inverse-cloud itself and cannot be "
-                              "overridden",
+    "locked radicale option": "config: line 4: [radicale.auth] type: is not a Radicale option inverse-cloud passes "
+                              "through (it could run code, widen access or is set by inverse-cloud itself); "
+                              "allowed here: cache_failed_logins_expiry, cache_successful_logins_expiry, realm",
     "radicale option outside a table": "config: line 4: [radicale] foo: expected a table such as [radicale.storage] "
                                        "holding Radicale options",
 }
@@ -369,14 +372,15 @@ def test_every_server_field_comes_from_its_own_key(tmp_path):
             "max_body_bytes = 123456\nbody_grace_s = 2.5\nbody_min_rate_bps = 777\nidle_timeout_s = 33.0\n"
             "handshake_timeout_s = 4.5\nmax_connections = 99\nradicale_threads = 3\nauth_delay_s = 0.25\n"
             'shutdown_timeout_s = 7.0\nlog_level = "warning"\n'
-            '[radicale.storage]\nflag_on = true\nflag_off = false\n')
+            '[radicale.storage]\nuse_mtime_and_size_for_item_cache = true\nskip_broken_item = false\n')
     cfg = config.loads(text)
     s = cfg.server
     assert (s.max_body_bytes, s.body_grace_s, s.body_min_rate_bps, s.idle_timeout_s, s.handshake_timeout_s,
             s.max_connections, s.radicale_threads, s.auth_delay_s, s.shutdown_timeout_s, s.log_level) == (
         123456, 2.5, 777, 33.0, 4.5, 99, 3, 0.25, 7.0, "warning")
     assert s.control_socket == tmp_path / "s" / "control.sock"
-    assert dict(cfg.radicale_extra) == {"storage": {"flag_on": "True", "flag_off": "False"}}
+    assert dict(cfg.radicale_extra) == {"storage": {"use_mtime_and_size_for_item_cache": "True",
+                                                 "skip_broken_item": "False"}}
     custom = config.loads(text.replace('log_level = "warning"\n', f'log_level = "warning"\ncontrol_socket = '
                                                                   f'"{tmp_path}/c.sock"\n'))
     assert custom.server.control_socket == tmp_path / "c.sock"
@@ -408,3 +412,32 @@ def test_every_relay_and_acme_field_comes_from_its_own_key(tmp_path):
     assert plain.relay.enabled is False and plain.acme.enabled is False
     assert plain.relay.key_file == tmp_path / "d" / "ssh" / "id_ed25519"
     assert plain.relay.takeover_key_file == tmp_path / "d" / "ssh" / "id_ed25519_takeover"
+
+
+@pytest.mark.parametrize(("section", "option", "value"), [
+    ("storage", "hook", '"id > /tmp/pwned"'),           # a shell command run after every write
+    ("storage", "type", '"os"'),                         # a Python module Radicale imports
+    ("storage", "folder_umask", '"0000"'),               # world-readable contacts
+    ("storage", "filesystem_cache_folder", '"/tmp/x"'),
+    ("sharing", "type", '"csv"'),                        # password-less token shares
+    ("web", "type", '"internal"'),                       # the web UI: [server] web_ui says that
+    ("hook", "type", '"email"'),
+    ("auth", "strip_domain", "true"),
+    ("logging", "request_content_on_debug", "true"),
+    ("server", "hosts", '"0.0.0.0:5232"'),
+    ("nosuchsection", "x", "1"),
+])
+def test_radicale_pass_through_refuses_options_outside_the_allowlist(section, option, value):
+    """[radicale.*] passes through only options known to be harmless; anything else (a command to run,
+    a module to import, sharing, the web UI, a new option a Radicale upgrade adds) is refused with one
+    line naming the option."""
+    with pytest.raises(ConfigError) as info:
+        config.loads(GOOD + f"[radicale.{section}]\n{option} = {value}\n")
+    message = str(info.value)
+    assert f"[radicale.{section}] {option}" in message and "\n" not in message, message
+    assert "line 4" in message, message
+
+
+def test_web_ui_is_off_unless_asked_for():
+    assert config.loads(GOOD).server.web_ui is False
+    assert config.loads(GOOD + "web_ui = true\n").server.web_ui is True

@@ -121,3 +121,32 @@ def test_phone_command(instance):
     bad = subprocess.run([sys.executable, "-m", "inverse_cloud.cli", "phone", "--user", "bob", "--config",
                           str(instance)], capture_output=True, text=True, timeout=60)
     assert bad.returncode == 1 and "no user 'bob'" in bad.stderr
+
+
+async def test_unknown_user_costs_one_bcrypt_check_like_a_known_one(tmp_path, monkeypatch):
+    """The phone page's check runs bcrypt once, at the same cost, whether the user exists or not (a
+    fixed dummy hash for unknown users), so the answer time does not tell which user names exist.
+    Before, an unknown user was answered without any bcrypt work: about half the time."""
+    from inverse_cloud.dav import users
+    from inverse_cloud.ops import phone
+
+    path = tmp_path / "users.htpasswd"
+    users.add_user(path, "alice", "one password")
+    calls: list[bytes] = []
+    real = phone.bcrypt.checkpw
+
+    def counting(password: bytes, hashed: bytes) -> bool:
+        calls.append(hashed)
+        return real(password, hashed)
+
+    monkeypatch.setattr(phone.bcrypt, "checkpw", counting)
+    checker = HtpasswdChecker(path)
+    try:
+        for user, password, expected in [("alice", "wrong", False), ("mallory", "wrong", False),
+                                         ("mallory", "one password", False), ("alice", "one password", True)]:
+            calls.clear()
+            assert await checker.check(user, password) is expected
+            assert len(calls) == 1, (user, calls)
+            assert calls[0].split(b"$")[2] == str(users.BCRYPT_ROUNDS).encode(), calls[0]
+    finally:
+        checker.close()

@@ -14,6 +14,7 @@ from typing import Any
 import aiohttp
 import pytest
 from aiohttp import web
+from multidict import CIMultiDict
 
 from inverse_cloud.dav.environ import build_environ, valid_basic_auth
 from inverse_cloud.dav.web import (
@@ -787,9 +788,10 @@ class GateApp:
 
 async def test_guessing_cannot_take_the_workers_of_a_known_good_user():
     """4 worker threads: requests with credentials not yet seen to work may hold at most 2 of them. Alice
-    logs in once (200: her credentials are now known good); 5 guesses then stall inside a slow check; only
-    2 are ever inside the app at once, and alice is still answered at once; released, every guess gets
-    its 401."""
+    logs in once (200: her credentials are now known good); 5 guesses from one address then arrive while
+    the check is slow: 2 stall inside it, the other 3 are over the address's in-flight bound and get 429 at
+    once; only 2 are ever inside the app, and alice is still answered at once; released, the two inside
+    get their 401."""
     app = GateApp()
     bridge = make_bridge(app, threads=4)
     runner, port = await serve(make_https_app(bridge), shutdown_timeout_s=1)
@@ -802,9 +804,10 @@ async def test_guessing_cannot_take_the_workers_of_a_known_good_user():
                                                  .decode())) for i in range(5)]
         await _until(lambda: app.inside == 2, "two guesses inside the app")
         assert await asyncio.wait_for(_status(base, BASIC_ALICE), 20) == 200
-        assert app.most_inside == 2 and not any(g.done() for g in guesses)
+        assert app.most_inside == 2
+        assert sorted(g.result() for g in guesses if g.done()) == [429] * 3
         app.release.set()
-        assert await asyncio.wait_for(asyncio.gather(*guesses), 30) == [401] * 5
+        assert sorted(await asyncio.wait_for(asyncio.gather(*guesses), 30)) == [401, 401, 429, 429, 429]
         assert app.most_inside == 2
     finally:
         app.release.set()
@@ -859,3 +862,152 @@ async def test_radicale_5xx_answers_are_mapped_or_logged_once(caplog, method, st
         assert len(errors) == 1 and error_line in errors[0], errors
     if expected == 507:
         assert text == "Insufficient Storage: the server's disk is full; nothing was changed\n"
+
+
+# --- hardening: inputs from the internet that must get a clear 4xx, never a 5xx ----------------------
+
+async def test_duplicate_authorization_headers_get_400_without_calling_radicale(dav):
+    """A valid Basic header followed by a second Authorization header (garbage, Bearer): Radicale
+    would get both joined by a comma and answer 500, with an ERROR line per request. Both orders get
+    400 here, and Radicale never runs."""
+    app, _peers, url, _bridge = dav
+    async with aiohttp.ClientSession() as s:
+        for second in ("garbage", "Bearer abc", BASIC_ALICE):
+            for headers in ([("Authorization", BASIC_ALICE), ("Authorization", second)],
+                            [("Authorization", second), ("Authorization", BASIC_ALICE)]):
+                async with s.request("PROPFIND", f"{url}/radicale/alice/",
+                                     headers=CIMultiDict(headers)) as r:
+                    assert r.status == 400, (headers, r.status)
+    assert app.calls == []
+
+
+async def test_duplicate_authorization_headers_with_real_radicale_are_400_not_500(tmp_path, caplog):
+    """The same attack against the real Radicale: 400 and no ERROR line."""
+    from inverse_cloud import config
+    from inverse_cloud.dav import users
+    from inverse_cloud.dav.radicale_app import build_application
+
+    cfg = config.loads(f'[server]\ndomain = "laptop.test"\ndata_dir = "{tmp_path}"\nstate_dir = "{tmp_path}/s"\n')
+    users.add_user(cfg.server.htpasswd_path, "alice", "correct horse")
+    bridge = make_bridge(await asyncio.to_thread(build_application, cfg))
+    runner, port = await serve(make_https_app(bridge))
+    try:
+        async with aiohttp.ClientSession() as s:
+            statuses = []
+            for pair in [(BASIC_ALICE, "garbage"), (BASIC_ALICE, "Bearer abc"), ("garbage", BASIC_ALICE),
+                         ("Bearer abc", BASIC_ALICE), ("Basic", BASIC_ALICE)]:
+                headers = CIMultiDict([("Authorization", pair[0]), ("Authorization", pair[1])])
+                async with s.request("PROPFIND", f"http://127.0.0.1:{port}/radicale/alice/",
+                                     headers=headers) as r:
+                    statuses.append(r.status)
+            assert statuses == [400] * 5, statuses
+    finally:
+        await runner.cleanup()
+        bridge.close()
+    assert not [r for r in caplog.records if r.levelname == "ERROR"], caplog.text
+
+
+async def _raw_exchange(port: int, request: bytes) -> bytes:
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    try:
+        writer.write(request)
+        await writer.drain()
+        async with asyncio.timeout(10):
+            return await reader.read()
+    finally:
+        writer.close()
+
+
+@pytest.mark.parametrize("path", [b"/radicale/", b"/", b"/radicale/.web"])
+async def test_http09_request_line_is_refused(dav, path):
+    """``GET /radicale/`` with no HTTP version (HTTP/0.9 style) was answered ``HTTP/0.9 200`` by the
+    bridge (and ``302 /radicale/.web`` by Radicale's web UI). It gets 400 and the connection is closed;
+    nothing reaches Radicale."""
+    app, _peers, url, _bridge = dav
+    port = int(url.rsplit(":", 1)[1])
+    answer = await _raw_exchange(port, b"GET " + path + b"\r\n\r\n")
+    assert answer.split(b"\r\n", 1)[0].split(b" ")[1] == b"400", answer[:200]
+    assert app.calls == []
+
+
+async def test_every_https_response_carries_hsts(dav):
+    """Strict-Transport-Security on DAV answers, redirects, 404s and refusals alike: a browser that
+    saw the site once never again follows a plain-HTTP link to it (where the relay could show a fake
+    phone page)."""
+    app, _peers, url, _bridge = dav
+    async with aiohttp.ClientSession() as s:
+        for method, path, headers in [("PROPFIND", "/radicale/alice/", {"Authorization": BASIC_ALICE}),
+                                      ("GET", "/.well-known/carddav", {}), ("GET", "/nothing", {}),
+                                      ("GET", "/radicale/", {"Authorization": "Basic !!"})]:
+            async with s.request(method, f"{url}{path}", headers=headers, allow_redirects=False) as r:
+                hsts = r.headers.get("Strict-Transport-Security", "")
+                assert hsts.startswith("max-age=") and int(hsts.split("=")[1].split(";")[0]) >= 15552000, (
+                    method, path, r.status, hsts)
+
+
+async def test_http_listener_sends_no_hsts(http_server):
+    """HSTS over plain HTTP is ignored by browsers (RFC 6797 section 7.2) and must not be sent there."""
+    _challenges, url = http_server
+    async with aiohttp.ClientSession() as s, s.get(f"{url}/x", allow_redirects=False) as r:
+        assert "Strict-Transport-Security" not in r.headers
+
+
+@pytest.mark.parametrize("web_ui", [False, True])
+async def test_radicale_web_ui_is_served_only_when_configured(tmp_path, web_ui):
+    """Radicale's web interface (which can delete collections once logged in) is not served at
+    /radicale/.web/ unless [server] web_ui = true."""
+    from inverse_cloud import config
+    from inverse_cloud.dav.radicale_app import build_application
+
+    extra = "web_ui = true\n" if web_ui else ""
+    cfg = config.loads(f'[server]\ndomain = "laptop.test"\ndata_dir = "{tmp_path}"\nstate_dir = "{tmp_path}/s"\n'
+                       + extra)
+    from inverse_cloud.dav import users
+
+    users.add_user(cfg.server.htpasswd_path, "alice", "correct horse")
+    bridge = make_bridge(await asyncio.to_thread(build_application, cfg))
+    runner, port = await serve(make_https_app(bridge))
+    try:
+        async with aiohttp.ClientSession() as s:
+            async with s.get(f"http://127.0.0.1:{port}/radicale/.web/") as r:
+                status, text = r.status, await r.text()
+            async with s.get(f"http://127.0.0.1:{port}/radicale/.web/js/main.js") as r:
+                script = await r.text()
+    finally:
+        await runner.cleanup()
+        bridge.close()
+    if web_ui:
+        assert status == 200 and "<html" in text.lower()
+        assert "LoginScene" in script
+    else:
+        # Radicale's "none" web backend: a one-line text answer, no page, no script.
+        assert status == 200 and "<" not in text, text[:200]
+        assert "LoginScene" not in script
+
+
+async def test_access_log_escapes_control_characters_from_the_client(caplog):
+    """A path with percent-encoded ESC, CR and LF, and a user agent with a C1 control and a bidi override,
+    are logged with those characters escaped (``\\x1b``), never raw: no terminal escapes in
+    ``journalctl``, no fake second line for a fail2ban filter."""
+    bridge = make_bridge(RecordingApp())
+    runner = web.AppRunner(make_https_app(bridge), handle_signals=False,
+                           access_log_class=access_logger_class(PeerDirectory()))
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+    caplog.set_level("INFO", logger="aiohttp.access")
+    try:
+        async with aiohttp.ClientSession() as s:
+            fake = "%0a1.2.3.4: 9 more failed logins within 60 s"
+            async with s.get(f"http://127.0.0.1:{port}/radicale/%1b[31mred%0d%0a{fake}", headers={
+                    "Authorization": BASIC_ALICE, "User-Agent": "evil\u0085\u202eagent"}) as r:
+                assert r.status < 500
+    finally:
+        await runner.cleanup()
+        bridge.close()
+    lines = [r.getMessage() for r in caplog.records if r.name == "aiohttp.access"]
+    assert len(lines) == 1, lines
+    line = lines[0]
+    assert line.isprintable(), repr(line)
+    assert "\\x1b[31mred\\x0d\\x0a" in line and "\\x85\\u202e" in line, line

@@ -2,7 +2,8 @@
 
 ``radicale.config.load([])`` starts from Radicale's built-in defaults and reads *no* file, so neither
 ``/etc/radicale/config`` nor ``RADICALE_CONFIG`` can change what we serve. The options that keep the
-server safe are set here and cannot be overridden from ``[radicale.*]`` (see config._RADICALE_LOCKED).
+server safe are set here; ``[radicale.*]`` may only pass through the options in
+config.RADICALE_PASS_THROUGH.
 """
 
 from __future__ import annotations
@@ -73,6 +74,8 @@ def radicale_options(cfg: Config) -> dict[str, dict[str, str]]:
             "use_mtime_and_size_for_item_cache": "True",
         },
         "logging": {"level": "warning", "mask_passwords": "True"},
+        # Radicale's web interface: off unless [server] web_ui = true.
+        "web": {"type": "internal" if s.web_ui else "none"},
     }
     for section, values in cfg.radicale_extra.items():
         options.setdefault(section, {}).update(values)

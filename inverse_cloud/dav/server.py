@@ -53,13 +53,29 @@ def check_http_parser() -> None:
     check_versions()
 
 
-# The first releases with the fixes we rely on (aiohttp: idle-connection closing #13681 and the
-# 2026 smuggling CVEs; asyncssh: Terrapin CVE-2023-48795). pip pins these too; this catches a venv that
-# was altered by hand or a distribution package shadowing ours.
-MINIMUM_VERSIONS = {"aiohttp": (3, 14, 5), "asyncssh": (2, 14, 2)}
+# The floors of pyproject.toml's pins (a test keeps the two equal): the first releases with the fixes we
+# rely on (aiohttp: idle-connection closing and the 2026 smuggling CVEs; asyncssh: Terrapin
+# CVE-2023-48795 and the current line; Radicale: predefined_collections, cache_logins, validate_*
+# hardening; acme: HTTP-01 without TLS-ALPN-01). pip enforces them at install; this catches a venv
+# altered by hand or a distribution package shadowing ours.
+MINIMUM_VERSIONS = {
+    "aiohttp": (3, 14, 5), "asyncssh": (2, 24, 1), "radicale": (3, 9, 0), "acme": (5, 9, 0),
+    "bcrypt": (4, 1), "cryptography": (44,), "dnspython": (2, 6), "segno": (1, 6), "pyrage": (1, 4, 0),
+}
+
+
+def _release(text: str) -> tuple[int, ...]:
+    parts = []
+    for piece in text.split(".")[:3]:
+        digits = "".join(ch for ch in piece if ch.isdigit()) if piece[:1].isdigit() else ""
+        if not digits:
+            break
+        parts.append(int(digits))
+    return tuple(parts)
 
 
 def check_versions() -> None:
+    """:raises StartupError: an installed dependency is older than its pin's floor."""
     from importlib.metadata import PackageNotFoundError, version
 
     from inverse_cloud.errors import StartupError
@@ -69,11 +85,31 @@ def check_versions() -> None:
             text = version(name)
         except PackageNotFoundError:
             continue
-        parts = tuple(int(p) for p in text.split(".")[:3] if p.isdigit())
-        if parts < minimum:
-            raise StartupError(f"{name} {text} is older than {'.'.join(map(str, minimum))}, which has security "
-                               f"fixes inverse-cloud relies on; upgrade it (pip install -U '{name}>="
-                               f"{'.'.join(map(str, minimum))}')")
+        if _release(text) < minimum:
+            floor = ".".join(map(str, minimum))
+            raise StartupError(f"{name} {text} is older than {floor}, which has fixes inverse-cloud relies on; "
+                               f"upgrade it (pip install -U '{name}>={floor}', or reinstall from requirements.lock)")
+
+
+def raise_open_files_limit() -> tuple[int, int]:
+    """Raise the soft RLIMIT_NOFILE to the hard limit (capped at 2**20); returns (before, after).
+
+    Every tunnelled connection costs two descriptors (the tunnel's loopback socket and the accepted one):
+    at the usual soft limit of 1024, about 500 idle connections through the relay made accept() fail
+    with EMFILE and took the service down. The caps ([server] max_connections, the tunnel's per-address
+    cap) are what bound the use; this only makes room for them.
+    """
+    import resource
+
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    target = 1 << 20 if hard == resource.RLIM_INFINITY else min(hard, 1 << 20)
+    if soft != resource.RLIM_INFINITY and soft < target:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+        except (ValueError, OSError):
+            return soft, soft
+        return soft, target
+    return soft, soft
 
 
 def limit_malloc_arenas(arenas: int = 2) -> bool:
@@ -121,6 +157,13 @@ class DavServer:
     async def start(self) -> None:
         s = self.cfg.server
         check_http_parser()
+        before, after = raise_open_files_limit()
+        if after < 4 * s.max_connections + 64:
+            log.warning("only %d file descriptors allowed (ulimit -n); each connection needs two: lower [server] "
+                        "max_connections to %d or raise the limit (LimitNOFILE= in the unit)", after,
+                        max(4, (after - 64) // 4))
+        elif after != before:
+            log.debug("open files limit raised from %d to %d", before, after)
         https_sock = bind_socket(*s.https_listen, "[server] https_listen")
         try:
             http_sock = bind_socket(*s.http_listen, "[server] http_listen")

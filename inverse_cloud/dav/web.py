@@ -16,12 +16,13 @@ from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
-from aiohttp import web
+from aiohttp import HttpVersion10, web
 from aiohttp.abc import AbstractAccessLogger
 
 from inverse_cloud.dav.environ import WRITE_METHODS
 from inverse_cloud.dav.wsgi import NOTE_KEY, RadicaleBridge, WsgiResult
 from inverse_cloud.fsutil import atomic_write
+from inverse_cloud.log import printable
 
 __all__ = [
     "AccessLogger",
@@ -161,6 +162,42 @@ def make_http_app(challenges: ChallengeStore, domain: str, public_https_port: in
     return app
 
 
+# RFC 6797: browsers that saw this once go straight to HTTPS for a year, so a plain-HTTP link or a typed
+# domain never reaches the relay's port 80, where a fake phone page could ask for the password. No
+# includeSubDomains: other hosts under the same parent domain are not ours to commit to HTTPS.
+HSTS = "max-age=31536000"
+
+
+async def _add_hsts(_request: web.Request, response: web.StreamResponse) -> None:
+    response.headers["Strict-Transport-Security"] = HSTS
+
+
+@web.middleware
+async def refuse_ambiguous_requests(request: web.Request,
+                                    handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
+                                    ) -> web.StreamResponse:
+    """400 and close for requests whose meaning depends on who reads them:
+
+    * an HTTP/0.9-style request line (no version): there are no headers to check, and the answer
+      would go out as ``HTTP/0.9``;
+    * more than one ``Authorization`` header: Radicale would get them joined by a comma and decide on
+      its own which credential counts (or answer 500).
+    """
+    if request.version < HttpVersion10:
+        request[NOTE_KEY] = "HTTP/0.9 request refused"
+        return _refusal("HTTP/1.0 or later required\n")
+    if len(request.headers.getall("Authorization", ())) > 1:
+        request[NOTE_KEY] = "more than one Authorization header"
+        return _refusal("more than one Authorization header\n")
+    return await handler(request)
+
+
+def _refusal(text: str) -> web.Response:
+    resp = web.Response(status=400, text=text)
+    resp.force_close()
+    return resp
+
+
 def make_https_app(bridge: RadicaleBridge,
                    home: Callable[[web.Request], Awaitable[web.StreamResponse]] | None = None
                    ) -> web.Application:
@@ -178,7 +215,8 @@ def make_https_app(bridge: RadicaleBridge,
     async def not_found(request: web.Request) -> web.StreamResponse:
         return web.Response(status=404, text="not found\n")
 
-    app = web.Application(client_max_size=64 * 1024)
+    app = web.Application(client_max_size=64 * 1024, middlewares=[refuse_ambiguous_requests])
+    app.on_response_prepare.append(_add_hsts)
     app.router.add_route("*", "/.well-known/carddav", well_known)
     app.router.add_route("*", "/.well-known/caldav", well_known)
     app.router.add_route("*", "/", root)
@@ -274,7 +312,8 @@ class AccessLogger(AbstractAccessLogger):
         peer = getattr(request.protocol, "peername", None)
         remote = self.peers.resolve(peer) if self.peers else (peer or ("-",))
         address = str(remote[0])
-        if response.status == 401 and "Authorization" in request.headers and self.failures is not None:
+        # 429: a guessing address throttled (dav/throttle.py); collapsed like the failed logins it follows.
+        if response.status in (401, 429) and "Authorization" in request.headers and self.failures is not None:
             full, unreported = self.failures.admit(address)
             if unreported:
                 self._summary(address, unreported)
@@ -284,9 +323,11 @@ class AccessLogger(AbstractAccessLogger):
                     self._schedule_summary(address, window[0])
                 return
         note = request.get(NOTE_KEY)
-        self.logger.info('%s "%s %s" %s %s %.1fms "%s"%s', address, request.method, request.path,
+        # Client strings are escaped here as well as by the formatter: this logger may have other handlers.
+        self.logger.info('%s "%s %s" %s %s %.1fms "%s"%s', address, request.method, printable(request.path),
                          response.status, response.body_length, time * 1000,
-                         request.headers.get("User-Agent", "-")[:120], f" ({note})" if note else "")
+                         printable(request.headers.get("User-Agent", "-")[:120]),
+                         f" ({printable(note)})" if note else "")
 
     def _summary(self, address: str, hidden: int) -> None:
         assert self.failures is not None

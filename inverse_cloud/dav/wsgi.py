@@ -7,7 +7,8 @@ itself live in :mod:`inverse_cloud.dav.environ`):
   as the limit is passed, without reading the rest) and a minimum-rate deadline (408 for a trickle),
   spooled to a temporary file past 256 KiB: a worker thread never waits on a slow client;
 * Radicale runs in a dedicated, bounded thread pool; requests whose credentials are not known good
-  may use only part of it, so a password-guessing flood cannot starve a syncing phone;
+  may use only part of it, and each address only part of that, with a growing backoff after failed
+  logins (:mod:`inverse_cloud.dav.throttle`), so a password-guessing flood cannot starve a phone;
 * the failed-login delay is an ``asyncio.sleep`` here, not Radicale's ``time.sleep`` in a thread;
 * spoofable headers (``X-Remote-User``, ``X-Script-Name``, ``X-Forwarded-*``, ...) never reach Radicale;
   ``REMOTE_ADDR`` is the real client (the relay's view, for tunnelled connections);
@@ -21,6 +22,7 @@ import errno
 import hashlib
 import io
 import logging
+import math
 import os
 import random
 import re
@@ -44,10 +46,14 @@ from inverse_cloud.dav.environ import (
     valid_basic_auth,
     xml_problem,
 )
+from inverse_cloud.dav.throttle import AddressThrottle
 
 __all__ = ["NOTE_KEY", "RadicaleBridge", "WsgiResult"]
 
 log = logging.getLogger(__name__)
+
+# A credential Radicale accepted skips the unverified queue for this long after its last success.
+KNOWN_GOOD_S = 300.0
 
 # After this long without a Radicale request, free memory is handed back to the OS (see _release_memory).
 IDLE_TRIM_S = 2.0
@@ -173,8 +179,12 @@ class RadicaleBridge:
         self.storage_dir = storage_dir
         self.threads = threads
         self.executor = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="radicale")
-        # Requests whose credentials have not been seen to work may hold at most half the workers.
+        # Requests whose credentials have not been seen to work may hold at most half the workers, and
+        # each address only part of that (throttle.py).
         self._unverified = asyncio.Semaphore(max(1, threads // 2))
+        self.throttle = AddressThrottle()
+        # Credentials seen to work in the last KNOWN_GOOD_S: they skip the unverified queue. Kept across
+        # SIGHUP (replace_app): it only picks the queue, Radicale still checks every request.
         self._known_good: dict[str, float] = {}
         self.max_body_bytes = max_body_bytes
         self.body_grace_s = body_grace_s
@@ -193,12 +203,15 @@ class RadicaleBridge:
         self._last_done = 0.0
 
     def replace_app(self, app: Callable[..., Iterable[bytes]]) -> None:
-        """Swap the WSGI app (SIGHUP); requests already running finish with the old one."""
+        """Swap the WSGI app (SIGHUP); requests already running finish with the old one. The known-good
+        cache stays: a reload must not put every phone back into the queue a guessing flood fills."""
         self.app = app
-        self._known_good.clear()
 
-    def _credential_key(self, request: web.Request) -> str | None:
-        header = request.headers.get("Authorization")
+    def is_known_good(self, authorization: str) -> bool:
+        key = self._credential_key(authorization)
+        return key is not None and self._known_good.get(key, 0) > time.monotonic()
+
+    def _credential_key(self, header: str | None) -> str | None:
         if not header:
             return None
         return hashlib.sha256(header.encode("utf-8", "surrogateescape")).hexdigest()
@@ -247,6 +260,17 @@ class RadicaleBridge:
             await self._failure_delay()
             return web.Response(status=401, text="Malformed Basic credentials\n",
                                 headers={"WWW-Authenticate": 'Basic realm="inverse-cloud"'})
+        key = self._credential_key(auth)
+        known = key is not None and self._known_good.get(key, 0) > time.monotonic()
+        remote = self.remote_of(request)
+        if not known:
+            wait = self.throttle.retry_after(remote[0])
+            if wait > 0:
+                request[NOTE_KEY] = "too many failed or concurrent logins from this address"
+                await self._failure_delay()
+                resp = web.Response(status=429, text="too many login attempts; try again later\n",
+                                    headers={"Retry-After": str(math.ceil(wait))})
+                return resp
         try:
             body = await read_body(request, self.max_body_bytes, self.body_grace_s, self.body_min_rate_bps)
         except BodyError as exc:
@@ -266,30 +290,33 @@ class RadicaleBridge:
             return resp
         length = body.seek(0, io.SEEK_END)
         body.seek(0)
-        remote = self.remote_of(request)
         environ = build_environ(request, body, length, remote, server_address(request.host))
-        key = self._credential_key(request)
-        known = key is not None and self._known_good.get(key, 0) > time.monotonic()
         loop = asyncio.get_running_loop()
         self.in_flight += 1
+        status = 500
+        if not known:
+            self.throttle.begin(remote[0])
         try:
             if known:
                 result = await loop.run_in_executor(self.executor, _run_wsgi, self.app, environ)
             else:
                 async with self._unverified:
                     result = await loop.run_in_executor(self.executor, _run_wsgi, self.app, environ)
+            status = result.status
         except Exception:
             log.exception("Radicale failed on %s %s", request.method, request.path)
             body.close()
             return web.Response(status=500, text="Internal server error\n")
         finally:
             self.in_flight -= 1
+            if not known:
+                self.throttle.end(remote[0], failed=status == 401 and bool(auth), succeeded=status < 400)
             self._schedule_release()
         if key is not None:
             if result.status == 401:
                 self._known_good.pop(key, None)
             elif result.status < 400:
-                self._known_good[key] = time.monotonic() + 300
+                self._known_good[key] = time.monotonic() + KNOWN_GOOD_S
         if result.status == 401 and auth:
             await self._failure_delay()
         if result.status == 502 and request.method in ("MOVE", "COPY"):

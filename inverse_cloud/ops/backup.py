@@ -6,12 +6,16 @@ writers take ``LOCK_EX`` for the whole of a write, so a shared lock waits for a 
 holds off the next one) while it copies the store into a tar file. Every item acknowledged to a client
 before the lock was granted is in the snapshot; nothing half-written is. The tar also carries the
 user file, the ACME account key (CAA pins it), the SSH keys and pinned relay host key, and the config;
-a ``MANIFEST.json`` lists every file with its SHA-256. The tar is written 0600 and renamed into place.
+a ``MANIFEST.json`` lists every file with its SHA-256. The tar is encrypted and authenticated with a
+passphrase (the age format, see :mod:`inverse_cloud.ops.backup_crypt`) unless asked not to, written 0600
+and renamed into place.
 
 Import refuses a store that holds any item (restoring an old snapshot over a server that phones have
 synced with since makes them delete what is newer: see docs/operations.md), refuses while a server
-runs, checks every file against the manifest, moves the restored tree into place and then runs
-Radicale's own storage verification.
+runs, refuses a wrong passphrase or a modified file before reading a member, streams each member to a
+staging folder while hashing it (capped per member and in total), lists what the import would change
+(:mod:`inverse_cloud.ops.backup_review`) and goes on only when that is accepted, runs Radicale's own
+storage verification on the staged store, and only then moves it into place.
 """
 
 from __future__ import annotations
@@ -30,15 +34,17 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 from inverse_cloud import __version__
 from inverse_cloud.config import Config
 from inverse_cloud.errors import InverseCloudError
 from inverse_cloud.fsutil import ensure_private_dir, fsync_dir
+from inverse_cloud.ops import backup_crypt
+from inverse_cloud.ops.backup_review import describe_changes
 
-__all__ = ["BackupError", "ExportResult", "ImportResult", "export_backup", "import_backup", "store_items",
-           "storage_lock"]
+__all__ = ["BackupError", "ChangesNotAccepted", "ExportResult", "ImportResult", "export_backup", "import_backup",
+           "store_items", "storage_lock"]
 
 FORMAT = 1
 LOCK_TIMEOUT_S = 60.0
@@ -47,8 +53,26 @@ LOCK_TIMEOUT_S = 60.0
 _SKIP_PREFIXES = (".Radicale.lock", ".Radicale.tmp-", ".Radicale.cache")
 
 
+# Import caps: a member above MAX_MEMBER_BYTES, a total above MAX_TOTAL_BYTES or more than MAX_MEMBERS
+# entries refuse the whole file (a small .tar.gz can expand to gigabytes). An item is at most
+# [server] max_body_bytes (4 MiB by default, 1 GiB at most); a store of 100,000 items fits.
+MAX_MEMBER_BYTES = 1 << 30
+MAX_TOTAL_BYTES = 8 << 30
+MAX_MEMBERS = 200_000
+_CHUNK = 1 << 20
+
+
 class BackupError(InverseCloudError):
     """Export or import cannot be done; nothing was changed."""
+
+
+class ChangesNotAccepted(BackupError):
+    """The import would change users, keys or settings and ``accept_changes`` was not given; ``changes``
+    lists them, one line each. Nothing was changed."""
+
+    def __init__(self, message: str, changes: list[str]) -> None:
+        super().__init__(message)
+        self.changes = changes
 
 
 @dataclass(frozen=True)
@@ -128,8 +152,9 @@ def _add_bytes(tar: tarfile.TarFile, name: str, data: bytes, mtime: float) -> No
     tar.addfile(info, io.BytesIO(data))
 
 
-def export_backup(cfg: Config, dest: Path) -> ExportResult:
-    """Write a snapshot of ``cfg``'s data to ``dest`` (a tar, mode 0600, replaced atomically).
+def export_backup(cfg: Config, dest: Path, passphrase: str | None) -> ExportResult:
+    """Write a snapshot of ``cfg``'s data to ``dest`` (mode 0600, replaced atomically): a .tar.gz,
+    encrypted for ``passphrase`` in the age format unless ``passphrase`` is None.
 
     :raises BackupError: the storage lock was not granted, or ``dest`` is inside the data folder.
     """
@@ -148,7 +173,8 @@ def export_backup(cfg: Config, dest: Path) -> ExportResult:
     files = 0
     try:
         os.fchmod(fd, 0o600)
-        with os.fdopen(fd, "wb") as raw, tarfile.open(fileobj=raw, mode="w:gz", compresslevel=6) as tar:
+        plain: IO[bytes] = io.BytesIO() if passphrase is not None else os.fdopen(fd, "wb")
+        with plain as raw, tarfile.open(fileobj=raw, mode="w:gz", compresslevel=6) as tar:
             def add(path: Path, arcname: str) -> None:
                 nonlocal files
                 data = path.read_bytes()
@@ -175,8 +201,16 @@ def export_backup(cfg: Config, dest: Path) -> ExportResult:
                                     if n.startswith("data/collections/collection-root/")
                                     and not n.rsplit("/", 1)[-1].startswith("."))
             _add_bytes(tar, "MANIFEST.json", json.dumps(manifest, indent=1, sort_keys=True).encode(), time.time())
-            raw.flush()
-            os.fsync(raw.fileno())
+            tar.close()
+            if isinstance(raw, io.BytesIO):
+                assert passphrase is not None
+                with os.fdopen(fd, "wb") as out:
+                    out.write(backup_crypt.encrypt(raw.getvalue(), passphrase))
+                    out.flush()
+                    os.fsync(out.fileno())
+            else:
+                raw.flush()
+                os.fsync(raw.fileno())
         os.replace(tmp, dest)
         fsync_dir(dest.parent)
     except BaseException:
@@ -239,28 +273,59 @@ def verify_store(cfg: Config) -> None:
         raise BackupError(f"Radicale storage verification failed for {cfg.server.storage_dir}")
 
 
+def _open_export(src: Path, passphrase: str | None, max_total_bytes: int) -> tarfile.TarFile:
+    """The export's tar, decrypted first if it is encrypted.
+
+    :raises BackupError: a wrong passphrase or a modified file (age cannot tell them apart), an
+        encrypted file without a passphrase, a file over the cap, or not a tar at all.
+    """
+    try:
+        with open(src, "rb") as fh:
+            head = fh.read(len(backup_crypt.AGE_MAGIC))
+            size = os.fstat(fh.fileno()).st_size
+            if size > max_total_bytes:
+                raise BackupError(f"{src}: {size} bytes is over the import's {max_total_bytes}-byte cap")
+            if backup_crypt.is_encrypted(head):
+                if passphrase is None:
+                    raise BackupError(f"{src} is encrypted: give its passphrase (--passphrase-file FILE, or "
+                                      "run on a terminal to be asked)")
+                fh.seek(0)
+                plain = backup_crypt.decrypt(fh.read(), passphrase)
+                if plain is None:
+                    raise BackupError(f"{src}: wrong passphrase, or the file was modified after export; "
+                                      "nothing was changed")
+                return tarfile.open(fileobj=io.BytesIO(plain), mode="r:*")
+        return tarfile.open(src, mode="r:*")
+    except (tarfile.TarError, OSError, EOFError) as exc:
+        # tarfile lists every compression it tried, one per line: the user gets one line.
+        reason = str(exc).splitlines()[0].rstrip(":") if str(exc) else type(exc).__name__
+        raise BackupError(f"{src}: not a readable export ({reason})") from None
+
+
 def import_backup(src: Path, cfg: Config | None, *, config_path: Path, data_dir: Path | None = None,
-                  check_running: bool = True) -> ImportResult:
+                  passphrase: str | None = None, accept_changes: bool = False, check_running: bool = True,
+                  max_member_bytes: int = MAX_MEMBER_BYTES, max_total_bytes: int = MAX_TOTAL_BYTES
+                  ) -> ImportResult:
     """Restore an export into an empty store.
 
     ``cfg`` is the existing configuration, or None when ``config_path`` does not exist yet: then the
     exported config is written there with ``data_dir`` (default: the XDG data folder) substituted.
+    ``passphrase`` opens an encrypted export. Users, keys and (with no config yet) settings the
+    export would change are only changed with ``accept_changes``.
 
-    :raises BackupError: the store holds items, a server is running, or the file is damaged; in each
-        case nothing was changed.
+    :raises ChangesNotAccepted: the import would change users, keys or settings (listed).
+    :raises BackupError: the store holds items, a server is running, the passphrase is wrong, the file
+        is modified, damaged or over a cap, or its config is refused; in each case nothing was changed.
     """
     from inverse_cloud import config as config_mod
+    from inverse_cloud.errors import ConfigError
 
     src = src.expanduser()
     if not src.is_file():
         raise BackupError(f"{src}: no such file")
-    try:
-        tar = tarfile.open(src, mode="r:*")
-    except (tarfile.TarError, OSError) as exc:
-        # tarfile lists every compression it tried, one per line: the user gets one line.
-        reason = str(exc).splitlines()[0].rstrip(":") if str(exc) else type(exc).__name__
-        raise BackupError(f"{src}: not a readable export ({reason})") from None
+    tar = _open_export(src, passphrase, max_total_bytes)
     with tar:
+        _count_members(tar, src)
         manifest = _read_manifest(tar, src)
         target_data = cfg.server.data_dir if cfg is not None else (data_dir or config_mod.default_data_dir())
         if cfg is not None and data_dir is not None and data_dir != cfg.server.data_dir:
@@ -278,12 +343,19 @@ def import_backup(src: Path, cfg: Config | None, *, config_path: Path, data_dir:
         ensure_private_dir(target_data)
         staging = Path(tempfile.mkdtemp(prefix=".import-", dir=target_data))
         try:
-            files = _extract_checked(tar, manifest, staging, src)
+            files = _extract_checked(tar, manifest, staging, src, max_member_bytes, max_total_bytes)
             exported_config = staging / "config.toml"
             exported_text = exported_config.read_text(encoding="utf-8") if exported_config.exists() else None
+            try:
+                exported = config_mod.loads(exported_text, Path("config.toml")) if exported_text else None
+            except ConfigError as exc:
+                raise BackupError(f"{src}: its config is refused: {exc}; nothing was changed") from None
+            changes = describe_changes(staging, target_data, exported, cfg is None)
+            if changes and not accept_changes:
+                raise ChangesNotAccepted(f"{src} would change {len(changes)} thing(s) listed above; nothing was "
+                                         "changed (run again with --accept-changes to restore it)", changes)
             # Radicale checks the restored store where it lies in staging, before anything is moved.
-            base = cfg if cfg is not None else config_mod.loads(exported_text, exported_config) \
-                if exported_text is not None else None
+            base = cfg if cfg is not None else exported
             if base is not None:
                 verify_store(config_mod.replace_server(base, data_dir=staging / "data"))
             moved = _install(staging / "data", target_data)
@@ -295,9 +367,21 @@ def import_backup(src: Path, cfg: Config | None, *, config_path: Path, data_dir:
     return ImportResult(target_data, files, int(manifest.get("items", 0)), config_written, moved)
 
 
-def _extract_checked(tar: tarfile.TarFile, manifest: dict[str, Any], staging: Path, src: Path) -> int:
+def _count_members(tar: tarfile.TarFile, src: Path) -> None:
+    """Read the member headers once (tarfile keeps them), refusing past MAX_MEMBERS."""
+    for n, _member in enumerate(tar, 1):
+        if n > MAX_MEMBERS:
+            raise BackupError(f"{src}: more than {MAX_MEMBERS} entries; refusing the whole file")
+
+
+def _extract_checked(tar: tarfile.TarFile, manifest: dict[str, Any], staging: Path, src: Path,
+                     max_member_bytes: int, max_total_bytes: int) -> int:
+    """Stream every member into ``staging`` while hashing it; refuse the whole file (the caller removes
+    ``staging``) at the first entry that is not a plain file in the manifest, is over a cap or does
+    not match its checksum."""
     expected: dict[str, str] = manifest.get("files", {})
     seen = 0
+    total = 0
     for member in tar.getmembers():
         name = member.name
         if name == "MANIFEST.json":
@@ -306,16 +390,25 @@ def _extract_checked(tar: tarfile.TarFile, manifest: dict[str, Any], staging: Pa
             raise BackupError(f"{src}: unexpected entry {name!r}; refusing the whole file")
         if name not in expected:
             raise BackupError(f"{src}: {name} is not in the manifest; refusing the whole file")
+        if member.size > max_member_bytes:
+            raise BackupError(f"{src}: {name} is {member.size} bytes, over the {max_member_bytes}-byte cap "
+                              "per file; nothing was changed")
+        total += member.size
+        if total > max_total_bytes:
+            raise BackupError(f"{src}: more than {max_total_bytes} bytes in all, over the import's cap; "
+                              "nothing was changed")
         fh = tar.extractfile(member)
         assert fh is not None
-        data = fh.read()
-        if hashlib.sha256(data).hexdigest() != expected[name]:
-            raise BackupError(f"{src}: {name} does not match its checksum (damaged file); nothing was changed")
         out = staging / name
         ensure_private_dir(out.parent)
+        digest = hashlib.sha256()
         fd = os.open(out, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
         with os.fdopen(fd, "wb") as fh_out:
-            fh_out.write(data)
+            while chunk := fh.read(_CHUNK):
+                digest.update(chunk)
+                fh_out.write(chunk)
+            if digest.hexdigest() != expected[name]:
+                raise BackupError(f"{src}: {name} does not match its checksum (damaged file); nothing was changed")
             fh_out.flush()
             os.fsync(fh_out.fileno())
         os.utime(out, (member.mtime, member.mtime))

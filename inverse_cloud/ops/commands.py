@@ -203,23 +203,44 @@ def cmd_service(args: argparse.Namespace) -> int:
 
 def cmd_export(args: argparse.Namespace) -> int:
     from inverse_cloud.ops.backup import export_backup
+    from inverse_cloud.prompt import read_passphrase
 
     cfg = config_mod.load_config(args)
-    result = export_backup(cfg, Path(args.file))
+    passphrase = None if args.no_encrypt else read_passphrase(args.passphrase_file, confirm=True)
+    result = export_backup(cfg, Path(args.file), passphrase)
     print(f"wrote {result.path} ({result.files} files, {result.items} items, {result.bytes} bytes; storage "
           f"locked for {result.locked_s * 1000:.0f} ms)")
-    print("it holds your contacts, calendars, passwords (hashed), the ACME account key and the SSH keys: "
-          "keep it private")
+    if passphrase is None:
+        print("it holds your contacts, calendars, passwords (hashed), the ACME account key and the SSH keys, "
+              "unencrypted: keep it private")
+    else:
+        print("encrypted with your passphrase (age format): without it the file cannot be read or restored")
     return 0
 
 
 def cmd_import(args: argparse.Namespace) -> int:
-    from inverse_cloud.ops.backup import import_backup
+    from inverse_cloud.ops.backup import ChangesNotAccepted, import_backup
+    from inverse_cloud.ops.backup_crypt import AGE_MAGIC, is_encrypted
+    from inverse_cloud.prompt import read_passphrase
 
     path = config_mod.config_path(args)
     cfg = config_mod.load(path) if path.exists() else None
-    result = import_backup(Path(args.file), cfg, config_path=path,
-                           data_dir=Path(args.data_dir).expanduser().absolute() if args.data_dir else None)
+    src = Path(args.file).expanduser()
+    try:
+        with open(src, "rb") as fh:
+            encrypted = is_encrypted(fh.read(len(AGE_MAGIC)))
+    except OSError:
+        encrypted = False   # import_backup names the problem
+    passphrase = read_passphrase(args.passphrase_file, confirm=False) if encrypted else None
+    try:
+        result = import_backup(src, cfg, config_path=path, passphrase=passphrase,
+                               accept_changes=args.accept_changes,
+                               data_dir=Path(args.data_dir).expanduser().absolute() if args.data_dir else None)
+    except ChangesNotAccepted as exc:
+        print("this import would change:")
+        for line in exc.changes:
+            print(f"  {line}")
+        raise
     print(f"restored {result.files} files ({result.items} items) into {result.data_dir}; Radicale verified the store")
     if result.config_written:
         print(f"wrote {result.config_written} from the export (check listen addresses and paths)")
@@ -304,8 +325,13 @@ def add_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser], commo
     p = sub.add_parser("export", parents=[common], help="write a consistent backup (contacts, calendars, users, "
                        "keys, config) to FILE",
                        description="Write a consistent backup (contacts, calendars, users, keys, config) to "
-                                   "FILE while the server keeps running; keep it private.")
+                                   "FILE while the server keeps running; encrypted with a passphrase unless "
+                                   "--no-encrypt.")
     p.add_argument("file", metavar="FILE", help="where to write the backup")
+    p.add_argument("--passphrase-file", metavar="FILE", help="read the passphrase from FILE's first line "
+                   "(default: ask on the terminal)")
+    p.add_argument("--no-encrypt", action="store_true", help="write a plain .tar.gz (readable by anyone who "
+                   "gets the file)")
     p.set_defaults(func=cmd_export)
 
     p = sub.add_parser("import", parents=[common], help="restore a backup into an empty store (new laptop)",
@@ -314,4 +340,8 @@ def add_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser], commo
     p.add_argument("file", metavar="FILE", help="the backup to restore")
     p.add_argument("--data-dir", metavar="DIR", help="where to restore when there is no config yet "
                    f"(default: {config_mod.default_data_dir()})")
+    p.add_argument("--passphrase-file", metavar="FILE", help="the passphrase of an encrypted export, from FILE's "
+                   "first line (default: ask on the terminal)")
+    p.add_argument("--accept-changes", action="store_true", help="restore even though the export replaces users, "
+                   "keys or settings (they are listed without this flag, and nothing is changed)")
     p.set_defaults(func=cmd_import)

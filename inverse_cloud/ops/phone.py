@@ -26,6 +26,7 @@ from urllib.parse import quote
 import bcrypt
 from aiohttp import web
 
+from inverse_cloud.dav.users import BCRYPT_ROUNDS
 from inverse_cloud.ops.ready import readiness, ready_line
 from inverse_cloud.ops.status import basic_user, collections_of
 
@@ -228,6 +229,7 @@ class HtpasswdChecker:
         self.executor = ThreadPoolExecutor(max_workers=2, thread_name_prefix="page-auth")
         self._good: dict[str, float] = {}
         self._stamp: tuple[int, int] | None = None
+        self._dummy: str | None = None   # made on first use, in a worker thread (bcrypt's ~0.2 s)
 
     def _file_stamp(self) -> tuple[int, int] | None:
         try:
@@ -236,19 +238,32 @@ class HtpasswdChecker:
             return None
         return (st.st_size, st.st_mtime_ns)
 
-    def _check_sync(self, user: str, password: str) -> bool:
+    def _hash_of(self, user: str) -> str | None:
         try:
             text = self.path.read_text(encoding="utf-8")
         except OSError:
-            return False
+            return None
         for line in text.splitlines():
             name, sep, hashed = line.partition(":")
             if sep and name == user and hashed.startswith("$2"):
-                try:
-                    return bool(bcrypt.checkpw(password.encode("utf-8"), hashed.strip().encode("ascii")))
-                except ValueError:
-                    return False
-        return False
+                return hashed.strip()
+        return None
+
+    def _dummy_hash(self) -> str:
+        if self._dummy is None:
+            self._dummy = bcrypt.hashpw(os.urandom(16).hex().encode(), bcrypt.gensalt(BCRYPT_ROUNDS)).decode()
+        return self._dummy
+
+    def _check_sync(self, user: str, password: str) -> bool:
+        """One bcrypt check whatever the user: against a dummy hash of the same cost when the user is
+        unknown (or has no bcrypt entry), and one way out for every failure, so the time taken does
+        not tell which user names exist."""
+        hashed = self._hash_of(user)
+        try:
+            matches = bool(bcrypt.checkpw(password.encode("utf-8"), (hashed or self._dummy_hash()).encode("ascii")))
+        except (ValueError, UnicodeError):
+            matches = False
+        return matches and hashed is not None
 
     async def check(self, user: str, password: str) -> bool:
         stamp = self._file_stamp()

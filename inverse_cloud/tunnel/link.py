@@ -35,6 +35,7 @@ import asyncssh
 from inverse_cloud.config import Config
 from inverse_cloud.errors import ConfigError, ForwardRefused, TunnelError
 from inverse_cloud.fsutil import check_private
+from inverse_cloud.tunnel.admission import ChannelAdmission
 from inverse_cloud.tunnel.channels import (
     ChannelEnd,
     ForwardTarget,
@@ -144,6 +145,7 @@ class Tunnel:
         self.takeovers = 0
         self.connections = 0
         self.active_channels = 0
+        self._admission = ChannelAdmission(cfg.server.max_connections, tag=self.tag)
 
     # -- lifecycle --
 
@@ -441,6 +443,8 @@ class Tunnel:
         listen = self.cfg.server.https_listen if fwd.name == "https" else self.cfg.server.http_listen
         host = _connect_host(listen[0])
         port = self.target.https_port if fwd.name == "https" else self.target.http_port
+        if (refused := self._admission.admit(orig_host)) is not None:   # before a descriptor is spent
+            raise asyncssh.ChannelOpenError(asyncssh.OPEN_RESOURCE_SHORTAGE, refused)
         family = socket.AF_INET6 if ":" in host else socket.AF_INET
         sock = socket.socket(family, socket.SOCK_STREAM)
         token = object()
@@ -453,16 +457,17 @@ class Tunnel:
             self.target.peers.register(src_port, (orig_host, orig_port))
             await loop.sock_connect(sock, (host, port))
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-            local = LocalEnd(lambda: self._release(src_port, token))
+            local = LocalEnd(lambda: self._release(src_port, token, host=orig_host))
             await loop.create_connection(lambda: local, sock=sock)
         except OSError as exc:
             sock.close()
-            self._release(src_port, token, linger=False)
+            self._release(src_port, token, linger=False, host=orig_host)
             raise asyncssh.ChannelOpenError(asyncssh.OPEN_CONNECT_FAILED, f"local listener: {exc}") from None
         self.active_channels += 1
         return ChannelEnd(local)
 
-    def _release(self, src_port: int, token: object, linger: bool = True) -> None:
+    def _release(self, src_port: int, token: object, linger: bool = True, host: str = "") -> None:
+        self._admission.release(host)
         if linger:
             self.active_channels -= 1
 

@@ -171,6 +171,12 @@ def nftables_rules(spec: RelaySpec) -> str:
         f"        fib daddr type local ip daddr != 127.0.0.0/8 tcp dport 443 dnat to {https}\n"
         f"        fib daddr type local ip daddr != 127.0.0.0/8 tcp dport 80 dnat to {http}\n"
         "    }\n"
+        "    chain input {\n"
+        "        # With loopback routing on, a neighbour on the segment could reach 127.0.0.1 services\n"
+        "        # (CVE-2020-8558): only packets this table DNAT-ed may arrive there from outside.\n"
+        "        type filter hook input priority filter; policy accept;\n"
+        "        iif != \"lo\" ip daddr 127.0.0.0/8 ct status & dnat == 0 drop\n"
+        "    }\n"
         "}\n"
     )
 
@@ -192,6 +198,13 @@ def iptables_rules(spec: RelaySpec) -> str:
         f"-j DNAT --to-destination {https}\n"
         f"-A INVERSE_CLOUD_OUT -p tcp ! -d 127.0.0.0/8 -m addrtype --dst-type LOCAL --dport 80 "
         f"-j DNAT --to-destination {http}\n"
+        "COMMIT\n"
+        "# With loopback routing on, a neighbour could reach 127.0.0.1 services (CVE-2020-8558): drop what\n"
+        "# was not DNAT-ed.\n"
+        "*filter\n"
+        ":INVERSE_CLOUD_IN - [0:0]\n"
+        "-F INVERSE_CLOUD_IN\n"
+        "-A INVERSE_CLOUD_IN ! -i lo -d 127.0.0.0/8 -m conntrack ! --ctstate DNAT -j DROP\n"
         "COMMIT\n"
     )
 
@@ -295,6 +308,7 @@ def setup_script(spec: RelaySpec, nat: str = "nft") -> str:
                      "iptables -t nat -A PREROUTING -j INVERSE_CLOUD_PRE\n"
                      "iptables -t nat -C OUTPUT -j INVERSE_CLOUD_OUT 2>/dev/null || "
                      "iptables -t nat -A OUTPUT -j INVERSE_CLOUD_OUT\n"
+                     "iptables -C INPUT -j INVERSE_CLOUD_IN 2>/dev/null || iptables -I INPUT -j INVERSE_CLOUD_IN\n"
                      "echo 'note: make the iptables rules persistent (e.g. netfilter-persistent save)'\n"),
         "none": "echo 'NAT not touched (--nat none): map public 443/80 yourself (see README)'\n",
     }[nat]

@@ -82,9 +82,17 @@ write_file "$NAT_FILE" 0644 <<'INVERSE_CLOUD_EOF'
 -A INVERSE_CLOUD_OUT -p tcp ! -d 127.0.0.0/8 -m addrtype --dst-type LOCAL --dport 443 -j DNAT --to-destination 127.0.0.1:44353
 -A INVERSE_CLOUD_OUT -p tcp ! -d 127.0.0.0/8 -m addrtype --dst-type LOCAL --dport 80 -j DNAT --to-destination 127.0.0.1:8053
 COMMIT
+# With loopback routing on, a neighbour could reach 127.0.0.1 services (CVE-2020-8558): drop what
+# was not DNAT-ed.
+*filter
+:INVERSE_CLOUD_IN - [0:0]
+-F INVERSE_CLOUD_IN
+-A INVERSE_CLOUD_IN ! -i lo -d 127.0.0.0/8 -m conntrack ! --ctstate DNAT -j DROP
+COMMIT
 INVERSE_CLOUD_EOF
 iptables-restore --noflush < "$NAT_FILE"
 iptables -t nat -C PREROUTING -j INVERSE_CLOUD_PRE 2>/dev/null || iptables -t nat -A PREROUTING -j INVERSE_CLOUD_PRE
 iptables -t nat -C OUTPUT -j INVERSE_CLOUD_OUT 2>/dev/null || iptables -t nat -A OUTPUT -j INVERSE_CLOUD_OUT
+iptables -C INPUT -j INVERSE_CLOUD_IN 2>/dev/null || iptables -I INPUT -j INVERSE_CLOUD_IN
 echo 'note: make the iptables rules persistent (e.g. netfilter-persistent save)'
 echo "inverse-cloud: relay ready for user $U"

@@ -81,6 +81,12 @@ table ip inverse_cloud {
         fib daddr type local ip daddr != 127.0.0.0/8 tcp dport 443 dnat to 203.0.113.7:1443
         fib daddr type local ip daddr != 127.0.0.0/8 tcp dport 80 dnat to 203.0.113.7:1080
     }
+    chain input {
+        # With loopback routing on, a neighbour on the segment could reach 127.0.0.1 services
+        # (CVE-2020-8558): only packets this table DNAT-ed may arrive there from outside.
+        type filter hook input priority filter; policy accept;
+        iif != "lo" ip daddr 127.0.0.0/8 ct status & dnat == 0 drop
+    }
 }
 INVERSE_CLOUD_EOF
 nft -f "$NAT_FILE"
