@@ -161,6 +161,18 @@ class AcmeConfig:
     self_check_address: tuple[str, int] | None = None
     dns_server: tuple[str, int] | None = None
     caa_issuer: str = ""
+    challenge: str = "http-01"
+    tls_self_check_address: tuple[str, int] | None = None
+
+    @property
+    def challenge_methods(self) -> tuple[str, ...]:
+        """The ACME challenge types this installation may use, in the order tried."""
+        return ("http-01", "tls-alpn-01") if self.challenge == "auto" else (self.challenge,)
+
+    @property
+    def caa_methods(self) -> str:
+        """The CAA ``validationmethods`` value that lets every challenge in use through (RFC 8657)."""
+        return ",".join(self.challenge_methods)
 
 
 @dataclass(frozen=True)
@@ -226,6 +238,8 @@ SCHEMA: dict[str, dict[str, tuple[Checker, Any]]] = {
         "self_check_address": (_opt_hostport, None),
         "dns_server": (_opt_hostport, None),
         "caa_issuer": (_str, ""),
+        "challenge": (_choice("http-01", "tls-alpn-01", "auto"), "http-01"),
+        "tls_self_check_address": (_opt_hostport, None),
     },
 }
 
@@ -416,7 +430,8 @@ def _build(path: Path | None, v: dict[str, dict[str, Any]], radicale_extra: dict
         directory=directory, email=a["email"], ca_bundle=a["ca_bundle"], eab_kid=a["eab_kid"],
         eab_hmac_key=a["eab_hmac_key"], key_type=a["key_type"], check_interval_s=a["check_interval_s"],
         account_dir=data_dir / "acme", self_check_address=a["self_check_address"], dns_server=a["dns_server"],
-        caa_issuer=a["caa_issuer"].strip().lower(),
+        caa_issuer=a["caa_issuer"].strip().lower(), challenge=a["challenge"],
+        tls_self_check_address=a["tls_self_check_address"],
     )
     return Config(path=path, server=server, relay=relay, acme=acme, radicale_extra=radicale_extra)
 

@@ -105,7 +105,8 @@ def dns_records(cfg: Config, relay_addrs: list[str], account_uri: str) -> list[s
     for addr in relay_addrs or ["<relay IPv4 address>"]:
         lines.append(f"{d}. A{'AAA' if ':' in addr else ''} {addr}")
     issuer = issuer_domain_for(cfg.acme.directory, cfg.acme.caa_issuer) or "<your CA's issuer domain>"
-    lines.append(recommended_record(d, issuer, account_uri or "<account URL: shown after the first certificate>"))
+    lines.append(recommended_record(d, issuer, account_uri or "<account URL: shown after the first certificate>",
+                                   cfg.acme.caa_methods))
     parent = d.split(".", 1)[1] if "." in d else d
     lines += [
         f"_carddavs._tcp.{parent}. SRV 0 1 443 {d}.   ; optional: clients given only {parent} find the server",
@@ -437,8 +438,8 @@ async def check_caa(ctx: _Ctx) -> Check:
     if not account:
         return Check("CAA", "warn", "no ACME account yet, so no CAA record can be recommended",
                      "wait for the first certificate, then run doctor again")
-    verdict = await lookup_caa(cfg.server.domain, issuer, account, cfg.acme.dns_server)
-    record = recommended_record(cfg.server.domain, issuer or "<issuer>", account)
+    verdict = await lookup_caa(cfg.server.domain, issuer, account, cfg.acme.dns_server, method=cfg.acme.caa_methods)
+    record = recommended_record(cfg.server.domain, issuer or "<issuer>", account, cfg.acme.caa_methods)
     if verdict.state == "ok":
         return Check("CAA", "ok", f"CAA pins our ACME account: the relay cannot get a certificate ({verdict.detail})")
     if verdict.state == "unknown":
