@@ -51,6 +51,7 @@ from inverse_cloud.tunnel.policy import (
     describe_lost,
     retry_delay,
 )
+from inverse_cloud.tunnel.reach import PortChooser
 
 __all__ = [
     "BACKOFF_S",
@@ -156,6 +157,8 @@ class Tunnel:
         self.takeovers = 0
         self.connections = 0
         self.active_channels = 0
+        self.ports = PortChooser(self.relay.port, self.relay.fallback_port, self.tag,
+                                 lambda exc: self._classify(exc).message)
 
     # -- lifecycle --
 
@@ -238,6 +241,7 @@ class Tunnel:
         return {
             "state": self.state,
             "relay": f"{self.relay.host}:{self.relay.port}",
+            "ssh_port": self.ports.in_use, "fallback": self.ports.on_fallback,
             "user": self.relay.user,
             "host_key_fingerprint": self.expected_fp or None,
             "connected_since": _iso(self.connected_since),
@@ -317,8 +321,8 @@ class Tunnel:
 
         return await asyncio.to_thread(read)
 
-    async def _connect(self, key: asyncssh.SSHKey, *, keepalive: bool) -> tuple[asyncssh.SSHClientConnection,
-                                                                                 _Client]:
+    async def _connect(self, key: asyncssh.SSHKey, port: int, *, keepalive: bool
+                       ) -> tuple[asyncssh.SSHClientConnection, _Client]:
         assert self.host_key is not None
         client = _Client()
         self._connector = QuickAckConnector() if self.quickack and keepalive else None
@@ -336,7 +340,7 @@ class Tunnel:
         self.attempts += 1
         try:
             conn = await asyncssh.connect(
-                self.relay.host, self.relay.port, username=self.relay.user,
+                self.relay.host, port, username=self.relay.user,
                 client_factory=lambda: client,
                 known_hosts=([self.host_key], [], []),   # the pinned key only; never None
                 client_keys=[key], agent_path=None, agent_forwarding=False, config=None,
@@ -359,7 +363,7 @@ class Tunnel:
         :raises ForwardRefused: the listen was refused even after a takeover.
         """
         key = await self._load_key(self.relay.key_file, "relay key")
-        conn, client = await self._connect(key, keepalive=True)
+        conn, client = await self.ports.connect(lambda port: self._connect(key, port, keepalive=True))
         self._conn = conn
         try:
             refused = await self._open_forwards(conn)
@@ -432,7 +436,8 @@ class Tunnel:
         self.takeovers += 1
         try:
             key = await self._load_key(self.relay.takeover_key_file, "relay takeover key")
-            conn, _ = await asyncio.wait_for(self._connect(key, keepalive=False), TAKEOVER_TIMEOUT_S)
+            conn, _ = await asyncio.wait_for(self.ports.connect(lambda p: self._connect(key, p, keepalive=False),
+                                                                remember=False), TAKEOVER_TIMEOUT_S)
             async with conn:
                 result = await asyncio.wait_for(conn.run("takeover", check=False), TAKEOVER_TIMEOUT_S)
             out = str(result.stdout or "").strip().splitlines()
