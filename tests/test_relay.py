@@ -194,3 +194,48 @@ def test_relay_setup_output_writes_the_bundle(instance, tmp_path):
     assert os.access(out / "setup.sh", os.X_OK)
     keys = (out / "authorized_keys").read_text()
     assert (Path(instance).parent / "data" / "ssh" / "id_ed25519.pub").read_text().split()[1] in keys
+
+
+# --- SSH on 443 (sslh) ---------------------------------------------------------------------------------
+
+def test_ssh_on_443_moves_public_443_from_dnat_to_sslh():
+    """--ssh-on-443: no DNAT for 443 (sslh owns it), 80 still DNATed; sslh sends SSH to the relay's sshd
+    and TLS for the domain only to the https forward; the bundle gains sslh.cfg and setup.sh installs it."""
+    s = spec(ssh_on_443=True, sshd_port=2222)
+    nft, ipt = relay.nftables_rules(s), relay.iptables_rules(s)
+    assert "dport 443" not in nft and "dport 80 dnat to 127.0.0.1:8053" in nft
+    assert "--dport 443" not in ipt and "--dport 80 -j DNAT" in ipt
+    assert "dport 443 dnat" in relay.nftables_rules(spec())          # the plain variant is unchanged
+    cfg = relay.sslh_config(s)
+    assert '{ name: "ssh"; service: "ssh"; host: "127.0.0.1"; port: "2222"; }' in cfg
+    assert '{ name: "tls"; host: "127.0.0.1"; port: "44353"; sni_hostnames: [ "laptop.test" ]; }' in cfg
+    assert 'port: "443"' in cfg and "transparent: false;" in cfg
+    assert relay.bundle(s)["sslh.cfg"] == cfg and "sslh.cfg" not in relay.bundle(spec())
+    script = relay.setup_script(s)
+    assert cfg in script and "apt install sslh" in script
+    out = subprocess.run(["sh", "-n"], input=script, text=True, capture_output=True)
+    assert out.returncode == 0, out.stderr
+
+
+def test_sslh_config_is_accepted_by_sslh(tmp_path):
+    """The real sslh (Debian's 1.20) parses the rendered file: -F<file> -V reads the configuration and prints
+    the version without binding; a syntax error exits 1 (checked, so this test can fail)."""
+    sslh = _need("sslh")
+    (tmp_path / "sslh.cfg").write_text(relay.sslh_config(spec(ssh_on_443=True)))
+    out = subprocess.run([sslh, f"-F{tmp_path / 'sslh.cfg'}", "-V"], capture_output=True, text=True, timeout=10)
+    assert out.returncode == 0 and "sslh" in (out.stdout + out.stderr), out
+    (tmp_path / "bad.cfg").write_text(relay.sslh_config(spec(ssh_on_443=True)).replace("protocols:", "protocols"))
+    bad = subprocess.run([sslh, f"-F{tmp_path / 'bad.cfg'}", "-V"], capture_output=True, text=True, timeout=10)
+    assert bad.returncode != 0, bad
+
+
+def test_relay_setup_ssh_on_443_sets_the_fallback_port(instance, tmp_path):
+    from inverse_cloud.cli import main
+    from inverse_cloud.config import load
+
+    text = Path(instance).read_text().replace('host = ""', 'host = "relay.example"')
+    Path(instance).write_text(text)
+    out = tmp_path / "bundle"
+    assert main(["relay-setup", "--config", str(instance), "--output", str(out), "--no-pin", "--ssh-on-443"]) == 0
+    assert (out / "sslh.cfg").exists() and "dport 443" not in (out / "nftables.conf").read_text()
+    assert load(Path(instance)).relay.fallback_port == 443

@@ -47,6 +47,9 @@ def add_commands(sub: Any, common: argparse.ArgumentParser) -> None:
                    help="relay sshd ClientAliveCountMax (default 3: a dead session is dropped after ~45 s)")
     p.add_argument("--authorized-keys-file", metavar="PATH", default="",
                    help="where the relay keeps the tunnel user's keys (default /etc/ssh/inverse-cloud/USER.keys)")
+    p.add_argument("--ssh-on-443", action="store_true",
+                   help="also put the relay's SSH on public 443 behind sslh (for laptops in networks that block "
+                        "outbound SSH); sets [relay] fallback_port = 443 here")
     p.set_defaults(func=cmd_relay_setup)
 
 
@@ -175,7 +178,8 @@ def spec_for(cfg: Config, args: argparse.Namespace) -> relay.RelaySpec:
         takeover_key=_public_key(cfg.relay.takeover_key_file), listen_host=cfg.relay.listen_host,
         https_port=cfg.relay.https_port, http_port=cfg.relay.http_port,
         client_alive_interval_s=args.client_alive_interval, client_alive_count_max=args.client_alive_count_max,
-        authorized_keys_file=args.authorized_keys_file)
+        authorized_keys_file=args.authorized_keys_file, ssh_on_443=bool(getattr(args, "ssh_on_443", False)),
+        sshd_port=cfg.relay.port)
 
 
 def apply_over_ssh(target: str, script: str) -> None:
@@ -217,6 +221,13 @@ def cmd_relay_setup(args: argparse.Namespace) -> int:
             print(content)
     if args.apply:
         apply_over_ssh(args.apply, files["setup.sh"])
+    if spec.ssh_on_443 and cfg.relay.fallback_port != 443 and cfg.path is not None:
+        from inverse_cloud.fsutil import atomic_write
+
+        text = cfg.path.read_text(encoding="utf-8")
+        atomic_write(cfg.path, set_config_value(text, "relay", "fallback_port", "443").encode(), mode=0o600)
+        print(f"set [relay] fallback_port = 443 in {cfg.path}: the tunnel tries it when port {cfg.relay.port} "
+              "is blocked")
     if args.no_pin:
         return 0
     offered = fetch_host_key(cfg.relay.host, cfg.relay.port, cfg.relay.connect_timeout_s)
