@@ -142,6 +142,7 @@ class RelayConfig:
     keepalive_count_max: int
     connect_timeout_s: float
     fallback_port: int = 0
+    proxy_protocol: bool = False
 
     @property
     def known_hosts_path(self) -> Path:
@@ -226,6 +227,7 @@ SCHEMA: dict[str, dict[str, tuple[Checker, Any]]] = {
         "keepalive_count_max": (_int_range(1, 100), 3),
         "connect_timeout_s": (_float_range(1, 300), 15.0),
         "fallback_port": (_int_range(0, 65535), 0),
+        "proxy_protocol": (_bool, False),
     },
     "acme": {
         "enabled": (_bool, None),
@@ -424,7 +426,7 @@ def _build(path: Path | None, v: dict[str, dict[str, Any]], radicale_extra: dict
         host_key=r["host_key"], listen_host=r["listen_host"], https_port=r["https_port"],
         http_port=r["http_port"], keepalive_interval_s=r["keepalive_interval_s"],
         keepalive_count_max=r["keepalive_count_max"], connect_timeout_s=r["connect_timeout_s"],
-        fallback_port=r["fallback_port"],
+        fallback_port=r["fallback_port"], proxy_protocol=r["proxy_protocol"],
     )
     a = v["acme"]
     directory = LETSENCRYPT_STAGING if a["staging"] and a["directory"] == LETSENCRYPT else a["directory"]

@@ -239,3 +239,26 @@ def test_relay_setup_ssh_on_443_sets_the_fallback_port(instance, tmp_path):
     assert main(["relay-setup", "--config", str(instance), "--output", str(out), "--no-pin", "--ssh-on-443"]) == 0
     assert (out / "sslh.cfg").exists() and "dport 443" not in (out / "nftables.conf").read_text()
     assert load(Path(instance)).relay.fallback_port == 443
+
+
+def test_proxy_protocol_variant_sends_the_header_to_both_upstreams():
+    stream = relay.nginx_stream(spec(proxy_protocol=True))
+    assert "        proxy_protocol on;\n" in stream
+    assert "listen 127.0.0.1:8443 ssl proxy_protocol;" in stream and "real_ip_header proxy_protocol;" in stream
+    assert "proxy_protocol on;" not in relay.nginx_stream(spec())
+
+
+def test_relay_setup_proxy_protocol_needs_nat_none_and_sets_the_option(instance, tmp_path, capsys):
+    from inverse_cloud.cli import main
+    from inverse_cloud.config import load
+
+    text = Path(instance).read_text().replace('host = ""', 'host = "relay.example"')
+    Path(instance).write_text(text)
+    out = tmp_path / "bundle"
+    assert main(["relay-setup", "--config", str(instance), "--output", str(out), "--no-pin", "--proxy-protocol"]) == 2
+    assert "--proxy-protocol needs --nat none" in capsys.readouterr().err
+    assert not load(Path(instance)).relay.proxy_protocol
+    assert main(["relay-setup", "--config", str(instance), "--output", str(out), "--no-pin", "--nat", "none",
+                 "--proxy-protocol"]) == 0
+    assert "proxy_protocol on;" in (out / "nginx-stream.conf").read_text()
+    assert load(Path(instance)).relay.proxy_protocol

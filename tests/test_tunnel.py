@@ -540,3 +540,51 @@ async def test_wrong_host_key_on_the_first_port_does_not_fall_back(rig, caplog):
     async with started(make(host_key=other, fallback_port=free_port())) as t:
         await wait_for(lambda: t.state == "failed", what="failed on the host key")
         assert t.attempts == 1 and "relay host key changed" in (t.last_error or "")
+
+
+# --- PROXY protocol on forwarded connections ([relay] proxy_protocol) -----------------------------
+
+async def test_proxy_header_names_the_phone_before_the_first_byte(rig):
+    """proxy_protocol on: a forwarded connection starting with a PROXY v1 header is registered under the
+    address the header names before the first byte reaches our listener, and the listener never sees the
+    header; a connection without a header is closed and nothing reaches the listener. The HTTP forward
+    (port 80: ACME and redirects, not behind the SNI router) is never parsed."""
+    import dataclasses
+
+    make, relay, target = rig
+    plain = make()
+    cfg = dataclasses.replace(plain.cfg, relay=dataclasses.replace(plain.cfg.relay, proxy_protocol=True))
+    async with started(Tunnel(cfg, target)) as t:
+        await wait_for(lambda: t.state == "up", what="tunnel up")
+        reader, writer = await asyncio.open_connection("127.0.0.1", t.relay.https_port)
+        writer.write(b"PROXY TCP4 198.51.100.7 203.0.113.1 51000 443\r\n")
+        await writer.drain()
+        writer.write(b"hello")
+        assert await asyncio.wait_for(reader.readexactly(5), 10) == b"hello"
+        assert target.seen_origin == [("198.51.100.7", 51000)]
+        writer.close()
+
+        reader, writer = await asyncio.open_connection("127.0.0.1", t.relay.https_port)
+        writer.write(b"\x16\x03\x01 no header: a phone around the router")
+        assert await asyncio.wait_for(reader.read(), 10) == b""
+        writer.close()
+        assert len(target.seen_origin) == 1
+
+        reader, writer = await asyncio.open_connection("127.0.0.1", t.relay.http_port)
+        writer.write(b"PROXY TCP4 198.51.100.9 203.0.113.1 1 80\r\n")
+        assert await asyncio.wait_for(reader.readexactly(42), 10) == b"PROXY TCP4 198.51.100.9 203.0.113.1 1 80\r\n"
+        writer.close()
+
+
+async def test_without_proxy_protocol_a_header_is_just_data(rig):
+    """proxy_protocol off (the default): a PROXY header from a client is passed through unparsed, and the
+    address registered is the one the relay saw."""
+    make, relay, target = rig
+    async with started(make()) as t:
+        await wait_for(lambda: t.state == "up", what="tunnel up")
+        reader, writer = await asyncio.open_connection("127.0.0.1", t.relay.https_port)
+        line = b"PROXY TCP4 198.51.100.7 203.0.113.1 51000 443\r\n"
+        writer.write(line)
+        assert await asyncio.wait_for(reader.readexactly(len(line)), 10) == line
+        assert target.seen_origin == [("127.0.0.1", writer.get_extra_info("sockname")[1])]
+        writer.close()

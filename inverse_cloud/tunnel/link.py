@@ -157,8 +157,7 @@ class Tunnel:
         self.takeovers = 0
         self.connections = 0
         self.active_channels = 0
-        self.ports = PortChooser(self.relay.port, self.relay.fallback_port, self.tag,
-                                 lambda exc: self._classify(exc).message)
+        self.ports = PortChooser(self.relay, self.tag, lambda exc: self._classify(exc).message)
 
     # -- lifecycle --
 
@@ -478,7 +477,8 @@ class Tunnel:
             self._release(src_port, token, linger=False)
             raise asyncssh.ChannelOpenError(asyncssh.OPEN_CONNECT_FAILED, f"local listener: {exc}") from None
         self.active_channels += 1
-        return ChannelEnd(local)
+        proxied = fwd.name == "https" and self.relay.proxy_protocol   # the header names the phone: proxy_protocol.py
+        return ChannelEnd(local, (lambda origin: self.target.peers.register(src_port, origin)) if proxied else None)
 
     def _release(self, src_port: int, token: object, linger: bool = True) -> None:
         if linger:

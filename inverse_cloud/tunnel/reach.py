@@ -8,6 +8,7 @@ import logging
 from collections.abc import Awaitable, Callable
 from typing import TypeVar
 
+from inverse_cloud.config import RelayConfig
 from inverse_cloud.errors import TunnelError
 from inverse_cloud.tunnel.policy import ssh_ports, tries_next_port
 
@@ -21,8 +22,8 @@ T = TypeVar("T")
 class PortChooser:
     """Remembers the port in use; :meth:`connect` walks the ports for one connection attempt."""
 
-    def __init__(self, primary: int, fallback: int, tag: str, describe: Callable[[BaseException], str]) -> None:
-        self.primary, self.fallback, self.tag = primary, fallback, tag
+    def __init__(self, relay: RelayConfig, tag: str, describe: Callable[[BaseException], str]) -> None:
+        self.primary, self.fallback, self.tag = relay.port, relay.fallback_port, tag
         self._describe = describe
         self.in_use: int | None = None   # the port of the current (or last) link
 

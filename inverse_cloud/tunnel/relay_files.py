@@ -69,6 +69,7 @@ class RelaySpec:
     dropin_path: str = ""            # default: /etc/ssh/sshd_config.d/inverse-cloud-<user>.conf
     ssh_on_443: bool = False         # sslh on public 443: SSH to sshd, TLS to the https forward (no 443 DNAT)
     sshd_port: int = 22              # where sslh hands SSH over (the relay's own sshd)
+    proxy_protocol: bool = False     # nginx stream sends a PROXY header to both upstreams (client addresses)
 
     @property
     def keys_path(self) -> str:
@@ -227,11 +228,23 @@ def nginx_stream(spec: RelaySpec) -> str:
     """Port 443 shared with an existing HTTPS server: route by SNI at the TCP level (``ssl_preread``),
     so the relay never terminates the laptop's TLS."""
     https = _dnat_target(spec, spec.https_port)
+    if spec.proxy_protocol:
+        where = ("# Move your existing HTTPS server from :443 to 127.0.0.1:8443, reading the PROXY header:\n"
+                 "#     listen 127.0.0.1:8443 ssl proxy_protocol;\n"
+                 "#     set_real_ip_from 127.0.0.1;\n"
+                 "#     real_ip_header proxy_protocol;\n"
+                 "# Both upstreams get a PROXY header, so both see the visitor's address: the laptop reads it\n"
+                 "# ([relay] proxy_protocol = true), the existing site through real_ip (its $remote_addr and\n"
+                 "# allow/deny rules then apply to the visitor, no longer to 127.0.0.1). Trade-off: the site\n"
+                 "# must not be reachable on 127.0.0.1:8443 by anything that does not send the header.\n")
+    else:
+        where = ("# Move your existing HTTPS server from :443 to 127.0.0.1:8443 (listen 127.0.0.1:8443 ssl;).\n"
+                 "# The laptop sees nginx's address, not the phone's, in this variant (relay-setup\n"
+                 "# --proxy-protocol passes the visitor's address on).\n")
     return (
         "# Top level of nginx.conf (NOT inside http {}), e.g. /etc/nginx/stream.d/inverse-cloud.conf with\n"
         "# `include /etc/nginx/stream.d/*.conf;` in nginx.conf. Debian: apt install libnginx-mod-stream.\n"
-        "# Move your existing HTTPS server from :443 to 127.0.0.1:8443 (listen 127.0.0.1:8443 ssl;).\n"
-        "# The laptop sees nginx's address, not the phone's, in this variant.\n"
+        + where +
         "stream {\n"
         "    map $ssl_preread_server_name $inverse_cloud_upstream {\n"
         f"        {spec.domain} {https};\n"
@@ -241,6 +254,7 @@ def nginx_stream(spec: RelaySpec) -> str:
         "        listen 443;\n"
         "        ssl_preread on;\n"
         "        proxy_pass $inverse_cloud_upstream;\n"
+        + ("        proxy_protocol on;\n" if spec.proxy_protocol else "") +
         "        proxy_connect_timeout 5s;\n"
         "    }\n"
         "}\n"
