@@ -142,3 +142,60 @@ async def test_only_acme_tls_handshakes_for_the_pending_name_get_the_challenge(l
     tls.alpn.remove(DOMAIN)
     cert, chosen = await handshake(port, [ACME_TLS_ALPN])
     assert cert.serial_number == real_serial and chosen == ""
+
+
+async def test_self_check_passes_through_our_listener_and_names_what_else_answers(listener, tmp_path):
+    """The TLS-ALPN-01 self-check: our own listener answers its throwaway challenge (None) and the
+    challenge is removed afterwards; a closed port is "connection refused"; another TLS server that does not
+    speak acme-tls/1 is named as such."""
+    from inverse_cloud.certs.probe import check_tls_alpn_path
+    from inverse_cloud.certs.store import CertStore, TLSManager
+    from tests.support import free_port
+
+    tls, port = listener
+    assert await check_tls_alpn_path(DOMAIN, tls.alpn, ("127.0.0.1", port), window_s=1) is None
+    assert len(tls.alpn) == 0 and tls.alpn.answered == 1
+    closed = free_port()
+    why = await check_tls_alpn_path(DOMAIN, tls.alpn, ("127.0.0.1", closed), window_s=0.2)
+    assert why == f"connecting to 127.0.0.1:{closed} failed (connection refused)"
+
+    other = TLSManager(CertStore(tmp_path / "other"), DOMAIN)
+    other.load()
+    plain = other.current   # a context with no message callback: knows nothing of acme-tls/1
+
+    async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        writer.close()
+
+    server = await asyncio.start_server(handle, "127.0.0.1", 0, ssl=plain)
+    try:
+        oport = server.sockets[0].getsockname()[1]
+        why = await check_tls_alpn_path(DOMAIN, tls.alpn, ("127.0.0.1", oport), window_s=0.2)
+        assert why is not None and "acme-tls/1" in why, why
+    finally:
+        server.close()
+        await server.wait_closed()
+
+
+async def test_auto_prefers_http01_and_falls_back_to_tls_alpn01(listener, caplog):
+    """choose_challenge with [acme] challenge = "auto": port 80 closed -> tls-alpn-01 with one INFO line
+    naming the http-01 problem; "http-01" alone -> the problem, no method."""
+    import logging
+
+    from inverse_cloud.certs.probe import choose_challenge
+    from inverse_cloud.config import loads
+    from inverse_cloud.dav.web import ChallengeStore
+    from tests.support import free_port
+
+    caplog.set_level(logging.INFO)
+    tls, port = listener
+    closed = free_port()
+    base = f'[server]\ndomain = "{DOMAIN}"\n[acme]\nself_check_address = "127.0.0.1:{closed}"\n' \
+           f'tls_self_check_address = "127.0.0.1:{port}"\n'
+    auto = loads(base + 'challenge = "auto"\n').acme
+    assert await choose_challenge(auto, DOMAIN, ChallengeStore(), tls.alpn, 0.2) == ("tls-alpn-01", None)
+    assert any(r.getMessage().startswith("using tls-alpn-01: public path http://laptop.test/ does not reach")
+               for r in caplog.records)
+    http_only = loads(base).acme
+    method, why = await choose_challenge(http_only, DOMAIN, ChallengeStore(), tls.alpn, 0.2)
+    assert method == "" and why == (f"public path http://{DOMAIN}/ does not reach this laptop (connecting to "
+                                    f"127.0.0.1:{closed} failed (connection refused))")

@@ -126,6 +126,7 @@ class AcmeIssuer:
         self._client: _Client | None = None
         self._key: jwk.JWKEC | None = None
         self._last = _LastResponse()
+        self._method = "http-01"   # the challenge type of the order in progress (for error lines)
 
     def close(self) -> None:
         client, self._client = self._client, None
@@ -178,8 +179,7 @@ class AcmeIssuer:
                 return RateLimited(f"ACME server {where} unavailable (HTTP 503) at {step}: {detail}", retry_after)
             return AcmeError(f"ACME server {where} refused {step}: {detail} ({exc.code or exc.typ})")
         if isinstance(exc, acme_errors.ValidationError):
-            return AcmeError(f"the CA could not validate http://{self.domain}/.well-known/acme-challenge/…: "
-                             f"{_validation_detail(exc)}")
+            return AcmeError(f"the CA could not validate {self._where(self._method)}: {_validation_detail(exc)}")
         if isinstance(exc, acme_errors.TimeoutError):
             return AcmeError(f"ACME order at {where} not finished within {ORDER_DEADLINE_S:.0f} s ({step})")
         if isinstance(exc, acme_errors.IssuanceError):
@@ -320,6 +320,7 @@ class AcmeIssuer:
         :raises RateLimited: 429/503 with the CA's Retry-After; :raises AcmeError: anything else.
         """
         kind = _CHALLENGE_TYPES[method]
+        self._method = method
         if method == "tls-alpn-01" and alpn is None:
             raise AcmeError("tls-alpn-01 needs the HTTPS listener's responder (none given)")
         key_pem = await self._run(generate_key, self.cfg.key_type)
