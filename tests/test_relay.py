@@ -256,9 +256,30 @@ def test_relay_setup_proxy_protocol_needs_nat_none_and_sets_the_option(instance,
     Path(instance).write_text(text)
     out = tmp_path / "bundle"
     assert main(["relay-setup", "--config", str(instance), "--output", str(out), "--no-pin", "--proxy-protocol"]) == 2
-    assert "--proxy-protocol needs --nat none" in capsys.readouterr().err
+    assert "--proxy-protocol needs --nat none (nginx) or --ssh-on-443" in capsys.readouterr().err
     assert not load(Path(instance)).relay.proxy_protocol
     assert main(["relay-setup", "--config", str(instance), "--output", str(out), "--no-pin", "--nat", "none",
                  "--proxy-protocol"]) == 0
     assert "proxy_protocol on;" in (out / "nginx-stream.conf").read_text()
     assert load(Path(instance)).relay.proxy_protocol
+
+
+def test_sslh_with_proxy_protocol_sends_v2_and_refuses_sslh_1(tmp_path):
+    """--ssh-on-443 --proxy-protocol: the tls entry gets proxyprotocol: 2; setup.sh refuses an sslh 1.x
+    (Debian 12's 1.20 parses the setting and silently ignores it: every phone would then be closed)."""
+    s = spec(ssh_on_443=True, proxy_protocol=True)
+    cfg = relay.sslh_config(s)
+    assert 'sni_hostnames: [ "laptop.test" ]; proxyprotocol: 2; }' in cfg
+    assert "proxyprotocol" not in relay.sslh_config(spec(ssh_on_443=True)).split("protocols:")[1]
+    script = relay.sslh_setup(s)
+    fake = tmp_path / "sslh"
+    fake.write_text("#!/bin/sh\necho 'sslh-fork 1.20-1+deb12u1'\n")
+    fake.chmod(0o755)
+    head = script.split("write_file")[0]
+    out = subprocess.run(["sh", "-c", head], env={"PATH": f"{tmp_path}:/usr/bin:/bin"}, capture_output=True,
+                         text=True)
+    assert out.returncode == 1 and "too old to send PROXY headers" in out.stderr
+    fake.write_text("#!/bin/sh\necho 'sslh-fork v2.2.1'\n")
+    out = subprocess.run(["sh", "-c", head], env={"PATH": f"{tmp_path}:/usr/bin:/bin"}, capture_output=True,
+                         text=True)
+    assert out.returncode == 0, out.stderr

@@ -52,7 +52,8 @@ def add_commands(sub: Any, common: argparse.ArgumentParser) -> None:
                         "outbound SSH); sets [relay] fallback_port = 443 here")
     p.add_argument("--proxy-protocol", action="store_true",
                    help="with --nat none: nginx-stream.conf sends a PROXY header to the laptop and the existing "
-                        "site, so both see the visitor's address; sets [relay] proxy_protocol = true here")
+                        "site, so both see the visitor's address (with --ssh-on-443: sslh 2 sends it); sets "
+                        "[relay] proxy_protocol = true here")
     p.set_defaults(func=cmd_relay_setup)
 
 
@@ -218,9 +219,9 @@ def cmd_relay_setup(args: argparse.Namespace) -> int:
                           "USER@HOST`) first")
     if not 1 <= args.client_alive_interval <= 3600 or not 1 <= args.client_alive_count_max <= 100:
         raise ConfigError("--client-alive-interval must be 1-3600 and --client-alive-count-max 1-100")
-    if getattr(args, "proxy_protocol", False) and args.nat != "none":
-        raise ConfigError("--proxy-protocol needs --nat none: with DNAT a phone reaches the forwarded port "
-                          "directly and could send a PROXY header naming any address")
+    if getattr(args, "proxy_protocol", False) and args.nat != "none" and not getattr(args, "ssh_on_443", False):
+        raise ConfigError("--proxy-protocol needs --nat none (nginx) or --ssh-on-443 (sslh): with DNAT of 443 a "
+                          "phone reaches the forwarded port directly and could send a PROXY header naming any address")
     spec = spec_for(cfg, args)
     files = relay.bundle(spec, args.nat)
     if args.output:
