@@ -283,3 +283,30 @@ def test_sslh_with_proxy_protocol_sends_v2_and_refuses_sslh_1(tmp_path):
     out = subprocess.run(["sh", "-c", head], env={"PATH": f"{tmp_path}:/usr/bin:/bin"}, capture_output=True,
                          text=True)
     assert out.returncode == 0, out.stderr
+
+
+def test_ipv6_adds_a_v6_listener_to_sslh_and_nginx(tmp_path):
+    """--ipv6: sslh and the nginx stream block also listen on [::]:443 (checked by the real sslh parser);
+    refused with the DNAT variant."""
+    cfg = relay.sslh_config(spec(ssh_on_443=True, ipv6=True))
+    assert '{ host: "0.0.0.0"; port: "443"; },\n    { host: "::"; port: "443"; }\n);' in cfg
+    assert '"::"' not in relay.sslh_config(spec(ssh_on_443=True))
+    assert "listen [::]:443;" in relay.nginx_stream(spec(ipv6=True))
+    assert "[::]" not in relay.nginx_stream(spec())
+    (tmp_path / "v6.cfg").write_text(cfg)
+    out = subprocess.run([_need("sslh"), f"-F{tmp_path / 'v6.cfg'}", "-V"], capture_output=True, text=True,
+                         timeout=10)
+    assert out.returncode == 0, out
+
+
+def test_relay_setup_ipv6_needs_a_v6_listener(instance, tmp_path, capsys):
+    from inverse_cloud.cli import main
+
+    text = Path(instance).read_text().replace('host = ""', 'host = "relay.example"')
+    Path(instance).write_text(text)
+    out = tmp_path / "bundle"
+    assert main(["relay-setup", "--config", str(instance), "--output", str(out), "--no-pin", "--ipv6"]) == 2
+    assert "--ipv6 needs --ssh-on-443 (sslh) or --nat none (nginx)" in capsys.readouterr().err
+    assert main(["relay-setup", "--config", str(instance), "--output", str(out), "--no-pin", "--ipv6",
+                 "--ssh-on-443"]) == 0
+    assert '"::"' in (out / "sslh.cfg").read_text()

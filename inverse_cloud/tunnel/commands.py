@@ -54,6 +54,9 @@ def add_commands(sub: Any, common: argparse.ArgumentParser) -> None:
                    help="with --nat none: nginx-stream.conf sends a PROXY header to the laptop and the existing "
                         "site, so both see the visitor's address (with --ssh-on-443: sslh 2 sends it); sets "
                         "[relay] proxy_protocol = true here")
+    p.add_argument("--ipv6", action="store_true",
+                   help="with --ssh-on-443 (sslh) or --nat none (nginx): also listen on [::]:443 for phones on "
+                        "IPv6 (publish an AAAA record then)")
     p.set_defaults(func=cmd_relay_setup)
 
 
@@ -183,7 +186,8 @@ def spec_for(cfg: Config, args: argparse.Namespace) -> relay.RelaySpec:
         https_port=cfg.relay.https_port, http_port=cfg.relay.http_port,
         client_alive_interval_s=args.client_alive_interval, client_alive_count_max=args.client_alive_count_max,
         authorized_keys_file=args.authorized_keys_file, ssh_on_443=bool(getattr(args, "ssh_on_443", False)),
-        sshd_port=cfg.relay.port, proxy_protocol=bool(getattr(args, "proxy_protocol", False)))
+        sshd_port=cfg.relay.port, proxy_protocol=bool(getattr(args, "proxy_protocol", False)),
+        ipv6=bool(getattr(args, "ipv6", False)))
 
 
 def apply_over_ssh(target: str, script: str) -> None:
@@ -222,6 +226,9 @@ def cmd_relay_setup(args: argparse.Namespace) -> int:
     if getattr(args, "proxy_protocol", False) and args.nat != "none" and not getattr(args, "ssh_on_443", False):
         raise ConfigError("--proxy-protocol needs --nat none (nginx) or --ssh-on-443 (sslh): with DNAT of 443 a "
                           "phone reaches the forwarded port directly and could send a PROXY header naming any address")
+    if getattr(args, "ipv6", False) and args.nat != "none" and not getattr(args, "ssh_on_443", False):
+        raise ConfigError("--ipv6 needs --ssh-on-443 (sslh) or --nat none (nginx): the DNAT rules cannot map "
+                          "IPv6 onto the relay's loopback forwards; a v6 listener can")
     spec = spec_for(cfg, args)
     files = relay.bundle(spec, args.nat)
     if args.output:

@@ -70,6 +70,7 @@ class RelaySpec:
     ssh_on_443: bool = False         # sslh on public 443: SSH to sshd, TLS to the https forward (no 443 DNAT)
     sshd_port: int = 22              # where sslh hands SSH over (the relay's own sshd)
     proxy_protocol: bool = False     # nginx stream sends a PROXY header to both upstreams (client addresses)
+    ipv6: bool = False               # sslh / nginx stream also listen on [::]:443 (a v6 listener, no ip6 NAT)
 
     @property
     def keys_path(self) -> str:
@@ -252,6 +253,7 @@ def nginx_stream(spec: RelaySpec) -> str:
         "    }\n"
         "    server {\n"
         "        listen 443;\n"
+        + ("        listen [::]:443;\n" if spec.ipv6 else "") +
         "        ssl_preread on;\n"
         "        proxy_pass $inverse_cloud_upstream;\n"
         + ("        proxy_protocol on;\n" if spec.proxy_protocol else "") +
@@ -284,7 +286,8 @@ def sslh_config(spec: RelaySpec, listen: str = "0.0.0.0", public_port: int = 443
         'user: "sslh";\n'
         "listen:\n"
         "(\n"
-        f'    {{ host: "{listen}"; port: "{public_port}"; }}\n'
+        f'    {{ host: "{listen}"; port: "{public_port}"; }}'
+        + (f',\n    {{ host: "::"; port: "{public_port}"; }}\n' if spec.ipv6 else "\n") +
         ");\n"
         "protocols:\n"
         "(\n"
