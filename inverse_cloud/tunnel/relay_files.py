@@ -336,8 +336,11 @@ def readme(spec: RelaySpec) -> str:
         "connection (nginx variant: closes it). Phones report \"server unreachable\" and retry later; the\n"
         "relay never answers with an HTTP error page a client could take for \"collection gone\".\n"
         "\n"
-        "IPv6: these rules cover IPv4 only. Publish an A record for the domain and NO AAAA record: a\n"
-        "half-working AAAA makes phones on IPv6 fail intermittently.\n"
+        + ("IPv6: sslh / nginx also listen on [::]:443 (--ipv6): publish the relay's AAAA record too.\n"
+           if spec.ipv6 else
+           "IPv6: these rules cover IPv4 only. Publish an A record for the domain and NO AAAA record: a\n"
+           "half-working AAAA makes phones on IPv6 fail intermittently (--ipv6 with --ssh-on-443 or\n"
+           "--nat none adds a v6 listener).\n") +
         "\n"
         f"A dead laptop session is dropped after about {alive} s (ClientAlive); the laptop does not wait for\n"
         "that: when its listen is refused it ends the stale session with the takeover key and reconnects.\n"
