@@ -25,6 +25,8 @@ from relay_sshd import configure, relay_sshd, sshd_available
 from tests.support import ServeProcess, free_port, init_instance, wait_until
 
 RELAY, LAPTOP = "10.99.14.1", "10.99.14.2"
+RELAY6, PHONE6 = "fd00:99:15::1", "fd00:99:15::2"        # the relay's public IPv6 side, a phone with only IPv6
+RELAY4B, PHONE4 = "10.99.15.1", "10.99.15.2"               # added to the same phone later, for the v4/v6 figure
 USER = "retunnel"     # its own tunnel user: the takeover ends every other session of the user machine-wide
 PASSWORD = "correct horse"
 
@@ -71,6 +73,40 @@ def sslh(cfg_path: Path, log: Path) -> Iterator[subprocess.Popen[bytes]]:
                 proc.wait(10)
 
 
+@contextlib.contextmanager
+def re_phone6() -> Iterator[str]:
+    """A phone namespace (name prefixed re-) with only an IPv6 address, on a veth to the relay's side."""
+    name = f"re-phone-{os.getpid()}-{secrets.token_hex(3)}"
+    try:
+        _run("ip", "netns", "add", name)
+        _run("ip", "-n", name, "link", "set", "lo", "up")
+        _run("ip", "link", "add", "rephone0", "type", "veth", "peer", "name", "rephonep", "netns", name)
+        _run("ip", "addr", "add", f"{RELAY6}/64", "dev", "rephone0", "nodad")
+        _run("ip", "link", "set", "rephone0", "up")
+        _run("ip", "-n", name, "addr", "add", f"{PHONE6}/64", "dev", "rephonep", "nodad")
+        _run("ip", "-n", name, "link", "set", "rephonep", "up")
+        yield name
+    finally:
+        if os.path.exists(f"/run/netns/{name}"):
+            subprocess.run(["ip", "netns", "delete", name], capture_output=True, check=False)
+
+
+def phone_times(ns: str, address: str, cafile: Path, n: int = 20) -> list[float]:
+    """``n`` verified PROPFINDs from the phone namespace to ``address``:443; each one's total time (s)."""
+    host = f"[{address}]" if ":" in address else address
+    out = []
+    for _ in range(n):
+        r = subprocess.run(
+            ["ip", "netns", "exec", ns, "curl", "-s", "--max-time", "5", "--cacert", str(cafile), "--resolve",
+             f"laptop.test:443:{host}", "-u", f"alice:{PASSWORD}", "-X", "PROPFIND", "-H", "Depth: 1", "-o",
+             "/dev/null", "-w", "%{http_code} %{time_total}", "https://laptop.test/radicale/alice/"],
+            capture_output=True, text=True, timeout=20, check=False)
+        code, _, total = r.stdout.partition(" ")
+        assert code == "207", (address, r.stdout, r.stderr)
+        out.append(float(total))
+    return out
+
+
 def phone_propfind(cafile: Path) -> bool:
     """A phone on the relay's side: PROPFIND https://laptop.test/ (public 443 = sslh), verified."""
     out = subprocess.run(
@@ -103,7 +139,8 @@ def test_tunnel_comes_up_over_443_when_outbound_ssh_is_dropped(tmp_path):
        fallback_port = 443 in the laptop's config). 2. The laptop namespace drops outbound TCP to <ssh port>
        (nftables table re_block). 3. serve starts: the SSH port times out, the tunnel comes up on 443 through
        sslh, one line "SSH reaches the relay on the fallback port 443 (port N: timed out)"; `status` says
-       "fallback"; a phone PROPFINDs https://laptop.test/ on the relay's 443 (TLS through sslh) -> 207.
+       "fallback"; a phone PROPFINDs https://laptop.test/ on the relay's 443 (TLS through sslh) -> 207; a
+       phone with only IPv6 does the same through sslh's [::]:443 (`--ipv6`), 20 times (timed, v4 too).
     4. The relay session is killed: the reconnect goes straight to 443 (printed: seconds to a working sync).
     5. The drop rule removed and serve restarted: the tunnel uses the SSH port again (printed likewise)."""
     missing = sshd_available()
@@ -118,7 +155,7 @@ def test_tunnel_comes_up_over_443_when_outbound_ssh_is_dropped(tmp_path):
             with relay_sshd(cfg, user=USER, client_alive_interval=15, listen_address=RELAY) as relay:
                 bundle = tmp_path / "bundle443"
                 _run(sys.executable, "-m", "inverse_cloud.cli", "relay-setup", "--config", str(cfg), "--output",
-                     str(bundle), "--no-pin", "--ssh-on-443")
+                     str(bundle), "--no-pin", "--ssh-on-443", "--ipv6")
                 # Test-only: this sshd listens on RELAY, not on every address as a relay's does.
                 sslh_cfg = bundle / "sslh.cfg"
                 sslh_cfg.write_text(sslh_cfg.read_text().replace(f'host: "127.0.0.1"; port: "{sshd_port}"',
@@ -141,6 +178,11 @@ def test_tunnel_comes_up_over_443_when_outbound_ssh_is_dropped(tmp_path):
                     text = subprocess.run([sys.executable, "-m", "inverse_cloud.cli", "status", "--config", str(cfg)],
                                           capture_output=True, text=True, timeout=30, check=False).stdout
                     assert f"to {RELAY}:443 (fallback port: {sshd_port} not reachable" in text, text
+                    with re_phone6() as phone:
+                        v6 = phone_times(phone, RELAY6, cafile)          # only IPv6: through sslh's [::]:443
+                        _run("ip", "addr", "add", f"{RELAY4B}/24", "dev", "rephone0")
+                        _run("ip", "-n", phone, "addr", "add", f"{PHONE4}/24", "dev", "rephonep")
+                        v4 = phone_times(phone, RELAY4B, cafile)
                     over_443 = reconnect_s(srv, relay, cafile)
                     assert "Traceback" not in srv.log()
                     _run(*laptop.exec_prefix, "nft", "delete", "table", "inet", "re_block")
@@ -153,5 +195,7 @@ def test_tunnel_comes_up_over_443_when_outbound_ssh_is_dropped(tmp_path):
             print(f"\n[ssh-on-443] first connect with port {sshd_port} dropped (connect_timeout_s 3, then 443): "
                   f"{first_up:.2f} s; reconnect after a killed session: over 443 {over_443:.2f} s, over the SSH "
                   f"port {over_22:.2f} s")
+            print(f"[ssh-on-443] phone PROPFIND (Depth 1) through sslh and the tunnel, median of {len(v4)}: "
+                  f"IPv4 {sorted(v4)[len(v4) // 2] * 1000:.1f} ms, IPv6 {sorted(v6)[len(v6) // 2] * 1000:.1f} ms")
         finally:
             subprocess.run(["userdel", USER], capture_output=True, check=False)
