@@ -28,6 +28,7 @@ from typing import Any
 from inverse_cloud import config as config_mod
 from inverse_cloud.config import Config
 from inverse_cloud.errors import ConfigError
+from inverse_cloud.ops.dns_records import dns_records
 from inverse_cloud.ops.netprobe import describe, dns_addresses, http_request, spki_sha256_of_cert
 
 __all__ = ["Check", "DoctorOptions", "Report", "dns_records", "format_report", "parse_connect_to",
@@ -94,27 +95,6 @@ def parse_connect_to(items: list[str]) -> dict[tuple[str, int], tuple[str, int]]
             raise ValueError(f"--connect-to {item}: expected HOST:PORT:ADDR:PORT")
         out[(parts[0].lower(), int(parts[1]))] = (parts[2], int(parts[3]))
     return out
-
-
-def dns_records(cfg: Config, relay_addrs: list[str], account_uri: str) -> list[str]:
-    """The DNS records the user should have, as zone-file lines (pure)."""
-    from inverse_cloud.certs.caa import issuer_domain_for, recommended_record
-
-    d = cfg.server.domain
-    lines = []
-    for addr in relay_addrs or ["<relay IPv4 address>"]:
-        lines.append(f"{d}. A{'AAA' if ':' in addr else ''} {addr}")
-    issuer = issuer_domain_for(cfg.acme.directory, cfg.acme.caa_issuer) or "<your CA's issuer domain>"
-    lines.append(recommended_record(d, issuer, account_uri or "<account URL: shown after the first certificate>",
-                                   cfg.acme.caa_methods))
-    parent = d.split(".", 1)[1] if "." in d else d
-    lines += [
-        f"_carddavs._tcp.{parent}. SRV 0 1 443 {d}.   ; optional: clients given only {parent} find the server",
-        f"_caldavs._tcp.{parent}. SRV 0 1 443 {d}.",
-        f'_carddavs._tcp.{parent}. TXT "path=/radicale/"',
-        f'_caldavs._tcp.{parent}. TXT "path=/radicale/"',
-    ]
-    return lines
 
 
 # --- helpers ------------------------------------------------------------------------------------------
@@ -342,11 +322,22 @@ async def check_forwards(ctx: _Ctx) -> Check:
 
 
 async def check_public_http(ctx: _Ctx) -> Check:
+    cfg = ctx.cfg
+    assert cfg is not None
+    domain = cfg.server.domain
+    if cfg.acme.challenge == "tls-alpn-01":
+        return Check("public HTTP", "skip", "[acme] challenge = tls-alpn-01: the CA validates on port 443 only")
+    check = await _check_public_http(ctx, domain)
+    if check.state == "fail" and cfg.acme.challenge == "auto":
+        return Check("public HTTP", "warn", f"{check.detail}; TLS-ALPN-01 is used instead", check.fix)
+    return check
+
+
+async def _check_public_http(ctx: _Ctx, domain: str) -> Check:
     from inverse_cloud.ops.control import ControlError, ask_async
 
     cfg = ctx.cfg
     assert cfg is not None
-    domain = cfg.server.domain
     try:
         probe = await ask_async(cfg.server.control_socket, "probe", timeout_s=ctx.opts.timeout_s)
         target = await ctx.public_target(80)
