@@ -2,8 +2,8 @@
 on free loopback ports, configured and stopped (by pid) by the test.
 
 * challtestsrv answers every A query with 127.0.0.1 (``set-default-ipv4``) and no AAAA, so Pebble's
-  validator connects to 127.0.0.1:<http_port>: set ``http_port`` to where validation must land (our HTTP
-  listener directly, or the relay's forwarded port 80 stand-in).
+  validator connects to 127.0.0.1:<http_port> (HTTP-01) or 127.0.0.1:<tls_port> (TLS-ALPN-01): set them to
+  where validation must land (our listeners directly, or the relay's forwarded ports).
 * ``PEBBLE_VA_NOSLEEP=1`` (no random 0-15 s wait before each validation), ``PEBBLE_AUTHZREUSE=0`` (every
   renewal validates again, through the tunnel), Pebble's default 5% nonce rejection unless overridden.
 * ``certificateValidityPeriod`` short (seconds) so renewal happens inside a test.
@@ -106,10 +106,11 @@ class PebbleCA:
 
     def __init__(self, root: Path, *, http_port: int, validity_s: int = 300, nonce_reject: int | None = None,
                  default_ipv4: str = "127.0.0.1", env: dict[str, str] | None = None,
-                 wfe_validity: tuple[dt.timedelta, dt.timedelta] = (dt.timedelta(minutes=5), dt.timedelta(days=2))
-                 ) -> None:
+                 wfe_validity: tuple[dt.timedelta, dt.timedelta] = (dt.timedelta(minutes=5), dt.timedelta(days=2)),
+                 tls_port: int = 0) -> None:
         """``wfe_validity``: how long before and after now Pebble's own HTTPS certificate is valid (a client
-        whose clock is moved, F12, needs it wider)."""
+        whose clock is moved, F12, needs it wider). ``tls_port``: where TLS-ALPN-01 validation connects
+        (0: a free port nobody listens on)."""
         require_pebble()
         self.root = root
         root.mkdir(parents=True, exist_ok=True)
@@ -119,6 +120,7 @@ class PebbleCA:
         self.default_ipv4 = default_ipv4
         self.extra_env = env or {}
         self.port, self.mgmt_port, self.dns_port, self.chall_mgmt_port, self.tls_port = _distinct_free_ports(5)
+        self.tls_port = tls_port or self.tls_port
         self.wfe_ca, self.wfe_cert, self.wfe_key = _make_wfe_cert(root / "wfe", *wfe_validity)
         self._log_offset = 0
         self.pebble: subprocess.Popen[bytes] | None = None

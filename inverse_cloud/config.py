@@ -144,6 +144,8 @@ class RelayConfig:
     keepalive_interval_s: float
     keepalive_count_max: int
     connect_timeout_s: float
+    fallback_port: int = 0
+    proxy_protocol: bool = False
 
     @property
     def known_hosts_path(self) -> Path:
@@ -164,6 +166,18 @@ class AcmeConfig:
     self_check_address: tuple[str, int] | None = None
     dns_server: tuple[str, int] | None = None
     caa_issuer: str = ""
+    challenge: str = "http-01"
+    tls_self_check_address: tuple[str, int] | None = None
+
+    @property
+    def challenge_methods(self) -> tuple[str, ...]:
+        """The ACME challenge types this installation may use, in the order tried."""
+        return ("http-01", "tls-alpn-01") if self.challenge == "auto" else (self.challenge,)
+
+    @property
+    def caa_methods(self) -> str:
+        """The CAA ``validationmethods`` value that lets every challenge in use through (RFC 8657)."""
+        return ",".join(self.challenge_methods)
 
 
 @dataclass(frozen=True)
@@ -216,6 +230,8 @@ SCHEMA: dict[str, dict[str, tuple[Checker, Any]]] = {
         "keepalive_interval_s": (_float_range(1, 600), 5.0),
         "keepalive_count_max": (_int_range(1, 100), 3),
         "connect_timeout_s": (_float_range(1, 300), 15.0),
+        "fallback_port": (_int_range(0, 65535), 0),
+        "proxy_protocol": (_bool, False),
     },
     "acme": {
         "enabled": (_bool, None),
@@ -230,6 +246,8 @@ SCHEMA: dict[str, dict[str, tuple[Checker, Any]]] = {
         "self_check_address": (_opt_hostport, None),
         "dns_server": (_opt_hostport, None),
         "caa_issuer": (_str, ""),
+        "challenge": (_choice("http-01", "tls-alpn-01", "auto"), "http-01"),
+        "tls_self_check_address": (_opt_hostport, None),
     },
 }
 
@@ -427,6 +445,7 @@ def _build(path: Path | None, v: dict[str, dict[str, Any]], radicale_extra: dict
         host_key=r["host_key"], listen_host=r["listen_host"], https_port=r["https_port"],
         http_port=r["http_port"], keepalive_interval_s=r["keepalive_interval_s"],
         keepalive_count_max=r["keepalive_count_max"], connect_timeout_s=r["connect_timeout_s"],
+        fallback_port=r["fallback_port"], proxy_protocol=r["proxy_protocol"],
     )
     a = v["acme"]
     directory = LETSENCRYPT_STAGING if a["staging"] and a["directory"] == LETSENCRYPT else a["directory"]
@@ -435,7 +454,8 @@ def _build(path: Path | None, v: dict[str, dict[str, Any]], radicale_extra: dict
         directory=directory, email=a["email"], ca_bundle=a["ca_bundle"], eab_kid=a["eab_kid"],
         eab_hmac_key=a["eab_hmac_key"], key_type=a["key_type"], check_interval_s=a["check_interval_s"],
         account_dir=data_dir / "acme", self_check_address=a["self_check_address"], dns_server=a["dns_server"],
-        caa_issuer=a["caa_issuer"].strip().lower(),
+        caa_issuer=a["caa_issuer"].strip().lower(), challenge=a["challenge"],
+        tls_self_check_address=a["tls_self_check_address"],
     )
     return Config(path=path, server=server, relay=relay, acme=acme, radicale_extra=radicale_extra)
 

@@ -1,10 +1,10 @@
 #!/usr/bin/env bash
 # Sets up and runs every test on a fresh Debian 12 (Python 3.11+): system packages the tests start
-# (sshd, pebble, vdirsyncer, nginx for the baseline), a venv with the package, then lint, types, tests.
+# (sshd, pebble, vdirsyncer, nginx for the baseline, sslh for SSH on 443), a venv with the package, then lint, types, tests.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 SUDO=""; [ "$(id -u)" = 0 ] || SUDO="sudo"
-need=(openssh-server openssh-client pebble vdirsyncer curl nftables iptables faketime socat nginx autossh systemd chromium zbar-tools iproute2 procps openssl util-linux libnginx-mod-stream)
+need=(openssh-server openssh-client pebble vdirsyncer curl nftables iptables faketime socat nginx autossh systemd chromium zbar-tools iproute2 procps openssl util-linux libnginx-mod-stream sslh)
 missing=()
 for p in "${need[@]}"; do dpkg -s "$p" >/dev/null 2>&1 || missing+=("$p"); done
 if [ ${#missing[@]} -gt 0 ]; then

@@ -36,6 +36,18 @@ def issue(value: str, flags: int = 0) -> CaaRecord:
 PINNED = issue(f"letsencrypt.org; accounturi={ACCT}; validationmethods=http-01")
 
 
+@pytest.mark.parametrize(("methods", "method", "state"), [
+    ("http-01", "tls-alpn-01", "blocks-us"),
+    ("tls-alpn-01", "tls-alpn-01", "ok"),
+    ("http-01,tls-alpn-01", "http-01,tls-alpn-01", "ok"),
+    ("tls-alpn-01", "http-01,tls-alpn-01", "blocks-us"),        # auto may use either: both must be allowed
+])
+def test_validationmethods_follows_the_challenge_in_use(methods, method, state):
+    record = issue(f"letsencrypt.org; accounturi={ACCT}; validationmethods={methods}")
+    assert evaluate([record], LE, ACCT, method=method).state == state
+    assert recommended_record("a.test", LE, ACCT, method).endswith(f'validationmethods={method}"')
+
+
 @pytest.mark.parametrize(("records", "state", "needle"), [
     ([], "missing", "any CA"),
     ([CaaRecord(0, "iodef", "mailto:a@example.org")], "missing", "without an issue property"),

@@ -57,7 +57,7 @@ class FakeDriver:
         self.ari_asked: list[str] = []
         self.skew_s = 0.0    # the CA's clock minus ours: certificates are dated by the CA's clock
 
-    async def issue(self, challenges: Any, *, replaces: str = "") -> Issued:
+    async def issue(self, challenges: Any, *, replaces: str = "", **_method: Any) -> Issued:
         self.orders += 1
         self.replaces.append(replaces)
         if self.errors:

@@ -121,6 +121,23 @@ def test_relay_host_enables_relay_and_acme_staging_switches_directory():
     assert cfg.acme.directory == config.LETSENCRYPT_STAGING
 
 
+@pytest.mark.parametrize(("value", "methods", "caa"), [
+    ("http-01", ("http-01",), "http-01"),
+    ("tls-alpn-01", ("tls-alpn-01",), "tls-alpn-01"),
+    ("auto", ("http-01", "tls-alpn-01"), "http-01,tls-alpn-01"),
+])
+def test_acme_challenge_choice_sets_methods_and_caa(value, methods, caa):
+    cfg = config.loads(GOOD + f'[acme]\nchallenge = "{value}"\ntls_self_check_address = "127.0.0.1:9"\n')
+    assert cfg.acme.challenge_methods == methods and cfg.acme.caa_methods == caa
+    assert cfg.acme.tls_self_check_address == ("127.0.0.1", 9)
+
+
+def test_acme_challenge_default_is_http01_and_other_values_are_refused():
+    assert config.loads(GOOD).acme.challenge == "http-01"
+    with pytest.raises(config.ConfigError, match=r'\[acme\] challenge: .*"tls-alpn-01".*got "dns-01"'):
+        config.loads(GOOD + '[acme]\nchallenge = "dns-01"\n')
+
+
 def test_radicale_pass_through_options():
     cfg = config.loads(GOOD + "[radicale.storage]\nmax_sync_token_age = 100\n[radicale.rights]\n"
                               "permit_delete_collection = false\n")
@@ -306,7 +323,7 @@ def test_bad_config_exact_line(name, text, line, fragments):
     ("[zzzzqq]\nx=1\n", "config: line 3: [zzzzqq]: unknown section; known: acme, radicale, relay, server"),
     ("[relay]\nqqqqzz = 1\n", "config: line 4: [relay] qqqqzz: unknown key; known keys: enabled, host, port, user, "
                              "key_file, takeover_key_file, host_key, listen_host, https_port, http_port, "
-                             "keepalive_interval_s, keepalive_count_max, connect_timeout_s"),
+                             "keepalive_interval_s, keepalive_count_max, connect_timeout_s, fallback_port, proxy_protocol"),
     ("max_connections = 3\n", "config: line 3: [server] max_connections: expected an integer 4-100000, got 3"),
     ("max_connections = 100001\n",
      "config: line 3: [server] max_connections: expected an integer 4-100000, got 100001"),

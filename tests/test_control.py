@@ -246,6 +246,14 @@ def test_format_text_shows_the_last_reconnect_reason():
         in format_text(doc)
 
 
+def test_format_text_says_when_the_tunnel_uses_the_fallback_port():
+    doc = _doc(version="0.1.0", domain="laptop.test", pid=1, started_at="x", health="healthy", problems=[],
+               notes=[], dav={}, clients=[], plaintext="plaintext only here")
+    doc["tunnel"].update(ssh_port=443, fallback=True)
+    text = format_text(doc)
+    assert "tunnel:       up to relay:443 (fallback port: 22 not reachable from this network; since " in text
+
+
 def test_status_with_broken_config_exits_2(tmp_path):
     bad = tmp_path / "c.toml"
     bad.write_text("[server]\ndomain = 3\n")

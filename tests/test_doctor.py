@@ -168,3 +168,22 @@ def test_dns_records_include_caa_and_srv(instance):
                and "validationmethods=http-01" in ln for ln in lines)
     assert any(ln.startswith("_carddavs._tcp.test. SRV 0 1 443 laptop.test.") for ln in lines)
     assert '_caldavs._tcp.test. TXT "path=/radicale/"' in lines
+
+
+def test_tls_alpn_01_needs_no_port_80(instance):
+    """[acme] challenge = "tls-alpn-01": port 80 closed is not a broken link (the CA validates on 443 only):
+    "public HTTP" is skipped with the reason and the chain goes on to HTTPS and DAV. With "auto", a closed
+    port 80 is a warning (TLS-ALPN-01 is used instead), not the first broken link."""
+    from inverse_cloud.tunnel.commands import set_config_value
+
+    text = Path(instance).read_text()
+    Path(instance).write_text(set_config_value(text, "acme", "challenge", '"tls-alpn-01"'))
+    with ServeProcess(instance) as srv:
+        code, report = doctor(instance, *connect_to(srv, http_port=free_port()), "--cacert", str(selfsigned(instance)))
+        assert code == 0 and states(report)["public HTTP"] == "skip", report
+        assert "tls-alpn-01" in detail(report, "public HTTP") and states(report)["DAV"] == "ok"
+    Path(instance).write_text(set_config_value(Path(instance).read_text(), "acme", "challenge", '"auto"'))
+    with ServeProcess(instance) as srv:
+        code, report = doctor(instance, *connect_to(srv, http_port=free_port()), "--cacert", str(selfsigned(instance)))
+        assert states(report)["public HTTP"] == "warn" and states(report)["DAV"] == "ok", report
+        assert "TLS-ALPN-01 is used instead" in detail(report, "public HTTP")

@@ -278,3 +278,119 @@ def test_localhost_listen_is_dnatted_to_127_0_0_1_and_nft_is_the_default():
     assert "127.0.0.1:44353" in relay.nginx_stream(s) and "127.0.0.1:8053" in relay.nginx_http_vhost(s)
     assert relay.setup_script(spec()) == relay.setup_script(spec(), "nft")
     assert relay.bundle(spec()) == relay.bundle(spec(), "nft")
+
+
+# --- SSH on 443 (sslh) ---------------------------------------------------------------------------------
+
+def test_ssh_on_443_moves_public_443_from_dnat_to_sslh():
+    """--ssh-on-443: no DNAT for 443 (sslh owns it), 80 still DNATed; sslh sends SSH to the relay's sshd
+    and TLS for the domain only to the https forward; the bundle gains sslh.cfg and setup.sh installs it."""
+    s = spec(ssh_on_443=True, sshd_port=2222)
+    nft, ipt = relay.nftables_rules(s), relay.iptables_rules(s)
+    assert "dport 443" not in nft and "dport 80 dnat to 127.0.0.1:8053" in nft
+    assert "--dport 443" not in ipt and "--dport 80 -j DNAT" in ipt
+    assert "dport 443 dnat" in relay.nftables_rules(spec())          # the plain variant is unchanged
+    cfg = relay.sslh_config(s)
+    assert '{ name: "ssh"; service: "ssh"; host: "127.0.0.1"; port: "2222"; }' in cfg
+    assert '{ name: "tls"; host: "127.0.0.1"; port: "44353"; sni_hostnames: [ "laptop.test" ]; }' in cfg
+    assert 'port: "443"' in cfg and "transparent: false;" in cfg
+    assert relay.bundle(s)["sslh.cfg"] == cfg and "sslh.cfg" not in relay.bundle(spec())
+    script = relay.setup_script(s)
+    assert cfg in script and "apt install sslh" in script
+    out = subprocess.run(["sh", "-n"], input=script, text=True, capture_output=True)
+    assert out.returncode == 0, out.stderr
+
+
+def test_sslh_config_is_accepted_by_sslh(tmp_path):
+    """The real sslh (Debian's 1.20) parses the rendered file: -F<file> -V reads the configuration and prints
+    the version without binding; a syntax error exits 1 (checked, so this test can fail)."""
+    sslh = _need("sslh")
+    (tmp_path / "sslh.cfg").write_text(relay.sslh_config(spec(ssh_on_443=True)))
+    out = subprocess.run([sslh, f"-F{tmp_path / 'sslh.cfg'}", "-V"], capture_output=True, text=True, timeout=10)
+    assert out.returncode == 0 and "sslh" in (out.stdout + out.stderr), out
+    (tmp_path / "bad.cfg").write_text(relay.sslh_config(spec(ssh_on_443=True)).replace("protocols:", "protocols"))
+    bad = subprocess.run([sslh, f"-F{tmp_path / 'bad.cfg'}", "-V"], capture_output=True, text=True, timeout=10)
+    assert bad.returncode != 0, bad
+
+
+def test_relay_setup_ssh_on_443_sets_the_fallback_port(instance, tmp_path):
+    from inverse_cloud.cli import main
+    from inverse_cloud.config import load
+
+    text = Path(instance).read_text().replace('host = ""', 'host = "relay.example"')
+    Path(instance).write_text(text)
+    out = tmp_path / "bundle"
+    assert main(["relay-setup", "--config", str(instance), "--output", str(out), "--no-pin", "--ssh-on-443"]) == 0
+    assert (out / "sslh.cfg").exists() and "dport 443" not in (out / "nftables.conf").read_text()
+    assert load(Path(instance)).relay.fallback_port == 443
+
+
+def test_proxy_protocol_variant_sends_the_header_to_both_upstreams():
+    stream = relay.nginx_stream(spec(proxy_protocol=True))
+    assert "        proxy_protocol on;\n" in stream
+    assert "listen 127.0.0.1:8443 ssl proxy_protocol;" in stream and "real_ip_header proxy_protocol;" in stream
+    assert "proxy_protocol on;" not in relay.nginx_stream(spec())
+
+
+def test_relay_setup_proxy_protocol_needs_nat_none_and_sets_the_option(instance, tmp_path, capsys):
+    from inverse_cloud.cli import main
+    from inverse_cloud.config import load
+
+    text = Path(instance).read_text().replace('host = ""', 'host = "relay.example"')
+    Path(instance).write_text(text)
+    out = tmp_path / "bundle"
+    assert main(["relay-setup", "--config", str(instance), "--output", str(out), "--no-pin", "--proxy-protocol"]) == 2
+    assert "--proxy-protocol needs --nat none (nginx) or --ssh-on-443" in capsys.readouterr().err
+    assert not load(Path(instance)).relay.proxy_protocol
+    assert main(["relay-setup", "--config", str(instance), "--output", str(out), "--no-pin", "--nat", "none",
+                 "--proxy-protocol"]) == 0
+    assert "proxy_protocol on;" in (out / "nginx-stream.conf").read_text()
+    assert load(Path(instance)).relay.proxy_protocol
+
+
+def test_sslh_with_proxy_protocol_sends_v2_and_refuses_sslh_1(tmp_path):
+    """--ssh-on-443 --proxy-protocol: the tls entry gets proxyprotocol: 2; setup.sh refuses an sslh 1.x
+    (Debian 12's 1.20 parses the setting and silently ignores it: every phone would then be closed)."""
+    s = spec(ssh_on_443=True, proxy_protocol=True)
+    cfg = relay.sslh_config(s)
+    assert 'sni_hostnames: [ "laptop.test" ]; proxyprotocol: 2; }' in cfg
+    assert "proxyprotocol" not in relay.sslh_config(spec(ssh_on_443=True)).split("protocols:")[1]
+    script = relay.sslh_setup(s)
+    fake = tmp_path / "sslh"
+    fake.write_text("#!/bin/sh\necho 'sslh-fork 1.20-1+deb12u1'\n")
+    fake.chmod(0o755)
+    head = script.split("write_file")[0]
+    out = subprocess.run(["sh", "-c", head], env={"PATH": f"{tmp_path}:/usr/bin:/bin"}, capture_output=True,
+                         text=True)
+    assert out.returncode == 1 and "too old to send PROXY headers" in out.stderr
+    fake.write_text("#!/bin/sh\necho 'sslh-fork v2.2.1'\n")
+    out = subprocess.run(["sh", "-c", head], env={"PATH": f"{tmp_path}:/usr/bin:/bin"}, capture_output=True,
+                         text=True)
+    assert out.returncode == 0, out.stderr
+
+
+def test_ipv6_adds_a_v6_listener_to_sslh_and_nginx(tmp_path):
+    """--ipv6: sslh and the nginx stream block also listen on [::]:443 (checked by the real sslh parser);
+    refused with the DNAT variant."""
+    cfg = relay.sslh_config(spec(ssh_on_443=True, ipv6=True))
+    assert '{ host: "0.0.0.0"; port: "443"; },\n    { host: "::"; port: "443"; }\n);' in cfg
+    assert '"::"' not in relay.sslh_config(spec(ssh_on_443=True))
+    assert "listen [::]:443;" in relay.nginx_stream(spec(ipv6=True))
+    assert "[::]" not in relay.nginx_stream(spec())
+    (tmp_path / "v6.cfg").write_text(cfg)
+    out = subprocess.run([_need("sslh"), f"-F{tmp_path / 'v6.cfg'}", "-V"], capture_output=True, text=True,
+                         timeout=10)
+    assert out.returncode == 0, out
+
+
+def test_relay_setup_ipv6_needs_a_v6_listener(instance, tmp_path, capsys):
+    from inverse_cloud.cli import main
+
+    text = Path(instance).read_text().replace('host = ""', 'host = "relay.example"')
+    Path(instance).write_text(text)
+    out = tmp_path / "bundle"
+    assert main(["relay-setup", "--config", str(instance), "--output", str(out), "--no-pin", "--ipv6"]) == 2
+    assert "--ipv6 needs --ssh-on-443 (sslh) or --nat none (nginx)" in capsys.readouterr().err
+    assert main(["relay-setup", "--config", str(instance), "--output", str(out), "--no-pin", "--ipv6",
+                 "--ssh-on-443"]) == 0
+    assert '"::"' in (out / "sslh.cfg").read_text()

@@ -688,3 +688,136 @@ async def test_aclose_on_a_frozen_link_ends_within_close_timeout(rig):
     finally:
         await asyncio.wait_for(t.aclose(), 30)
     assert t.state == "down" and t.status()["forwards"][0]["bound"] is False
+
+
+# --- SSH port fallback (relay sshd behind sslh on 443) ------------------------------------------------
+
+@pytest.mark.parametrize("primary,fallback,last_good,expected", [
+    (22, 0, None, (22,)), (22, 443, None, (22, 443)), (22, 443, 443, (443, 22)), (22, 443, 22, (22, 443)),
+    (22, 22, None, (22,)), (22, 443, 9999, (22, 443)),
+])
+def test_ssh_ports_order(primary, fallback, last_good, expected):
+    from inverse_cloud.tunnel.policy import ssh_ports
+
+    assert ssh_ports(primary, fallback, last_good) == expected
+
+
+@pytest.mark.parametrize("exc,moves_on", [
+    (ConnectionRefusedError(111, "refused"), True), (TimeoutError(), True), (OSError(101, "unreachable"), True),
+    (asyncssh.ConnectionLost("lost"), True), (ConnectionResetError(104, "reset"), True),
+    (asyncssh.HostKeyNotVerifiable("not trusted"), False), (asyncssh.PermissionDenied("denied"), False),
+    (HostKeyMismatch("x"), False), (asyncssh.KeyExchangeFailed("No matching host key format"), False),
+])
+def test_only_network_failures_move_on_to_the_next_port(exc, moves_on):
+    from inverse_cloud.tunnel.policy import tries_next_port
+
+    assert tries_next_port(exc) is moves_on
+
+
+@contextlib.asynccontextmanager
+async def silent_port() -> AsyncIterator[int]:
+    """A port that accepts TCP and never says anything: what a middlebox dropping SSH looks like to a client
+    waiting for the server's banner."""
+    held: list[asyncio.StreamWriter] = []
+
+    async def hold(_reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        held.append(writer)
+
+    server = await asyncio.start_server(hold, "127.0.0.1", 0)
+    try:
+        yield server.sockets[0].getsockname()[1]
+    finally:
+        for w in held:
+            w.close()
+        server.close()
+        await server.wait_closed()
+
+
+async def test_blocked_ssh_port_falls_back_and_sticks(rig, caplog):
+    """[relay] port is a port that never answers SSH (timeout), fallback_port is the relay: the tunnel comes
+    up on the fallback with one INFO line naming both ports, status says which port is in use; after the link
+    drops, the reconnect goes straight to the fallback port (no second timeout on the blocked one)."""
+    caplog.set_level(logging.INFO)
+    make, relay, _ = rig
+    async with silent_port() as blocked:
+        async with started(make(port=blocked, fallback_port=relay.port, connect_timeout_s=1)) as t:
+            await wait_for(lambda: t.state == "up", what="tunnel up on the fallback port")
+            st = t.status()
+            assert st["ssh_port"] == relay.port and st["fallback"] is True
+            line = [m for m in tunnel_lines(caplog) if "SSH reaches the relay" in m]
+            assert line == [f"[relay=127.0.0.1:{blocked}] SSH reaches the relay on the fallback port {relay.port} "
+                            f"(port {blocked}: timed out)"]
+            attempts = t.attempts
+            relay.conns[-1].close()
+            await wait_for(lambda: t.connections == 2 and t.state == "up", what="reconnected")
+            assert t.attempts == attempts + 1        # straight to the port that worked
+            assert t.ports.in_use == relay.port
+
+
+async def test_both_ports_failing_name_each(rig, caplog):
+    """Neither port reachable: one WARNING naming each port's failure; no fallback in status."""
+    caplog.set_level(logging.INFO)
+    make, _, _ = rig
+    a, b = free_port(), free_port()
+    async with started(make(port=a, fallback_port=b)) as t:
+        await wait_for(lambda: t.attempts >= 4, what="two rounds over both ports")
+        assert tunnel_lines(caplog) == [f"[relay=127.0.0.1:{a}] cannot reach relay (port {a}: connection refused; "
+                                        f"port {b}: connection refused); retrying with backoff"]
+        assert t.status()["ssh_port"] is None and t.status()["fallback"] is False
+
+
+async def test_wrong_host_key_on_the_first_port_does_not_fall_back(rig, caplog):
+    """A relay that answers with another host key is refused as such; the fallback port is not tried."""
+    make, relay, _ = rig
+    other = asyncssh.generate_private_key("ssh-ed25519").export_public_key().decode().strip()
+    async with started(make(host_key=other, fallback_port=free_port())) as t:
+        await wait_for(lambda: t.state == "failed", what="failed on the host key")
+        assert t.attempts == 1 and "relay host key changed" in (t.last_error or "")
+
+
+# --- PROXY protocol on forwarded connections ([relay] proxy_protocol) -----------------------------
+
+async def test_proxy_header_names_the_phone_before_the_first_byte(rig):
+    """proxy_protocol on: a forwarded connection starting with a PROXY v1 header is registered under the
+    address the header names before the first byte reaches our listener, and the listener never sees the
+    header; a connection without a header is closed and nothing reaches the listener. The HTTP forward
+    (port 80: ACME and redirects, not behind the SNI router) is never parsed."""
+    import dataclasses
+
+    make, relay, target = rig
+    plain = make()
+    cfg = dataclasses.replace(plain.cfg, relay=dataclasses.replace(plain.cfg.relay, proxy_protocol=True))
+    async with started(Tunnel(cfg, target)) as t:
+        await wait_for(lambda: t.state == "up", what="tunnel up")
+        reader, writer = await asyncio.open_connection("127.0.0.1", t.relay.https_port)
+        writer.write(b"PROXY TCP4 198.51.100.7 203.0.113.1 51000 443\r\n")
+        await writer.drain()
+        writer.write(b"hello")
+        assert await asyncio.wait_for(reader.readexactly(5), 10) == b"hello"
+        assert target.seen_origin == [("198.51.100.7", 51000)]
+        writer.close()
+
+        reader, writer = await asyncio.open_connection("127.0.0.1", t.relay.https_port)
+        writer.write(b"\x16\x03\x01 no header: a phone around the router")
+        assert await asyncio.wait_for(reader.read(), 10) == b""
+        writer.close()
+        assert len(target.seen_origin) == 1
+
+        reader, writer = await asyncio.open_connection("127.0.0.1", t.relay.http_port)
+        writer.write(b"PROXY TCP4 198.51.100.9 203.0.113.1 1 80\r\n")
+        assert await asyncio.wait_for(reader.readexactly(42), 10) == b"PROXY TCP4 198.51.100.9 203.0.113.1 1 80\r\n"
+        writer.close()
+
+
+async def test_without_proxy_protocol_a_header_is_just_data(rig):
+    """proxy_protocol off (the default): a PROXY header from a client is passed through unparsed, and the
+    address registered is the one the relay saw."""
+    make, relay, target = rig
+    async with started(make()) as t:
+        await wait_for(lambda: t.state == "up", what="tunnel up")
+        reader, writer = await asyncio.open_connection("127.0.0.1", t.relay.https_port)
+        line = b"PROXY TCP4 198.51.100.7 203.0.113.1 51000 443\r\n"
+        writer.write(line)
+        assert await asyncio.wait_for(reader.readexactly(len(line)), 10) == line
+        assert target.seen_origin == [("127.0.0.1", writer.get_extra_info("sockname")[1])]
+        writer.close()

@@ -1,4 +1,4 @@
-"""The ACME client the certificate manager uses (RFC 8555, HTTP-01 only): :class:`AcmeDriver`.
+"""The ACME client the certificate manager uses (RFC 8555; HTTP-01 or TLS-ALPN-01): :class:`AcmeDriver`.
 
 Directory and renewal-information (ARI) look-ups are plain GETs done with aiohttp on the event loop.
 Registering and ordering use certbot's synchronous ``acme`` library (inverse_cloud/certs/acme_issuer.py), which
@@ -44,6 +44,7 @@ from inverse_cloud.errors import AcmeError, RateLimited
 if TYPE_CHECKING:
 
     from inverse_cloud.certs.acme_issuer import AcmeIssuer
+    from inverse_cloud.certs.tls_alpn import AlpnResponder
 
 __all__ = ["AccountStore", "AcmeDriver", "Issued", "generate_key"]
 
@@ -101,12 +102,14 @@ class AcmeDriver:
         """
         return await (await self._issuer_ready()).ensure_account()
 
-    async def issue(self, challenges: ChallengeAnswers, *, replaces: str = "") -> Issued:
-        """Order, answer HTTP-01 through ``challenges`` (a ChallengeStore), finalize, download.
+    async def issue(self, challenges: ChallengeAnswers, *, alpn: AlpnResponder | None = None, method: str = "http-01",
+                    replaces: str = "") -> Issued:
+        """Order, answer ``method`` (HTTP-01 through ``challenges``, a ChallengeStore; TLS-ALPN-01 through
+        ``alpn``, the HTTPS listener's responder), finalize, download.
 
         :raises RateLimited: 429/503 with the CA's Retry-After; :raises AcmeError: anything else.
         """
-        return await (await self._issuer_ready()).issue(challenges, replaces=replaces)
+        return await (await self._issuer_ready()).issue(challenges, alpn=alpn, method=method, replaces=replaces)
 
     # --- directory and ARI (no account, no acme library) ----------------------------------------------
 

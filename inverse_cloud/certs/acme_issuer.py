@@ -1,7 +1,9 @@
 """Account registration and certificate orders over certbot's synchronous ``acme`` library (RFC 8555),
-HTTP-01 only. Imported only when an order or a registration is due (``acme``, ``josepy`` and ``requests``
-cost several MiB that a server with a valid certificate does not need to hold); see
-:class:`~inverse_cloud.certs.acme_client.AcmeDriver`, the interface the rest of the program uses.
+with HTTP-01 or TLS-ALPN-01 (RFC 8737; acme 5 dropped its own support, so the challenge type is declared
+here and the answer is built by :mod:`inverse_cloud.certs.tls_alpn`). Imported only when an order or a
+registration is due (``acme``, ``josepy`` and ``requests`` cost several MiB that a server with a valid
+certificate does not need to hold); see :class:`~inverse_cloud.certs.acme_client.AcmeDriver`, the interface
+the rest of the program uses.
 
 The library drops headers on error responses; a ``requests`` response hook keeps the last ``Retry-After``
 so 429/503 answers become :class:`~inverse_cloud.errors.RateLimited` with the CA's wait.
@@ -39,6 +41,7 @@ from inverse_cloud.certs.acme_base import (
     generate_key,
 )
 from inverse_cloud.certs.policy import parse_retry_after, parse_retry_after_detail
+from inverse_cloud.certs.tls_alpn import AlpnResponder, challenge_context
 from inverse_cloud.config import AcmeConfig
 from inverse_cloud.errors import AcmeError, RateLimited
 
@@ -47,6 +50,29 @@ __all__ = ["AcmeIssuer"]
 log = logging.getLogger("inverse_cloud.certs.acme_client")
 
 T = TypeVar("T")
+
+
+@acme_challenges.ChallengeResponse.register
+class TLSALPN01Response(acme_challenges.KeyAuthorizationChallengeResponse):
+    """The answer to a tls-alpn-01 challenge: an empty object, as for http-01 (RFC 8555 section 7.5.1)."""
+
+    typ = "tls-alpn-01"
+
+
+@acme_challenges.Challenge.register
+class TLSALPN01(acme_challenges.KeyAuthorizationChallenge):
+    """tls-alpn-01 (RFC 8737), which acme 5 no longer declares (it would parse as UnrecognizedChallenge)."""
+
+    response_cls = TLSALPN01Response
+    typ = response_cls.typ
+
+    def validation(self, account_key: jwk.JWK, **unused_kwargs: Any) -> str:
+        """The key authorization; its SHA-256 goes into the challenge certificate."""
+        return self.key_authorization(account_key)
+
+
+_CHALLENGE_TYPES: dict[str, type[acme_challenges.KeyAuthorizationChallenge]] = {
+    "http-01": acme_challenges.HTTP01, "tls-alpn-01": TLSALPN01}
 
 
 class _NewOrderReplacing(messages.NewOrder):
@@ -101,6 +127,7 @@ class AcmeIssuer:
         self._client: _Client | None = None
         self._key: jwk.JWKEC | None = None
         self._last = _LastResponse()
+        self._method = "http-01"   # the challenge type of the order in progress (for error lines)
 
     def close(self) -> None:
         client, self._client = self._client, None
@@ -153,8 +180,7 @@ class AcmeIssuer:
                 return RateLimited(f"ACME server {where} unavailable (HTTP 503) at {step}: {detail}", retry_after)
             return AcmeError(f"ACME server {where} refused {step}: {detail} ({exc.code or exc.typ})")
         if isinstance(exc, acme_errors.ValidationError):
-            return AcmeError(f"the CA could not validate http://{self.domain}/.well-known/acme-challenge/…: "
-                             f"{_validation_detail(exc)}")
+            return AcmeError(f"the CA could not validate {self._where(self._method)}: {_validation_detail(exc)}")
         if isinstance(exc, acme_errors.TimeoutError):
             return AcmeError(f"ACME order at {where} not finished within {ORDER_DEADLINE_S:.0f} s ({step})")
         if isinstance(exc, acme_errors.IssuanceError):
@@ -282,42 +308,59 @@ class AcmeIssuer:
             orderr = orderr.update(body=messages.Order.from_json(response.json()))
             delay = min(delay * 2, MAX_POLL_S)
 
-    async def issue(self, challenges: ChallengeAnswers, *, replaces: str = "") -> Issued:
-        """Order, answer HTTP-01 through ``challenges`` (a ChallengeStore), finalize, download.
+    def _where(self, method: str) -> str:
+        if method == "tls-alpn-01":
+            return f"{self.domain}:443 (tls-alpn-01)"
+        return f"http://{self.domain}/.well-known/acme-challenge/…"
+
+    async def issue(self, challenges: ChallengeAnswers, *, alpn: AlpnResponder | None = None, method: str = "http-01",
+                    replaces: str = "") -> Issued:
+        """Order, answer ``method`` (HTTP-01 through ``challenges``, a ChallengeStore; TLS-ALPN-01 through
+        ``alpn``, the HTTPS listener's responder), finalize, download.
 
         :raises RateLimited: 429/503 with the CA's Retry-After; :raises AcmeError: anything else.
         """
+        kind = _CHALLENGE_TYPES[method]
+        self._method = method
+        if method == "tls-alpn-01" and alpn is None:
+            raise AcmeError("tls-alpn-01 needs the HTTPS listener's responder (none given)")
         key_pem = await self._run(generate_key, self.cfg.key_type)
         csr_pem = await self._run(crypto_util.make_csr, key_pem, [self.domain])
         orderr = await self._run(self._with_account, lambda: self._new_order(csr_pem, replaces), "newOrder")
         deadline = time.monotonic() + ORDER_DEADLINE_S
         published: list[str] = []
+        published_names: list[str] = []
         try:
             for authzr in orderr.authorizations:
                 if authzr.body.status == messages.STATUS_VALID:
                     continue
-                challb = next((c for c in authzr.body.challenges if isinstance(c.chall, acme_challenges.HTTP01)),
-                              None)
+                challb = next((c for c in authzr.body.challenges if isinstance(c.chall, kind)), None)
+                name = authzr.body.identifier.value
                 if challb is None:
-                    raise AcmeError(f"ACME server {self.cfg.directory} offers no http-01 challenge for "
-                                    f"{authzr.body.identifier.value}")
+                    raise AcmeError(f"ACME server {self.cfg.directory} offers no {method} challenge for {name}")
                 assert self._key is not None
                 response, validation = challb.response_and_validation(self._key)
-                token = challb.chall.encode("token")
-                challenges.set(token, validation)
-                published.append(token)
+                if alpn is not None and method == "tls-alpn-01":
+                    alpn.set(name, await self._run(challenge_context, name, validation))
+                    published_names.append(name)
+                else:
+                    token = challb.chall.encode("token")
+                    challenges.set(token, validation)
+                    published.append(token)
                 client = self._client
                 assert client is not None
                 await self._run(functools.partial(self._call, client.answer_challenge, challb, response,
                                                   step="challenge"))
                 done = await self._run(self._poll_authorization, authzr, deadline)
                 if done.body.status != messages.STATUS_VALID:
-                    raise AcmeError(f"the CA could not validate http://{self.domain}/.well-known/acme-challenge/…: "
-                                    f"{_authz_detail(done)}")
+                    raise AcmeError(f"the CA could not validate {self._where(method)}: {_authz_detail(done)}")
             orderr = await self._run(self._finalize, orderr, deadline)
         finally:
             for token in published:
                 challenges.remove(token)
+            for name in published_names:
+                assert alpn is not None
+                alpn.remove(name)
         if not orderr.fullchain_pem:
             raise AcmeError(f"ACME server {self.cfg.directory} returned no certificate")
         chain = orderr.fullchain_pem.encode()

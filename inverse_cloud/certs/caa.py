@@ -1,7 +1,8 @@
 """CAA: the record that keeps the relay from getting a certificate for our domain.
 
 The domain's A/AAAA records point at the relay, which owns ports 80/443, so a hostile relay could pass
-HTTP-01 itself. A CAA record bound to our ACME account and to http-01 (RFC 8657) stops that: the CA refuses
+HTTP-01 (or TLS-ALPN-01) itself. A CAA record bound to our ACME account and to the challenge in use
+(RFC 8657) stops that: the CA refuses
 every other account. This module evaluates a CAA record set (pure) and looks one up (dnspython, in a thread).
 
 States (``CaaVerdict.state``):
@@ -9,7 +10,7 @@ States (``CaaVerdict.state``):
 * ``ok``             only our account (at our CA) may issue;
 * ``missing``        no ``issue`` property: any CA, any account may issue (the relay too);
 * ``too-permissive`` our account may issue, but so may another CA or another account;
-* ``blocks-us``      no record lets our account issue with http-01: renewals will fail;
+* ``blocks-us``      no record lets our account issue with the challenge in use: renewals will fail;
 * ``unknown``        the look-up failed (DNS error), or we do not know our CA's issuer domain / account yet.
 """
 
@@ -71,9 +72,10 @@ def issuer_domain_for(directory_url: str, configured: str = "") -> str:
     return configured.strip().lower() or _ISSUERS.get(directory_url.rstrip("/"), _ISSUERS.get(directory_url, ""))
 
 
-def recommended_record(domain: str, issuer: str, account_uri: str) -> str:
-    """The zone-file line to publish (RFC 8657 accounturi + validationmethods)."""
-    return f'{domain.rstrip(".")}. CAA 0 issue "{issuer}; accounturi={account_uri}; validationmethods={METHOD}"'
+def recommended_record(domain: str, issuer: str, account_uri: str, method: str = METHOD) -> str:
+    """The zone-file line to publish (RFC 8657 accounturi + validationmethods). ``method``: the challenge
+    type(s) in use, comma-separated (``[acme] challenge = "auto"`` uses two)."""
+    return f'{domain.rstrip(".")}. CAA 0 issue "{issuer}; accounturi={account_uri}; validationmethods={method}"'
 
 
 def parse_issue_value(value: str) -> tuple[str, dict[str, str]]:
@@ -98,7 +100,10 @@ def _permits(params: dict[str, str], issuer: str, want_issuer: str, account: str
     if acct is not None and acct != account:
         return False
     methods = params.get("validationmethods")
-    return methods is None or method in [m.strip().lower() for m in methods.split(",")]
+    if methods is None:
+        return True
+    allowed = [m.strip().lower() for m in methods.split(",")]
+    return all(m.strip() in allowed for m in method.split(","))
 
 
 def evaluate(records: Sequence[CaaRecord], issuer: str, account_uri: str, owner: str = "",
@@ -176,11 +181,11 @@ def lookup_caa_sync(domain: str, nameserver: tuple[str, int] | None = None,
 
 
 async def lookup_caa(domain: str, issuer: str, account_uri: str, nameserver: tuple[str, int] | None = None,
-                     executor: Executor | None = None) -> CaaVerdict:
+                     executor: Executor | None = None, method: str = METHOD) -> CaaVerdict:
     """Look up and evaluate; DNS errors become state "unknown" (never raises for DNS)."""
     loop = asyncio.get_running_loop()
     try:
         records, owner = await loop.run_in_executor(executor, lookup_caa_sync, domain, nameserver)
     except OSError as exc:
         return CaaVerdict("unknown", str(exc))
-    return evaluate(records, issuer, account_uri, owner)
+    return evaluate(records, issuer, account_uri, owner, method)

@@ -128,7 +128,8 @@ def status_document(cfg: Config) -> dict[str, Any]:
         "account": account,
         "caa": {"state": state.caa_state or "not checked", "detail": state.caa_detail,
                 "checked_at": iso(state.caa_checked_at),
-                "record": recommended_record(cfg.server.domain, issuer, account) if issuer and account else ""},
+                "record": recommended_record(cfg.server.domain, issuer, account, cfg.acme.caa_methods)
+                           if issuer and account else ""},
     }
 
 
@@ -316,15 +317,15 @@ def cmd_caa(args: argparse.Namespace) -> int:
     if not issuer:
         print(f"inverse-cloud: the CAA issuer domain of {directory} is not known here: set [acme] caa_issuer to "
               "the value your CA documents (Let's Encrypt: letsencrypt.org); with a placeholder:", file=sys.stderr)
-        print(recommended_record(cfg.server.domain, "ISSUER-DOMAIN", account))
+        print(recommended_record(cfg.server.domain, "ISSUER-DOMAIN", account, cfg.acme.caa_methods))
         return 1
-    print(recommended_record(cfg.server.domain, issuer, account))
+    print(recommended_record(cfg.server.domain, issuer, account, cfg.acme.caa_methods))
     try:
         records, owner = lookup_caa_sync(cfg.server.domain, cfg.acme.dns_server)
     except OSError as exc:
         print(f"; DNS now: unknown ({exc})")
         return 0
-    verdict = evaluate(records, issuer, account, owner)
+    verdict = evaluate(records, issuer, account, owner, cfg.acme.caa_methods)
     print(f"; DNS now: {verdict.state}: {verdict.detail}" + (f" (records at {owner})" if owner else ""))
     if not verdict.is_ok:
         print("; publish the record above at your DNS provider; keep the account key "

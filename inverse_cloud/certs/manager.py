@@ -50,7 +50,7 @@ from inverse_cloud.certs.policy import (
     next_attempt_at,
 )
 from inverse_cloud.certs.policy import ari_cert_id as _ari_cert_id
-from inverse_cloud.certs.probe import check_public_path, served_certificate_serial
+from inverse_cloud.certs.probe import check_public_path, choose_challenge, served_certificate_serial
 from inverse_cloud.certs.state import StateFiles
 from inverse_cloud.certs.store import TLSManager
 from inverse_cloud.config import Config
@@ -180,7 +180,7 @@ class CertManager:
         s = self.state
         level = failure_level(validity, now, s.failures) if s.failures else logging.INFO
         caa_ok = s.caa_state == "ok"
-        record = caa.recommended_record(self.domain, self.issuer, self._account) if (
+        record = caa.recommended_record(self.domain, self.issuer, self._account, self.cfg.acme.caa_methods) if (
             self.issuer and self._account) else ""
         return {
             "state": "renewing" if self._busy else ("failing" if s.failures else "ok"),
@@ -337,17 +337,17 @@ class CertManager:
         verb = "obtaining" if action == "obtain" else "renewing"
         try:
             log.info("%s a certificate for %s (%s)", verb, self.domain, reason)
-            problem = await check_public_path(self.domain, self.server.challenges, self.cfg.acme.self_check_address,
-                                              window_s=self.self_check_window_s)
+            method, problem = await choose_challenge(self.cfg.acme, self.domain, self.server.challenges,
+                                                     self.server.tls.alpn, self.self_check_window_s)
             if problem is not None:
-                await self._fail(f"public path http://{self.domain}/ does not reach this laptop ({problem}); "
-                           "not requesting a certificate", "path", validity)
+                await self._fail(f"{problem}; not requesting a certificate", "path", validity)
                 return
             replaces = ""
             if validity is not None and self._ari_offered and self.state.ari_serial == validity.serial_hex:
                 replaces = await self._cert_id()
             try:
-                issued = await self.driver.issue(self.server.challenges, replaces=replaces)
+                issued = await self.driver.issue(self.server.challenges, alpn=self.server.tls.alpn, method=method,
+                                                 replaces=replaces)
             except RateLimited as exc:
                 await self._fail(str(exc), "ca", validity, exc.retry_after_s)
                 return
@@ -451,7 +451,7 @@ class CertManager:
 
     async def check_caa(self) -> caa.CaaVerdict:
         verdict = await caa.lookup_caa(self.domain, self.issuer, self._account, self.cfg.acme.dns_server,
-                                       executor=self._dns_executor)
+                                       executor=self._dns_executor, method=self.cfg.acme.caa_methods)
         s = self.state
         changed = (s.caa_state, s.caa_detail) != (verdict.state, verdict.detail)
         s.caa_state, s.caa_detail, s.caa_checked_at = verdict.state, verdict.detail, utc(self.clock())
@@ -462,7 +462,8 @@ class CertManager:
         elif verdict.state == "unknown":
             log.warning("CAA for %s could not be checked: %s; trying again in a day", self.domain, verdict.detail)
         else:
-            fix = (f"; publish: {caa.recommended_record(self.domain, self.issuer, self._account)}"
+            record = caa.recommended_record(self.domain, self.issuer, self._account, self.cfg.acme.caa_methods)
+            fix = (f"; publish: {record}"
                    if self.issuer and self._account else "; see: inverse-cloud cert caa")
             log.warning("CAA for %s: %s (%s): the relay could obtain a certificate for this name%s",
                         self.domain, verdict.state, verdict.detail, fix)

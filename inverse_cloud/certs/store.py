@@ -28,6 +28,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
+from inverse_cloud.certs.tls_alpn import AlpnResponder
 from inverse_cloud.errors import CertStoreError
 from inverse_cloud.fsutil import atomic_write, ensure_private_dir, fsync_dir
 
@@ -240,6 +241,8 @@ class TLSManager:
         self._current: ssl.SSLContext | None = None
         self.info: CertInfo | None = None
         self.listening_context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        # TLS-ALPN-01 answers: handshakes that offer acme-tls/1 for a pending name get the challenge context.
+        self.alpn = AlpnResponder()
 
     @property
     def current(self) -> ssl.SSLContext:
@@ -247,8 +250,12 @@ class TLSManager:
         return self._current
 
     def _sni(self, sslobj: ssl.SSLObject, server_name: str | None, _ctx: ssl.SSLContext) -> None:
-        # Called for every handshake (with server_name None when the client sent no SNI).
-        if self._current is not None:
+        # Called for every handshake (with server_name None when the client sent no SNI), before ALPN is
+        # negotiated: the context set here also decides the ALPN answer.
+        challenge = self.alpn.context_for(sslobj, server_name)
+        if challenge is not None:
+            sslobj.context = challenge
+        elif self._current is not None:
             sslobj.context = self._current
 
     def prepare(self, chain_dir: Path, self_signed: bool) -> tuple[ssl.SSLContext, CertInfo]:
@@ -271,6 +278,7 @@ class TLSManager:
             # OpenSSL completes before the SNI callback; give it the first proven one.
             self.listening_context = server_context(info.path / "fullchain.pem", info.path / "privkey.pem")
             self.listening_context.sni_callback = self._sni
+            self.alpn.install(self.listening_context)
 
     def load(self) -> bool:
         """(Re)load from disk: the issued pair if present, else the self-signed stand-in.

@@ -29,7 +29,8 @@ from typing import Any
 from inverse_cloud import config as config_mod
 from inverse_cloud.config import Config
 from inverse_cloud.errors import ConfigError
-from inverse_cloud.ops.doctor_options import DoctorOptions, dns_records, parse_connect_to, parse_resolve
+from inverse_cloud.ops.dns_records import dns_records
+from inverse_cloud.ops.doctor_options import DoctorOptions, parse_connect_to, parse_resolve
 from inverse_cloud.ops.netprobe import describe, dns_addresses, http_request, spki_sha256_of_cert
 
 __all__ = ["Check", "DoctorOptions", "Report", "dns_records", "format_report", "parse_connect_to",
@@ -308,11 +309,22 @@ async def check_forwards(ctx: _Ctx) -> Check:
 
 
 async def check_public_http(ctx: _Ctx) -> Check:
+    cfg = ctx.cfg
+    assert cfg is not None
+    domain = cfg.server.domain
+    if cfg.acme.challenge == "tls-alpn-01":
+        return Check("public HTTP", "skip", "[acme] challenge = tls-alpn-01: the CA validates on port 443 only")
+    check = await _check_public_http(ctx, domain)
+    if check.state == "fail" and cfg.acme.challenge == "auto":
+        return Check("public HTTP", "warn", f"{check.detail}; TLS-ALPN-01 is used instead", check.fix)
+    return check
+
+
+async def _check_public_http(ctx: _Ctx, domain: str) -> Check:
     from inverse_cloud.ops.control import ControlError, ask_async
 
     cfg = ctx.cfg
     assert cfg is not None
-    domain = cfg.server.domain
     try:
         probe = await ask_async(cfg.server.control_socket, "probe", timeout_s=ctx.opts.timeout_s)
         target = await ctx.public_target(80)
@@ -404,8 +416,8 @@ async def check_caa(ctx: _Ctx) -> Check:
     if not account:
         return Check("CAA", "warn", "no ACME account yet, so no CAA record can be recommended",
                      "wait for the first certificate, then run doctor again")
-    verdict = await lookup_caa(cfg.server.domain, issuer, account, cfg.acme.dns_server)
-    record = recommended_record(cfg.server.domain, issuer or "<issuer>", account)
+    verdict = await lookup_caa(cfg.server.domain, issuer, account, cfg.acme.dns_server, method=cfg.acme.caa_methods)
+    record = recommended_record(cfg.server.domain, issuer or "<issuer>", account, cfg.acme.caa_methods)
     if verdict.state == "ok":
         return Check("CAA", "ok", f"CAA pins our ACME account: the relay cannot get a certificate ({verdict.detail})")
     if verdict.state == "unknown":

@@ -153,7 +153,7 @@ def _servers(ctx: Context, domain: str) -> list[Nameserver]:
 
 
 def step_dns(ctx: Context) -> str:
-    from inverse_cloud.ops.doctor_options import dns_records
+    from inverse_cloud.ops.dns_records import dns_records
 
     cfg = ctx.cfg()
     # IPv4 only: the NAT rules relay-setup writes cover IPv4, and a half-working AAAA record makes phones on

@@ -352,7 +352,10 @@ def format_text(doc: dict[str, Any]) -> str:
             extra.append(f"forwards {forwards}")
         if tunnel.get("last_error") and str(tunnel.get("state", "")).lower() not in HEALTHY_TUNNEL_STATES:
             extra.append(f"last error: {tunnel['last_error']}")
-        lines.append(f"tunnel:       {tunnel.get('state', 'unknown')} to {relay.get('host')}:{relay.get('port')}"
+        if tunnel.get("fallback"):
+            extra.insert(0, f"fallback port: {relay.get('port')} not reachable from this network")
+        port = tunnel.get("ssh_port") or relay.get("port")
+        lines.append(f"tunnel:       {tunnel.get('state', 'unknown')} to {relay.get('host')}:{port}"
                      + (f" ({'; '.join(str(e) for e in extra)})" if extra else ""))
     cert = doc.get("certificate") or {}
     served = cert.get("served")

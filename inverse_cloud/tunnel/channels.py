@@ -5,11 +5,14 @@ listener (half-close and back-pressure both ways)."""
 from __future__ import annotations
 
 import asyncio
+import logging
 import socket
 from collections.abc import Callable
 from typing import Any, Protocol
 
 import asyncssh
+
+from inverse_cloud.tunnel.proxy_protocol import MAX_HEADER, ProxyHeaderError, parse_proxy_header
 
 __all__ = ["ChannelEnd", "ForwardTarget", "LocalEnd", "PeerRegistry", "QuickAckConnector", "QuickAckProtocol",
            "quickack_supported"]
@@ -145,22 +148,62 @@ class LocalEnd(asyncio.Protocol):
             self.transport.close()
 
 
+log = logging.getLogger("inverse_cloud.tunnel.link")
+
+
 class ChannelEnd(asyncssh.SSHTCPSession[bytes]):
-    def __init__(self, local: LocalEnd) -> None:
+    """The SSH channel's side. With ``on_proxy_origin`` the channel must start with a PROXY protocol header
+    (``[relay] proxy_protocol``): it is parsed and stripped, the client address it names is handed to
+    ``on_proxy_origin`` *before* any byte reaches our listener, and a channel without one is closed."""
+
+    def __init__(self, local: LocalEnd, on_proxy_origin: Callable[[tuple[str, int]], None] | None = None) -> None:
         self.chan: asyncssh.SSHTCPChannel[bytes] | None = None
         self.local: LocalEnd | None = local
         self.eof = False
         local.peer = self
+        self._on_origin = on_proxy_origin
+        self._header: bytearray | None = bytearray() if on_proxy_origin is not None else None
 
     def connection_made(self, chan: asyncssh.SSHTCPChannel[bytes]) -> None:
         self.chan = chan
 
     def data_received(self, data: bytes, datatype: asyncssh.DataType) -> None:
+        if self._header is not None:
+            rest = self._take_header(data)
+            if not rest:
+                return
+            data = rest
         if self.local is not None:
             self.local.write(data)
 
+    def _take_header(self, data: bytes) -> bytes:
+        """Buffer until the PROXY header is complete; return what follows it (b"" while incomplete)."""
+        assert self._header is not None and self._on_origin is not None
+        self._header += data
+        try:
+            origin, used = parse_proxy_header(bytes(self._header))
+            if not used and len(self._header) > MAX_HEADER:
+                raise ProxyHeaderError("PROXY header too long")
+        except ProxyHeaderError as exc:
+            log.debug("forwarded connection closed: %s ([relay] proxy_protocol is on)", exc)
+            self.refused = True
+            self._header = None
+            self.close()
+            return b""
+        if not used:
+            return b""
+        rest, self._header = bytes(self._header[used:]), None
+        if origin is not None:
+            self._on_origin(origin)
+        return rest
+
+    refused = False   # the channel was closed for want of a valid PROXY header
+
     def eof_received(self) -> bool:
         self.eof = True
+        if self._header is not None:     # EOF before a complete PROXY header: nothing to hand over
+            self.close()
+            return False
         if self.local is None:
             return False
         self.local.write_eof()

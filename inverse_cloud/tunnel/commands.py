@@ -50,6 +50,16 @@ def add_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser], commo
                         "earliest, 60 s; measured 107-120 s for a frozen laptop)")
     p.add_argument("--authorized-keys-file", metavar="PATH", default="",
                    help="where the relay keeps the tunnel user's keys (default /etc/ssh/inverse-cloud/USER.keys)")
+    p.add_argument("--ssh-on-443", action="store_true",
+                   help="also put the relay's SSH on public 443 behind sslh (for laptops in networks that block "
+                        "outbound SSH); sets [relay] fallback_port = 443 here")
+    p.add_argument("--proxy-protocol", action="store_true",
+                   help="with --nat none: nginx-stream.conf sends a PROXY header to the laptop and the existing "
+                        "site, so both see the visitor's address (with --ssh-on-443: sslh 2 sends it); sets "
+                        "[relay] proxy_protocol = true here")
+    p.add_argument("--ipv6", action="store_true",
+                   help="with --ssh-on-443 (sslh) or --nat none (nginx): also listen on [::]:443 for phones on "
+                        "IPv6 (publish an AAAA record then)")
     p.set_defaults(func=cmd_relay_setup)
 
 
@@ -183,7 +193,9 @@ def spec_for(cfg: Config, args: argparse.Namespace) -> relay.RelaySpec:
         takeover_key=_public_key(cfg.relay.takeover_key_file), listen_host=cfg.relay.listen_host,
         https_port=cfg.relay.https_port, http_port=cfg.relay.http_port,
         client_alive_interval_s=args.client_alive_interval, client_alive_count_max=args.client_alive_count_max,
-        authorized_keys_file=args.authorized_keys_file)
+        authorized_keys_file=args.authorized_keys_file, ssh_on_443=bool(getattr(args, "ssh_on_443", False)),
+        sshd_port=cfg.relay.port, proxy_protocol=bool(getattr(args, "proxy_protocol", False)),
+        ipv6=bool(getattr(args, "ipv6", False)))
 
 
 def apply_over_ssh(target: str, script: str) -> None:
@@ -201,6 +213,15 @@ def apply_over_ssh(target: str, script: str) -> None:
         raise InverseCloudError(f"applying the relay set-up on {host} as {user} failed: {last}")
 
 
+def _set(cfg: Config, key: str, literal: str, why: str) -> None:
+    from inverse_cloud.fsutil import atomic_write
+
+    assert cfg.path is not None
+    text = cfg.path.read_text(encoding="utf-8")
+    atomic_write(cfg.path, set_config_value(text, "relay", key, literal).encode(), mode=0o600)
+    print(f"set [relay] {key} = {literal} in {cfg.path}: {why}; restart `inverse-cloud serve` to use it")
+
+
 def cmd_relay_setup(args: argparse.Namespace) -> int:
     from inverse_cloud.config import load_config
 
@@ -210,6 +231,12 @@ def cmd_relay_setup(args: argparse.Namespace) -> int:
                           "USER@HOST`) first")
     if not 1 <= args.client_alive_interval <= 3600 or not 1 <= args.client_alive_count_max <= 100:
         raise ConfigError("--client-alive-interval must be 1-3600 and --client-alive-count-max 1-100")
+    if getattr(args, "proxy_protocol", False) and args.nat != "none" and not getattr(args, "ssh_on_443", False):
+        raise ConfigError("--proxy-protocol needs --nat none (nginx) or --ssh-on-443 (sslh): with DNAT of 443 a "
+                          "phone reaches the forwarded port directly and could send a PROXY header naming any address")
+    if getattr(args, "ipv6", False) and args.nat != "none" and not getattr(args, "ssh_on_443", False):
+        raise ConfigError("--ipv6 needs --ssh-on-443 (sslh) or --nat none (nginx): the DNAT rules cannot map "
+                          "IPv6 onto the relay's loopback forwards; a v6 listener can")
     spec = spec_for(cfg, args)
     files = relay.bundle(spec, args.nat)
     if args.output:
@@ -225,6 +252,10 @@ def cmd_relay_setup(args: argparse.Namespace) -> int:
             print(content)
     if args.apply:
         apply_over_ssh(args.apply, files["setup.sh"])
+    if spec.ssh_on_443 and cfg.relay.fallback_port != 443:
+        _set(cfg, "fallback_port", "443", f"the tunnel tries it when port {cfg.relay.port} is blocked")
+    if spec.proxy_protocol and not cfg.relay.proxy_protocol:
+        _set(cfg, "proxy_protocol", "true", "connections through the tunnel must start with a PROXY header")
     if args.no_pin:
         return 0
     offered = fetch_host_key(cfg.relay.host, cfg.relay.port, cfg.relay.connect_timeout_s)

@@ -40,9 +40,9 @@ class RelayClient(asyncssh.SSHClient):
 
 
 async def dial(relay: RelayConfig, host_key: asyncssh.SSHKey, expected_fp: str, key: asyncssh.SSHKey, *,
-               keepalive: bool, connector: QuickAckConnector | None) -> tuple[asyncssh.SSHClientConnection,
-                                                                                RelayClient]:
-    """Connect and authenticate to the relay.
+               port: int, keepalive: bool, connector: QuickAckConnector | None
+               ) -> tuple[asyncssh.SSHClientConnection, RelayClient]:
+    """Connect and authenticate to the relay's sshd on ``port`` (``[relay] port`` or its fallback).
 
     :raises HostKeyMismatch: the relay showed another host key than the pinned one (names both).
     :raises OSError, asyncssh.Error, TimeoutError: the network or the relay failed (transient).
@@ -61,7 +61,7 @@ async def dial(relay: RelayConfig, host_key: asyncssh.SSHKey, expected_fp: str, 
         options["keepalive_count_max"] = relay.keepalive_count_max
     try:
         conn = await asyncssh.connect(
-            relay.host, relay.port, username=relay.user,
+            relay.host, port, username=relay.user,
             client_factory=lambda: client,
             known_hosts=([host_key], [], []),   # the pinned key only; never None
             client_keys=[key], agent_path=None, agent_forwarding=False, config=None,
@@ -70,7 +70,7 @@ async def dial(relay: RelayConfig, host_key: asyncssh.SSHKey, expected_fp: str, 
             connect_timeout=relay.connect_timeout_s, login_timeout=relay.connect_timeout_s,
             **options)
     except (asyncssh.HostKeyNotVerifiable, asyncssh.KeyExchangeFailed) as exc:
-        failure = classify(exc, relay=f"{relay.host}:{relay.port}", expected_fp=expected_fp,
+        failure = classify(exc, relay=f"{relay.host}:{port}", expected_fp=expected_fp,
                            offered_fp=client.offered_fp, key_file=relay.key_file, user=relay.user)
         if failure.kind == "fatal":
             raise HostKeyMismatch(failure.message) from exc

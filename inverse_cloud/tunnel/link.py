@@ -54,6 +54,7 @@ from inverse_cloud.tunnel.policy import (
     lost_reason,
     retry_delay,
 )
+from inverse_cloud.tunnel.reach import PortChooser
 from inverse_cloud.tunnel.watcher import LinkWatcher
 
 __all__ = [
@@ -146,6 +147,7 @@ class Tunnel:
         self.connections = 0
         self.active_channels = 0
         self._admission = ChannelAdmission(cfg.server.max_connections, tag=self.tag)
+        self.ports = PortChooser(self.relay, self.tag, lambda exc: self._classify(exc).message)
 
     # -- lifecycle --
 
@@ -243,6 +245,7 @@ class Tunnel:
         return {
             "state": self.state,
             "relay": f"{self.relay.host}:{self.relay.port}",
+            "ssh_port": self.ports.in_use, "fallback": self.ports.on_fallback,
             "user": self.relay.user,
             "host_key_fingerprint": self.expected_fp or None,
             "connected_since": _iso(self.connected_since),
@@ -326,12 +329,12 @@ class Tunnel:
 
         return await asyncio.to_thread(read)
 
-    async def _connect(self, key: asyncssh.SSHKey, *, keepalive: bool) -> tuple[asyncssh.SSHClientConnection,
-                                                                                 RelayClient]:
+    async def _connect(self, key: asyncssh.SSHKey, port: int, *, keepalive: bool
+                       ) -> tuple[asyncssh.SSHClientConnection, RelayClient]:
         assert self.host_key is not None
         self._connector = QuickAckConnector() if self.quickack and keepalive else None
         self.attempts += 1
-        return await dial(self.relay, self.host_key, self.expected_fp, key, keepalive=keepalive,
+        return await dial(self.relay, self.host_key, self.expected_fp, key, port=port, keepalive=keepalive,
                           connector=self._connector)
 
     async def _session(self, takeover_tried: bool) -> None:
@@ -341,7 +344,7 @@ class Tunnel:
         :raises ForwardRefused: the listen was refused even after a takeover.
         """
         key = await self._load_key(self.relay.key_file, "relay key")
-        conn, client = await self._connect(key, keepalive=True)
+        conn, client = await self.ports.connect(lambda port: self._connect(key, port, keepalive=True))
         self._conn = conn
         try:
             refused = await self._open_forwards(conn)
@@ -421,7 +424,8 @@ class Tunnel:
         self.takeovers += 1
         try:
             key = await self._load_key(self.relay.takeover_key_file, "relay takeover key")
-            conn, _ = await asyncio.wait_for(self._connect(key, keepalive=False), TAKEOVER_TIMEOUT_S)
+            conn, _ = await asyncio.wait_for(self.ports.connect(lambda p: self._connect(key, p, keepalive=False),
+                                                                remember=False), TAKEOVER_TIMEOUT_S)
             async with conn:
                 result = await asyncio.wait_for(conn.run("takeover", check=False), TAKEOVER_TIMEOUT_S)
             out = str(result.stdout or "").strip().splitlines()
@@ -464,7 +468,8 @@ class Tunnel:
             self._release(src_port, token, linger=False, host=orig_host)
             raise asyncssh.ChannelOpenError(asyncssh.OPEN_CONNECT_FAILED, f"local listener: {exc}") from None
         self.active_channels += 1
-        return ChannelEnd(local)
+        proxied = fwd.name == "https" and self.relay.proxy_protocol   # the header names the phone: proxy_protocol.py
+        return ChannelEnd(local, (lambda origin: self.target.peers.register(src_port, origin)) if proxied else None)
 
     def _release(self, src_port: int, token: object, linger: bool = True, host: str = "") -> None:
         self._admission.release(host)

@@ -13,7 +13,7 @@ import asyncssh
 from inverse_cloud.errors import AuthRejected, ConfigError, ForwardRefused, HostKeyMismatch, TunnelError
 
 __all__ = ["BACKOFF_S", "FORWARD_REFUSED_RETRY_S", "SLOW_RETRY_S", "Failure", "classify", "describe_lost",
-           "lost_reason", "retry_delay"]
+           "lost_reason", "retry_delay", "ssh_ports", "tries_next_port"]
 
 # Reconnect schedule after consecutive transient failures (seconds, before jitter). The first retry comes
 # within a second (a dropped link should cost a phone seconds, not minutes); the cap keeps a long outage
@@ -108,3 +108,28 @@ def lost_reason(message: str) -> str:
     if "closed" in low or "connection lost" in low or "disconnect" in low or "broken pipe" in low:
         return "relay closed"
     return message
+
+
+def ssh_ports(primary: int, fallback: int, last_good: int | None) -> tuple[int, ...]:
+    """The relay SSH ports to try, in order (pure): the one that worked last first (a laptop in a network
+    that blocks port 22 does not pay a connect timeout on every reconnect), then the others.
+
+    :param fallback: ``[relay] fallback_port``; 0 means none
+    """
+    ports = [primary] + ([fallback] if fallback and fallback != primary else [])
+    if last_good in ports:
+        ports.remove(last_good)
+        ports.insert(0, last_good)
+    return tuple(ports)
+
+
+def tries_next_port(exc: BaseException) -> bool:
+    """Whether a failed connection attempt is worth repeating on another relay port (pure): the network
+    did not let an SSH session through (refused, unreachable, timed out, reset, cut before the key
+    exchange). A relay that answered -- a host key or a refusal of our key -- is the relay on every port."""
+    if isinstance(exc, HostKeyMismatch | AuthRejected | ConfigError | asyncssh.HostKeyNotVerifiable
+                  | asyncssh.PermissionDenied):
+        return False
+    if isinstance(exc, asyncssh.KeyExchangeFailed):
+        return "host key" not in str(exc).lower()
+    return isinstance(exc, OSError | TimeoutError | asyncssh.DisconnectError)

@@ -37,6 +37,8 @@ __all__ = [
     "readme",
     "setup_script",
     "sshd_dropin",
+    "sslh_config",
+    "sslh_setup",
     "takeover_command",
 ]
 
@@ -66,6 +68,10 @@ class RelaySpec:
     authorized_keys_file: str = ""   # default: /etc/ssh/inverse-cloud/<user>.keys
     home: str = ""                   # default: /var/lib/<user>
     dropin_path: str = ""            # default: /etc/ssh/sshd_config.d/inverse-cloud-<user>.conf
+    ssh_on_443: bool = False         # sslh on public 443: SSH to sshd, TLS to the https forward (no 443 DNAT)
+    sshd_port: int = 22              # where sslh hands SSH over (the relay's own sshd)
+    proxy_protocol: bool = False     # nginx stream sends a PROXY header to both upstreams (client addresses)
+    ipv6: bool = False               # sslh / nginx stream also listen on [::]:443 (a v6 listener, no ip6 NAT)
 
     @property
     def keys_path(self) -> str:
@@ -163,12 +169,13 @@ def nftables_rules(spec: RelaySpec) -> str:
         "table ip inverse_cloud {\n"
         "    chain prerouting {\n"
         "        type nat hook prerouting priority dstnat; policy accept;\n"
-        f"        fib daddr type local tcp dport 443 dnat to {https}\n"
+        + ("" if spec.ssh_on_443 else f"        fib daddr type local tcp dport 443 dnat to {https}\n") +
         f"        fib daddr type local tcp dport 80 dnat to {http}\n"
         "    }\n"
         "    chain output {\n"
         "        type nat hook output priority -100; policy accept;\n"
-        f"        fib daddr type local ip daddr != 127.0.0.0/8 tcp dport 443 dnat to {https}\n"
+        + ("" if spec.ssh_on_443 else f"        fib daddr type local ip daddr != 127.0.0.0/8 tcp dport 443 dnat to "
+                                      f"{https}\n") +
         f"        fib daddr type local ip daddr != 127.0.0.0/8 tcp dport 80 dnat to {http}\n"
         "    }\n"
         "    chain input {\n"
@@ -192,11 +199,12 @@ def iptables_rules(spec: RelaySpec) -> str:
         ":INVERSE_CLOUD_OUT - [0:0]\n"
         "-F INVERSE_CLOUD_PRE\n"
         "-F INVERSE_CLOUD_OUT\n"
-        f"-A INVERSE_CLOUD_PRE -p tcp -m addrtype --dst-type LOCAL --dport 443 -j DNAT --to-destination {https}\n"
-        f"-A INVERSE_CLOUD_PRE -p tcp -m addrtype --dst-type LOCAL --dport 80 -j DNAT --to-destination {http}\n"
-        f"-A INVERSE_CLOUD_OUT -p tcp ! -d 127.0.0.0/8 -m addrtype --dst-type LOCAL --dport 443 "
-        f"-j DNAT --to-destination {https}\n"
-        f"-A INVERSE_CLOUD_OUT -p tcp ! -d 127.0.0.0/8 -m addrtype --dst-type LOCAL --dport 80 "
+        + ("" if spec.ssh_on_443 else
+           f"-A INVERSE_CLOUD_PRE -p tcp -m addrtype --dst-type LOCAL --dport 443 -j DNAT --to-destination {https}\n")
+        + f"-A INVERSE_CLOUD_PRE -p tcp -m addrtype --dst-type LOCAL --dport 80 -j DNAT --to-destination {http}\n"
+        + ("" if spec.ssh_on_443 else f"-A INVERSE_CLOUD_OUT -p tcp ! -d 127.0.0.0/8 -m addrtype --dst-type LOCAL "
+                                      f"--dport 443 -j DNAT --to-destination {https}\n")
+        + f"-A INVERSE_CLOUD_OUT -p tcp ! -d 127.0.0.0/8 -m addrtype --dst-type LOCAL --dport 80 "
         f"-j DNAT --to-destination {http}\n"
         "COMMIT\n"
         "# With loopback routing on, a neighbour could reach 127.0.0.1 services (CVE-2020-8558): drop what\n"
@@ -236,11 +244,23 @@ def nginx_stream(spec: RelaySpec) -> str:
     """Port 443 shared with an existing HTTPS server: route by SNI at the TCP level (``ssl_preread``),
     so the relay never terminates the laptop's TLS."""
     https = _dnat_target(spec, spec.https_port)
+    if spec.proxy_protocol:
+        where = ("# Move your existing HTTPS server from :443 to 127.0.0.1:8443, reading the PROXY header:\n"
+                 "#     listen 127.0.0.1:8443 ssl proxy_protocol;\n"
+                 "#     set_real_ip_from 127.0.0.1;\n"
+                 "#     real_ip_header proxy_protocol;\n"
+                 "# Both upstreams get a PROXY header, so both see the visitor's address: the laptop reads it\n"
+                 "# ([relay] proxy_protocol = true), the existing site through real_ip (its $remote_addr and\n"
+                 "# allow/deny rules then apply to the visitor, no longer to 127.0.0.1). Trade-off: the site\n"
+                 "# must not be reachable on 127.0.0.1:8443 by anything that does not send the header.\n")
+    else:
+        where = ("# Move your existing HTTPS server from :443 to 127.0.0.1:8443 (listen 127.0.0.1:8443 ssl;).\n"
+                 "# The laptop sees nginx's address, not the phone's, in this variant (relay-setup\n"
+                 "# --proxy-protocol passes the visitor's address on).\n")
     return (
         "# Top level of nginx.conf (NOT inside http {}), e.g. /etc/nginx/stream.d/inverse-cloud.conf with\n"
         "# `include /etc/nginx/stream.d/*.conf;` in nginx.conf. Debian: apt install libnginx-mod-stream.\n"
-        "# Move your existing HTTPS server from :443 to 127.0.0.1:8443 (listen 127.0.0.1:8443 ssl;).\n"
-        "# The laptop sees nginx's address, not the phone's, in this variant.\n"
+        + where +
         "stream {\n"
         "    map $ssl_preread_server_name $inverse_cloud_upstream {\n"
         f"        {spec.domain} {https};\n"
@@ -248,11 +268,67 @@ def nginx_stream(spec: RelaySpec) -> str:
         "    }\n"
         "    server {\n"
         "        listen 443;\n"
+        + ("        listen [::]:443;\n" if spec.ipv6 else "") +
         "        ssl_preread on;\n"
         "        proxy_pass $inverse_cloud_upstream;\n"
+        + ("        proxy_protocol on;\n" if spec.proxy_protocol else "") +
         "        proxy_connect_timeout 5s;\n"
         "    }\n"
         "}\n"
+    )
+
+
+def sslh_config(spec: RelaySpec, listen: str = "0.0.0.0", public_port: int = 443) -> str:  # noqa: S104
+    """``/etc/sslh.cfg`` for Debian's ``sslh`` (1.20 in bookworm): public 443 carries SSH (to the relay's
+    sshd, for laptops in networks that block outbound 22) and the phones' TLS for the domain (to the https
+    forward). sslh tells them apart by the first bytes (SSH clients speak first; "SSH-") and never decrypts.
+    TLS for other names is not routed (no ``tls`` default): the relay answers only for this domain."""
+    https = _dnat_target(spec, spec.https_port)
+    host, port = https.rsplit(":", 1)
+    return (
+        f"# /etc/sslh.cfg -- generated by `inverse-cloud relay-setup --ssh-on-443` for {spec.domain}.\n"
+        "# Debian: apt install sslh; /etc/default/sslh: DAEMON_OPTS=\"-F/etc/sslh.cfg\" (no space);\n"
+        "# systemctl enable --now sslh\n"
+        + ("# proxyprotocol: sslh sends a PROXY v2 header naming the phone ([relay] proxy_protocol = true on\n"
+           "# the laptop); sslh 1.20 (Debian 12) ignores the setting, setup.sh refuses it there.\n"
+           if spec.proxy_protocol else
+           "# Not transparent: the laptop sees every phone as the relay's 127.0.0.1 (as in the nginx variant).\n") +
+        "verbose: 0;\n"
+        "numeric: true;\n"
+        "transparent: false;\n"
+        "# SSH clients send their banner at once; a client silent this long is taken for SSH anyway\n"
+        "timeout: 3;\n"
+        'user: "sslh";\n'
+        "listen:\n"
+        "(\n"
+        f'    {{ host: "{listen}"; port: "{public_port}"; }}'
+        + (f',\n    {{ host: "::"; port: "{public_port}"; }}\n' if spec.ipv6 else "\n") +
+        ");\n"
+        "protocols:\n"
+        "(\n"
+        f'    {{ name: "ssh"; service: "ssh"; host: "127.0.0.1"; port: "{spec.sshd_port}"; }},\n'
+        f'    {{ name: "tls"; host: "{host}"; port: "{port}"; sni_hostnames: [ "{spec.domain}" ];'
+        + (" proxyprotocol: 2;" if spec.proxy_protocol else "") + " }\n"
+        ");\n"
+        'on-timeout: "ssh";\n'
+    )
+
+
+def sslh_setup(spec: RelaySpec) -> str:
+    """The setup.sh part that installs :func:`sslh_config` (sslh must be installed: it is a package choice)."""
+    return (
+        "command -v sslh >/dev/null || { echo 'sslh is not installed: apt install sslh (then run again)' >&2; "
+        "exit 1; }\n"
+        + ("case \"$(sslh -V 2>&1)\" in *' 1.'*) echo 'this sslh is too old to send PROXY headers "
+           "(proxyprotocol needs sslh 2): drop --proxy-protocol or upgrade sslh' >&2; exit 1;; esac\n"
+           if spec.proxy_protocol else "") +
+        "write_file /etc/sslh.cfg 0644 <<'INVERSE_CLOUD_EOF'\n" + sslh_config(spec) + "INVERSE_CLOUD_EOF\n"
+        "sslh -F/etc/sslh.cfg -V >/dev/null || { echo 'sslh refuses /etc/sslh.cfg' >&2; exit 1; }\n"
+        "if [ -f /etc/default/sslh ]; then\n"
+        "    sed -i 's|^DAEMON_OPTS=.*|DAEMON_OPTS=\"-F/etc/sslh.cfg\"|' /etc/default/sslh\n"
+        "fi\n"
+        "systemctl enable sslh 2>/dev/null || true\n"
+        "systemctl restart sslh 2>/dev/null || echo 'note: start sslh yourself: sslh -F /etc/sslh.cfg'\n"
     )
 
 
@@ -276,8 +352,11 @@ def readme(spec: RelaySpec) -> str:
         "connection (nginx variant: closes it). Phones report \"server unreachable\" and retry later; the\n"
         "relay never answers with an HTTP error page a client could take for \"collection gone\".\n"
         "\n"
-        "IPv6: these rules cover IPv4 only. Publish an A record for the domain and NO AAAA record: a\n"
-        "half-working AAAA makes phones on IPv6 fail intermittently.\n"
+        + ("IPv6: sslh / nginx also listen on [::]:443 (--ipv6): publish the relay's AAAA record too.\n"
+           if spec.ipv6 else
+           "IPv6: these rules cover IPv4 only. Publish an A record for the domain and NO AAAA record: a\n"
+           "half-working AAAA makes phones on IPv6 fail intermittently (--ipv6 with --ssh-on-443 or\n"
+           "--nat none adds a v6 listener).\n") +
         "\n"
         f"A dead laptop session is dropped after {alive} s at the earliest (ClientAlive; later, or never, while\n"
         "phones keep connecting to its port); the laptop does not wait for that: when its listen is refused\n"
@@ -358,7 +437,7 @@ def setup_script(spec: RelaySpec, nat: str = "nft") -> str:
         "[ -z \"$OLD\" ] || rm -f \"$OLD\"\n"
         "systemctl reload ssh 2>/dev/null || systemctl reload sshd 2>/dev/null || "
         "kill -HUP \"$(cat /run/sshd.pid)\"\n"
-        + localnet + nat_block +
+        + localnet + nat_block + (sslh_setup(spec) if spec.ssh_on_443 else "") +
         "echo \"inverse-cloud: relay ready for user $U\"\n"
     )
 
@@ -374,4 +453,5 @@ def bundle(spec: RelaySpec, nat: str = "nft") -> dict[str, str]:
         "nginx-http.conf": nginx_http_vhost(spec),
         "nginx-stream.conf": nginx_stream(spec),
         "setup.sh": setup_script(spec, nat),
+        **({"sslh.cfg": sslh_config(spec)} if spec.ssh_on_443 else {}),
     }
