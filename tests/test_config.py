@@ -323,7 +323,8 @@ def test_bad_config_exact_line(name, text, line, fragments):
     ("[zzzzqq]\nx=1\n", "config: line 3: [zzzzqq]: unknown section; known: acme, radicale, relay, server"),
     ("[relay]\nqqqqzz = 1\n", "config: line 4: [relay] qqqqzz: unknown key; known keys: enabled, host, port, user, "
                              "key_file, takeover_key_file, host_key, listen_host, https_port, http_port, "
-                             "keepalive_interval_s, keepalive_count_max, connect_timeout_s, fallback_port, proxy_protocol"),
+                             "keepalive_interval_s, keepalive_count_max, connect_timeout_s, fallback_port, "
+                             "proxy_protocol"),
     ("max_connections = 3\n", "config: line 3: [server] max_connections: expected an integer 4-100000, got 3"),
     ("max_connections = 100001\n",
      "config: line 3: [server] max_connections: expected an integer 4-100000, got 100001"),
