@@ -168,3 +168,21 @@ def test_dns_records_include_caa_and_srv(instance):
                and "validationmethods=http-01" in ln for ln in lines)
     assert any(ln.startswith("_carddavs._tcp.test. SRV 0 1 443 laptop.test.") for ln in lines)
     assert '_caldavs._tcp.test. TXT "path=/radicale/"' in lines
+
+
+async def test_real_names_resolve_with_the_system_resolver(ssh_server, tmp_path):
+    """No --resolve: the relay is `localhost` (a name, as every real relay is). The system resolver answers it
+    (127.0.0.1 from /etc/hosts), so the DNS link gets past the relay and names the domain (laptop.test has no
+    record anywhere), and the records doctor prints carry the relay's real address, not a placeholder."""
+    port, host_key = ssh_server
+    cfg = init_instance(tmp_path / "ic", relay=f"tunnel@localhost:{port}")
+    text = cfg.read_text().replace('host_key = ""', f'host_key = "{" ".join(host_key.split()[:2])}"', 1)
+    cfg.write_text(text)
+    report = await run_doctor(cfg, DoctorOptions(timeout_s=5))
+    dns = next(c for c in report.checks if c.name == "DNS")
+    assert "the relay host" not in dns.detail and "inet_pton" not in dns.detail, dns
+    assert dns.state == "fail" and "laptop.test does not resolve" in dns.detail, dns
+    assert "add a DNS record: laptop.test. A 127.0.0.1" in dns.fix, dns
+    assert "laptop.test. A 127.0.0.1" in report.records, report.records
+    assert not any("<relay" in r for r in report.records), report.records
+

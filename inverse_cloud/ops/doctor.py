@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import ipaddress
 import json
 import socket
 import ssl
@@ -131,9 +132,10 @@ class _Ctx:
         override = self.opts.resolve.get(host.lower().rstrip("."))
         if override:
             return list(override)
+        # A literal address is its own answer; anything else is a name for the resolver (inet_pton would
+        # raise OSError, not ValueError, on a name: every real relay host).
         with contextlib.suppress(ValueError):
-            socket.inet_pton(socket.AF_INET6 if ":" in host else socket.AF_INET, host)
-            return [host]
+            return [str(ipaddress.ip_address(host.strip("[]")))]
         assert self.cfg is not None
         loop = asyncio.get_running_loop()
         if self.cfg.acme.dns_server is not None:
