@@ -45,6 +45,58 @@ def _ask(prompt: str, default: str, interactive: bool) -> str:
     return answer or default
 
 
+def _ask_until(prompt: str, default: str, interactive: bool, problem: Callable[[str], str | None]) -> str:
+    """Ask until ``problem(answer)`` is None, printing its one-line reason each time (EOF ends the asking)."""
+    while True:
+        answer = _ask(prompt, default, interactive)
+        why = problem(answer) if answer else None
+        if why is None or not interactive:
+            return answer
+        print(f"  {why}; try again")
+
+
+def _domain_problem(answer: str) -> str | None:
+    if "://" in answer or "/" in answer:
+        return f"{answer!r} is a URL: give only the host name, e.g. contacts.example.org"
+    try:
+        config_mod.parse_domain(answer)
+    except ValueError:
+        return f"{answer!r} is not a DNS name such as contacts.example.org"
+    return None
+
+
+def _parse_relay(text: str) -> tuple[str, str, int]:
+    """``[USER@]HOST[:PORT]`` -> (user, host, port); the login defaults to ``inverse-cloud``.
+
+    :raises ConfigError: bad syntax, or a login that must not be the tunnel's (root).
+    """
+    if not text:
+        return "inverse-cloud", "", 22
+    from inverse_cloud.tunnel.relay_files import login_refusal
+
+    user, host, port = config_mod.parse_user_host(text, "--relay", "inverse-cloud")
+    refusal = login_refusal(user)
+    if refusal:
+        raise ConfigError(f"--relay {text}: {refusal.replace('[relay] user is root', 'the login is root')}")
+    return user, host, port
+
+
+def _relay_problem(answer: str) -> str | None:
+    """Why the interactive relay answer will not do: bad syntax, root, or nothing answering on its port."""
+    import socket
+
+    try:
+        _user, host, port = _parse_relay(answer)
+    except ConfigError as exc:
+        return str(exc).removeprefix(f"--relay {answer}: ")
+    try:
+        with socket.create_connection((host, port), timeout=5):
+            pass
+    except OSError as exc:
+        return f"relay {host}:{port} does not answer ({exc.strerror or exc}); check the name and port"
+    return None
+
+
 def _read_password(args: argparse.Namespace, interactive: bool, user: str) -> str:
     if args.password_file:
         try:
@@ -83,14 +135,18 @@ def cmd_init(args: argparse.Namespace) -> int:
     if cfg_path.exists() and not args.force:
         raise ConfigError(f"{cfg_path} already exists; nothing was changed (edit it, or pass --force to "
                           "write a new one)")
-    domain = args.domain or _ask("Domain phones will use (e.g. contacts.example.org)", "", interactive)
+    domain = args.domain or _ask_until(
+        "Domain phones will use (e.g. contacts.example.org)", "", interactive, _domain_problem)
     if not domain:
         raise ConfigError("no domain: give --domain NAME")
     data_dir = Path(args.data_dir).expanduser() if args.data_dir else config_mod.default_data_dir()
-    relay_text = args.relay if args.relay is not None else _ask(
-        "Relay as USER@HOST[:PORT] (empty: no relay for now)", "", interactive)
-    relay_user, relay_host, relay_port = (
-        config_mod.parse_user_host(relay_text, "--relay", "inverse-cloud") if relay_text else ("inverse-cloud", "", 22))
+    if args.relay is not None:
+        relay_user, relay_host, relay_port = _parse_relay(args.relay)
+    else:
+        relay_text = _ask_until(
+            "Relay host, as HOST[:PORT] (the tunnel login is inverse-cloud; empty: no relay for now)", "",
+            interactive, _relay_problem)
+        relay_user, relay_host, relay_port = _parse_relay(relay_text)
     email = args.acme_email if args.acme_email is not None else _ask(
         "E-mail for Let's Encrypt expiry notices (optional)", "", interactive)
     user = args.user or _ask("First DAV user name", getpass.getuser(), interactive)
@@ -125,7 +181,8 @@ def cmd_init(args: argparse.Namespace) -> int:
     if made_key:
         print(f"SSH key for the relay: {cfg.relay.key_file}.pub")
     if relay_host:
-        print(f"next: inverse-cloud relay-setup   (prepares {relay_user}@{relay_host} and pins its host key)")
+        print(f"next: inverse-cloud relay-setup --apply root@{relay_host}   (as the relay's admin: creates the "
+              f"tunnel login {relay_user} there and pins the relay's host key)")
     else:
         print("next: inverse-cloud serve   (local only; add [relay] host later for phones outside this network)")
     return 0

@@ -194,6 +194,11 @@ def _domain(v: Any) -> str:
     return s
 
 
+def parse_domain(text: str) -> str:
+    """A DNS name as ``[server] domain`` accepts it (lower case, no trailing dot). Raises ValueError."""
+    return _domain(text)
+
+
 def _bool(v: Any) -> bool:
     if not isinstance(v, bool):
         raise ValueError("expected true or false")

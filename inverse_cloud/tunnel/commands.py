@@ -210,6 +210,10 @@ def cmd_relay_setup(args: argparse.Namespace) -> int:
                           "USER@HOST`) first")
     if not 1 <= args.client_alive_interval <= 3600 or not 1 <= args.client_alive_count_max <= 100:
         raise ConfigError("--client-alive-interval must be 1-3600 and --client-alive-count-max 1-100")
+    admin = parse_user_host(args.apply, "--apply")[0] if args.apply else None
+    refusal = relay.login_refusal(cfg.relay.user, admin)
+    if refusal:
+        raise ConfigError(f"{cfg.path}: {refusal}")
     spec = spec_for(cfg, args)
     files = relay.bundle(spec, args.nat)
     if args.output:
