@@ -7,7 +7,8 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 SUDO=""; [ "$(id -u)" = 0 ] || SUDO="sudo"
 need=(python3-venv openssh-server openssh-client pebble vdirsyncer curl nftables iptables faketime socat nginx autossh
-      systemd chromium zbar-tools iproute2 procps openssl util-linux libnginx-mod-stream)
+      systemd chromium zbar-tools iproute2 procps openssl util-linux libnginx-mod-stream
+      knot)  # knot: the test world's authoritative DNS server (integration/world.py)
 # accounts the tests create on this machine (integration/relay_sshd.py's tunnel user); removed at the end
 test_users=(ictunnel)
 users_before=()
