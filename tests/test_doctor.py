@@ -163,7 +163,7 @@ async def test_relay_links(ssh_server, tmp_path):
 def test_dns_records_include_caa_and_srv(instance):
     cfg = config_mod.load(instance)
     lines = dns_records(cfg, ["192.0.2.7", "2001:db8::7"], "https://acme.example/acct/1")
-    assert "laptop.test. A 192.0.2.7" in lines and "laptop.test. AAAA 2001:db8::7" in lines
+    assert "laptop.test. A 192.0.2.7" in lines
     assert any("CAA 0 issue" in ln and "accounturi=https://acme.example/acct/1" in ln
                and "validationmethods=http-01" in ln for ln in lines)
     assert any(ln.startswith("_carddavs._tcp.test. SRV 0 1 443 laptop.test.") for ln in lines)
@@ -186,3 +186,12 @@ async def test_real_names_resolve_with_the_system_resolver(ssh_server, tmp_path)
     assert "laptop.test. A 127.0.0.1" in report.records, report.records
     assert not any("<relay" in r for r in report.records), report.records
 
+
+
+def test_dns_records_ask_for_no_aaaa(instance):
+    """The relay's NAT rules cover IPv4 only (docs/setup.md: publish no AAAA), so a relay whose name also has an
+    IPv6 address gets an A record and no AAAA; a relay with no IPv4 address gets a placeholder, not an AAAA."""
+    cfg = config_mod.load(instance)
+    lines = dns_records(cfg, ["192.0.2.7", "2001:db8::7"], "")
+    assert "laptop.test. A 192.0.2.7" in lines and not any(" AAAA " in ln for ln in lines), lines
+    assert "laptop.test. A <relay IPv4 address>" in dns_records(cfg, ["2001:db8::7"], "")

@@ -103,8 +103,10 @@ def dns_records(cfg: Config, relay_addrs: list[str], account_uri: str) -> list[s
 
     d = cfg.server.domain
     lines = []
-    for addr in relay_addrs or ["<relay IPv4 address>"]:
-        lines.append(f"{d}. A{'AAA' if ':' in addr else ''} {addr}")
+    # IPv4 only: relay-setup's NAT rules map IPv4 80/443, so an AAAA record (even when the relay's own name has
+    # one) would send IPv6 phones to a port nothing forwards
+    for addr in [a for a in relay_addrs if ":" not in a] or ["<relay IPv4 address>"]:
+        lines.append(f"{d}. A {addr}")
     issuer = issuer_domain_for(cfg.acme.directory, cfg.acme.caa_issuer) or "<your CA's issuer domain>"
     lines.append(recommended_record(d, issuer, account_uri or "<account URL: shown after the first certificate>"))
     parent = d.split(".", 1)[1] if "." in d else d
