@@ -1,0 +1,41 @@
+"""The test world itself: names resolve through its DNS server, the laptop reaches the internet only through
+its NAT router, the relay's sshd answers on its public address, and a reboot clears the relay's runtime
+state. (The journey, integration/test_journey.py, relies on each of these.)"""
+
+from __future__ import annotations
+
+from world import DOMAIN, HOSTS, RELAY_NAME
+
+
+def test_names_resolve_through_the_world_dns(world):
+    """Every host's system resolver asks the world's DNS server: the relay's name resolves on the laptop, the
+    phone and the relay itself; a published record appears at once and an unpublished one is gone."""
+    relay = HOSTS["relay"].address
+    for role in ("laptop", "phone", "relay", "ca"):
+        assert world.resolve(role, RELAY_NAME) == [relay], role
+    assert world.resolve("phone", DOMAIN) == []
+    world.publish([f"{DOMAIN}. A {relay}   ; a comment"])
+    try:
+        assert world.resolve("laptop", DOMAIN) == [relay]
+    finally:
+        world.unpublish(DOMAIN, "A")
+    assert world.resolve("phone", DOMAIN) == []
+
+
+def test_the_laptop_is_behind_a_masquerading_router(world):
+    """The laptop reaches the relay's sshd by its public address; the relay sees the router's address, not the
+    laptop's (the connection is masqueraded); the phone cannot reach the laptop's home address."""
+    out = world.run("laptop", "sh", "-c", f"exec 3<>/dev/tcp/{HOSTS['relay'].address}/22 2>/dev/null; head -c 4 <&3",
+                    timeout=30)
+    assert out.stdout.startswith("SSH-"), out.stdout + out.stderr
+    assert not world.tcp_open("phone", HOSTS["laptop"].address, 22)
+
+
+def test_a_reboot_clears_what_is_not_persistent(world):
+    """A rule loaded by hand and a sysctl set by hand on the relay are gone after a reboot; sshd is back."""
+    world.run("relay", "nft", "add table ip wo_manual", check=True)
+    world.run("relay", "sysctl", "-q", "-w", "net.ipv4.conf.all.route_localnet=1", check=True)
+    world.reboot_relay()
+    assert "wo_manual" not in world.run("relay", "nft", "list", "tables").stdout
+    assert world.run("relay", "sysctl", "-n", "net.ipv4.conf.all.route_localnet").stdout.strip() == "0"
+    assert world.tcp_open("phone", HOSTS["relay"].address, 22)
