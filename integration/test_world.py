@@ -25,9 +25,15 @@ def test_names_resolve_through_the_world_dns(world):
 def test_the_laptop_is_behind_a_masquerading_router(world):
     """The laptop reaches the relay's sshd by its public address; the relay sees the router's address, not the
     laptop's (the connection is masqueraded); the phone cannot reach the laptop's home address."""
-    out = world.run("laptop", "sh", "-c", f"exec 3<>/dev/tcp/{HOSTS['relay'].address}/22 2>/dev/null; head -c 4 <&3",
-                    timeout=30)
-    assert out.stdout.startswith("SSH-"), out.stdout + out.stderr
+    import socket
+
+    sock = world.call("laptop", socket.create_connection, (HOSTS["relay"].address, 22), 10)
+    try:
+        assert sock.recv(4) == b"SSH-"
+        seen = world.run("relay", "ss", "-tnH", "state", "established", "( sport = :22 )").stdout
+        assert f"{HOSTS['router'].address}:" in seen and HOSTS["laptop"].address not in seen, seen
+    finally:
+        sock.close()
     assert not world.tcp_open("phone", HOSTS["laptop"].address, 22)
 
 

@@ -31,7 +31,7 @@ The relay: /etc is a copy of this machine's (users, PAM, sshd's Debian defaults)
 Debian's stock sshd_config, /root a folder of its own (``/root/.ssh/authorized_keys`` holds the admin's key, as a
 VPS provider installs it), /run a tmpfs. ``relay-setup --apply root@relay.example.org`` runs setup.sh there
 over the real ssh, unmodified. :meth:`World.reboot_relay` is a reboot: every process in the relay's namespace is
-killed (by pid), the namespace is deleted and made again (no ruleset, every sysctl at its default), and only what
+killed (by pid), the ruleset flushed, the sysctls back at a fresh namespace's values, /run empty, and only what
 boot would run comes back: the sysctl.d settings and the enabled NAT units of the relay's /etc
 (integration/relay_boot.py), then sshd (ssh.service is enabled on Debian).
 
@@ -58,7 +58,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TypeVar
 
-from relay_boot import boot_commands
+from relay_boot import boot_commands, sysctl_settings
 
 from tests.support import wait_until
 
@@ -542,15 +542,22 @@ class World:
         self.run("relay", "nft", "flush", "ruleset", check=True)
 
     def reboot_relay(self) -> None:
-        """Power off (every process killed, the network stack gone), then boot from the relay's /etc."""
+        """Power off, then boot from the relay's /etc. Off: every process in the relay's namespace is killed, its
+        ruleset flushed, and every sysctl boot may set (and route_localnet, ip_forward) back to the value of a
+        fresh network namespace; a new mount namespace (an empty /run). On: what relay_boot says boot runs, then
+        sshd."""
         self.stop("relay-sshd", signal.SIGKILL)
         self._kill_relay_processes()
-        name = self.ns("relay")
-        _run("ip", "netns", "delete", name)
-        self.made_ns.remove(name)
+        self.run("relay", "nft", "flush", "ruleset", check=True)
+        for table in ("nat", "filter", "mangle"):
+            self.run("relay", "iptables-legacy" if shutil.which("iptables-legacy") else "iptables", "-t", table, "-F")
+        keys = {k for k, _ in sysctl_settings(self.relay_etc) if k.startswith("net.")}
+        keys |= {"net.ipv4.conf.all.route_localnet", "net.ipv4.ip_forward"}
+        for key in sorted(keys):
+            pristine = _run("unshare", "-n", "sysctl", "-n", key, check=False).stdout.strip()
+            if pristine:
+                self.run("relay", "sysctl", "-q", "-w", f"{key}={pristine}")
         self._drop_mount_ns("relay")
-        self._add_ns("relay")
-        self._wire_internet("relay")
         self._make_mount_ns("relay")
         script = "set -e\n" + "".join(" ".join(shlex.quote(a) for a in cmd) + "\n"
                                       for cmd in boot_commands(self.relay_etc))
