@@ -216,11 +216,13 @@ class World:
 
     # --- running things in hosts ----------------------------------------------------------------------
 
-    def prefix(self, role: str, *, net: bool = True) -> list[str]:
+    def prefix(self, role: str, *, net: bool = True, cwd: Path | None = None) -> list[str]:
         """argv prefix that runs a command on ``role``: in its network namespace (``net``) and its mount
-        namespace. nsenter execs the command, so the pid stays the command's."""
+        namespace, in ``cwd`` (default: the laptop's home, else /; entering a mount namespace resets the working
+        directory). nsenter execs the command, so the pid stays the command's."""
+        wd = cwd or (self.laptop_home if role == "laptop" else Path("/"))
         return ["nsenter", *([f"--net=/run/netns/{self.ns(role)}"] if net else []),
-                f"--mount={self.root / 'ns' / role}", "--"]
+                f"--mount={self.root / 'ns' / role}", f"--wd={wd}", "--"]
 
     def _make_mount_ns(self, role: str) -> None:
         path = self.root / "ns" / role
@@ -246,8 +248,8 @@ class World:
         """Run ``argv`` on ``role``. ``net=False``: in its mount namespace only (this machine's network: the
         laptop downloading packages from the real package index, which the world has not)."""
         kw: dict[str, object] = {"input": input} if input is not None else {"stdin": subprocess.DEVNULL}
-        out = subprocess.run([*self.prefix(role, net=net), *argv], capture_output=True, text=True, timeout=timeout,
-                             env=self.env(role), check=False, cwd=cwd, **kw)  # type: ignore[call-overload]
+        out = subprocess.run([*self.prefix(role, net=net, cwd=cwd), *argv], capture_output=True, text=True,
+                             timeout=timeout, env=self.env(role), check=False, **kw)  # type: ignore[call-overload]
         if check and out.returncode != 0:
             raise RuntimeError(f"[{role}] {' '.join(argv)} failed ({out.returncode}): {out.stdout}{out.stderr}")
         return out

@@ -195,3 +195,23 @@ def test_dns_records_ask_for_no_aaaa(instance):
     lines = dns_records(cfg, ["192.0.2.7", "2001:db8::7"], "")
     assert "laptop.test. A 192.0.2.7" in lines and not any(" AAAA " in ln for ln in lines), lines
     assert "laptop.test. A <relay IPv4 address>" in dns_records(cfg, ["2001:db8::7"], "")
+
+
+async def test_offline_laptop_is_told_to_check_its_network(ssh_server, tmp_path, monkeypatch):
+    """The resolver gives no answer at all (EAI_AGAIN: the laptop is offline): the DNS link says so and asks
+    whether this machine is online, instead of blaming [relay] host in the config."""
+    import asyncio
+    import socket
+
+    port, host_key = ssh_server
+    cfg = _relay_instance(tmp_path / "ic", port, host_key)
+    text = cfg.read_text().replace('host = "127.0.0.1"', 'host = "relay.test"', 1)
+    cfg.write_text(text)
+
+    async def offline(*_a, **_k):
+        raise socket.gaierror(socket.EAI_AGAIN, "Temporary failure in name resolution")
+
+    monkeypatch.setattr(asyncio.get_running_loop(), "getaddrinfo", offline)
+    report = await run_doctor(cfg, DoctorOptions(timeout_s=5))
+    assert report.first_broken is not None and report.first_broken.name == "DNS"
+    assert "is this machine online" in report.first_broken.fix, report.first_broken
