@@ -196,6 +196,7 @@ def test_journey(tmp_path, monkeypatch):
 
     # 0. A fresh venv, as the README installs it. `python -m inverse_cloud.cli` (init_instance, ServeProcess)
     #    must not pick up this checkout from the working directory: safe path (-P) for every child.
+    monkeypatch.delenv("PYTHONPATH", raising=False)  # a developer's PYTHONPATH would import a checkout instead
     python = install_fresh_venv(tmp_path)
     monkeypatch.setenv("PYTHONSAFEPATH", "1")
     mark("venv + pip install")
