@@ -31,3 +31,14 @@ def relay_instance(tmp_path):
     configure(cfg, "relay", keepalive_interval_s=2, keepalive_count_max=3, connect_timeout_s=5)
     with relay_sshd(cfg) as relay:
         yield cfg, relay
+
+
+@pytest.fixture(scope="session")
+def world():
+    """The simulated internet of integration/world.py (relay, DNS, CA, a NATed laptop, a phone), built once per
+    test run and shared; torn down (every process by pid, every namespace) at the end of the session."""
+    from world import world_session
+
+    assert os.geteuid() == 0, "the world needs root (network and mount namespaces); CI runs as root"
+    with world_session() as w:
+        yield w

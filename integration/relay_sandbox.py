@@ -91,6 +91,12 @@ class SandboxRelay(RelaySshd):
         subprocess.run(["cp", "-a", "/etc", str(self.etc)], check=True)
         for old in (self.etc / "ssh" / "sshd_config.d").glob("inverse-cloud-*.conf"):
             old.unlink()
+        # a fresh relay: the tunnel user (which other tests create on this machine) is setup.sh's to create
+        for name in ("passwd", "shadow", "group", "gshadow"):
+            path = self.etc / name
+            if path.exists():
+                path.write_text("".join(line for line in path.read_text().splitlines(keepends=True)
+                                        if not line.startswith(f"{self.user}:")))
         self.sshd_config.write_text(
             "# test relay: Debian-shaped; relay-setup --apply adds its Match block in sshd_config.d\n"
             "Include /etc/ssh/sshd_config.d/*.conf\n"

@@ -62,15 +62,17 @@ def sshd_available() -> str | None:
 
 
 def ensure_system_user(user: str = TEST_USER) -> None:
-    """Create the tunnel user as relay-setup's setup.sh does (idempotent)."""
+    """Create the tunnel user as relay-setup's setup.sh does (idempotent), with the comment setup.sh marks its
+    own accounts with, so that a relay sandbox copying this /etc may re-run setup.sh on it."""
     missing = sshd_available()
     if missing:
         raise RuntimeError(missing)
     if subprocess.run(["id", "-u", user], capture_output=True, check=False).returncode != 0:
         subprocess.run(["useradd", "--system", "--no-create-home", "--home-dir", "/nonexistent", "--shell",
-                        "/bin/sh", "--comment", "inverse-cloud test tunnel", user], check=False,
+                        "/bin/sh", "--comment", "inverse-cloud tunnel (test)", user], check=False,
                        capture_output=True)
-    subprocess.run(["usermod", "--shell", "/bin/sh", "-p", "*", user], check=True, capture_output=True)
+    subprocess.run(["usermod", "--shell", "/bin/sh", "-p", "*", "--comment", "inverse-cloud tunnel (test)", user],
+                   check=True, capture_output=True)
     os.makedirs("/run/sshd", mode=0o755, exist_ok=True)
 
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import signal
 import ssl
 import subprocess
@@ -69,14 +70,20 @@ def event(uid: str, summary: str) -> str:
 class Phone:
     """A vdirsyncer instance with its own local folders and status (one phone or one Thunderbird)."""
 
-    def __init__(self, root: Path, name: str, https_port: int, fingerprint: str) -> None:
+    def __init__(self, root: Path, name: str, https_port: int = 0, fingerprint: str = "", *, base: str = "",
+                 prefix: list[str] | None = None, env: dict[str, str] | None = None) -> None:
+        """``base``: the server URL as a phone is given it (then the system's trust store decides, as on a
+        phone); else ``https://127.0.0.1:PORT`` with the certificate pinned by ``fingerprint``. ``prefix`` runs
+        vdirsyncer elsewhere (another host of the test world)."""
         self.root = root / name
         self.contacts = self.root / "contacts"
         self.calendar = self.root / "calendar"
         for d in (self.contacts, self.calendar):
             d.mkdir(parents=True)
-        base = f"https://127.0.0.1:{https_port}/radicale/alice"
-        remote = f'username = "alice"\npassword = "{PASSWORD}"\nverify_fingerprint = "{fingerprint}"\n'
+        self.prefix, self.env = prefix or [], env
+        base = f"{base or f'https://127.0.0.1:{https_port}'}/radicale/alice"
+        pin = f'verify_fingerprint = "{fingerprint}"\n' if fingerprint else ""
+        remote = f'username = "alice"\npassword = "{PASSWORD}"\n{pin}'
         self.config = self.root / "config"
         self.config.write_text(textwrap.dedent(f"""\
             [general]
@@ -115,14 +122,15 @@ class Phone:
         self.discovered = False
 
     def args(self, *extra: str) -> list[str]:
-        return ["vdirsyncer", "-c", str(self.config), *extra]
+        return [*self.prefix, "vdirsyncer", "-c", str(self.config), *extra]
 
     def sync(self) -> None:
         if not self.discovered:
-            out = subprocess.run(self.args("discover"), capture_output=True, text=True, timeout=120, input="y\n" * 4)
+            out = subprocess.run(self.args("discover"), capture_output=True, text=True, timeout=120, input="y\n" * 4,
+                                 env=self.env)
             assert out.returncode == 0, out.stdout + out.stderr
             self.discovered = True
-        out = subprocess.run(self.args("sync"), capture_output=True, text=True, timeout=180)
+        out = subprocess.run(self.args("sync"), capture_output=True, text=True, timeout=180, env=self.env)
         assert out.returncode == 0, out.stdout + out.stderr
 
     def texts(self, folder: Path) -> list[str]:
@@ -188,6 +196,7 @@ def test_journey(tmp_path, monkeypatch):
 
     # 0. A fresh venv, as the README installs it. `python -m inverse_cloud.cli` (init_instance, ServeProcess)
     #    must not pick up this checkout from the working directory: safe path (-P) for every child.
+    monkeypatch.delenv("PYTHONPATH", raising=False)  # a developer's PYTHONPATH would import a checkout instead
     python = install_fresh_venv(tmp_path)
     monkeypatch.setenv("PYTHONSAFEPATH", "1")
     mark("venv + pip install")
@@ -355,3 +364,260 @@ def _journey(tmp_path: Path, python: str, mark) -> None:
     assert out.returncode == 1 and "refusing to import" in out.stderr, out.stderr
     assert tree_hash(old_data) == snapshot
     mark("import onto non-empty refused")
+
+
+# --- the journey in the test world (integration/world.py) -------------------------------------------------
+
+def _copy_repo(dest: Path) -> Path:
+    """This checkout as a user's clone would be (no venv, caches or git metadata)."""
+    import shutil
+
+    shutil.copytree(REPO, dest, ignore=shutil.ignore_patterns(".git", ".venv", "__pycache__", "build", "*.egg-info",
+                                                              ".mypy_cache", ".ruff_cache", "test-artifacts"))
+    return dest
+
+
+class Laptop:
+    """The world's laptop as its user works on it: the installed `inverse-cloud` on PATH, no flags for paths."""
+
+    def __init__(self, world) -> None:
+        self.world = world
+
+    def run(self, *args: str, timeout: float = 120) -> subprocess.CompletedProcess[str]:
+        return self.world.run("laptop", "inverse-cloud", *args, timeout=timeout)
+
+    def spawn(self, *args: str):
+
+        return self._spawn([*self.world.prefix("laptop"), "inverse-cloud", *args])
+
+    def _spawn(self, argv: list[str]):
+        import io
+
+        import pexpect
+
+        child = pexpect.spawn(argv[0], argv[1:], env=self.world.env("laptop"), encoding="utf-8", timeout=60)
+        child.logfile_read = io.StringIO()  # the whole transcript, for _finish
+        return child
+
+    def spawn_shell(self, line: str):
+        """A line from the docs, verbatim, on a terminal."""
+        return self._spawn([*self.world.prefix("laptop"), "sh", "-c", line])
+
+    def doctor(self) -> tuple[int, dict, str]:
+        out = self.run("doctor", "--json", "--timeout", "10")
+        assert "Traceback" not in out.stderr, out.stderr
+        return out.returncode, json.loads(out.stdout), out.stdout
+
+    def status(self) -> dict:
+        out = self.run("status", "--json")
+        return json.loads(out.stdout)
+
+
+def _finish(child) -> str:
+    import pexpect
+
+    child.expect(pexpect.EOF, timeout=120)
+    child.close()
+    text = child.logfile_read.getvalue()
+    assert child.exitstatus == 0, text
+    return text
+
+
+@pytest.mark.slow
+def test_journey_in_the_world(world, tmp_path):
+    """A new user's journey in the test world, nothing arranged by hand beyond what a VPS provider gives:
+    README's install block on the laptop -> `inverse-cloud` on root's PATH -> `init` on a terminal, wrong
+    answers asked again (a URL as domain, root@ as relay login, an unreachable relay) -> the admin's key on the
+    relay's root (the provider's part) -> `relay-setup --apply root@relay.example.org` on a terminal, ssh's
+    host-key question and relay-setup's own answered after comparing with what the relay shows -> the records
+    doctor prints published in the DNS server -> `serve` -> a Pebble certificate (validated at the relay's
+    public port 80, through its NAT and the tunnel) -> two vdirsyncer phones on the internet syncing through
+    https://contacts.example.org/ (its public 443) -> CAA published from doctor's line; status and doctor
+    healthy -> the relay reboots: the NAT comes back from its /etc, the tunnel reconnects, the phones sync ->
+    doctor names each broken link: NAT flushed, A record removed, A record elsewhere, the relay's sshd
+    stopped, the laptop offline (DNS: is this machine online?), the relay rebuilt with a new host key ->
+    SIGTERM, exit 0."""
+    from world import DOMAIN, HOSTS, RELAY_NAME
+
+    from tests.support.docs import shell_blocks
+
+    t0 = time.monotonic()
+    steps: list[tuple[str, float]] = []
+
+    def mark(what: str) -> None:
+        steps.append((what, time.monotonic() - t0))
+
+    laptop = Laptop(world)
+    # 1. README's install block, verbatim, in a clone on the laptop (its file system; this machine's network,
+    #    where the package index is).
+    block = shell_blocks(REPO / "README.md", "Run it")[0]
+    install = [line for line in block if not line.startswith("inverse-cloud")]
+    clone = _copy_repo(world.laptop_home / "inverse-cloud")
+    out = world.run("laptop", "sh", "-c", "set -e\n" + "\n".join(install), cwd=clone, net=False, timeout=600)
+    assert out.returncode == 0, out.stdout + out.stderr
+    where = world.run("laptop", "sh", "-c", "command -v inverse-cloud")
+    assert where.stdout.strip() == "/usr/local/bin/inverse-cloud", where.stdout + where.stderr
+    mark("README install")
+
+    # 2. init on a terminal; the wrong answers are asked again, each with its reason.
+    child = laptop.spawn("init", "--acme-directory", world.acme_directory,
+                         "--acme-ca-bundle", "/etc/ssl/certs/ca-certificates.crt")
+    child.expect("Domain phones will use")
+    child.sendline(f"https://{DOMAIN}/")
+    child.expect("is a URL: give only the host name")
+    child.expect("Domain phones will use")
+    child.sendline(DOMAIN)
+    child.expect("Relay host")
+    child.sendline(f"root@{RELAY_NAME}")
+    child.expect("the login is root")
+    child.expect("Relay host")
+    child.sendline(f"{RELAY_NAME}:2222")
+    child.expect(f"relay {RELAY_NAME}:2222 does not answer")
+    child.expect("Relay host")
+    child.sendline(RELAY_NAME)
+    child.expect("E-mail")
+    child.sendline("")
+    child.expect("First DAV user name")
+    child.sendline("alice")
+    child.expect("Password for DAV user alice")
+    child.sendline(PASSWORD)
+    child.expect("Again")
+    child.sendline(PASSWORD)
+    text = _finish(child)
+    assert f"relay-setup --apply root@{RELAY_NAME}" in text, text
+    cfg = world.laptop_home / ".config" / "inverse-cloud" / "config.toml"
+    loaded = config_mod.load(cfg)
+    assert (loaded.relay.user, loaded.relay.host, loaded.relay.port) == ("inverse-cloud", RELAY_NAME, 22)
+    # what a user may tune in the file: faster keepalives (the test's patience), the private CA's CAA name
+    configure(cfg, "relay", keepalive_interval_s=2, keepalive_count_max=3, connect_timeout_s=5)
+    configure(cfg, "acme", caa_issuer="pebble.invalid")
+    mark("init on a terminal")
+
+    # 3. The VPS provider's part: the admin's key for root on the relay.
+    key = world.laptop_home / ".ssh" / "id_ed25519"
+    world.run("laptop", "ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(key), check=True)
+    world.authorize_admin(Path(f"{key}.pub").read_text())
+
+    # 4. relay-setup --apply root@relay on a terminal: ssh asks about the host key (first contact), then
+    #    relay-setup shows the key it pins; both are compared with what the relay itself shows.
+    relay_fp = world.relay_fingerprint()
+    readme_next = shell_blocks(REPO / "README.md", "Run it")[1]  # relay-setup, service install, phone, status
+    apply_line = next(line for line in readme_next if line.startswith("inverse-cloud relay-setup --apply"))
+    assert f"root@{RELAY_NAME}" in apply_line, apply_line
+    child = laptop.spawn_shell(apply_line)
+    child.expect(r"Are you sure you want to continue connecting \(yes/no")
+    assert relay_fp in (child.before or ""), child.before
+    child.sendline("yes")
+    child.expect(r"Does it match .* \[y/N\]")
+    assert relay_fp in (child.before or ""), child.before
+    child.sendline("y")
+    text = _finish(child)
+    assert "inverse-cloud: relay ready for user inverse-cloud" in text, text
+    assert "dnat to 127.0.0.1:44353" in world.relay_nat()
+    mark("relay-setup --apply")
+
+    # 5. Publish what doctor says to publish (the CAA line needs the account: later).
+    code, report, text = laptop.doctor()
+    assert report["first_broken"] == "DNS" and f"{DOMAIN} does not resolve" in text, text
+    records = [r for r in report["dns_records"] if "<" not in r]
+    assert f"{DOMAIN}. A {HOSTS['relay'].address}" in records, records
+    world.publish(records)
+
+    # 6. serve, a certificate from Pebble through the relay's public port 80.
+    world.popen("serve", "laptop", "inverse-cloud", "serve")
+
+    def issued() -> dict | None:
+        if world.procs["serve"].poll() is not None:
+            raise RuntimeError(f"serve exited:\n{world.log('serve')}")
+        st = laptop.run("status", "--json")
+        if not st.stdout.startswith("{"):
+            return None
+        doc = json.loads(st.stdout)
+        served = (doc.get("certificate") or {}).get("served") or {}
+        return doc if served and not served.get("self_signed") else None
+
+    doc = wait_until(issued, 180, "a certificate from Pebble", interval_s=0.5,
+                     on_timeout=lambda: world.log("serve") + world.log("pebble"))
+    assert "Pebble" in doc["certificate"]["served"]["issuer"]
+    mark("certificate issued")
+
+    # 7. Two phones on the internet sync through the relay's public address.
+    phones = [Phone(tmp_path, n, base=f"https://{DOMAIN}", prefix=world.prefix("phone"), env=world.env("phone"))
+              for n in ("phone_a", "phone_b")]
+    a, b = phones
+    for i in range(3):
+        (a.contacts / f"c{i}.vcf").write_text(card(f"c{i}", f"Contact {i}"))
+    (a.calendar / "e0.ics").write_text(event("e0", "Meeting 0"))
+    a.sync()
+    b.sync()
+    assert len(b.texts(b.contacts)) == 3 and len(b.texts(b.calendar)) == 1
+    edited = next(p for p in b.contacts.iterdir() if "UID:c1" in p.read_text())
+    edited.write_text(card("c1", "Contact One Renamed"))
+    b.sync()
+    a.sync()
+    assert any("FN:Contact One Renamed" in t for t in a.texts(a.contacts))
+    mark("two phones sync")
+
+    # 8. CAA from doctor's line, then status and doctor healthy, with no overrides.
+    code, report, text = laptop.doctor()
+    caa = [r for r in report["dns_records"] if " CAA " in r]
+    assert caa and "accounturi=" in caa[0] and "<" not in caa[0], report["dns_records"]
+    world.publish(caa)
+    code, report, text = laptop.doctor()
+    assert code == 0 and all(c["state"] == "ok" for c in report["checks"]), text
+    status_line = next(line for line in readme_next if line.startswith("inverse-cloud status"))
+    st = world.run("laptop", "sh", "-c", status_line)
+    assert st.returncode == 0 and "all links work" in st.stdout, st.stdout + st.stderr
+    assert "tunnel:       up to relay.example.org:22" in st.stdout, st.stdout
+    mark("status + doctor healthy")
+
+    def tunnel_up() -> bool:
+        return (laptop.status().get("tunnel") or {}).get("state") == "up"
+
+    # 9. The relay reboots: only its /etc comes back, and with it the NAT; the tunnel reconnects.
+    world.reboot_relay()
+    assert "dnat to 127.0.0.1:44353" in world.relay_nat(), "the NAT did not come back after the reboot"
+    wait_until(tunnel_up, 120, "the tunnel back after the relay's reboot", interval_s=0.5,
+               on_timeout=lambda: world.log("serve"))
+    (b.contacts / "after-reboot.vcf").write_text(card("r1", "After Reboot"))
+    b.sync()
+    a.sync()
+    assert any("FN:After Reboot" in t for t in a.texts(a.contacts))
+    mark("relay reboot, phones sync")
+
+    # 10. doctor names each broken link.
+    def broken(expect_link: str, fragment: str) -> None:
+        code, report, text = laptop.doctor()
+        assert code != 0 and report["first_broken"] == expect_link and fragment in text, text
+
+    world.flush_relay_nat()
+    broken("public HTTP", "does not answer")
+    world.reboot_relay()
+    wait_until(tunnel_up, 120, "the tunnel back", interval_s=0.5, on_timeout=lambda: world.log("serve"))
+    world.unpublish(DOMAIN, "A")
+    broken("DNS", f"{DOMAIN} does not resolve")
+    world.publish([f"{DOMAIN}. A 198.51.100.99"])
+    broken("DNS", f"{DOMAIN} points at 198.51.100.99")
+    world.unpublish(DOMAIN, "A")
+    world.publish([f"{DOMAIN}. A {HOSTS['relay'].address}"])
+    world.stop_relay_sshd()
+    broken("relay", "unreachable")
+    world.start_relay_sshd()
+    world.run("laptop", "ip", "link", "set", "eth0", "down", check=True)
+    try:
+        broken("DNS", "is this machine online")
+    finally:
+        world.run("laptop", "ip", "link", "set", "eth0", "up", check=True)
+        world.run("laptop", "ip", "route", "replace", "default", "via", "192.168.7.1", check=True)
+    world.stop_relay_sshd()
+    world.new_relay_host_keys()
+    world.start_relay_sshd()
+    broken("relay", "relay host key changed")
+    mark("broken links named")
+
+    # 11. SIGTERM: a clean exit.
+    proc = world.procs["serve"]
+    os.kill(proc.pid, signal.SIGTERM)
+    assert proc.wait(60) == 0, world.log("serve")
+    world.procs.pop("serve")
+    print("\nworld journey timings (s since start): " + ", ".join(f"{w} {t:.1f}" for w, t in steps))

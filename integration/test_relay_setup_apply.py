@@ -10,6 +10,7 @@ command (``sh -s``) with the script on stdin, as the real ssh would on the relay
 from __future__ import annotations
 
 import os
+import shlex
 import stat
 import subprocess
 import sys
@@ -117,3 +118,72 @@ def test_apply_refuses_to_reload_a_broken_sshd_config(tmp_path):
     assert "sshd -t failed" in out.stderr and "sshd not reloaded" in out.stderr
     assert not (root / "hup").exists()
     assert not (root / "etc" / "ssh" / "sshd_config.d" / "inverse-cloud-icapply.conf").exists()
+
+
+BOOT = r"""
+set -eu
+ROOT=$0
+mount --make-rprivate /
+mount --bind "$ROOT/etc" /etc
+ip link set lo up
+"""
+
+
+def test_apply_makes_the_nat_survive_a_reboot(tmp_path):
+    """After --apply, a reboot of the relay: a fresh network namespace (no ruleset, route_localnet 0) in which
+    only what the relay's /etc holds and has enabled is re-applied (relay_boot: sysctl.d, the enabled NAT
+    units' ExecStart). The inverse_cloud NAT table and route_localnet come back."""
+    from relay_boot import boot_commands, enabled_nat_units
+
+    assert os.geteuid() == 0, "needs root (unshare -m -n); CI runs as root"
+    root, bindir = _sandbox(tmp_path)
+    cfg = init_instance(tmp_path / "ic", relay="icapply@relay.example:2222")
+    out = _apply(cfg, bindir)
+    assert out.returncode == 0, out.stderr + out.stdout
+    assert enabled_nat_units(root / "etc"), "setup.sh enabled no unit that loads the NAT rules at boot"
+    script = BOOT + "".join(" ".join(shlex.quote(a) for a in cmd) + "\n" for cmd in boot_commands(root / "etc"))
+    script += "nft list table ip inverse_cloud\nsysctl -n net.ipv4.conf.all.route_localnet\n"
+    booted = subprocess.run(["unshare", "-m", "-n", "sh", "-c", script, str(root)], capture_output=True, text=True,
+                            timeout=60, check=False)
+    assert booted.returncode == 0, booted.stderr
+    assert "dnat to 127.0.0.1:44353" in booted.stdout and "dnat to 127.0.0.1:8053" in booted.stdout, booted.stdout
+    assert booted.stdout.strip().splitlines()[-1] == "1", booted.stdout
+
+
+def test_apply_iptables_variant_survives_a_reboot_too(tmp_path):
+    """The same reboot with --nat iptables: the INVERSE_CLOUD chains and their jumps come back."""
+    from relay_boot import boot_commands
+
+    assert os.geteuid() == 0, "needs root (unshare -m -n); CI runs as root"
+    root, bindir = _sandbox(tmp_path)
+    cfg = init_instance(tmp_path / "ic", relay="icapply@relay.example:2222")
+    out = _apply(cfg, bindir, "--nat", "iptables")
+    assert out.returncode == 0, out.stderr + out.stdout
+    script = BOOT + "".join(" ".join(shlex.quote(a) for a in cmd) + "\n" for cmd in boot_commands(root / "etc"))
+    script += "iptables -t nat -S\n"
+    booted = subprocess.run(["unshare", "-m", "-n", "sh", "-c", script, str(root)], capture_output=True, text=True,
+                            timeout=60, check=False)
+    assert booted.returncode == 0, booted.stderr
+    assert "-A PREROUTING -j INVERSE_CLOUD_PRE" in booted.stdout, booted.stdout
+    assert "--to-destination 127.0.0.1:44353" in booted.stdout, booted.stdout
+
+
+def test_apply_refuses_an_account_it_did_not_create(tmp_path):
+    """The relay already has an account `icapply` (a person's login, made by adduser): setup.sh stops with
+    one line saying why, before touching the account, its keys or sshd."""
+    assert os.geteuid() == 0, "needs root (unshare -m -n); CI runs as root"
+    root, bindir = _sandbox(tmp_path)
+    for name, line in (("passwd", "icapply:x:4242:4242:Ic Apply,,,:/home/icapply:/bin/bash\n"),
+                       ("shadow", "icapply:$y$j9T$secret:20000:0:99999:7:::\n"), ("group", "icapply:x:4242:\n")):
+        with open(root / "etc" / name, "a") as fh:
+            fh.write(line)
+    cfg = init_instance(tmp_path / "ic", relay="icapply@relay.example:2222")
+    out = _apply(cfg, bindir)
+    assert out.returncode == 1, out.stdout + out.stderr
+    last = out.stderr.strip().splitlines()[-1]
+    assert "icapply" in last and "not created by inverse-cloud" in last, out.stderr
+    assert "icapply:$y$j9T$secret:" in (root / "etc" / "shadow").read_text()
+    assert "/bin/bash" in next(ln for ln in (root / "etc" / "passwd").read_text().splitlines()
+                               if ln.startswith("icapply:"))
+    assert not (root / "etc" / "ssh" / "inverse-cloud" / "icapply.keys").exists()
+    assert not (root / "hup").exists()

@@ -35,6 +35,7 @@ from inverse_cloud.config_checks import (
     _opt_hostport,
     _path,
     _str,
+    parse_domain,
     parse_hostport,
 )
 from inverse_cloud.errors import ConfigError
@@ -50,6 +51,7 @@ __all__ = [
     "default_data_dir",
     "default_state_dir",
     "load",
+    "parse_domain",
     "parse_hostport",
     "parse_user_host",
 ]

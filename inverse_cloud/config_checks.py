@@ -9,7 +9,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-__all__ = ["Checker", "parse_hostport"]
+__all__ = ["Checker", "parse_domain", "parse_hostport"]
 
 Checker = Callable[[Any], Any]
 
@@ -44,6 +44,11 @@ def _domain(v: Any) -> str:
     if not re.fullmatch(r"(?=.{1,253}$)([a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?\.)*[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?", s):
         raise ValueError("expected a DNS name such as contacts.example.org")
     return s
+
+
+def parse_domain(text: str) -> str:
+    """A DNS name as ``[server] domain`` accepts it (lower case, no trailing dot). Raises ValueError."""
+    return _domain(text)
 
 
 def _bool(v: Any) -> bool:

@@ -13,6 +13,7 @@ import pytest
 
 from inverse_cloud import cli, config
 from inverse_cloud.dav import users
+from tests.support import free_port
 
 
 def mode(path: Path) -> int:
@@ -215,3 +216,66 @@ def test_serve_on_a_port_in_use_names_port_and_option(tmp_path, pwfile):
     last = proc.stderr.strip().splitlines()[-1]
     assert str(port) in last and "[server] https_listen" in last and "in use" in last, proc.stderr
     assert "Traceback" not in proc.stderr
+
+
+def test_init_refuses_root_as_the_tunnel_login(tmp_path, pwfile, capsys):
+    """--relay root@relay: root would lose its password and shell to setup.sh; one line, nothing written."""
+    root = tmp_path / "ic"
+    args = init_args(root, pwfile)
+    args[args.index("--relay") + 1] = "root@relay.test"
+    assert cli.main(args) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "root" in err and "inverse-cloud" in err, err
+    assert not (root / "cfg" / "config.toml").exists()
+
+
+def test_init_asks_for_the_relay_host_and_defaults_the_login(tmp_path, pwfile, monkeypatch, capsys):
+    """Interactive init: the relay question asks for the host (not USER@HOST), and a bare host gives the
+    tunnel login `inverse-cloud`. Wrong answers are asked again with a one-line reason: a URL for the domain,
+    `root@` as the relay login, a relay that does not answer (nothing listens on its port); a relay whose
+    port answers with an SSH banner is taken."""
+    import socket as socket_mod
+    import threading
+
+    listener = socket_mod.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen()
+    live = listener.getsockname()[1]
+
+    def banner() -> None:   # what an sshd says first: init checks that an SSH server answers there
+        while True:
+            try:
+                conn, _ = listener.accept()
+            except OSError:
+                return
+            with conn:
+                conn.sendall(b"SSH-2.0-OpenSSH_9.2p1 Debian-2\r\n")
+
+    threading.Thread(target=banner, daemon=True).start()
+    dead = free_port()
+    answers = iter(["https://laptop.test/", "laptop.test", f"root@127.0.0.1:{live}", f"127.0.0.1:{dead}",
+                    f"127.0.0.1:{live}", "", "alice"])
+    prompts: list[str] = []
+
+    def fake_input(prompt: str = "") -> str:
+        prompts.append(prompt)
+        return next(answers)
+
+    monkeypatch.setattr("builtins.input", fake_input)
+    root = tmp_path / "ic"
+    args = ["init", "--config", str(root / "cfg" / "config.toml"), "--data-dir", str(root / "data"),
+            "--state-dir", str(root / "state"), "--password-file", str(pwfile), "--https-listen", "127.0.0.1:0",
+            "--http-listen", "127.0.0.1:0"]
+    try:
+        assert cli.main(args) == 0
+    finally:
+        listener.close()
+    out = capsys.readouterr().out
+    relay_prompts = [p for p in prompts if p.lower().startswith("relay")]
+    assert relay_prompts and all("USER@" not in p for p in relay_prompts), prompts
+    assert "only the host name" in out, out
+    assert "the login is root" in out and "account of its own" in out, out
+    assert f"127.0.0.1:{dead} does not answer" in out, out
+    cfg = config.load(root / "cfg" / "config.toml")
+    assert (cfg.server.domain, cfg.relay.user, cfg.relay.host, cfg.relay.port) == \
+        ("laptop.test", "inverse-cloud", "127.0.0.1", live)

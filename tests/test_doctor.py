@@ -163,7 +163,7 @@ async def test_relay_links(ssh_server, tmp_path):
 def test_dns_records_include_caa_and_srv(instance):
     cfg = config_mod.load(instance)
     lines = dns_records(cfg, ["192.0.2.7", "2001:db8::7"], "https://acme.example/acct/1")
-    assert "laptop.test. A 192.0.2.7" in lines and "laptop.test. AAAA 2001:db8::7" in lines
+    assert "laptop.test. A 192.0.2.7" in lines
     assert any("CAA 0 issue" in ln and "accounturi=https://acme.example/acct/1" in ln
                and "validationmethods=http-01" in ln for ln in lines)
     assert any(ln.startswith("_carddavs._tcp.test. SRV 0 1 443 laptop.test.") for ln in lines)
@@ -187,3 +187,50 @@ def test_tls_alpn_01_needs_no_port_80(instance):
         code, report = doctor(instance, *connect_to(srv, http_port=free_port()), "--cacert", str(selfsigned(instance)))
         assert states(report)["public HTTP"] == "warn" and states(report)["DAV"] == "ok", report
         assert "TLS-ALPN-01 is used instead" in detail(report, "public HTTP")
+
+
+async def test_real_names_resolve_with_the_system_resolver(ssh_server, tmp_path):
+    """No --resolve: the relay is `localhost` (a name, as every real relay is). The system resolver answers it
+    (127.0.0.1 from /etc/hosts), so the DNS link gets past the relay and names the domain (laptop.test has no
+    record anywhere), and the records doctor prints carry the relay's real address, not a placeholder."""
+    port, host_key = ssh_server
+    cfg = init_instance(tmp_path / "ic", relay=f"tunnel@localhost:{port}")
+    text = cfg.read_text().replace('host_key = ""', f'host_key = "{" ".join(host_key.split()[:2])}"', 1)
+    cfg.write_text(text)
+    report = await run_doctor(cfg, DoctorOptions(timeout_s=5))
+    dns = next(c for c in report.checks if c.name == "DNS")
+    assert "the relay host" not in dns.detail and "inet_pton" not in dns.detail, dns
+    assert dns.state == "fail" and "laptop.test does not resolve" in dns.detail, dns
+    assert "add a DNS record: laptop.test. A 127.0.0.1" in dns.fix, dns
+    assert "laptop.test. A 127.0.0.1" in report.records, report.records
+    assert not any("<relay" in r for r in report.records), report.records
+
+
+
+def test_dns_records_ask_for_no_aaaa(instance):
+    """The relay's NAT rules cover IPv4 only (docs/setup.md: publish no AAAA), so a relay whose name also has an
+    IPv6 address gets an A record and no AAAA; a relay with no IPv4 address gets a placeholder, not an AAAA."""
+    cfg = config_mod.load(instance)
+    lines = dns_records(cfg, ["192.0.2.7", "2001:db8::7"], "")
+    assert "laptop.test. A 192.0.2.7" in lines and not any(" AAAA " in ln for ln in lines), lines
+    assert "laptop.test. A <relay IPv4 address>" in dns_records(cfg, ["2001:db8::7"], "")
+
+
+async def test_offline_laptop_is_told_to_check_its_network(ssh_server, tmp_path, monkeypatch):
+    """The resolver gives no answer at all (EAI_AGAIN: the laptop is offline): the DNS link says so and asks
+    whether this machine is online, instead of blaming [relay] host in the config."""
+    import asyncio
+    import socket
+
+    port, host_key = ssh_server
+    cfg = _relay_instance(tmp_path / "ic", port, host_key)
+    text = cfg.read_text().replace('host = "127.0.0.1"', 'host = "relay.test"', 1)
+    cfg.write_text(text)
+
+    async def offline(*_a, **_k):
+        raise socket.gaierror(socket.EAI_AGAIN, "Temporary failure in name resolution")
+
+    monkeypatch.setattr(asyncio.get_running_loop(), "getaddrinfo", offline)
+    report = await run_doctor(cfg, DoctorOptions(timeout_s=5))
+    assert report.first_broken is not None and report.first_broken.name == "DNS"
+    assert "is this machine online" in report.first_broken.fix, report.first_broken

@@ -394,3 +394,31 @@ def test_relay_setup_ipv6_needs_a_v6_listener(instance, tmp_path, capsys):
     assert main(["relay-setup", "--config", str(instance), "--output", str(out), "--no-pin", "--ipv6",
                  "--ssh-on-443"]) == 0
     assert '"::"' in (out / "sslh.cfg").read_text()
+
+
+def _with_relay(instance: Path, user: str) -> Path:
+    text = Path(instance).read_text().replace('host = ""', 'host = "relay.example"')
+    text = set_config_value(text, "relay", "user", f'"{user}"')
+    Path(instance).write_text(text)
+    return Path(instance)
+
+
+@pytest.mark.parametrize(("user", "apply", "fragment"), [
+    ("root", None, "[relay] user is root"),
+    ("root", "root@relay.example", "[relay] user is root"),
+    ("admin", "admin@relay.example:2222", "is the admin given to --apply"),
+])
+def test_relay_setup_refuses_root_or_the_admin_as_tunnel_login(instance, tmp_path, capsys, user, apply, fragment):
+    """The tunnel login is never root or the --apply admin: setup.sh would wipe its password and shell and
+    leave it only the tunnel key. relay-setup says why in one line and renders and runs nothing."""
+    from inverse_cloud.cli import main
+
+    cfg = _with_relay(instance, user)
+    out = tmp_path / "bundle"
+    args = ["relay-setup", "--config", str(cfg), "--no-pin", "--output", str(out)]
+    if apply:
+        args += ["--apply", apply]
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and fragment in err and "inverse-cloud" in err, err
+    assert not out.exists()

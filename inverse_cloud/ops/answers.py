@@ -23,7 +23,7 @@ def domain_problem(answer: str) -> str | None:
     """A host name phones will use: not a URL, not an address, a DNS name with a dot."""
     text = answer.strip()
     if "://" in text or "/" in text:
-        return f"{text!r} is a URL: give only the name, e.g. contacts.example.org"
+        return f"{text!r} is a URL: give only the host name, e.g. contacts.example.org"
     if "@" in text:
         return f"{text!r} looks like an e-mail address: give the name phones will use, e.g. contacts.example.org"
     try:

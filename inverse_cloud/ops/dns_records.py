@@ -13,8 +13,11 @@ def dns_records(cfg: Config, relay_addrs: list[str], account_uri: str) -> list[s
 
     d = cfg.server.domain
     lines = []
-    for addr in relay_addrs or ["<relay IPv4 address>"]:
-        lines.append(f"{d}. A{'AAA' if ':' in addr else ''} {addr}")
+    # IPv4 only: relay-setup's default NAT rules map IPv4 80/443, so an AAAA record (even when the relay's own
+    # name has one) would send IPv6 phones to a port nothing forwards. The sslh and nginx variants can listen on
+    # IPv6 (relay-setup --ipv6); their AAAA record is in docs/setup.md.
+    for addr in [a for a in relay_addrs if ":" not in a] or ["<relay IPv4 address>"]:
+        lines.append(f"{d}. A {addr}")
     issuer = issuer_domain_for(cfg.acme.directory, cfg.acme.caa_issuer) or "<your CA's issuer domain>"
     lines.append(recommended_record(d, issuer, account_uri or "<account URL: shown after the first certificate>",
                                    cfg.acme.caa_methods))

@@ -188,6 +188,10 @@ async def check_dns(ctx: _Ctx) -> Check:
     try:
         relay = await ctx.resolve(cfg.relay.host)
     except OSError as exc:
+        if isinstance(exc, socket.gaierror) and exc.errno == socket.EAI_AGAIN:
+            # no answer at all (not "no such name"): this machine is offline or its resolver is down
+            return Check("DNS", "fail", f"no DNS answer for the relay host {cfg.relay.host} ({describe(exc)})",
+                         "is this machine online? check its network connection and DNS resolver")
         return Check("DNS", "fail", f"the relay host {cfg.relay.host} does not resolve ({describe(exc)})",
                      "check [relay] host in the config")
     ctx.relay_addrs = relay

@@ -8,10 +8,38 @@ from pathlib import Path
 
 from inverse_cloud import config as config_mod
 from inverse_cloud.errors import ConfigError
-from inverse_cloud.ops.answers import email_problem, password_problem
+from inverse_cloud.ops.answers import domain_problem, email_problem, password_problem, relay_problem, ssh_problem
 from inverse_cloud.prompt import ask, ask_until, read_password
 
-__all__ = ["add_commands", "cmd_init"]
+__all__ = ["add_commands", "cmd_init", "parse_relay"]
+
+
+def parse_relay(text: str) -> tuple[str, str, int]:
+    """``[USER@]HOST[:PORT]`` -> (user, host, port); the login defaults to ``inverse-cloud``.
+
+    :raises ConfigError: bad syntax, or a login that must not be the tunnel's (root).
+    """
+    if not text:
+        return "inverse-cloud", "", 22
+    from inverse_cloud.tunnel.relay_files import login_refusal
+
+    user, host, port = config_mod.parse_user_host(text, "--relay", "inverse-cloud")
+    refusal = login_refusal(user)
+    if refusal:
+        raise ConfigError(f"--relay {text}: {refusal.replace('[relay] user is root', 'the login is root')}")
+    return user, host, port
+
+
+def _relay_answer_problem(answer: str) -> str | None:
+    """Why the typed relay will not do: bad syntax, root as the login, or no SSH server answering there."""
+    why = relay_problem(answer)
+    if why:
+        return why
+    try:
+        _user, host, port = parse_relay(answer)
+    except ConfigError as exc:
+        return str(exc).removeprefix(f"--relay {answer}: ")
+    return ssh_problem(host, port, timeout_s=5)
 
 
 def cmd_init(args: argparse.Namespace) -> int:
@@ -24,14 +52,18 @@ def cmd_init(args: argparse.Namespace) -> int:
     if cfg_path.exists() and not args.force:
         raise ConfigError(f"{cfg_path} already exists; nothing was changed (edit it, or pass --force to "
                           "write a new one)")
-    domain = args.domain or ask("Domain phones will use (e.g. contacts.example.org)", "", interactive)
+    domain = args.domain or (ask_until("Domain phones will use (e.g. contacts.example.org)", "", domain_problem)
+                             if interactive else "")
     if not domain:
         raise ConfigError("no domain: give --domain NAME")
     data_dir = Path(args.data_dir).expanduser() if args.data_dir else config_mod.default_data_dir()
-    relay_text = args.relay if args.relay is not None else ask(
-        "Relay as USER@HOST[:PORT] (empty: no relay for now)", "", interactive)
-    relay_user, relay_host, relay_port = (
-        config_mod.parse_user_host(relay_text, "--relay", "inverse-cloud") if relay_text else ("inverse-cloud", "", 22))
+    if args.relay is not None:
+        relay_user, relay_host, relay_port = parse_relay(args.relay)
+    else:
+        relay_text = ask_until(
+            "Relay host, as HOST[:PORT] (the tunnel login is inverse-cloud; empty: no relay for now)", "",
+            _relay_answer_problem, allow_empty=True) if interactive else ""
+        relay_user, relay_host, relay_port = parse_relay(relay_text)
     if args.acme_email is not None:
         email = args.acme_email
     elif interactive:
@@ -72,7 +104,8 @@ def cmd_init(args: argparse.Namespace) -> int:
     if made_key:
         print(f"SSH key for the relay: {cfg.relay.key_file}.pub")
     if relay_host:
-        print(f"next: inverse-cloud relay-setup   (prepares {relay_user}@{relay_host} and pins its host key)")
+        print(f"next: inverse-cloud relay-setup --apply root@{relay_host}   (as the relay's admin: creates the "
+              f"tunnel login {relay_user} there and pins the relay's host key)")
     else:
         print("next: inverse-cloud serve   (local only; add [relay] host later for phones outside this network)")
     return 0

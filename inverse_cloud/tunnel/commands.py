@@ -237,6 +237,10 @@ def cmd_relay_setup(args: argparse.Namespace) -> int:
     if getattr(args, "ipv6", False) and args.nat != "none" and not getattr(args, "ssh_on_443", False):
         raise ConfigError("--ipv6 needs --ssh-on-443 (sslh) or --nat none (nginx): the DNAT rules cannot map "
                           "IPv6 onto the relay's loopback forwards; a v6 listener can")
+    admin = parse_user_host(args.apply, "--apply")[0] if args.apply else None
+    refusal = relay.login_refusal(cfg.relay.user, admin)
+    if refusal:
+        raise ConfigError(f"{cfg.path}: {refusal}")
     spec = spec_for(cfg, args)
     files = relay.bundle(spec, args.nat)
     if args.output:

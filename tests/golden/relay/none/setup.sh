@@ -4,6 +4,7 @@ set -eu
 U=ictunnel
 KEYS=/etc/ssh/inverse-cloud/ictunnel.keys
 DROPIN=/etc/ssh/sshd_config.d/inverse-cloud-ictunnel.conf
+NAT_LOADER=/etc/inverse-cloud/nat-load.sh
 [ "$(id -u)" = 0 ] || { echo 'run as root' >&2; exit 1; }
 command -v pgrep >/dev/null || { echo 'pgrep (procps) is needed by the takeover key' >&2; exit 1; }
 write_file() {  # write_file PATH MODE < content: atomic, root-owned
@@ -12,6 +13,16 @@ write_file() {  # write_file PATH MODE < content: atomic, root-owned
     chmod "$2" "$1.tmp.$$"; chown root:root "$1.tmp.$$"
     mv -f "$1.tmp.$$" "$1"
 }
+if id -u "$U" >/dev/null 2>&1; then
+    if [ "$(id -u "$U")" = 0 ]; then
+        echo "refusing: $U is root (uid 0) on the relay; the tunnel login must be an account of its own, e.g. inverse-cloud" >&2
+        exit 1
+    fi
+    case "$(getent passwd "$U" | cut -d: -f5)" in
+        'inverse-cloud tunnel'*) ;;
+        *) echo "refusing: the account $U already exists on the relay and was not created by inverse-cloud relay-setup; choose another relay user (e.g. inverse-cloud)" >&2; exit 1;;
+    esac
+fi
 if ! id -u "$U" >/dev/null 2>&1; then
     useradd --system --home-dir /var/lib/ictunnel --no-create-home --shell /bin/sh --comment 'inverse-cloud tunnel' "$U"
 fi

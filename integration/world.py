@@ -1,0 +1,630 @@
+"""A small simulated internet in network namespaces, without shortcuts on any path a user takes.
+
+Hosts (each a named network namespace ``wo<role>-<pid>``; the internet hosts share one bridge)::
+
+    internet 198.51.100.0/24, 2001:db8:1::/64 (a bridge in its own namespace)
+      relay  198.51.100.10  2001:db8:1::10   relay.example.org: its own sshd on :22, a private /etc and /root
+      dns    198.51.100.53                   knot, authoritative for example.org and example.net
+      ca     198.51.100.20                   acme.example.net: Pebble on :14000, validating at port 80 of
+                                             whatever the name resolves to (the relay's public address)
+      phone  198.51.100.30                   vdirsyncer
+      router 198.51.100.2 | 192.168.7.1      masquerades the home network
+    home 192.168.7.0/24
+      laptop 192.168.7.2 (default route via the router): reaches the relay only by name, through the NAT
+
+Each host also has a mount namespace of its own, made once and entered (with its network namespace) by every
+command run there (``nsenter``, which execs: the pid stays the command's). Names: every host resolves through the
+DNS server: its /etc/resolv.conf is bind-mounted by ``nameserver 198.51.100.53``, and the relay's private /etc
+holds the same line. The zone starts with what a user has before the journey (the relay's own name, the
+CA's); the records inverse-cloud tells the user to publish are added with :meth:`World.publish`, removed with
+:meth:`World.unpublish`, as at a DNS provider (knot's zone transactions: the answer changes at once).
+
+Trust: the laptop and the phone trust the world's CA as a device trusts Let's Encrypt: the system bundle
+(/etc/ssl/certs/ca-certificates.crt) is bind-mounted, in their mount namespaces, by a copy that also holds
+Pebble's roots (:meth:`World.trust_pebble`).
+
+The laptop's user is root with a home of its own (``laptop_home``): /etc/passwd is bind-mounted by a copy in
+which root's home is that folder (ssh takes ``~`` from passwd), and ``$HOME`` is set to it. Its /usr/local/bin is
+an overlay, so what an install links there stays on the laptop.
+
+The relay: /etc is a copy of this machine's (users, PAM, sshd's Debian defaults) with its own host keys and
+Debian's stock sshd_config, /root a folder of its own (``/root/.ssh/authorized_keys`` holds the admin's key, as a
+VPS provider installs it), /run a tmpfs. ``relay-setup --apply root@relay.example.org`` runs setup.sh there
+over the real ssh, unmodified. :meth:`World.reboot_relay` is a reboot: every process in the relay's namespace is
+killed (by pid), the ruleset flushed, the sysctls back at a fresh namespace's values, /run empty, and only what
+boot would run comes back: the sysctl.d settings and the enabled NAT units of the relay's /etc
+(integration/relay_boot.py), then sshd (ssh.service is enabled on Debian).
+
+Every process the world starts is stopped by pid; every namespace and veth it made is deleted on
+close, also on failure.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import datetime as dt
+import ipaddress
+import json
+import os
+import shlex
+import shutil
+import signal
+import socket
+import subprocess
+import tempfile
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TypeVar
+
+from relay_boot import boot_commands, sysctl_settings
+
+from tests.support import wait_until
+
+__all__ = ["World", "world_session"]
+
+T = TypeVar("T")
+CLONE_NEWNET = 0x40000000
+ZONE = "example.org"
+CA_ZONE = "example.net"
+DOMAIN = f"contacts.{ZONE}"
+RELAY_NAME = f"relay.{ZONE}"
+CA_NAME = f"acme.{CA_ZONE}"
+PEBBLE_PORT = 14000
+DNS_ADDR = "198.51.100.53"
+TTL_S = 1
+
+
+@dataclass(frozen=True)
+class Host:
+    role: str
+    address: str          # IPv4 on its first interface (the internet, or the home network for the laptop)
+    address6: str = ""
+
+
+HOSTS = {
+    "relay": Host("relay", "198.51.100.10", "2001:db8:1::10"),
+    "dns": Host("dns", DNS_ADDR),
+    "ca": Host("ca", "198.51.100.20"),
+    "phone": Host("phone", "198.51.100.30"),
+    "router": Host("router", "198.51.100.2"),
+    "laptop": Host("laptop", "192.168.7.2"),
+}
+ROUTER_LAN = "192.168.7.1"
+
+# Each host's mount namespace, made once (persisted by a bind mount of its nsfs file) and entered by every
+# command run on that host. $W is the world's folder.
+_MOUNTS = {
+    "relay": 'mount --bind "$W/relay/etc" /etc; mount --bind "$W/relay/root" /root; mount -t tmpfs tmpfs /run; '
+             'mkdir -p /run/sshd',
+    "laptop": 'mount --bind "$W/resolv.conf" /etc/resolv.conf; '
+              'mount --bind "$W/trust.pem" /etc/ssl/certs/ca-certificates.crt; '
+              'mount --bind "$W/laptop-passwd" /etc/passwd; '
+              'mount -t overlay overlay -o "lowerdir=/usr/local/bin,upperdir=$W/ulb/up,workdir=$W/ulb/work" '
+              '/usr/local/bin',
+    "phone": 'mount --bind "$W/resolv.conf" /etc/resolv.conf; '
+             'mount --bind "$W/trust.pem" /etc/ssl/certs/ca-certificates.crt',
+}
+_DEFAULT_MOUNTS = 'mount --bind "$W/resolv.conf" /etc/resolv.conf'
+
+DEBIAN_SSHD_CONFIG = """\
+# Debian 12's /etc/ssh/sshd_config, its uncommented lines
+Include /etc/ssh/sshd_config.d/*.conf
+KbdInteractiveAuthentication no
+UsePAM yes
+X11Forwarding yes
+PrintMotd no
+AcceptEnv LANG LC_*
+Subsystem sftp /usr/lib/openssh/sftp-server
+"""
+
+
+def _run(*args: str, check: bool = True, timeout: float = 60, **kw: object) -> subprocess.CompletedProcess[str]:
+    out = subprocess.run(list(args), capture_output=True, text=True, timeout=timeout, check=False, **kw)  # type: ignore[call-overload]
+    if check and out.returncode != 0:
+        raise RuntimeError(f"{' '.join(args)} failed ({out.returncode}): {out.stderr.strip()}")
+    return out  # type: ignore[no-any-return]
+
+
+def _setns(path: str) -> None:
+    libc = ctypes.CDLL(None, use_errno=True)
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        if libc.setns(fd, CLONE_NEWNET) != 0:
+            err = ctypes.get_errno()
+            raise OSError(err, f"setns({path}): {os.strerror(err)}")
+    finally:
+        os.close(fd)
+
+
+def _pebble_certs(d: Path) -> tuple[Path, Path, Path]:
+    """A CA and a leaf for acme.example.net: Pebble's own HTTPS listener (the ACME directory)."""
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+
+    now = dt.datetime.now(dt.UTC)
+    start, end = now - dt.timedelta(hours=1), now + dt.timedelta(days=2)
+    ca_key = ec.generate_private_key(ec.SECP256R1())
+    ca_name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "test world ACME server CA")])
+    ca = (x509.CertificateBuilder().subject_name(ca_name).issuer_name(ca_name).public_key(ca_key.public_key())
+          .serial_number(x509.random_serial_number()).not_valid_before(start).not_valid_after(end)
+          .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
+          .add_extension(x509.SubjectKeyIdentifier.from_public_key(ca_key.public_key()), critical=False)
+          .sign(ca_key, hashes.SHA256()))
+    key = ec.generate_private_key(ec.SECP256R1())
+    leaf = (x509.CertificateBuilder()
+            .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, CA_NAME)]))
+            .issuer_name(ca_name).public_key(key.public_key()).serial_number(x509.random_serial_number())
+            .not_valid_before(start).not_valid_after(end)
+            .add_extension(x509.SubjectAlternativeName([x509.DNSName(CA_NAME)]), critical=False)
+            .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+            .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH]), critical=False)
+            .add_extension(x509.AuthorityKeyIdentifier.from_issuer_public_key(ca_key.public_key()), critical=False)
+            .sign(ca_key, hashes.SHA256()))
+    d.mkdir(parents=True, exist_ok=True)
+    paths = d / "wfe-ca.pem", d / "wfe.pem", d / "wfe.key"
+    paths[0].write_bytes(ca.public_bytes(serialization.Encoding.PEM))
+    paths[1].write_bytes(leaf.public_bytes(serialization.Encoding.PEM))
+    paths[2].write_bytes(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                                           serialization.NoEncryption()))
+    os.chmod(paths[2], 0o600)
+    return paths
+
+
+@dataclass
+class World:
+    """The namespaces, the servers in them, and the verbs a journey needs. Build with :func:`world_session`."""
+
+    root: Path
+    tag: str = field(default_factory=lambda: f"{os.getpid() % 100000}")
+    procs: dict[str, subprocess.Popen[bytes]] = field(default_factory=dict)
+    made_ns: list[str] = field(default_factory=list)
+    pebble_starts: int = 0
+    ns_mounted: bool = False
+
+    # --- names and paths ------------------------------------------------------------------------------
+
+    def ns(self, role: str) -> str:
+        return f"wo{role}-{self.tag}"
+
+    @property
+    def relay_root(self) -> Path:
+        return self.root / "relay"
+
+    @property
+    def relay_etc(self) -> Path:
+        return self.relay_root / "etc"
+
+    @property
+    def laptop_home(self) -> Path:
+        return self.root / "laptop-home"
+
+    @property
+    def trust_bundle(self) -> Path:
+        return self.root / "trust.pem"
+
+    @property
+    def knot_conf(self) -> Path:
+        return self.root / "dns" / "knot.conf"
+
+    @property
+    def acme_directory(self) -> str:
+        return f"https://{CA_NAME}:{PEBBLE_PORT}/dir"
+
+    # --- running things in hosts ----------------------------------------------------------------------
+
+    def prefix(self, role: str, *, net: bool = True, cwd: Path | None = None) -> list[str]:
+        """argv prefix that runs a command on ``role``: in its network namespace (``net``) and its mount
+        namespace, in ``cwd`` (default: the laptop's home, else /; entering a mount namespace resets the working
+        directory). nsenter execs the command, so the pid stays the command's."""
+        wd = cwd or (self.laptop_home if role == "laptop" else Path("/"))
+        return ["nsenter", *([f"--net=/run/netns/{self.ns(role)}"] if net else []),
+                f"--mount={self.root / 'ns' / role}", f"--wd={wd}", "--"]
+
+    def _make_mount_ns(self, role: str) -> None:
+        path = self.root / "ns" / role
+        path.touch()
+        _run("unshare", f"--mount={path}", "--propagation", "slave", "sh", "-c",
+             "set -e; " + _MOUNTS.get(role, _DEFAULT_MOUNTS), env={**os.environ, "W": str(self.root)})
+
+    def _drop_mount_ns(self, role: str) -> None:
+        path = self.root / "ns" / role
+        _run("umount", str(path), check=False)
+
+    def env(self, role: str) -> dict[str, str]:
+        env = {k: v for k, v in os.environ.items() if k not in ("SSH_AUTH_SOCK", "RADICALE_CONFIG")}
+        if role == "laptop":
+            # root's login PATH on Debian (no ~/.local/bin), its home the laptop's
+            env.update(HOME=str(self.laptop_home), USER="root", LOGNAME="root",
+                       PATH="/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin")
+            env.pop("PYTHONPATH", None)
+        return env
+
+    def run(self, role: str, *argv: str, timeout: float = 120, input: str | None = None,  # noqa: A002
+            check: bool = False, cwd: Path | None = None, net: bool = True) -> subprocess.CompletedProcess[str]:
+        """Run ``argv`` on ``role``. ``net=False``: in its mount namespace only (this machine's network: the
+        laptop downloading packages from the real package index, which the world has not)."""
+        kw: dict[str, object] = {"input": input} if input is not None else {"stdin": subprocess.DEVNULL}
+        out = subprocess.run([*self.prefix(role, net=net, cwd=cwd), *argv], capture_output=True, text=True,
+                             timeout=timeout, env=self.env(role), check=False, **kw)  # type: ignore[call-overload]
+        if check and out.returncode != 0:
+            raise RuntimeError(f"[{role}] {' '.join(argv)} failed ({out.returncode}): {out.stdout}{out.stderr}")
+        return out
+
+    def popen(self, name: str, role: str, *argv: str, log: Path | None = None) -> subprocess.Popen[bytes]:
+        """A long-running process on ``role``, remembered under ``name`` and stopped by pid in :meth:`close`."""
+        log = log or self.root / f"{name}.log"
+        with open(log, "ab") as fh:
+            proc = subprocess.Popen([*self.prefix(role), *argv], stdin=subprocess.DEVNULL, stdout=fh,
+                                    stderr=subprocess.STDOUT, env=self.env(role))
+        self.procs[name] = proc
+        return proc
+
+    def stop(self, name: str, sig: int = signal.SIGTERM) -> None:
+        proc = self.procs.pop(name, None)
+        if proc is None or proc.poll() is not None:
+            return
+        os.kill(proc.pid, sig)
+        try:
+            proc.wait(15)
+        except subprocess.TimeoutExpired:
+            os.kill(proc.pid, signal.SIGKILL)
+            proc.wait(15)
+
+    def call(self, role: str, fn: Callable[..., T], *args: object) -> T:
+        """``fn(*args)`` with this thread in ``role``'s network namespace (its sockets live there)."""
+        own = os.open("/proc/thread-self/ns/net", os.O_RDONLY)
+        try:
+            _setns(f"/run/netns/{self.ns(role)}")
+            try:
+                return fn(*args)
+            finally:
+                libc = ctypes.CDLL(None, use_errno=True)
+                if libc.setns(own, CLONE_NEWNET) != 0:
+                    raise OSError(ctypes.get_errno(), "setns back to the test's namespace")
+        finally:
+            os.close(own)
+
+    def tcp_open(self, role: str, host: str, port: int) -> bool:
+        def probe() -> bool:
+            try:
+                with socket.create_connection((host, port), timeout=1):
+                    return True
+            except OSError:
+                return False
+
+        return self.call(role, probe)
+
+    def log(self, name: str) -> str:
+        p = self.root / f"{name}.log"
+        return p.read_text(errors="replace")[-6000:] if p.exists() else ""
+
+    # --- building -------------------------------------------------------------------------------------
+
+    def _add_ns(self, role: str) -> None:
+        name = self.ns(role)
+        _run("ip", "netns", "add", name)
+        self.made_ns.append(name)
+        _run("ip", "-n", name, "link", "set", "lo", "up")
+
+    def _wire_internet(self, role: str) -> None:
+        """veth ``eth0`` in ``role``, its peer on the internet bridge; addresses from HOSTS."""
+        host, inet = HOSTS[role], self.ns("inet")
+        peer = f"wo{role}"[:15]
+        _run("ip", "-n", inet, "link", "add", peer, "type", "veth", "peer", "name", "eth0", "netns", self.ns(role))
+        _run("ip", "-n", inet, "link", "set", peer, "master", "wobr0", "up")
+        _run("ip", "-n", self.ns(role), "addr", "add", f"{host.address}/24", "dev", "eth0")
+        if host.address6:
+            _run("ip", "-n", self.ns(role), "addr", "add", f"{host.address6}/64", "dev", "eth0", "nodad")
+        _run("ip", "-n", self.ns(role), "link", "set", "eth0", "up")
+
+    def build(self) -> None:
+        ns_dir = self.root / "ns"
+        ns_dir.mkdir()
+        _run("mount", "--bind", str(ns_dir), str(ns_dir))  # a private mount: nsfs files can be bound under it
+        _run("mount", "--make-private", str(ns_dir))
+        self.ns_mounted = True
+        (self.root / "resolv.conf").write_text(f"nameserver {DNS_ADDR}\n")
+        for d in ("ulb/up", "ulb/work"):
+            (self.root / d).mkdir(parents=True)
+        self._add_ns("inet")
+        _run("ip", "-n", self.ns("inet"), "link", "add", "wobr0", "type", "bridge")
+        _run("ip", "-n", self.ns("inet"), "link", "set", "wobr0", "up")
+        for role in ("dns", "ca", "phone", "router", "relay", "laptop"):
+            self._add_ns(role)
+        for role in ("dns", "ca", "phone", "router", "relay"):
+            self._wire_internet(role)
+        # the home network: router lan0 <-> laptop eth0; the router masquerades it
+        r, lap = self.ns("router"), self.ns("laptop")
+        _run("ip", "-n", r, "link", "add", "lan0", "type", "veth", "peer", "name", "eth0", "netns", lap)
+        _run("ip", "-n", r, "addr", "add", f"{ROUTER_LAN}/24", "dev", "lan0")
+        _run("ip", "-n", r, "link", "set", "lan0", "up")
+        _run("ip", "-n", lap, "addr", "add", f"{HOSTS['laptop'].address}/24", "dev", "eth0")
+        _run("ip", "-n", lap, "link", "set", "eth0", "up")
+        _run("ip", "-n", lap, "route", "add", "default", "via", ROUTER_LAN)
+        _run("ip", "netns", "exec", r, "sysctl", "-q", "-w", "net.ipv4.ip_forward=1")
+        _run("ip", "netns", "exec", r, "nft", "add table ip wo_home; add chain ip wo_home post "
+             "{ type nat hook postrouting priority srcnat; policy accept; }; "
+             "add rule ip wo_home post oifname \"eth0\" masquerade")
+        self._make_trust([])
+        self._make_laptop_home()
+        self._make_relay_etc()
+        for role in ("dns", "ca", "phone", "router", "relay", "laptop"):
+            self._make_mount_ns(role)
+        self.start_dns()
+        self.start_relay_sshd()
+        self.start_pebble()
+
+    def _make_trust(self, extra_pems: list[bytes]) -> None:
+        base = Path("/etc/ssl/certs/ca-certificates.crt").read_bytes()
+        data = base + b"".join(extra_pems)
+        if self.trust_bundle.exists():
+            with open(self.trust_bundle, "r+b") as fh:  # in place: the bind mounts keep this inode
+                fh.write(data)
+                fh.truncate()
+        else:
+            self.trust_bundle.write_bytes(data)
+            self.trust_bundle.chmod(0o644)
+
+    def _make_laptop_home(self) -> None:
+        self.laptop_home.mkdir(mode=0o700)
+        pip_conf = Path.home() / ".config" / "pip" / "pip.conf"
+        if pip_conf.is_file():
+            (self.laptop_home / ".config" / "pip").mkdir(parents=True)
+            shutil.copy(pip_conf, self.laptop_home / ".config" / "pip" / "pip.conf")
+        lines = []
+        for line in Path("/etc/passwd").read_text().splitlines():
+            f = line.split(":")
+            if f[0] == "root":
+                f[5] = str(self.laptop_home)
+            lines.append(":".join(f))
+        (self.root / "laptop-passwd").write_text("\n".join(lines) + "\n")
+
+    # --- DNS --------------------------------------------------------------------------------------------
+
+    def start_dns(self) -> None:
+        d = self.root / "dns"
+        for sub in ("zones", "run", "db"):
+            (d / sub).mkdir(parents=True)
+        self.knot_conf.write_text(
+            f"server:\n    listen: {DNS_ADDR}@53\n    rundir: {d / 'run'}\n    user: root:root\n"
+            f"control:\n    listen: {d / 'knot.sock'}\n"
+            "log:\n  - target: stderr\n    any: info\n"
+            f"database:\n    storage: {d / 'db'}\n"
+            f"template:\n  - id: default\n    storage: {d / 'zones'}\n    file: \"%s.zone\"\n"
+            "    zonefile-sync: -1\n    journal-content: changes\n"
+            f"zone:\n  - domain: {ZONE}\n  - domain: {CA_ZONE}\n")
+        soa = f"@ SOA ns.{ZONE}. hostmaster.{ZONE}. 1 60 60 600 {TTL_S}\n@ NS ns.{ZONE}.\n"
+        (d / "zones" / f"{ZONE}.zone").write_text(
+            f"$ORIGIN {ZONE}.\n$TTL {TTL_S}\n{soa}ns A {DNS_ADDR}\n"
+            # the relay's own name, as the VPS provider's DNS (or the user) has it before the journey
+            f"relay A {HOSTS['relay'].address}\nrelay AAAA {HOSTS['relay'].address6}\n")
+        (d / "zones" / f"{CA_ZONE}.zone").write_text(
+            f"$ORIGIN {CA_ZONE}.\n$TTL {TTL_S}\n{soa}acme A {HOSTS['ca'].address}\n")
+        self.popen("knot", "dns", "knotd", "-c", str(self.knot_conf))
+        wait_until(lambda: self._alive("knot") and self.resolve("phone", RELAY_NAME) == [HOSTS["relay"].address],
+                   20, "knot to answer", on_timeout=lambda: self.log("knot"))
+
+    def _alive(self, name: str) -> bool:
+        proc = self.procs.get(name)
+        if proc is None or proc.poll() is not None:
+            raise RuntimeError(f"{name} exited ({proc.returncode if proc else 'never started'}):\n{self.log(name)}")
+        return True
+
+    def resolve(self, role: str, name: str) -> list[str]:
+        """IPv4 addresses of ``name`` as ``role``'s system resolver answers (getent ahostsv4)."""
+        out = self.run(role, "getent", "ahostsv4", name, timeout=30)
+        return sorted({line.split()[0] for line in out.stdout.splitlines() if line.strip()})
+
+    def _knotc(self, *args: str) -> None:
+        _run("knotc", "-c", str(self.knot_conf), *args)
+
+    def publish(self, lines: list[str]) -> list[str]:
+        """Add zone-file lines (``name. TYPE rdata``, a ``;`` comment allowed) in one transaction, as a user
+        does at their DNS provider. Returns the records added. Lines for other zones raise ValueError."""
+        records = [_parse_record(line) for line in lines]
+        self._knotc("zone-begin", ZONE)
+        try:
+            for owner, rtype, rdata in records:
+                self._knotc("zone-set", ZONE, owner, str(TTL_S), rtype, *rdata)
+        except BaseException:
+            self._knotc("zone-abort", ZONE)
+            raise
+        self._knotc("zone-commit", ZONE)
+        return [f"{o} {t} {' '.join(r)}" for o, t, r in records]
+
+    def unpublish(self, owner: str, rtype: str) -> None:
+        """Remove every ``rtype`` record of ``owner``."""
+        self._knotc("zone-begin", ZONE)
+        self._knotc("zone-unset", ZONE, owner.rstrip(".") + ".", rtype)
+        self._knotc("zone-commit", ZONE)
+
+    # --- the CA -----------------------------------------------------------------------------------------
+
+    def start_pebble(self) -> None:
+        d = self.root / "pebble"
+        self.wfe_ca, wfe_cert, wfe_key = _pebble_certs(d)
+        config = {"pebble": {
+            "listenAddress": f"0.0.0.0:{PEBBLE_PORT}", "managementListenAddress": "127.0.0.1:15000",
+            "certificate": str(wfe_cert), "privateKey": str(wfe_key), "httpPort": 80, "tlsPort": 443,
+            "ocspResponderURL": "", "externalAccountBindingRequired": False, "certificateValidityPeriod": 3600}}
+        (d / "pebble-config.json").write_text(json.dumps(config, indent=1))
+        self.popen("pebble", "ca", "env", "PEBBLE_VA_NOSLEEP=1", "PEBBLE_AUTHZREUSE=0", "PEBBLE_WFE_NONCEREJECT=0",
+                   "pebble", "-config", str(d / "pebble-config.json"), "-dnsserver", f"{DNS_ADDR}:53", "-strict=false")
+        self.pebble_starts += 1
+        wait_until(lambda: self._alive("pebble") and self.tcp_open("ca", "127.0.0.1", 15000)
+                   and self.tcp_open("ca", "127.0.0.1", PEBBLE_PORT), 30, "pebble",
+                   on_timeout=lambda: self.log("pebble"))
+        self.trust_pebble()
+
+    def pebble_roots(self) -> bytes:
+        """Pebble's root and intermediate of this run (from its management port, inside the CA's namespace)."""
+        import ssl
+        import urllib.request
+
+        ctx = ssl.create_default_context(cafile=str(self.wfe_ca))
+        ctx.check_hostname = False  # the management listener presents the acme.example.net certificate
+
+        def fetch() -> bytes:
+            out = b""
+            for path in ("/roots/0", "/intermediates/0"):
+                with urllib.request.urlopen(f"https://127.0.0.1:15000{path}", context=ctx, timeout=10) as r:
+                    out += r.read()
+            return out
+
+        return self.call("ca", fetch)
+
+    def trust_pebble(self) -> None:
+        """Devices trust the ACME server's HTTPS and the certificates Pebble issues (its roots change per run)."""
+        self._make_trust([self.wfe_ca.read_bytes(), self.pebble_roots()])
+
+    # --- the relay --------------------------------------------------------------------------------------
+
+    def _make_relay_etc(self) -> None:
+        self.relay_root.mkdir()
+        (self.relay_root / "root").mkdir(mode=0o700)
+        _run("cp", "-a", "/etc", str(self.relay_etc))
+        ssh = self.relay_etc / "ssh"
+        for old in [*ssh.glob("ssh_host_*"), *(ssh / "sshd_config.d").glob("*.conf")]:
+            old.unlink()
+        (ssh / "sshd_config").write_text(DEBIAN_SSHD_CONFIG)
+        (self.relay_etc / "resolv.conf").unlink(missing_ok=True)
+        (self.relay_etc / "resolv.conf").write_text(f"nameserver {DNS_ADDR}\n")
+        (self.relay_etc / "hostname").write_text("relay\n")
+        for wants in (self.relay_etc / "systemd" / "system").glob("*.wants/inverse-cloud-*"):
+            wants.unlink()
+        shutil.rmtree(self.relay_etc / "inverse-cloud", ignore_errors=True)
+        (self.relay_etc / "sysctl.d" / "60-inverse-cloud.conf").unlink(missing_ok=True)
+        self.new_relay_host_keys()
+
+    def new_relay_host_keys(self) -> None:
+        """The relay rebuilt: fresh host keys (takes effect at the next sshd start)."""
+        for old in (self.relay_etc / "ssh").glob("ssh_host_*"):
+            old.unlink()
+        _run("ssh-keygen", "-A", "-f", str(self.relay_root))
+
+    def relay_fingerprint(self, key_type: str = "ed25519") -> str:
+        out = _run("ssh-keygen", "-lf", str(self.relay_etc / "ssh" / f"ssh_host_{key_type}_key.pub"))
+        return out.stdout.split()[1]
+
+    def authorize_admin(self, pubkey: str) -> None:
+        """The VPS provider installs the admin's key for root."""
+        dot_ssh = self.relay_root / "root" / ".ssh"
+        dot_ssh.mkdir(mode=0o700, exist_ok=True)
+        (dot_ssh / "authorized_keys").write_text(pubkey.strip() + "\n")
+        (dot_ssh / "authorized_keys").chmod(0o600)
+
+    def start_relay_sshd(self) -> None:
+        self.popen("relay-sshd", "relay", "/usr/sbin/sshd", "-D", "-E", str(self.root / "relay-sshd.log"))
+        wait_until(lambda: self._alive("relay-sshd") and self.tcp_open("phone", HOSTS["relay"].address, 22), 20,
+                   "the relay's sshd", on_timeout=lambda: self.log("relay-sshd"))
+
+    def stop_relay_sshd(self) -> None:
+        """``systemctl stop ssh``: the listener goes; established sessions (the tunnel) are cut as well."""
+        self.stop("relay-sshd")
+        self._kill_relay_processes()
+
+    def _relay_pids(self) -> list[int]:
+        out = _run("ip", "netns", "pids", self.ns("relay"), check=False)
+        return [int(p) for p in out.stdout.split()]
+
+    def _kill_relay_processes(self) -> None:
+        for pid in self._relay_pids():
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+        wait_until(lambda: not self._relay_pids(), 15, "the relay's processes to end")
+
+    def relay_nat(self) -> str:
+        return self.run("relay", "nft", "list", "table", "ip", "inverse_cloud").stdout
+
+    def flush_relay_nat(self) -> None:
+        self.run("relay", "nft", "flush", "ruleset", check=True)
+
+    def reboot_relay(self) -> None:
+        """Power off, then boot from the relay's /etc. Off: every process in the relay's namespace is killed, its
+        ruleset flushed, and every sysctl boot may set (and route_localnet, ip_forward) back to the value of a
+        fresh network namespace; a new mount namespace (an empty /run). On: what relay_boot says boot runs, then
+        sshd."""
+        self.stop("relay-sshd", signal.SIGKILL)
+        self._kill_relay_processes()
+        self.run("relay", "nft", "flush", "ruleset", check=True)
+        for table in ("nat", "filter", "mangle"):
+            self.run("relay", "iptables-legacy" if shutil.which("iptables-legacy") else "iptables", "-t", table, "-F")
+        keys = {k for k, _ in sysctl_settings(self.relay_etc) if k.startswith("net.")}
+        keys |= {"net.ipv4.conf.all.route_localnet", "net.ipv4.ip_forward"}
+        for key in sorted(keys):
+            pristine = _run("unshare", "-n", "sysctl", "-n", key, check=False).stdout.strip()
+            if pristine:
+                self.run("relay", "sysctl", "-q", "-w", f"{key}={pristine}")
+        self._drop_mount_ns("relay")
+        self._make_mount_ns("relay")
+        script = "set -e\n" + "".join(" ".join(shlex.quote(a) for a in cmd) + "\n"
+                                      for cmd in boot_commands(self.relay_etc))
+        self.run("relay", "sh", "-c", script, check=True)
+        self.start_relay_sshd()
+
+    # --- teardown -------------------------------------------------------------------------------------
+
+    def close(self) -> None:
+        for name in list(self.procs):
+            with contextlib.suppress(Exception):
+                self.stop(name)
+        with contextlib.suppress(Exception):
+            self._kill_relay_processes()
+        for role in ("laptop", "phone", "ca", "dns", "router"):
+            if self.ns(role) in self.made_ns:
+                for pid in _run("ip", "netns", "pids", self.ns(role), check=False).stdout.split():
+                    with contextlib.suppress(ProcessLookupError):
+                        os.kill(int(pid), signal.SIGKILL)
+        for name in reversed(self.made_ns):
+            _run("ip", "netns", "delete", name, check=False)
+        self.made_ns.clear()
+        for role in ("inet", *HOSTS):
+            self._drop_mount_ns(role)
+        if self.ns_mounted:
+            _run("umount", str(self.root / "ns"), check=False)
+            self.ns_mounted = False
+
+
+def _parse_record(line: str) -> tuple[str, str, list[str]]:
+    """``"contacts.example.org. CAA 0 issue \\"a; b\\"   ; comment"`` -> (owner, "CAA", ["0", "issue", '"a; b"'])."""
+    words: list[str] = []
+    cur, quoted = "", False
+    for ch in line:
+        if ch == '"':
+            quoted = not quoted
+            cur += ch
+        elif ch == ";" and not quoted:
+            break
+        elif ch.isspace() and not quoted:
+            if cur:
+                words.append(cur)
+            cur = ""
+        else:
+            cur += ch
+    if cur:
+        words.append(cur)
+    if len(words) < 3:
+        raise ValueError(f"not a DNS record line: {line!r}")
+    owner, rtype, rdata = words[0], words[1].upper(), words[2:]
+    if not (owner.rstrip(".") == ZONE or owner.rstrip(".").endswith("." + ZONE)):
+        raise ValueError(f"{owner} is not in the world's zone {ZONE}")
+    if rtype in ("A", "AAAA"):
+        ipaddress.ip_address(rdata[0])
+    return owner if owner.endswith(".") else owner + ".", rtype, rdata
+
+
+@contextlib.contextmanager
+def world_session() -> Iterator[World]:
+    """Build the world (about ten seconds), yield it, tear it down (also on failure)."""
+    root = Path(tempfile.mkdtemp(prefix="wo-world-"))
+    world = World(root=root)
+    try:
+        world.build()
+        yield world
+    finally:
+        world.close()
+        shutil.rmtree(root, ignore_errors=True)
