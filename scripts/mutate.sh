@@ -10,7 +10,7 @@
 #
 # Each module runs in a scratch copy of the checkout (mutmut rewrites the sources it runs under mutants/),
 # with [tool.mutmut] narrowed to that module and its tests; the report is also written to
-# mutants-report.txt. Tests that run the code in a child process (ServeProcess, the CLI) cannot kill a mutant:
+# mutants-report.txt (or $REPORT). Tests that run the code in a child process (ServeProcess, the CLI) cannot kill a mutant:
 # mutmut only sees calls made in its own process, so a score is a lower bound.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -43,7 +43,8 @@ done
 
 SCRATCH="$(mktemp -d /tmp/inverse-cloud-mutate.XXXXXX)"
 trap 'rm -rf "$SCRATCH"' EXIT
-: > mutants-report.txt
+REPORT="${REPORT:-mutants-report.txt}"
+: > "$REPORT"
 for m in "${modules[@]}"; do
   work="$SCRATCH/$(echo "$m" | tr / _)"
   mkdir -p "$work"
@@ -67,6 +68,6 @@ PY
     tr '\r' '\n' < "$work/run.log" | grep -v '^[⠋⠙⠹⠸⠼⠴⠦⠧⠇⠏]' | tail -40 >&2
     exit 1
   fi
-  (cd "$work" && PYTHONPATH="$work" "$PY" "$REPO/scripts/mutation_report.py" "$m") | tee -a mutants-report.txt
+  (cd "$work" && PYTHONPATH="$work" "$PY" "$REPO/scripts/mutation_report.py" "$m") | tee -a "$REPORT"
 done
-echo "report: mutants-report.txt" >&2
+echo "report: $REPORT" >&2

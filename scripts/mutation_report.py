@@ -11,7 +11,8 @@ from pathlib import Path
 
 KILLED = {1, 3, 37}            # a test failed (or the type checker refused the mutant)
 SURVIVED = {0}
-NOT_RUN = {None, 33, 5, 34}    # not checked, no test reaches it, skipped
+NO_TESTS = {33, 5}             # no selected test reaches the mutated function
+NOT_RUN = {None, 34, 2}        # not checked yet (an interrupted run), skipped
 TIMEOUT = {36, 24, -24, 152, 255}
 
 
@@ -34,16 +35,19 @@ def main(argv: list[str]) -> int:
             elif code in SURVIVED:
                 counts["survived"] += 1
                 survivors.append(name)
-            elif code in NOT_RUN:
+            elif code in NO_TESTS:
                 counts["no tests"] += 1
+            elif code in NOT_RUN:
+                counts["not run"] += 1
             else:
                 counts["suspicious"] += 1
         rows.append((module, counts))
-    print(f"{'module':45} {'killed':>7} {'timeout':>7} {'survived':>8} {'no tests':>8} {'score':>6}")
+    print(f"{'module':45} {'killed':>7} {'timeout':>7} {'survived':>8} {'no tests':>8} {'not run':>7} {'score':>6}")
     for module, c in rows:
-        total = sum(c.values())
-        score = 100 * (c["killed"] + c["timeout"]) / total if total else 0.0
-        print(f"{module:45} {c['killed']:7} {c['timeout']:7} {c['survived']:8} {c['no tests']:8} {score:5.1f}%")
+        tested = sum(c.values()) - c["not run"]    # score over the mutants the run got to
+        score = 100 * (c["killed"] + c["timeout"]) / tested if tested else 0.0
+        print(f"{module:45} {c['killed']:7} {c['timeout']:7} {c['survived']:8} {c['no tests']:8} {c['not run']:7} "
+              f"{score:5.1f}%")
     print(f"\n{len(survivors)} surviving mutant(s):")
     for name in survivors:
         diff = subprocess.run([mutmut, "show", name], capture_output=True, text=True).stdout

@@ -821,3 +821,71 @@ async def test_without_proxy_protocol_a_header_is_just_data(rig):
         assert await asyncio.wait_for(reader.readexactly(len(line)), 10) == line
         assert target.seen_origin == [("127.0.0.1", writer.get_extra_info("sockname")[1])]
         writer.close()
+
+
+# --- small pieces of the component, by their effect -------------------------------------------------------
+
+def _tunnel_function(name: str):
+    """A module-level helper of the tunnel package, wherever the package keeps it."""
+    import sys
+
+    for mod_name, module in list(sys.modules.items()):
+        if mod_name.startswith("inverse_cloud.tunnel") and hasattr(module, name):
+            return getattr(module, name)
+    raise AssertionError(f"no tunnel module defines {name}")
+
+
+@pytest.mark.parametrize(("text", "line"), [
+    ("Keepalive timeout", "no answer to keepalives"), ("Connection timed out", "no answer to keepalives"),
+    ("read TIMEOUT", "no answer to keepalives"), ("Connection reset by peer", "connection reset"),
+    ("Disconnected by peer", "Disconnected by peer"), ("", "ConnectionLost"),
+])
+def test_why_a_link_went_down_in_words(text, line):
+    assert _tunnel_function("describe_lost")(asyncssh.ConnectionLost(text)) == line
+
+
+@pytest.mark.parametrize(("listen", "connect"), [("0.0.0.0", "127.0.0.1"), ("::", "::1"), ("", "127.0.0.1"),
+                                                 ("127.0.0.2", "127.0.0.2"), ("::1", "::1")])
+def test_forwarded_connections_go_to_a_connectable_address(listen, connect):
+    assert _tunnel_function("_connect_host")(listen) == connect
+
+
+async def test_status_names_everything_a_user_needs(rig, caplog):
+    """status() while up: the relay, user, pinned fingerprint, when it connected (ISO UTC, seconds), each
+    forward with the relay side and our local port, bound; no reconnects, no takeovers. reload() on a link
+    that is up logs nothing; reconnect() logs one line with the relay tag."""
+    caplog.set_level(logging.INFO)
+    make, relay, target = rig
+    t = make()
+    t.reconnect()     # before start: nothing to wake, nothing logged
+    t.reload()
+    assert tunnel_lines(caplog) == []
+    async with started(t):
+        await wait_for(lambda: t.state == "up", what="up")
+        st = t.status()
+        assert st["relay"] == f"127.0.0.1:{relay.port}" and st["user"] == "ictunnel"
+        assert st["host_key_fingerprint"] == f"{relay.host_key.get_fingerprint('sha256')} (ssh-ed25519)"
+        assert len(st["connected_since"]) == 25 and st["connected_since"].endswith("+00:00")
+        assert st["forwards"] == [
+            {"name": "https", "relay_port": t.relay.https_port, "relay_host": "127.0.0.1",
+             "local_port": target.https_port, "bound": True},
+            {"name": "http", "relay_port": t.relay.http_port, "relay_host": "127.0.0.1",
+             "local_port": target.http_port, "bound": True}]
+        assert st["takeovers"] == 0 and st["reconnects"] == [] and st["state"] == "up"
+        t.reload()
+        t.reconnect()
+        await wait_for(lambda: t.connections == 2 and t.state == "up", what="reconnected")
+        assert [m for m in tunnel_lines(caplog) if "now (" in m] == [
+            f"[relay=127.0.0.1:{relay.port}] reconnecting now (SIGUSR1)"]
+        assert len(t.status()["reconnects"]) == 1 and len(t.status()["reconnects"][0]) == 25
+
+
+async def test_takeover_line_is_the_commands_last_line(rig, caplog):
+    """The takeover command's last output line is logged as it is, with the relay tag."""
+    caplog.set_level(logging.INFO)
+    make, relay, _ = rig
+    relay.refuse_listens = 1
+    async with started(make()) as t:
+        await wait_for(lambda: t.state == "up", what="up after takeover")
+        line = f"[relay=127.0.0.1:{relay.port}] inverse-cloud takeover: ended 1 other session(s)"
+        assert line in tunnel_lines(caplog) and t.status()["takeovers"] == 1

@@ -1011,3 +1011,82 @@ async def test_access_log_escapes_control_characters_from_the_client(caplog):
     line = lines[0]
     assert line.isprintable(), repr(line)
     assert "\\x1b[31mred\\x0d\\x0a" in line and "\\x85\\u202e" in line, line
+
+
+# --- what Radicale logs during a request becomes that request's note ---------------------------------------
+
+def _logging_app(*messages: str) -> Callable[..., Iterable[bytes]]:
+    import logging
+
+    def app(environ: dict[str, Any], start_response: Callable[..., Any]) -> Iterable[bytes]:
+        environ["wsgi.input"].read()
+        for m in messages:
+            logging.getLogger("radicale").warning("%s", m)
+        start_response("400 Bad Request", [("Content-Type", "text/plain")])
+        return [b"bad"]
+
+    return app
+
+
+async def test_radicale_log_lines_become_at_most_four_short_notes(caplog):
+    """Radicale's lines during a request are not logged on their own: they become the request's notes, at
+    most 4, each its first line cut to 200 characters; a vobject parse error never quotes the contact's line;
+    a traceback is reduced to its exception line."""
+    import logging
+
+    caplog.set_level(logging.DEBUG)
+    seen: list[WsgiResult] = []
+    messages = ("Failed to parse line: TEL;secret:+49 170 1234567", "first line\nsecond line", "x" * 300,
+                "Traceback (most recent call last):\n  File x\nValueError: boom", "fifth")
+    bridge = RadicaleBridge(_logging_app(*messages), threads=2, max_body_bytes=1024, body_grace_s=1,
+                            body_min_rate_bps=1024, auth_delay_s=0, remote_of=PeerDirectory().remote_of,
+                            on_response=lambda request, result: seen.append(result))
+    runner, port = await serve(make_https_app(bridge))
+    try:
+        async with aiohttp.ClientSession() as s:
+            async with s.request("PUT", f"http://127.0.0.1:{port}/radicale/alice/c/x.vcf", data=b"x",
+                                 headers={"Authorization": BASIC_ALICE}) as r:
+                assert r.status == 400
+    finally:
+        await runner.cleanup()
+        bridge.close()
+    assert seen[0].notes == ["Failed to parse line (line not logged)", "first line", "x" * 200, "ValueError: boom"]
+    radicale_records = [r for r in caplog.records if r.name == "radicale"]
+    assert radicale_records == []
+    assert not any("+49 170" in r.getMessage() for r in caplog.records)
+
+
+@pytest.mark.parametrize(("depth", "problem"), [(64, None), (65, "XML nested deeper than 64 levels")])
+def test_xml_depth_limit_is_64_levels(depth, problem):
+    import io
+
+    from inverse_cloud.dav.wsgi import xml_problem
+
+    body = b"<a>" * depth + b"</a>" * depth
+    assert xml_problem(io.BytesIO(body)) == problem
+
+
+def test_xml_problem_messages_and_the_body_is_rewound():
+    import io
+
+    from inverse_cloud.dav.wsgi import xml_problem
+
+    dtd = io.BytesIO(b'<!DOCTYPE x [<!ENTITY e "v">]><x/>')
+    assert xml_problem(dtd) == "XML with a DTD or entity declarations" and dtd.tell() == 0
+    assert xml_problem(io.BytesIO(b"<a><b></a>")) == "malformed XML (mismatched tag, line 1)"
+    ok = io.BytesIO(b"<a>" + b"x" * 100_000 + b"</a>")
+    assert xml_problem(ok) is None and ok.tell() == 0
+
+
+def test_is_storage_full(tmp_path):
+    import errno
+
+    from inverse_cloud.dav.wsgi import is_storage_full
+
+    assert is_storage_full(None, [f"write failed: [Errno {errno.ENOSPC}] whatever"], 10)
+    assert is_storage_full(None, [f"x: {os.strerror(errno.ENOSPC)}"], 10)
+    assert is_storage_full(None, [f"x: {os.strerror(errno.EDQUOT)}"], 10)
+    assert not is_storage_full(None, ["some other failure"], 10)
+    assert not is_storage_full(tmp_path, ["some other failure"], 10)          # plenty of space here
+    assert is_storage_full(tmp_path, ["some other failure"], 1 << 62)        # more than any disk
+    assert not is_storage_full(tmp_path / "missing", ["some other failure"], 1 << 62)
