@@ -308,7 +308,9 @@ class HomePage:
                  public_port: int = 443, status: Callable[[], Mapping[str, Any]] | None = None) -> None:
         self.domain = domain
         # The running server's status document (cheap, no file access); None: the page shows no state.
-        self.status = status
+        # Not named ``status``: the supervisor's status reporting calls every component's status(), and the
+        # page's source is that very report (it would recurse).
+        self.state_source = status
         self.checker = HtpasswdChecker(htpasswd)
         self.storage_dir = storage_dir
         self.auth_delay_s = auth_delay_s
@@ -342,7 +344,7 @@ class HomePage:
             return self._unauthorized("wrong user name or password\n")
         loop = asyncio.get_running_loop()
         all_colls = await loop.run_in_executor(None, collections_of, self.storage_dir)
-        state = page_state(self.status(), user) if self.status is not None else None
+        state = page_state(self.state_source(), user) if self.state_source is not None else None
         body = render_html(account(user, self.domain, self.public_port), all_colls.get(user, []), state)
         return web.Response(text=body, content_type="text/html", charset="utf-8", headers={
             # No script, no external load: the SVG is inline, styles are inline.
