@@ -27,7 +27,7 @@ from inverse_cloud.tunnel.link import (
     classify,
     retry_delay,
 )
-from tests.support import free_port
+from tests.support import free_port, wait_for
 
 # --- pure decisions ------------------------------------------------------------------------------------
 
@@ -341,13 +341,6 @@ async def started(t: Tunnel) -> AsyncIterator[Tunnel]:
         await t.aclose()
 
 
-async def wait_for(pred, timeout_s=10.0, what="condition"):
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + timeout_s
-    while not pred():
-        if loop.time() > deadline:
-            raise TimeoutError(f"timed out waiting for {what}")
-        await asyncio.sleep(0.01)
 
 
 def tunnel_lines(caplog) -> list[str]:

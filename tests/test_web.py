@@ -29,6 +29,7 @@ from inverse_cloud.dav.web import (
     redirect_target,
 )
 from inverse_cloud.dav.wsgi import RadicaleBridge, WsgiResult
+from tests.support import wait_for
 
 BASIC_ALICE = "Basic YWxpY2U6Y29ycmVjdCBob3JzZQ=="  # alice:correct horse
 
@@ -75,13 +76,7 @@ def make_bridge(app: Any, peers: PeerDirectory | None = None, **kw: Any) -> Radi
 
 
 async def _until(predicate: Callable[[], object], what: str, timeout_s: float = 10.0) -> None:
-    """Poll ``predicate`` on the loop until it holds; TimeoutError naming ``what`` after the deadline."""
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + timeout_s
-    while not predicate():
-        if loop.time() > deadline:
-            raise TimeoutError(f"timed out waiting for {what}")
-        await asyncio.sleep(0.01)
+    await wait_for(predicate, timeout_s, what)
 
 
 @pytest.fixture

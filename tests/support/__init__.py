@@ -325,3 +325,16 @@ class ThrowawayCA:
         chain = leaf.public_bytes(enc) + self.cert.public_bytes(enc)
         key_pem = key.private_bytes(enc, serialization.PrivateFormat.PKCS8, serialization.NoEncryption())
         return chain, key_pem, int(leaf.serial_number)
+
+
+async def wait_for(predicate: Callable[[], object], timeout_s: float = 10.0, what: str = "condition") -> None:
+    """The event-loop twin of :func:`wait_until`: poll ``predicate`` until it holds, TimeoutError naming
+    ``what`` after the deadline."""
+    import asyncio
+
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout_s
+    while not predicate():
+        if loop.time() > deadline:
+            raise TimeoutError(f"timed out waiting for {what}")
+        await asyncio.sleep(0.01)
