@@ -189,13 +189,65 @@ def test_user_without_name_is_a_usage_error(initialised, capsys):
 
 
 def test_user_refuses_empty_and_overlong_passwords(initialised, tmp_path, capsys):
-    for text, fragment in (("\n", "empty password"), ("x" * 73, "longer than 72 bytes")):
+    for text, fragment in (("\n", "too short"), ("x" * 73, "longer than 72 bytes")):
         pw = tmp_path / "pw-bad"
         pw.write_text(text)
         capsys.readouterr()
-        assert cli.main(["user", "add", "carol", "--password-file", str(pw), "--config", str(initialised)]) == 1
-        assert fragment in capsys.readouterr().err
+        assert cli.main(["user", "add", "carol", "--password-file", str(pw), "--config", str(initialised)]) == 2
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and fragment in err, err
     assert "carol" not in users.list_users(config.load(initialised).server.htpasswd_path)
+
+
+@pytest.mark.parametrize("action", ["add", "passwd"])
+@pytest.mark.parametrize(("weak", "fragment"), [("abc", "too short"), ("password123", "too easy to guess"),
+                                                 ("aaaaaaaaaaaa", "too easy to guess"),
+                                                 ("alice-alice", None)])
+def test_user_add_and_passwd_refuse_a_weak_password_file_with_one_line(initialised, tmp_path, capsys, action,
+                                                                      weak, fragment):
+    """The same check as init and setup: a weak password in --password-file is one line on stderr, exit 2,
+    and the htpasswd file is unchanged (a name-like but long password with enough letters passes)."""
+    name = "bob" if action == "add" else "alice"
+    htpasswd = config.load(initialised).server.htpasswd_path
+    before = htpasswd.read_bytes()
+    pw = tmp_path / "pw-weak"
+    pw.write_text(weak + "\n")
+    capsys.readouterr()
+    code = cli.main(["user", action, name, "--password-file", str(pw), "--config", str(initialised)])
+    err = capsys.readouterr().err
+    if fragment is None:
+        assert code == 0, err
+        return
+    assert code == 2 and err.count("\n") == 1 and fragment in err, err
+    assert htpasswd.read_bytes() == before
+
+
+@pytest.mark.parametrize("action", ["add", "passwd"])
+def test_user_add_and_passwd_on_a_terminal_ask_again_with_the_reason(initialised, action):
+    """On a terminal: a short password is asked again with its reason, then a mismatch is asked again,
+    then the good one twice is taken (bcrypt-checked in the file)."""
+    import pexpect
+
+    name = "bob" if action == "add" else "alice"
+    child = pexpect.spawn(sys.executable, ["-m", "inverse_cloud.cli", "user", action, name, "--config",
+                                           str(initialised)], encoding="utf-8", timeout=60)
+    child.expect_exact(f"Password for DAV user {name}:")
+    child.sendline("short")
+    child.expect_exact("that password is too short")
+    child.expect_exact(f"Password for DAV user {name}:")
+    child.sendline("battery staple horse")
+    child.expect_exact("Again:")
+    child.sendline("battery staple mouse")
+    child.expect_exact("the two passwords differ")
+    child.expect_exact(f"Password for DAV user {name}:")
+    child.sendline("battery staple horse")
+    child.expect_exact("Again:")
+    child.sendline("battery staple horse")
+    child.expect(pexpect.EOF)
+    child.close()
+    assert child.exitstatus == 0, child.before
+    htpasswd = config.load(initialised).server.htpasswd_path
+    assert bcrypt.checkpw(b"battery staple horse", htpasswd_hash(htpasswd, name))
 
 
 def test_serve_on_a_port_in_use_names_port_and_option(tmp_path, pwfile):

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 
 from inverse_cloud import config as config_mod
+from inverse_cloud.ops.answers import password_problem
 from inverse_cloud.prompt import read_password
 
 __all__ = ["add_commands", "cmd_user"]
@@ -24,7 +25,8 @@ def cmd_user(args: argparse.Namespace) -> int:
         print(f"removed user {args.name!r} (their data stays in {cfg.server.storage_dir / 'collection-root'})")
         return 0
     users.validate_username(args.name)
-    password = read_password(args, True, args.name)
+    # the same check as init and setup: asked again with the reason on a terminal, one line from a file
+    password = read_password(args, True, args.name, lambda pw: password_problem(pw, args.name))
     if args.action == "add":
         users.add_user(path, args.name, password)
         print(f"added user {args.name!r}")
