@@ -1,140 +1,287 @@
-"""The whole `inverse-cloud setup` journey through a pty, with real parts: a real OpenSSH sshd as the relay,
-Pebble as the CA validating HTTP-01 through the relay's forwarded port and the SSH tunnel, and
-pebble-challtestsrv as the DNS server (given to setup with its test-only ``--dns-server``: the namespaces
-test world with real authoritative DNS is another piece of work). Answers are typed, wrong ones included;
-each step's line and the elapsed time are printed.
+"""The `inverse-cloud setup` journey in the namespaces test world (integration/world.py), driven through a pty
+as a new user would: README's install block on the laptop, then `inverse-cloud setup` with the answers typed,
+wrong ones included, the relay side applied over the real ssh as root on relay.example.org, the DNS records
+published into knot exactly as setup prints them, the first certificate from the world's Pebble (validated at
+the relay's public port 80, through its NAT and the tunnel), then two phones on the internet syncing through
+https://contacts.example.org/. No override on any path the user takes: setup finds the zone's authoritative
+server through the laptop's resolver (the NS of example.org), the phones reach the relay's public address.
 
-What the test plays by hand, as a person would: the relay's admin applying the relay side (answer ``none``,
-then the rendered authorized_keys is installed for the test sshd), publishing the A and CAA records
-(challtestsrv answers A with 127.0.0.1, the relay; the CAA record is added when setup prints it), and
-starting ``serve`` when setup says no systemd user manager answers (there is none in CI)."""
+The world is this module's own (built fresh, torn down at the end): the journey starts from a laptop that
+has never run inverse-cloud and a relay that has never seen it, also when the session's shared world has
+been used by another journey before.
+
+What the test plays by hand, as a person would: the VPS provider's part (the admin's SSH key for root on the
+relay), publishing the records at the DNS provider, and running `inverse-cloud serve` in a second terminal
+when setup says no systemd user manager answers (there is none in this test machine). Each step's elapsed
+seconds, the total, and what the user typed and did are printed.
+"""
 
 from __future__ import annotations
 
+import contextlib
+import io
+import os
 import re
 import shutil
-import subprocess
-import sys
+import signal
+import tempfile
 import time
+from collections.abc import Iterator
+from pathlib import Path
 
 import pexpect
-from pebble import PebbleCA
-from relay_sshd import TEST_USER, configure, relay_sshd, sshd_available
+import pytest
+from test_journey import PASSWORD, REPO, Phone, _copy_repo, card, event
+from world import DOMAIN, HOSTS, RELAY_NAME, World
 
-from inverse_cloud.config import load
-from tests.support import ServeProcess, free_port, init_instance
+from inverse_cloud import config as config_mod
+from tests.support.docs import shell_blocks
 
-DOMAIN = "laptop.test"
-PASSWORD = "correct horse battery"
+CAA_ISSUER = "pebble.invalid"   # the world's CA is not Let's Encrypt: its CAA issuer domain is given as a flag
 
 
-def test_setup_from_nothing_to_ready_for_phones(tmp_path):
-    """Typed: a URL for the domain (asked again), the relay, `none` for the admin, the user and a short
-    password (asked again), then the right one twice (the tunnel login is the test relay's, as a flag).
-    Steps: init, relay (host key shown; typed y), dns (A seen), account (CAA record with accounturi
-    printed), caa (seen after it is added), start (serve started by hand when asked), certificate (Pebble
-    issues through the tunnel), phone (QR code, Thunderbird lines, 'ready for phones: yes'). A rerun skips
-    every step and ends ready again."""
-    missing = sshd_available()
-    assert missing is None, missing
-    root = tmp_path / "ic"
-    cfg_path = root / "cfg" / "config.toml"
-    # The relay sshd is prepared from a stand-in config with the same tunnel login (its Match block does not
-    # depend on keys); the keys setup's init creates are installed into its authorized_keys later.
-    stand_in = init_instance(tmp_path / "stand-in", relay=f"{TEST_USER}@127.0.0.1:{free_port()}")
-    started = time.monotonic()
-    marks: list[tuple[str, float]] = []
-    with relay_sshd(stand_in, pin=False) as relay, \
-            PebbleCA(tmp_path / "pebble", http_port=relay.http_port) as ca:
-        argv = ["-m", "inverse_cloud.cli", "setup", "--config", str(cfg_path), "--data-dir", str(root / "data"),
-                "--state-dir", str(root / "state"), "--https-listen", f"127.0.0.1:{free_port()}",
-                "--http-listen", f"127.0.0.1:{free_port()}", "--acme-directory", ca.directory,
-                "--acme-ca-bundle", str(ca.wfe_ca), "--dns-server", ca.dns_server, "--wait", "120",
-                "--tunnel-user", TEST_USER]
-        child = pexpect.spawn(sys.executable, argv, encoding="utf-8", timeout=180, dimensions=(50, 220))
-        child.logfile_read = sys.stdout
-        srv: ServeProcess | None = None
-        try:
-            child.expect_exact("Domain phones will use")
-            child.sendline(f"https://{DOMAIN}/radicale/")
-            child.expect_exact("is a URL")
-            child.sendline(DOMAIN)
-            child.expect_exact("Relay host")
-            child.sendline(f"127.0.0.1:{relay.ssh_port}")
-            child.expect_exact("Admin login on the relay")
-            child.sendline("none")
-            child.expect_exact("First DAV user name")
-            child.sendline("alice")
-            child.expect_exact("Password for DAV user alice:")
-            child.sendline("short")
-            child.expect_exact("too short")
-            child.expect_exact("Password for DAV user alice:")
-            child.sendline(PASSWORD)
-            child.expect_exact("Again:")
-            child.sendline(PASSWORD)
-            child.expect_exact("[1/8] init: wrote")
-            marks.append(("init", time.monotonic() - started))
-            child.expect_exact("[y/N]")
-            # While setup waits for the host-key answer: the relay's admin installs the relay side by hand
-            # (the forwarded ports of this test relay, its authorized_keys), and the CA's test knobs.
-            configure(cfg_path, "relay", https_port=relay.https_port, http_port=relay.http_port,
-                      keepalive_interval_s=2, keepalive_count_max=3, connect_timeout_s=5)
-            configure(cfg_path, "acme", self_check_address=f"127.0.0.1:{relay.http_port}",
-                      caa_issuer="pebble.test", check_interval_s=2)
-            bundle = tmp_path / "bundle"
-            out = subprocess.run([sys.executable, "-m", "inverse_cloud.cli", "relay-setup", "--config",
-                                  str(cfg_path), "--output", str(bundle), "--no-pin", "--client-alive-interval",
-                                  "2", "--authorized-keys-file", str(relay.bundle / "authorized_keys")],
-                                 capture_output=True, text=True, timeout=60, check=True)
-            assert out.returncode == 0
-            shutil.copyfile(bundle / "authorized_keys", relay.bundle / "authorized_keys")
-            child.sendline("y")
-            child.expect_exact("[2/8] relay: relay side left to you")
-            marks.append(("relay", time.monotonic() - started))
-            child.expect_exact(f"{DOMAIN}. A 127.0.0.1")
-            child.expect_exact("[3/8] dns: laptop.test -> 127.0.0.1")
-            marks.append(("dns", time.monotonic() - started))
-            child.expect(r"(laptop\.test\. CAA 0 issue \"pebble\.test; accounturi=(\S+); validationmethods=http-01\")")
-            uri = child.match.group(2)
-            child.expect_exact("[4/8] account: ACME account")
-            marks.append(("account", time.monotonic() - started))
-            ca.add_caa(DOMAIN, [("issue", f"pebble.test; accounturi={uri}; validationmethods=http-01")])
-            child.expect_exact("[5/8] caa: CAA pins account")
-            marks.append(("caa", time.monotonic() - started))
-            assert ca.orders() == 0, "no order before the CAA record is visible"
-            child.expect_exact(f"inverse-cloud serve --config {cfg_path}")
-            srv = ServeProcess(cfg_path).start()
-            child.expect_exact("[6/8] start: started by hand")
-            marks.append(("start", time.monotonic() - started))
-            child.expect_exact("[7/8] certificate: certificate ")
-            marks.append(("certificate", time.monotonic() - started))
-            child.expect_exact("davx5://alice@laptop.test/radicale/")
-            child.expect_exact("location https://laptop.test/radicale/alice/contacts/")
-            child.expect(r"\[8/8\] phone: ready for phones: (.*)\r\n")
-            ready = child.match.group(1)
-            marks.append(("phone", time.monotonic() - started))
-            child.expect(pexpect.EOF)
-            child.close()
-            assert ready.startswith("yes"), (ready, srv.log())
-            assert child.exitstatus == 0
+@contextlib.contextmanager
+def own_world() -> Iterator[World]:
+    """A fresh world with namespaces tagged for this module (it can coexist with the session's world)."""
+    root = Path(tempfile.mkdtemp(prefix="wou-world-"))
+    world = World(root=root, tag=f"wou{os.getpid() % 100000}")
+    try:
+        world.build()
+        yield world
+    finally:
+        world.close()
+        shutil.rmtree(root, ignore_errors=True)
 
-            again = pexpect.spawn(sys.executable, argv, encoding="utf-8", timeout=60, dimensions=(50, 220))
-            again.logfile_read = sys.stdout
-            for n, step in enumerate(("init", "relay", "dns", "account", "caa", "start", "certificate"), 1):
-                again.expect_exact(f"[{n}/8] {step}: done before")
-            again.expect_exact("[8/8] phone: ready for phones: yes")
-            again.expect(pexpect.EOF)
-            again.close()
-            assert again.exitstatus == 0
-            assert ca.orders() == 1
-        finally:
-            if child.isalive():
-                child.terminate(force=True)
-            if srv is not None:
-                srv.stop()
-    cfg = load(cfg_path)
-    assert cfg.relay.user == TEST_USER and cfg.relay.host_key.startswith("ssh-ed25519 ")
-    assert re.fullmatch(r"https://\S+", uri)
-    print("\nsetup journey (typed answers, wrong ones included), elapsed since start:")
-    for step, at in marks:
-        print(f"  {step:12s} {at:6.1f} s")
+
+@pytest.fixture(scope="module")
+def fresh_world():
+    assert os.geteuid() == 0, "the world needs root (network and mount namespaces); CI runs as root"
+    with own_world() as w:
+        yield w
+
+
+class User:
+    """What the person at the laptop types and does, counted."""
+
+    def __init__(self, world: World) -> None:
+        self.world = world
+        self.typed: list[str] = []     # every line typed at a prompt
+        self.actions: list[str] = []   # everything else the user does (a command, a DNS record, a QR scan)
+        self.marks: list[tuple[str, float]] = []
+        self.t0 = time.monotonic()
+        self.last = self.t0
+
+    def mark(self, what: str) -> None:
+        now = time.monotonic()
+        self.marks.append((what, now - self.last))
+        self.last = now
+
+    def spawn(self, line: str) -> pexpect.spawn:
+        self.actions.append(f"runs `{line}`")
+        # in the laptop's namespaces: nsenter execs, so the pty stays the command's terminal
+        child = pexpect.spawn("nsenter", [*self.world.prefix("laptop")[1:], "sh", "-c", line],
+                              env=self.world.env("laptop"), encoding="utf-8", timeout=240, dimensions=(50, 250))
+        child.logfile_read = io.StringIO()
+        return child
+
+    def type(self, child: pexpect.spawn, text: str) -> None:
+        self.typed.append(text)
+        child.sendline(text)
+
+    def report(self) -> str:
+        total = time.monotonic() - self.t0
+        lines = ["", "setup journey in the world, seconds per step:"]
+        lines += [f"  {what:44s} {s:7.1f}" for what, s in self.marks]
+        lines.append(f"  {'total':44s} {total:7.1f}  ({total / 60:.1f} min)")
+        lines.append(f"user actions ({len(self.actions)}): " + "; ".join(self.actions))
+        lines.append(f"lines typed at prompts ({len(self.typed)}, wrong ones included): "
+                     + ", ".join(repr(t if t not in (PASSWORD, WRONG_AGAIN) else "<password>") for t in self.typed))
+        return "\n".join(lines)
+
+
+WRONG_AGAIN = "correct horse but not the same"
+
+
+def printed_records(transcript: str, after: str, until: str) -> list[str]:
+    """The indented record lines setup printed between ``after`` and ``until`` (the last such block)."""
+    block = transcript.rsplit(after, 1)[1].split(until, 1)[0]
+    return [line.strip() for line in block.splitlines() if re.match(r"\s+\S+\. (A|AAAA|CAA) ", line)]
+
+
+@pytest.mark.slow
+def test_setup_in_the_world_from_nothing_to_two_phones_syncing(fresh_world, tmp_path):
+    """README's install block -> `inverse-cloud setup` on a terminal. Typed, each wrong answer asked again
+    with its one-line reason: a URL as the domain; root@relay as the relay (the tunnel login is not root); a
+    relay port nothing answers on; Enter for the offered admin login root; the user; a short password; two
+    different passwords; then the password twice. The relay step applies the relay side over ssh as root:
+    ssh's first-contact question and setup's own are answered after comparing with what the relay shows.
+    The A record is published exactly as printed; setup waits until the zone's server (found through the
+    NS of example.org) shows it; then the CAA record with the account's URI, likewise; no order is placed
+    before it is visible. setup says in one line that no systemd user manager answers and what to run; the
+    user runs that `serve`; the certificate comes from the world's Pebble; setup ends with the QR code and
+    'ready for phones: yes'. Two phones sync both ways through https://contacts.example.org/. A rerun shows
+    every step done before, ends ready, and places no second order."""
+    world = fresh_world
+    user = User(world)
+
+    # 1. README's install block, verbatim, in a copy of the repository on the laptop.
+    block = shell_blocks(REPO / "README.md", "Run it")[0]
+    install = [line for line in block if not line.startswith("inverse-cloud")]
+    clone = _copy_repo(world.laptop_home / "inverse-cloud")
+    out = world.run("laptop", "sh", "-c", "set -e\n" + "\n".join(install), cwd=clone, net=False, timeout=900)
+    assert out.returncode == 0, out.stdout + out.stderr
+    assert world.run("laptop", "sh", "-c", "command -v inverse-cloud").stdout.strip() == "/usr/local/bin/inverse-cloud"
+    user.actions.append("runs README's install block (" + "; ".join(install) + ")")
+    user.mark("README install")
+
+    # 2. The VPS provider's part: the admin's SSH key for root on the relay.
+    key = world.laptop_home / ".ssh" / "id_ed25519"
+    world.run("laptop", "ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(key), check=True)
+    world.authorize_admin(Path(f"{key}.pub").read_text())
+    user.actions.append("gives the VPS provider an SSH key (ssh-keygen)")
+
+    # 3. setup, answers typed.
+    setup_line = (f"inverse-cloud setup --acme-directory {world.acme_directory} "
+                  f"--acme-ca-bundle /etc/ssl/certs/ca-certificates.crt --acme-caa-issuer {CAA_ISSUER}")
+    child = user.spawn(setup_line)
+    try:
+        _journey(world, user, child)
+    finally:
+        if child.isalive():
+            child.close(force=True)
+    serve = world.procs["serve"]
+
+    # 4. Two phones on the internet sync through the relay's public address.
+    user.actions.append("scans the QR code with DAVx5 on the phone")
+    phones = [Phone(tmp_path, n, base=f"https://{DOMAIN}", prefix=world.prefix("phone"), env=world.env("phone"))
+              for n in ("phone_a", "phone_b")]
+    a, b = phones
+    for i in range(3):
+        (a.contacts / f"c{i}.vcf").write_text(card(f"c{i}", f"Contact {i}"))
+    (a.calendar / "e0.ics").write_text(event("e0", "Meeting 0"))
+    a.sync()
+    b.sync()
+    assert len(b.texts(b.contacts)) == 3 and len(b.texts(b.calendar)) == 1
+    edited = next(p for p in b.contacts.iterdir() if "UID:c1" in p.read_text())
+    edited.write_text(card("c1", "Contact One Renamed"))
+    b.sync()
+    a.sync()
+    assert any("FN:Contact One Renamed" in t for t in a.texts(a.contacts))
+    user.mark("two phones sync through the relay")
+    print(user.report())
+
+    # 5. A rerun: every step done before, ready again, no second certificate order.
+    serial = _served_serial(world)
+    again = user.spawn("inverse-cloud setup")
+    user.actions.pop()  # not part of the journey
+    steps = ("init", "relay", "dns", "account", "caa", "start", "certificate")
+    for n, step in enumerate(steps, 1):
+        again.expect_exact(f"[{n}/8] {step}: done before")
+    again.expect_exact("[8/8] phone: ready for phones: yes")
+    again.expect(pexpect.EOF)
+    again.close()
+    assert again.exitstatus == 0, again.logfile_read.getvalue()
+    assert _served_serial(world) == serial, "the rerun replaced the certificate"
+
+    os.kill(serve.pid, signal.SIGTERM)
+    assert serve.wait(60) == 0, world.log("serve")
+    world.procs.pop("serve")
+
+
+def _served_serial(world: World) -> str:
+    import json
+
+    out = world.run("laptop", "inverse-cloud", "status", "--json")
+    return str(json.loads(out.stdout)["certificate"]["served"]["serial"])
+
+
+def _journey(world: World, user: User, child: pexpect.spawn) -> None:
+    child.expect_exact("Domain phones will use")
+    user.type(child, f"https://{DOMAIN}/")
+    child.expect_exact("is a URL: give only the host name")
+    child.expect_exact("Domain phones will use")
+    user.type(child, DOMAIN)
+    child.expect_exact("Relay host")
+    user.type(child, f"root@{RELAY_NAME}")
+    child.expect_exact(f"give the relay's host only ({RELAY_NAME}); the tunnel login is inverse-cloud")
+    child.expect_exact("Relay host")
+    user.type(child, f"{RELAY_NAME}:2222")
+    child.expect_exact(f"the relay {RELAY_NAME}:2222 does not answer on SSH")
+    child.expect_exact("Relay host")
+    user.type(child, RELAY_NAME)
+    child.expect_exact("Admin login on the relay")
+    child.expect_exact("[root]:")
+    user.type(child, "")
+    child.expect_exact("First DAV user name")
+    user.type(child, "alice")
+    child.expect_exact("Password for DAV user alice:")
+    user.type(child, "short")
+    child.expect_exact("that password is too short")
+    child.expect_exact("Password for DAV user alice:")
+    user.type(child, PASSWORD)
+    child.expect_exact("Again:")
+    user.type(child, WRONG_AGAIN)
+    child.expect_exact("the two passwords differ")
+    child.expect_exact("Password for DAV user alice:")
+    user.type(child, PASSWORD)
+    child.expect_exact("Again:")
+    user.type(child, PASSWORD)
+    child.expect_exact("[1/8] init: wrote")
+    user.mark("setup: answers typed, init")
+
+    # relay: ssh's first contact, then setup's own question; both compared with the relay's key file.
+    relay_fp = world.relay_fingerprint()
+    child.expect(r"Are you sure you want to continue connecting \(yes/no")
+    assert relay_fp in (child.before or ""), child.before
+    user.type(child, "yes")
+    child.expect(r"Does it match .* \[y/N\]")
+    assert relay_fp in (child.before or ""), child.before
+    user.type(child, "y")
+    child.expect_exact(f"[2/8] relay: relay side applied on {RELAY_NAME} as root (tunnel login inverse-cloud)")
+    assert "dnat to 127.0.0.1:44353" in world.relay_nat()
+    user.mark("setup: relay side applied, host key pinned")
+
+    # dns: publish exactly what is printed; setup waits for the zone's server to show it.
+    child.expect_exact("waiting until ns.example.org (198.51.100.53) answers")
+    records = printed_records(child.logfile_read.getvalue(), "publish at your DNS provider", "waiting until")
+    assert records == [f"{DOMAIN}. A {HOSTS['relay'].address}"], records
+    child.expect_exact("no A/AAAA record yet")
+    world.publish(records)
+    user.actions.append(f"publishes the A record ({records[0]})")
+    child.expect_exact(f"[3/8] dns: {DOMAIN} -> {HOSTS['relay'].address} at every authoritative server")
+    user.mark("setup: A record published and seen")
+
+    # account + caa: the CAA record with accounturi, published as printed; no order before it is seen.
+    child.expect_exact("[4/8] account: ACME account")
+    caa = printed_records(child.logfile_read.getvalue(), "publish this CAA record too", "[4/8]")
+    assert len(caa) == 1 and f'CAA 0 issue "{CAA_ISSUER}; accounturi=https://' in caa[0], caa
+    assert "serve" not in world.procs
+    world.publish(caa)
+    user.actions.append("publishes the CAA record")
+    child.expect_exact("[5/8] caa: CAA pins account")
+    user.mark("setup: account registered, CAA published and seen")
+
+    # start: no systemd user manager here; setup says so in one line and names the command to run.
+    child.expect(r"no systemd user manager answers here, so no service is installed: run `([^`]+)` in "
+                 r"another terminal")
+    serve_line = child.match.group(1)
+    assert serve_line == "inverse-cloud serve", serve_line
+    world.popen("serve", "laptop", "sh", "-c", f"exec {serve_line}")
+    user.actions.append(f"runs `{serve_line}` in a second terminal (no systemd here)")
+    child.expect_exact("[6/8] start: started by hand")
+    child.expect_exact("[7/8] certificate: certificate ")
+    user.mark("setup: serve started, first certificate")
+
+    child.expect_exact(f"davx5://alice@{DOMAIN}/radicale/")
+    child.expect(r"\[8/8\] phone: ready for phones: (.*)\r\n")
+    ready = child.match.group(1)
+    child.expect(pexpect.EOF)
+    child.close()
+    transcript = child.logfile_read.getvalue()
+    assert ready.startswith("yes"), (ready, world.log("serve"))
+    assert child.exitstatus == 0, transcript
+    assert "Traceback" not in transcript, transcript
+    cfg = config_mod.load(world.laptop_home / ".config" / "inverse-cloud" / "config.toml")
+    assert (cfg.relay.user, cfg.relay.host, cfg.relay.port) == ("inverse-cloud", RELAY_NAME, 22)
+    assert cfg.relay.host_key.startswith("ssh-ed25519 ")
+    user.mark("setup: QR code, ready for phones")

@@ -23,7 +23,7 @@ import pexpect
 import pytest
 
 from inverse_cloud.ops.answers import domain_problem, email_problem, password_problem, relay_problem
-from inverse_cloud.ops.setup import SetupState
+from inverse_cloud.ops.setup import SetupState, relay_reach_problem, tunnel_login_problem
 from tests.support import free_port
 
 TIMEOUT_S = 60
@@ -220,6 +220,10 @@ def test_setup_non_interactive_refuses_a_bad_answer_in_one_line(tmp_path, relay)
     (relay_problem, "ssh://relay.example.org", "is a URL"),
     (relay_problem, "relay.example.org:99999", "port"),
     (relay_problem, "203.0.113.7:2222", None),
+    (relay_reach_problem, "root@relay.example.org", "the relay's host only (relay.example.org); the tunnel "
+                                                    "login is inverse-cloud, and the admin login (root) is asked"),
+    (tunnel_login_problem, "root", "the tunnel needs an account of its own"),
+    (tunnel_login_problem, "inverse-cloud", None),
     (lambda pw: password_problem(pw, "alice"), "abc", "too short"),
     (lambda pw: password_problem(pw, "alice"), "aaaaaaaaaaaa", "too easy"),
     (lambda pw: password_problem(pw, "alicealice1"), "alicealice1", "too easy"),

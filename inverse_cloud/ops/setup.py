@@ -85,6 +85,11 @@ def relay_reach_problem(answer: str) -> str | None:
     problem = relay_problem(answer)
     if problem:
         return problem
+    if "@" in answer:
+        login, _, host = answer.partition("@")
+        return (f"{answer!r}: give the relay's host only ({host}); the tunnel login is {TUNNEL_USER}, "
+                f"and {'the admin login (' + login + ') is' if login == 'root' else 'an admin login is'} "
+                "asked next")
     host, port = _split_relay(answer)
     return resolve_problem(host) or ssh_problem(host, port)
 
@@ -94,6 +99,13 @@ def login_problem(answer: str) -> str | None:
     if "@" in answer or ":" in answer or not answer.replace("-", "").replace("_", "").replace(".", "").isalnum():
         return f"{answer!r}: give only a login name, e.g. root"
     return None
+
+
+def tunnel_login_problem(answer: str) -> str | None:
+    """The tunnel login: a login name, and not one setup.sh would lock out (root)."""
+    from inverse_cloud.tunnel.relay_files import login_refusal
+
+    return login_problem(answer) or login_refusal(answer)
 
 
 def admin_problem(answer: str) -> str | None:
@@ -139,7 +151,8 @@ def collect_answers(args: argparse.Namespace, state: SetupState, interactive: bo
         "relay_admin": _answer(args, state, "relay_admin", f"Admin login on the relay to apply its side ({NO_ADMIN}: "
                                "you apply it yourself)", "root", admin_problem, interactive),
         # Not asked (a good default, or optional): flags only.
-        "tunnel_user": _answer(args, state, "tunnel_user", "", TUNNEL_USER, login_problem, interactive),
+        "tunnel_user": _answer(args, state, "tunnel_user", "", TUNNEL_USER, tunnel_login_problem,
+                               interactive),
         "email": _answer(args, state, "email", "", "", email_problem, interactive, allow_empty=True),
         "user": _answer(args, state, "user", "First DAV user name", getpass.getuser(), _user_problem,
                         interactive),
@@ -254,6 +267,8 @@ def add_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser], commo
     p.add_argument("--acme-directory", metavar="URL", help="ACME directory (default: Let's Encrypt)")
     p.add_argument("--acme-ca-bundle", metavar="FILE", help="CA file for the ACME directory (default: the "
                    "system's)")
+    p.add_argument("--acme-caa-issuer", metavar="DOMAIN", help="the CA's CAA issuer domain, for a CA other "
+                   "than Let's Encrypt (default: known for Let's Encrypt)")
     p.add_argument("--dns-server", metavar="HOST:PORT",
                    help="for tests: ask this DNS server instead of the domain's authoritative servers "
                         "(default: the authoritative servers)")

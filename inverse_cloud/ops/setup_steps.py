@@ -97,6 +97,8 @@ def step_init(ctx: Context) -> str:
     text = ctx.cfg_path.read_text(encoding="utf-8")
     if args.staging:
         text = set_config_value(text, "acme", "staging", "true")
+    if args.acme_caa_issuer:
+        text = set_config_value(text, "acme", "caa_issuer", f'"{args.acme_caa_issuer}"')
     if args.dns_server:
         text = set_config_value(text, "acme", "dns_server", f'"{args.dns_server}"')
     config_mod.loads(text, ctx.cfg_path)
@@ -184,7 +186,7 @@ def _issuer_and_account(cfg: Config) -> tuple[str, str]:
     issuer = issuer_domain_for(cfg.acme.directory, cfg.acme.caa_issuer)
     if not issuer:
         raise SetupError(f"the CAA issuer domain of {cfg.acme.directory} is not known: set [acme] caa_issuer "
-                         "in the config, then run setup again")
+                         "in the config (or give setup --acme-caa-issuer), then run setup again")
     return issuer, AccountStore(cfg.acme.account_dir).account_uri(cfg.acme.directory)
 
 
@@ -250,8 +252,10 @@ def step_start(ctx: Context) -> str:
         lingering = "linger on" if linger.returncode == 0 else f"linger not enabled ({linger.stderr.strip()})"
         how = f"user unit installed and started, {lingering} (for {user})"
     else:
-        ctx.out.note("no systemd user manager answers here: start the server yourself, in another terminal:")
-        ctx.out.note(f"    inverse-cloud serve --config {ctx.cfg_path}")
+        serve = "inverse-cloud serve" + ("" if ctx.cfg_path == config_mod.default_config_path()
+                                         else f" --config {ctx.cfg_path}")
+        ctx.out.note(f"no systemd user manager answers here, so no service is installed: run `{serve}` in "
+                     "another terminal (setup waits for it; `inverse-cloud service install` later adds the unit)")
         how = "started by hand"
     ok, seen = ctx.wait(lambda: (True, "the server answers") if _status(cfg) else
                         (False, "waiting for the server to answer on its control socket"))
