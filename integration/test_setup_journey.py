@@ -22,6 +22,7 @@ import contextlib
 import io
 import os
 import re
+import shlex
 import shutil
 import signal
 import tempfile
@@ -78,8 +79,9 @@ class User:
 
     def spawn(self, line: str) -> pexpect.spawn:
         self.actions.append(f"runs `{line}`")
-        # in the laptop's namespaces: nsenter execs, so the pty stays the command's terminal
-        child = pexpect.spawn("nsenter", [*self.world.prefix("laptop")[1:], "sh", "-c", line],
+        # in the laptop's namespaces: nsenter execs, so the pty stays the command's terminal and the exit
+        # status is the command's own (as a shell shows it: 130 after Ctrl-C)
+        child = pexpect.spawn("nsenter", [*self.world.prefix("laptop")[1:], *shlex.split(line)],
                               env=self.world.env("laptop"), encoding="utf-8", timeout=240, dimensions=(50, 250))
         child.logfile_read = io.StringIO()
         return child
@@ -253,7 +255,8 @@ def _journey(world: World, user: User, child: pexpect.spawn) -> None:
 
     # account + caa: the CAA record with accounturi, published as printed; no order before it is seen.
     child.expect_exact("[4/8] account: ACME account")
-    caa = printed_records(child.logfile_read.getvalue(), "publish this CAA record too", "[4/8]")
+    child.expect_exact(f"answers {DOMAIN} with it")
+    caa = printed_records(child.logfile_read.getvalue(), "publish this CAA record too", "waiting until")
     assert len(caa) == 1 and f'CAA 0 issue "{CAA_ISSUER}; accounturi=https://' in caa[0], caa
     assert "serve" not in world.procs
     world.publish(caa)
@@ -285,3 +288,171 @@ def _journey(world: World, user: User, child: pexpect.spawn) -> None:
     assert (cfg.relay.user, cfg.relay.host, cfg.relay.port) == ("inverse-cloud", RELAY_NAME, 22)
     assert cfg.relay.host_key.startswith("ssh-ed25519 ")
     user.mark("setup: QR code, ready for phones")
+
+
+# --- interrupted after each step ------------------------------------------------------------------------
+
+def _ensure_installed(world: World) -> None:
+    """README's install block and the provider's admin key, unless the journey above did them already."""
+    if world.run("laptop", "sh", "-c", "command -v inverse-cloud").returncode != 0:
+        block = [line for line in shell_blocks(REPO / "README.md", "Run it")[0] if not line.startswith("inverse-cloud")]
+        clone = _copy_repo(world.laptop_home / "inverse-cloud")
+        out = world.run("laptop", "sh", "-c", "set -e\n" + "\n".join(block), cwd=clone, net=False, timeout=900)
+        assert out.returncode == 0, out.stdout + out.stderr
+    key = world.laptop_home / ".ssh" / "id_ed25519"
+    if not key.exists():
+        world.run("laptop", "ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(key), check=True)
+    world.authorize_admin(Path(f"{key}.pub").read_text())
+
+
+def _forget_the_laptop(world: World) -> None:
+    """A laptop that never ran setup (the install stays), and a zone without the records: what the journey
+    above left is removed (its server stopped by pid, its folders, its A and CAA records)."""
+    if "serve" in world.procs:
+        world.stop("serve")
+    for d in (".config/inverse-cloud", ".local/share/inverse-cloud", ".local/state/inverse-cloud"):
+        shutil.rmtree(world.laptop_home / d, ignore_errors=True)
+    import subprocess
+
+    knotc = ["knotc", "-c", str(world.knot_conf)]
+    subprocess.run([*knotc, "zone-begin", "example.org"], check=True, capture_output=True, timeout=30)
+    for rtype in ("A", "CAA"):  # absent when this test runs alone: knotc says so, and that is fine
+        subprocess.run([*knotc, "zone-unset", "example.org", f"{DOMAIN}.", rtype], capture_output=True, timeout=30,
+                       check=False)
+    subprocess.run([*knotc, "zone-commit", "example.org"], check=True, capture_output=True, timeout=30)
+
+
+def _setup_state(world: World) -> list[str]:
+    import json
+
+    path = world.laptop_home / ".config" / "inverse-cloud" / "setup-state.json"
+    return list(json.loads(path.read_text())["done"])
+
+
+def _killed(child: pexpect.spawn, how: str) -> int | None:
+    """Ctrl-C (SIGINT from the terminal) or a kill (SIGKILL); the exit status (None when killed)."""
+    if how == "ctrl-c":
+        child.sendintr()
+    else:
+        child.kill(signal.SIGKILL)
+    child.expect(pexpect.EOF, timeout=60)
+    child.close()
+    return child.exitstatus
+
+
+@pytest.mark.slow
+def test_setup_interrupted_after_each_step_in_the_world_ends_in_the_same_state(fresh_world, tmp_path):
+    """Every answer as a flag; setup is interrupted at the next wait after each step, alternately with
+    Ctrl-C and a kill, and run again each time with the same command:
+    after init (Ctrl-C at the host-key question), after relay (kill while waiting for the A record), after
+    dns and account (Ctrl-C while waiting for CAA: the rerun prints the same CAA record again), after caa
+    (kill while waiting for the server), then to the end. Each rerun says "done before" for what was done.
+    The end state is one run's: every step done, the tunnel key made once, the relay's keys file holding it
+    once, the host key pinned once, one ACME account, one certificate (a further rerun keeps it), and a
+    phone syncs."""
+    world = fresh_world
+    _ensure_installed(world)
+    _forget_the_laptop(world)
+    home = world.laptop_home
+    cfg_path = home / ".config" / "inverse-cloud" / "config.toml"
+    pw = home / "pw"
+    pw.write_text(PASSWORD + "\n")
+    line = (f"inverse-cloud setup --domain {DOMAIN} --relay {RELAY_NAME} --relay-admin root --user alice "
+            f"--password-file {pw} --acme-directory {world.acme_directory} "
+            f"--acme-ca-bundle /etc/ssl/certs/ca-certificates.crt --acme-caa-issuer {CAA_ISSUER}")
+    user = User(world)
+
+    def host_key_question(child: pexpect.spawn) -> None:
+        first = child.expect([r"Are you sure you want to continue connecting \(yes/no", r"Does it match .* \[y/N\]"])
+        if first == 0:
+            child.sendline("yes")
+            child.expect(r"Does it match .* \[y/N\]")
+
+    # after init: Ctrl-C at the host-key question
+    child = user.spawn(line)
+    child.expect_exact("[1/8] init: wrote")
+    host_key_question(child)
+    assert _killed(child, "ctrl-c") == 130, child.logfile_read.getvalue()
+    assert _setup_state(world) == ["init"]
+    tunnel_key = (home / ".local/share/inverse-cloud/ssh/id_ed25519.pub").read_text()
+
+    # after relay: killed while waiting for the A record
+    child = user.spawn(line)
+    child.expect_exact("[1/8] init: done before")
+    host_key_question(child)
+    child.sendline("y")
+    child.expect_exact("[2/8] relay: relay side applied")
+    child.expect_exact("no A/AAAA record yet")
+    assert _killed(child, "kill") is None
+    assert _setup_state(world) == ["init", "relay"]
+    pinned = config_mod.load(cfg_path)
+    assert pinned.relay.host_key.startswith("ssh-ed25519 ")
+
+    # after dns and account: Ctrl-C while waiting for the CAA record
+    child = user.spawn(line)
+    for n, step in enumerate(("init", "relay"), 1):
+        child.expect_exact(f"[{n}/8] {step}: done before")
+    child.expect_exact("no A/AAAA record yet")
+    world.publish(printed_records(child.logfile_read.getvalue(), "publish at your DNS provider", "waiting until"))
+    child.expect_exact("[3/8] dns: ")
+    child.expect_exact("[4/8] account: ACME account")
+    child.expect_exact(f"answers {DOMAIN} with it")
+    caa = printed_records(child.logfile_read.getvalue(), "publish this CAA record too", "waiting until")
+    assert len(caa) == 1, caa
+    assert _killed(child, "ctrl-c") == 130
+    assert _setup_state(world) == ["init", "relay", "dns", "account"]
+
+    # after caa: the record printed again, published; killed while waiting for the server
+    child = user.spawn(line)
+    for n, step in enumerate(("init", "relay", "dns", "account"), 1):
+        child.expect_exact(f"[{n}/8] {step}: done before")
+    child.expect_exact(f"answers {DOMAIN} with it")
+    again = printed_records(child.logfile_read.getvalue(), "publish this CAA record too", "waiting until")
+    assert again == caa, (again, caa)
+    world.publish(caa)
+    child.expect_exact("[5/8] caa: CAA pins account")
+    child.expect_exact("no systemd user manager answers here")
+    assert _killed(child, "kill") is None
+    assert _setup_state(world) == ["init", "relay", "dns", "account", "caa"]
+
+    # to the end
+    child = user.spawn(line)
+    for n, step in enumerate(("init", "relay", "dns", "account", "caa"), 1):
+        child.expect_exact(f"[{n}/8] {step}: done before")
+    child.expect(r"run `([^`]+)` in another terminal")
+    world.popen("serve", "laptop", "sh", "-c", f"exec {child.match.group(1)}")
+    child.expect_exact("[6/8] start: started by hand")
+    child.expect_exact("[7/8] certificate: certificate ")
+    child.expect_exact("[8/8] phone: ready for phones: yes")
+    child.expect(pexpect.EOF)
+    child.close()
+    assert child.exitstatus == 0, child.logfile_read.getvalue()
+    serial = _served_serial(world)
+
+    # a rerun changes nothing
+    child = user.spawn(line)
+    child.expect_exact("[7/8] certificate: done before")
+    child.expect_exact("[8/8] phone: ready for phones: yes")
+    child.expect(pexpect.EOF)
+    child.close()
+    assert child.exitstatus == 0
+
+    from inverse_cloud.ops.setup import STEPS
+
+    cfg = config_mod.load(cfg_path)
+    assert _setup_state(world) == list(STEPS)
+    assert (home / ".local/share/inverse-cloud/ssh/id_ed25519.pub").read_text() == tunnel_key
+    assert cfg.relay.host_key == pinned.relay.host_key
+    assert cfg_path.read_text().count("host_key = ") == 1
+    keys_file = world.relay_etc / "ssh" / "inverse-cloud" / "inverse-cloud.keys"
+    body = tunnel_key.split()[1]
+    assert keys_file.read_text().count(body) == 1, keys_file.read_text()
+    import json
+
+    accounts = json.loads((cfg.acme.account_dir / "account.json").read_text())["accounts"]
+    assert list(accounts.values()) == [re.search(r"accounturi=(\S+);", caa[0]).group(1)], accounts
+    assert _served_serial(world) == serial
+    phone = Phone(tmp_path, "phone_c", base=f"https://{DOMAIN}", prefix=world.prefix("phone"), env=world.env("phone"))
+    (phone.contacts / "r.vcf").write_text(card("r", "After Interruptions"))
+    phone.sync()
+    world.stop("serve")

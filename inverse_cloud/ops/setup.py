@@ -21,6 +21,7 @@ from __future__ import annotations
 import argparse
 import getpass
 import json
+import re
 import sys
 import time
 from pathlib import Path
@@ -157,10 +158,32 @@ def collect_answers(args: argparse.Namespace, state: SetupState, interactive: bo
         "user": _answer(args, state, "user", "First DAV user name", getpass.getuser(), _user_problem,
                         interactive),
     }
+    a.update(_dns_answers(args, state))
     password = ""
     if need_password:
         password = read_password(args, interactive, a["user"], lambda pw: password_problem(pw, a["user"]))
     return a, password
+
+
+def _dns_answers(args: argparse.Namespace, state: SetupState) -> dict[str, str]:
+    """--dns, its options and its token file's path (never the token), saved so a plain rerun keeps them;
+    ``--dns none`` turns it off again. Flags only: setup never asks for them."""
+    from inverse_cloud.ops.setup_dnsapi import parse_options
+
+    keys = ("dns", "dns_options", "dns_token_file")
+    if args.dns is not None:
+        if not re.fullmatch(r"[a-z0-9_]+", args.dns):
+            raise ConfigError(f"--dns {args.dns}: give a dns-lexicon provider name, e.g. powerdns (or none)")
+        parse_options(args.dns_option)
+        for key in keys:
+            state.answers.pop(key, None)
+        if args.dns != "none":
+            token_file = str(Path(args.dns_token_file).expanduser().absolute()) if args.dns_token_file else ""
+            state.answers.update(dns=args.dns, dns_options="\n".join(args.dns_option), dns_token_file=token_file)
+        state.save()
+    elif args.dns_option or args.dns_token_file:
+        raise ConfigError("--dns-option and --dns-token-file go with --dns PROVIDER")
+    return {key: state.answers[key] for key in keys if key in state.answers}
 
 
 def _user_problem(answer: str) -> str | None:
@@ -269,6 +292,13 @@ def add_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser], commo
                    "system's)")
     p.add_argument("--acme-caa-issuer", metavar="DOMAIN", help="the CA's CAA issuer domain, for a CA other "
                    "than Let's Encrypt (default: known for Let's Encrypt)")
+    p.add_argument("--dns", metavar="PROVIDER", help="create the A and CAA records through this DNS provider's "
+                   "API with dns-lexicon (the dns extra), e.g. powerdns; default: you publish them and setup waits")
+    p.add_argument("--dns-option", metavar="NAME=VALUE", action="append", default=[],
+                   help="an option of the --dns provider, as lexicon names it (powerdns: "
+                        "pdns_server=http://HOST:8081); repeat for more (default: none)")
+    p.add_argument("--dns-token-file", metavar="FILE", help="file holding the --dns provider's API key on one "
+                   "line (lexicon's auth_token; default: lexicon's LEXICON_<PROVIDER>_AUTH_TOKEN variable)")
     p.add_argument("--dns-server", metavar="HOST:PORT",
                    help="for tests: ask this DNS server instead of the domain's authoritative servers "
                         "(default: the authoritative servers)")

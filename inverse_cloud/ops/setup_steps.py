@@ -24,6 +24,7 @@ from inverse_cloud.ops.setup_dns import Nameserver, a_record_view, authoritative
 
 if TYPE_CHECKING:
     from inverse_cloud.ops.setup import Lines
+    from inverse_cloud.ops.setup_dnsapi import DnsApi
 
 __all__ = ["ALWAYS", "RUN", "Context", "SetupError"]
 
@@ -144,6 +145,18 @@ def relay_addresses(host: str) -> list[str]:
     return sorted({str(i[4][0]) for i in infos})
 
 
+def dns_api(ctx: Context) -> DnsApi | None:
+    """The --dns provider (saved with the answers; the token is read from its file on every run)."""
+    from inverse_cloud.ops.setup_dnsapi import DnsApi, parse_options, read_token
+
+    provider = ctx.answers.get("dns", "")
+    if not provider:
+        return None
+    options = parse_options([o for o in ctx.answers.get("dns_options", "").split("\n") if o])
+    token_file = ctx.answers.get("dns_token_file", "")
+    return DnsApi(provider, options, read_token(token_file) if token_file else "")
+
+
 def _servers(ctx: Context, domain: str) -> list[Nameserver]:
     if ctx.args.dns_server:
         host, port = config_mod.parse_hostport(ctx.args.dns_server)
@@ -164,7 +177,13 @@ def step_dns(ctx: Context) -> str:
     if not relay:
         raise SetupError(f"the relay {cfg.relay.host} has no IPv4 address; the relay's NAT rules cover IPv4 only")
     records = [r for r in dns_records(cfg, relay, "") if " A " in r]
-    ctx.out.note("publish at your DNS provider (and no AAAA record: the relay forwards IPv4 only):")
+    api = dns_api(ctx)
+    if api is not None:
+        ctx.out.progress(f"creating {cfg.server.domain} A {', '.join(relay)} through {api.provider}")
+        api.replace(cfg.server.domain, "A", relay)
+        ctx.out.note(f"created at {api.provider} (and no AAAA record: the relay forwards IPv4 only):")
+    else:
+        ctx.out.note("publish at your DNS provider (and no AAAA record: the relay forwards IPv4 only):")
     for record in records:
         ctx.out.note(f"    {record}")
     servers = _servers(ctx, cfg.server.domain)
@@ -190,11 +209,11 @@ def _issuer_and_account(cfg: Config) -> tuple[str, str]:
     return issuer, AccountStore(cfg.acme.account_dir).account_uri(cfg.acme.directory)
 
 
-def step_account(ctx: Context) -> str:
-    from inverse_cloud.certs.caa import recommended_record
+def _ensure_account(ctx: Context, cfg: Config) -> tuple[str, str]:
+    """(issuer, account URI): the registered account, registered now when there is none (first run, or its
+    file was removed since)."""
     from inverse_cloud.certs.commands import _acme_off, _register_account
 
-    cfg = ctx.cfg()
     if not cfg.acme.enabled:
         raise _acme_off(cfg)
     issuer, account = _issuer_and_account(cfg)
@@ -203,16 +222,34 @@ def step_account(ctx: Context) -> str:
         with contextlib.redirect_stderr(io.StringIO()):
             account = _register_account(cfg)
         ctx.out.end()
-    ctx.out.note("publish this CAA record too: only this account may get certificates for the name, so the "
-                 "relay cannot:")
-    ctx.out.note(f"    {recommended_record(cfg.server.domain, issuer, account)}")
-    return f"ACME account {account}"
+    return issuer, account
+
+
+def step_account(ctx: Context) -> str:
+    return f"ACME account {_ensure_account(ctx, ctx.cfg())[1]}"
 
 
 def step_caa(ctx: Context) -> str:
+    """Print the CAA record (here, not in the account step: a rerun after Ctrl-C at this wait shows it
+    again), then wait until every authoritative server has it."""
+    from inverse_cloud.certs.caa import recommended_record
+
     cfg = ctx.cfg()
-    issuer, account = _issuer_and_account(cfg)
+    issuer, account = _ensure_account(ctx, cfg)
+    record = recommended_record(cfg.server.domain, issuer, account, cfg.acme.caa_methods)
+    api = dns_api(ctx)
+    if api is not None:
+        ctx.out.progress(f"creating the CAA record of {cfg.server.domain} through {api.provider}")
+        api.replace(cfg.server.domain, "CAA", [record.split(" CAA ", 1)[1]])
+        ctx.out.note(f"created at {api.provider}: only this account may get certificates for the name, so the "
+                     "relay cannot:")
+    else:
+        ctx.out.note("publish this CAA record too: only this account may get certificates for the name, so "
+                     "the relay cannot:")
+    ctx.out.note(f"    {record}")
     servers = _servers(ctx, cfg.server.domain)
+    ctx.out.note(f"waiting until {', '.join(map(str, servers))} answer{'s' if len(servers) == 1 else ''} "
+                 f"{cfg.server.domain} with it")
     ok, seen = ctx.wait(lambda: caa_view(cfg.server.domain, servers, issuer, account))
     if not ok:
         raise SetupError(f"the CAA record of {cfg.server.domain} is not visible after {ctx.args.wait:g} s "
