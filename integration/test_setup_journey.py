@@ -456,3 +456,107 @@ def test_setup_interrupted_after_each_step_in_the_world_ends_in_the_same_state(f
     (phone.contacts / "r.vcf").write_text(card("r", "After Interruptions"))
     phone.sync()
     world.stop("serve")
+
+
+# --- DNS automation: PowerDNS's HTTP API ----------------------------------------------------------------
+
+PDNS_API_PORT = 8081
+
+
+def _replace_knot_by_powerdns(world: World) -> str:
+    """PowerDNS (sqlite backend, HTTP API on) becomes the authoritative server of the world's zones at the same
+    address, with what a user has before the journey (the relay's name, the CA's); knot is stopped by pid.
+    Returns the API key. PowerDNS is stopped by pid with the world."""
+    import secrets
+    import sqlite3
+    import subprocess
+
+    from world import CA_ZONE, DNS_ADDR, ZONE
+
+    from tests.support import wait_until
+
+    world.stop("knot")
+    d = world.root / "pdns"
+    (d / "run").mkdir(parents=True)
+    db = d / "pdns.sqlite3"
+    with contextlib.closing(sqlite3.connect(db)) as conn:
+        conn.executescript(Path("/usr/share/pdns-backend-sqlite3/schema/schema.sqlite3.sql").read_text())
+        conn.commit()
+    key = secrets.token_urlsafe(24)
+    # no caches: an answer changes as soon as the API changes a record (knot's zone transactions do the same)
+    (d / "pdns.conf").write_text(
+        f"launch=gsqlite3\ngsqlite3-database={db}\nlocal-address={DNS_ADDR}\nlocal-port=53\nsocket-dir={d / 'run'}\n"
+        f"api=yes\napi-key={key}\nwebserver=yes\nwebserver-address={DNS_ADDR}\nwebserver-port={PDNS_API_PORT}\n"
+        "webserver-allow-from=0.0.0.0/0\ncache-ttl=0\nnegquery-cache-ttl=0\nquery-cache-ttl=0\n"
+        "disable-syslog=yes\ndaemon=no\nguardian=no\n")
+    util = ["pdnsutil", f"--config-dir={d}"]
+    for argv in ([*util, "create-zone", ZONE, f"ns.{ZONE}"], [*util, "add-record", ZONE, "ns", "A", "1", DNS_ADDR],
+                 [*util, "add-record", ZONE, "relay", "A", "1", HOSTS["relay"].address],
+                 [*util, "add-record", ZONE, "relay", "AAAA", "1", HOSTS["relay"].address6],
+                 [*util, "create-zone", CA_ZONE, f"ns.{ZONE}"],
+                 [*util, "add-record", CA_ZONE, "acme", "A", "1", HOSTS["ca"].address]):
+        subprocess.run(argv, check=True, capture_output=True, timeout=60)
+    world.popen("pdns", "dns", "/usr/sbin/pdns_server", f"--config-dir={d}")
+    wait_until(lambda: world.procs["pdns"].poll() is None and world.resolve("phone", RELAY_NAME) ==
+               [HOSTS["relay"].address] and world.tcp_open("phone", DNS_ADDR, PDNS_API_PORT), 30,
+               "PowerDNS to answer", on_timeout=lambda: world.log("pdns"))
+    return key
+
+
+@pytest.mark.slow
+def test_setup_with_dns_powerdns_creates_the_records_itself(fresh_world, tmp_path):
+    """PowerDNS is the zone's authoritative server, with its HTTP API. The laptop installs with the dns extra
+    (`sh scripts/install.sh dns`), then runs setup with `--dns powerdns`, the API's URL and a file holding its
+    key. The user publishes no record: setup creates the A record (the relay's address) and, after the
+    account is registered, the CAA record through the API, and waits for each as before (asking the zone's
+    server found through NS). Certificate, 'ready for phones: yes', and a phone syncs."""
+    world = fresh_world
+    _ensure_installed(world)
+    if "knot" in world.procs:
+        _forget_the_laptop(world)
+    key = _replace_knot_by_powerdns(world)
+    clone = world.laptop_home / "inverse-cloud"
+    out = world.run("laptop", "sh", "scripts/install.sh", "dns", cwd=clone, net=False, timeout=900)
+    assert out.returncode == 0, out.stdout + out.stderr
+    home = world.laptop_home
+    (home / "pdns-api-key").write_text(key + "\n")
+    (home / "pdns-api-key").chmod(0o600)
+    pw = home / "pw"
+    pw.write_text(PASSWORD + "\n")
+    user = User(world)
+    child = user.spawn(
+        f"inverse-cloud setup --domain {DOMAIN} --relay {RELAY_NAME} --relay-admin root --user alice "
+        f"--password-file {pw} --acme-directory {world.acme_directory} "
+        f"--acme-ca-bundle /etc/ssl/certs/ca-certificates.crt --acme-caa-issuer {CAA_ISSUER} "
+        f"--dns powerdns --dns-option pdns_server=http://ns.example.org:{PDNS_API_PORT} "
+        f"--dns-token-file {home / 'pdns-api-key'}")
+    try:
+        first = child.expect([r"Are you sure you want to continue connecting \(yes/no", r"Does it match .* \[y/N\]"])
+        if first == 0:
+            child.sendline("yes")
+            child.expect(r"Does it match .* \[y/N\]")
+        child.sendline("y")
+        child.expect_exact("[2/8] relay: relay side applied")
+        child.expect_exact("created at powerdns")
+        child.expect_exact(f"[3/8] dns: {DOMAIN} -> {HOSTS['relay'].address} at every authoritative server")
+        child.expect_exact("[4/8] account: ACME account")
+        child.expect_exact("created at powerdns: only this account may get certificates")
+        child.expect_exact("[5/8] caa: CAA pins account")
+        child.expect(r"run `([^`]+)` in another terminal")
+        world.popen("serve", "laptop", "sh", "-c", f"exec {child.match.group(1)}")
+        child.expect_exact("[6/8] start: started by hand")
+        child.expect_exact("[7/8] certificate: certificate ")
+        child.expect_exact("[8/8] phone: ready for phones: yes")
+        child.expect(pexpect.EOF)
+        child.close()
+        assert child.exitstatus == 0, child.logfile_read.getvalue()
+    finally:
+        if child.isalive():
+            child.close(force=True)
+    transcript = child.logfile_read.getvalue()
+    assert "publish at your DNS provider" not in transcript and "publish this CAA record" not in transcript
+    assert key not in transcript and key not in (home / ".config/inverse-cloud/setup-state.json").read_text()
+    phone = Phone(tmp_path, "phone_d", base=f"https://{DOMAIN}", prefix=world.prefix("phone"), env=world.env("phone"))
+    (phone.contacts / "p.vcf").write_text(card("p", "Via PowerDNS"))
+    phone.sync()
+    world.stop("serve")

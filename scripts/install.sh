@@ -16,7 +16,10 @@ if ! python3 -c 'import ensurepip, venv' 2>/dev/null; then
     DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq python3-venv >/dev/null
 fi
 python3 -m venv "$VENV"
-"$VENV/bin/pip" install --quiet --disable-pip-version-check .
+# an optional extra as the first argument: `sh scripts/install.sh dns` adds dns-lexicon (setup --dns PROVIDER)
+EXTRAS="${1:-}"
+case "$EXTRAS" in ""|dns) ;; *) echo "unknown extra: $EXTRAS (known: dns)" >&2; exit 2 ;; esac
+"$VENV/bin/pip" install --quiet --disable-pip-version-check ".${EXTRAS:+[$EXTRAS]}"
 mkdir -p "$BIN"
 ln -sf "$VENV/bin/inverse-cloud" "$BIN/inverse-cloud"
 echo "installed: $BIN/inverse-cloud -> $VENV/bin/inverse-cloud ($("$VENV/bin/inverse-cloud" --version))"
