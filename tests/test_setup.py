@@ -373,3 +373,69 @@ def test_ctrl_c_at_the_host_key_question_resumes_at_the_relay_step(tmp_path, rel
     again.expect_exact("[3/8] dns: laptop.test -> 127.0.0.1")
     assert finish(again) == 1  # the account step: no CA in this test
     assert json.loads((root / "cfg" / "setup-state.json").read_text())["done"] == ["init", "relay", "dns"]
+
+
+@pytest.mark.parametrize(("extra", "fragment"), [
+    (["--dns", "power dns"], "give a dns-lexicon provider name"),
+    (["--dns", "powerdns", "--dns-option", "pdns_server"], "give NAME=VALUE"),
+    (["--dns-option", "pdns_server=http://ns:8081"], "go with --dns PROVIDER"),
+])
+def test_setup_dns_flags_are_checked_in_one_line(tmp_path, relay, capsys, extra, fragment):
+    """Wrong --dns flags: exit 2, one line saying what to give, no config written."""
+    from inverse_cloud import cli
+
+    root = tmp_path / "ic"
+    pw = tmp_path / "pw"
+    pw.write_text("correct horse battery\n")
+    argv = ["setup", "--non-interactive", "--config", str(root / "cfg" / "config.toml"), "--domain", "laptop.test",
+            "--relay", f"127.0.0.1:{relay.port}", "--relay-admin", "none", "--user", "alice", "--password-file",
+            str(pw), *extra]
+    capsys.readouterr()
+    assert cli.main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and fragment in err, err
+    assert not (root / "cfg" / "config.toml").exists()
+
+
+def test_dns_provider_saved_without_its_token_and_none_turns_it_off(tmp_path):
+    """--dns, its options and the token file's path are saved for a plain rerun; the token never is; --dns
+    none removes them."""
+    import argparse
+
+    from inverse_cloud.ops.setup import _dns_answers
+
+    state = SetupState.load(tmp_path / "s.json")
+    token = tmp_path / "token"
+    token.write_text("s3cret-token\n")
+    args = argparse.Namespace(dns="powerdns", dns_option=["pdns_server=http://ns:8081", "pdns_server_id=x"],
+                              dns_token_file=str(token))
+    got = _dns_answers(args, state)
+    assert got == {"dns": "powerdns", "dns_options": "pdns_server=http://ns:8081\npdns_server_id=x",
+                   "dns_token_file": str(token)}
+    assert "s3cret" not in (tmp_path / "s.json").read_text()
+    rerun = _dns_answers(argparse.Namespace(dns=None, dns_option=[], dns_token_file=None),
+                         SetupState.load(tmp_path / "s.json"))
+    assert rerun == got
+    off = _dns_answers(argparse.Namespace(dns="none", dns_option=[], dns_token_file=None),
+                       SetupState.load(tmp_path / "s.json"))
+    assert off == {} and "powerdns" not in (tmp_path / "s.json").read_text()
+
+
+def test_dns_api_errors_are_one_line(tmp_path):
+    """An unknown provider, an empty token file, and a provider that does not answer: one line each, naming
+    what failed."""
+    from inverse_cloud.errors import ConfigError
+    from inverse_cloud.ops.setup_dnsapi import DnsApi, DnsApiError, read_token
+
+    empty = tmp_path / "empty"
+    empty.write_text("\n")
+    with pytest.raises(ConfigError, match="the file is empty"):
+        read_token(str(empty))
+    with pytest.raises(DnsApiError) as caught:
+        DnsApi("no_such_provider").replace("laptop.test", "A", ["127.0.0.1"])
+    assert "no_such_provider" in str(caught.value) and "\n" not in str(caught.value)
+    closed = free_port()
+    api = DnsApi("powerdns", {"pdns_server": f"http://127.0.0.1:{closed}"}, "key")
+    with pytest.raises(DnsApiError) as caught:  # the zone not found in DNS, or the API not answering
+        api.replace("laptop.test", "A", ["127.0.0.1"])
+    assert str(caught.value).startswith("powerdns: ") and "\n" not in str(caught.value), caught.value
