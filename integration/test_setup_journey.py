@@ -138,6 +138,7 @@ def test_setup_in_the_world_from_nothing_to_two_phones_syncing(fresh_world, tmp_
 
     # 2. The VPS provider's part: the admin's SSH key for root on the relay.
     key = world.laptop_home / ".ssh" / "id_ed25519"
+    key.parent.mkdir(mode=0o700, exist_ok=True)  # ssh-keygen -f does not make it
     world.run("laptop", "ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(key), check=True)
     world.authorize_admin(Path(f"{key}.pub").read_text())
     user.actions.append("gives the VPS provider an SSH key (ssh-keygen)")
@@ -301,6 +302,7 @@ def _ensure_installed(world: World) -> None:
         assert out.returncode == 0, out.stdout + out.stderr
     key = world.laptop_home / ".ssh" / "id_ed25519"
     if not key.exists():
+        key.parent.mkdir(mode=0o700, exist_ok=True)
         world.run("laptop", "ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(key), check=True)
     world.authorize_admin(Path(f"{key}.pub").read_text())
 
