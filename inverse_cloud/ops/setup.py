@@ -4,9 +4,10 @@ It asks only what it cannot find out (the domain, the relay and its admin login,
 password; the tunnel login defaults to ``inverse-cloud`` and the e-mail to none, flags only), checks each
 answer on entry and asks again with a one-line reason, then runs the steps, one line each::
 
-    init -> relay (apply the relay side, pin its host key) -> dns (print the records, wait for the A record
-    at the domain's authoritative servers) -> account (register, print CAA with accounturi) -> caa (wait for
-    it) -> start (user unit + linger, or wait for `serve`) -> certificate (the first one) -> phone
+    init -> relay (apply the relay side, pin its host key) -> dns (print the A record, or create it with
+    --dns, and wait for it at the domain's authoritative servers) -> account (register) -> caa (print the
+    CAA record with accounturi, or create it, and wait for it) -> start (user unit + linger, or wait for
+    `serve`) -> certificate (the first one) -> phone
 
 Resumable and idempotent: the answers (never the password) and the finished steps are kept in
 ``setup-state.json`` next to the config; a rerun skips what is done. Every answer is also a flag, and
