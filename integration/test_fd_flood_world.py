@@ -35,6 +35,7 @@ import sys
 import threading
 import time
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -143,11 +144,20 @@ def descriptors(pid: int) -> int:
     return len(os.listdir(f"/proc/{pid}/fd"))
 
 
+# For bench/descriptors_bench.py's reference run only: serve with the tunnel's admission cap switched off
+# (every channel admitted), as before the cap existed.
+WITHOUT_CAP = ("import sys; from inverse_cloud.tunnel import admission; "
+               "admission.ChannelAdmission.admit = lambda self, address: None; "
+               "from inverse_cloud.cli import main; sys.exit(main(sys.argv[1:]))")
+
+
 @contextlib.contextmanager
-def laptop_serving(world, tmp_path: Path) -> Iterator[tuple[Path, subprocess.Popen[bytes], Path]]:
+def laptop_serving(world, tmp_path: Path, *, wrap: tuple[str, ...] = (), cap: bool = True
+                   ) -> Iterator[tuple[Path, subprocess.Popen[bytes], Path]]:
     """An instance on the laptop with its relay side applied on the relay (setup.sh as root), its domain
-    published, serve running there; yields (config, serve's process, its log) once a PROPFIND through the
-    relay's public address answers. Undone afterwards: serve stopped by pid, the A record removed."""
+    published, serve running there (through ``wrap``, e.g. a ``prlimit`` command line; ``cap=False``: with
+    the admission cap off); yields (config, serve's process, its log) once a PROPFIND through the relay's
+    public address answers. Undone afterwards: serve stopped by pid, the A record removed."""
     cfg = init_instance(tmp_path / "ic", domain=DOMAIN, relay=f"inverse-cloud@{RELAY_NAME}")
     configure(cfg, "acme", enabled=False)       # the certificate is not what this test is about (curl -k)
     env = {"PYTHONPATH": str(REPO)}
@@ -159,8 +169,9 @@ def laptop_serving(world, tmp_path: Path) -> Iterator[tuple[Path, subprocess.Pop
     out = world.run("relay", "sh", "-s", input=(bundle / "setup.sh").read_text(), timeout=120)
     assert out.returncode == 0 and "relay ready" in out.stdout, out.stdout + out.stderr
     world.publish([f"{DOMAIN}. A {HOSTS['relay'].address}"])
-    log = world.root / "woh-serve.log"
-    proc = world.popen("woh-serve", "laptop", *cli, "serve", "--config", str(cfg), log=log)
+    log = tmp_path / "serve.log"
+    serve = [*cli, "serve"] if cap else [*cli[:-2], "-c", WITHOUT_CAP, "serve"]
+    proc = world.popen("woh-serve", "laptop", *wrap, *serve, "--config", str(cfg), log=log)
     try:
         wait_until(lambda: proc.poll() is None and propfind(world)[0] == "207", 120,
                    "a PROPFIND through the relay's public address", interval_s=0.5,
@@ -175,6 +186,78 @@ def card(uid: str) -> str:
     return f"BEGIN:VCARD\r\nVERSION:3.0\r\nUID:{uid}\r\nFN:Contact {uid}\r\nN:{uid};;;;\r\nEND:VCARD\r\n"
 
 
+@dataclass
+class FloodResult:
+    attack_s: float
+    base_fds: int
+    peak_fds: int
+    syncs: list[tuple[str, str, float]]     # (method, HTTP code, seconds) on new connections, in order
+    during: list[str]                        # log lines written during the attack
+    first_after: tuple[str, float]
+    later: tuple[str, float]
+    after: list[str]                         # log lines from the first request after the attack on
+    attacker: tuple[int, int, int, int]      # opened, closed by the far side, failed, held at most at once
+
+    @property
+    def access(self) -> list[str]:
+        return [line for line in self.during if "aiohttp.access" in line]
+
+    @property
+    def other(self) -> list[str]:
+        return [line for line in self.during if "aiohttp.access" not in line]
+
+    def report(self) -> list[str]:
+        secs = sorted(s for _, _, s in self.syncs)
+        failed = sum(1 for _, c, _ in self.syncs if c not in ("207", "201", "204"))
+        return [
+            f"attacker: opened {self.attacker[0]}, closed by the far side {self.attacker[1]}, failed "
+            f"{self.attacker[2]}, held at most {self.attacker[3]} at once, over {self.attack_s:.1f} s",
+            f"laptop descriptors: {self.base_fds} before, at most {self.peak_fds} during the attack",
+            f"phone syncs on new connections during the attack: {len(self.syncs)}, {failed} failed; seconds "
+            f"p50 {secs[len(secs) // 2]:.2f}, max {secs[-1]:.2f}" if secs else "phone syncs: none",
+            f"log lines during the attack: {len(self.during)} ({len(self.access)} access lines, "
+            f"{len(self.other)} others: {len(self.other) / self.attack_s:.2f}/s)",
+            f"after the attack: {self.first_after}, then {self.later}; 'Too many open files' lines after it: "
+            f"{sum('Too many open files' in line for line in self.after)}",
+        ]
+
+
+def flood(world, proc: subprocess.Popen[bytes], log: Path, tmp_path: Path, attack_s: float = ATTACK_S
+          ) -> FloodResult:
+    """Run the attack against the serving laptop for ``attack_s`` while the phone syncs; see the test."""
+    world.run("phone", "ip", "addr", "add", f"{ATTACKER}/24", "dev", "eth0", check=True)
+    try:
+        base_fds = descriptors(proc.pid)
+        log_before = log.read_text(errors="replace").count("\n")
+        syncs: list[tuple[str, str, float]] = []
+        peak_fds = base_fds
+        with Attacker(world, ATTACKER, (HOSTS["relay"].address, 443)) as attacker:
+            t0 = time.monotonic()
+            wait_until(lambda: attacker.error is not None or attacker.opened >= CONNECTIONS, 120,
+                       "the attacker's first 2,000 connection attempts", interval_s=0.2)
+            assert attacker.error is None, attacker.error
+            n = 0
+            while time.monotonic() - t0 < attack_s:
+                peak_fds = max(peak_fds, descriptors(proc.pid))
+                n += 1
+                syncs.append(("PROPFIND", *propfind(world)))
+                card_file = tmp_path / f"flood-{n}.vcf"
+                card_file.write_text(card(f"flood-{n}"))
+                syncs.append(("PUT", *put(world, f"flood-{n}", card_file)))
+                peak_fds = max(peak_fds, descriptors(proc.pid))
+            took = time.monotonic() - t0
+            during = log.read_text(errors="replace").splitlines()[log_before:]
+            stats = (attacker.opened, attacker.closed, attacker.failed, attacker.peak)
+        assert attacker.error is None, attacker.error
+        after_mark = log.read_text(errors="replace").count("\n")
+        first_after = propfind(world)
+        later = propfind(world)
+        after = log.read_text(errors="replace").splitlines()[after_mark:]
+    finally:
+        world.run("phone", "ip", "addr", "del", f"{ATTACKER}/24", "dev", "eth0")
+    return FloodResult(took, base_fds, peak_fds, syncs, during, first_after, later, after, stats)
+
+
 @pytest.mark.slow
 def test_idle_connection_flood_through_the_relay_leaves_phones_served(world, tmp_path):
     """An attacker (198.51.100.31) opens 2,000 idle connections to the relay's public 443 and renews each one
@@ -187,55 +270,18 @@ def test_idle_connection_flood_through_the_relay_leaves_phones_served(world, tmp
     a few others; the serve process is alive. When the attacker lets go, the next PROPFIND succeeds at its
     first try and no 'Too many open files' line is logged from then on."""
     with laptop_serving(world, tmp_path) as (_cfg, proc, log):
-        world.run("phone", "ip", "addr", "add", f"{ATTACKER}/24", "dev", "eth0", check=True)
-        try:
-            base_fds = descriptors(proc.pid)
-            log_before = log.read_text(errors="replace").count("\n")
-            syncs: list[tuple[str, str, float]] = []
-            peak_fds = base_fds
-            with Attacker(world, ATTACKER, (HOSTS["relay"].address, 443)) as attacker:
-                t0 = time.monotonic()
-                wait_until(lambda: attacker.error is not None or attacker.opened >= CONNECTIONS, 120,
-                           "the attacker's first 2,000 connection attempts", interval_s=0.2)
-                assert attacker.error is None, attacker.error
-                n = 0
-                while time.monotonic() - t0 < ATTACK_S:
-                    peak_fds = max(peak_fds, descriptors(proc.pid))
-                    n += 1
-                    code, secs = propfind(world)
-                    syncs.append(("PROPFIND", code, secs))
-                    card_file = tmp_path / f"flood-{n}.vcf"
-                    card_file.write_text(card(f"flood-{n}"))
-                    code, secs = put(world, f"flood-{n}", card_file)
-                    syncs.append(("PUT", code, secs))
-                    peak_fds = max(peak_fds, descriptors(proc.pid))
-                attack_s = time.monotonic() - t0
-                during = log.read_text(errors="replace").splitlines()[log_before:]
-                stats = (attacker.opened, attacker.closed, attacker.failed, attacker.peak)
-            assert attacker.error is None, attacker.error
-            first_after = propfind(world)
-            after_mark = log.read_text(errors="replace").count("\n")
-            later = propfind(world)
-            after = log.read_text(errors="replace").splitlines()[after_mark:]
-        finally:
-            world.run("phone", "ip", "addr", "del", f"{ATTACKER}/24", "dev", "eth0")
-        access = [line for line in during if "aiohttp.access" in line]
-        other = [line for line in during if "aiohttp.access" not in line]
-        print(f"\n[fd flood] attacker: opened {stats[0]}, closed by the far side {stats[1]}, failed {stats[2]}, "
-              f"held at most {stats[3]} at once, over {attack_s:.1f} s")
-        print(f"[fd flood] laptop descriptors: {base_fds} before, at most {peak_fds} during the attack")
-        print("[fd flood] phone syncs during the attack: " + ", ".join(f"{m} {c} {s:.2f} s" for m, c, s in syncs))
-        print(f"[fd flood] log lines during the attack: {len(during)} ({len(access)} access lines, "
-              f"{len(other)} others: {len(other) / attack_s:.2f}/s)")
-        print("[fd flood] other lines:\n  " + "\n  ".join(other[:40]))
-        print(f"[fd flood] after the attack: {first_after}, then {later}")
+        res = flood(world, proc, log, tmp_path)
+        print("\n[fd flood] " + "\n[fd flood] ".join(res.report()))
+        print("[fd flood] phone syncs: " + ", ".join(f"{m} {c} {s:.2f} s" for m, c, s in res.syncs))
+        print("[fd flood] other lines:\n  " + "\n  ".join(res.other[:40]))
         assert proc.poll() is None, log.read_text(errors="replace")[-4000:]
-        assert syncs and all(c in ("207", "201", "204") for _, c, _ in syncs), syncs
-        # two descriptors per admitted channel, from both addresses, plus the relay link and spare sockets
-        assert peak_fds <= base_fds + 2 * 2 * PER_ADDRESS_CHANNELS + 40, (base_fds, peak_fds)
-        rate_limited = math.ceil(attack_s / WARN_INTERVAL_S) + 1 + math.ceil(attack_s / RepeatLimiter().interval_s) + 1
-        assert len(other) <= rate_limited + 10, other[:60]
-        assert len(access) <= len(syncs) + 2, access[-10:]
-        assert first_after[0] == "207" and later[0] == "207", (first_after, later)
-        assert not any("Too many open files" in line for line in after), after
-        assert not any(re.search(r" (ERROR|CRITICAL) ", line) for line in during + after), during
+    assert res.syncs and all(c in ("207", "201", "204") for _, c, _ in res.syncs), res.syncs
+    # two descriptors per admitted channel, from both addresses, plus the relay link and spare sockets
+    assert res.peak_fds <= res.base_fds + 2 * 2 * PER_ADDRESS_CHANNELS + 40, (res.base_fds, res.peak_fds)
+    rate_limited = (math.ceil(res.attack_s / WARN_INTERVAL_S) + 1
+                    + math.ceil(res.attack_s / RepeatLimiter().interval_s) + 1)
+    assert len(res.other) <= rate_limited + 10, res.other[:60]
+    assert len(res.access) <= len(res.syncs) + 2, res.access[-10:]
+    assert res.first_after[0] == "207" and res.later[0] == "207", (res.first_after, res.later)
+    assert not any("Too many open files" in line for line in res.after), res.after
+    assert not any(re.search(r" (ERROR|CRITICAL) ", line) for line in res.during + res.after), res.during
