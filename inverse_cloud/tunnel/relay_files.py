@@ -380,8 +380,8 @@ def readme(spec: RelaySpec) -> str:
         "phones keep connecting to its port); the laptop does not wait for that: when its listen is refused\n"
         "it ends the stale session with the takeover key and reconnects. It notices a change of its own\n"
         "network at once (netlink) and a freeze or suspend on resume: measured with a real sshd in network\n"
-        "namespaces, a phone's next request worked 1.5-1.8 s after the laptop's address changed (20.5-20.9 s\n"
-        "with keepalives alone) and within about 2 s of an outage's end, a resume or an sshd restart.\n"
+        "namespaces, a phone's next request worked 1.1-1.3 s after the laptop's address changed (20.5-20.9 s\n"
+        "with keepalives alone) and 0.5-1.3 s after an outage's end, a resume or an sshd restart.\n"
         "The relay sees the server name (SNI), timing and sizes, never contents or passwords.\n"
     )
 
