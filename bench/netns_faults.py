@@ -17,6 +17,10 @@ Faults, each repeated ``reps`` times after the link has been up for SETTLE_S:
             drop a laptop that answers nothing (then serve is resumed and its recovery measured too). The phone
             pauses meanwhile: while something keeps connecting to the port, sshd's ClientAlive never fires.
 
+With NETNS_BENCH_DEBUG=1 serve logs at debug level; each fault's end is printed as a wall-clock time next to
+serve's log path, so its lines (milliseconds: network event, probe, reconnect, tunnel up, the phone's
+request with its duration) can be read against it.
+
 Which code runs is the ``inverse_cloud`` the child imports: ``python -m`` puts the working directory first
 on its path, so run the bench from the checkout to measure (see bench/README.md).
 """
@@ -40,7 +44,7 @@ from typing import Any
 
 from netns import LaptopNetns, laptop_netns
 from relay_sandbox import private_netns
-from relay_sshd import RelaySshd, relay_sshd
+from relay_sshd import RelaySshd, configure, relay_sshd
 
 from tests.support import ServeProcess, free_port, init_instance, wait_until
 
@@ -180,6 +184,8 @@ def run(faults: list[str], reps: int, bound_s: float) -> dict[str, list[dict[str
     with private_netns(), laptop_netns(RELAY_ADDRESS, "10.99.7.3", name_prefix="nm-bench") as laptop:
         laptop.ip("route", "add", "default", "via", RELAY_ADDRESS)
         cfg = init_instance(root / "ic", relay=f"{RELAY_USER}@{RELAY_ADDRESS}:{free_port()}")
+        if os.environ.get("NETNS_BENCH_DEBUG"):
+            configure(cfg, "server", log_level="debug")
         with relay_sshd(cfg, user=RELAY_USER, client_alive_interval=15, client_alive_count_max=3,
                         listen_address=RELAY_ADDRESS) as relay:
             with ServeProcess(cfg, prefix=laptop.exec_prefix, ready_probe=laptop.tls_handshake_ok) as srv:
@@ -192,7 +198,9 @@ def run(faults: list[str], reps: int, bound_s: float) -> dict[str, list[dict[str
                             before = len(status(cfg).get("reconnects") or [])
                             log(f"rep {rep + 1}: {name}")
                             out = _fault(name, laptop, srv, relay, rep, phone)
-                            took = phone.wait_ok_after(out.pop("end"), bound_s)
+                            end = out.pop("end")
+                            log(f"  fault end at {time.time() - (time.monotonic() - end):.3f} (log {srv.log_path})")
+                            took = phone.wait_ok_after(end, bound_s)
                             now = status(cfg)
                             last = now.get("last_reconnect")
                             reconnected = len(now.get("reconnects") or []) - before

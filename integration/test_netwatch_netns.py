@@ -15,6 +15,7 @@ import contextlib
 import json
 import math
 import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -87,8 +88,8 @@ def sync_works(srv: ServeProcess, relay: RelaySshd, what: str, t0: float) -> flo
 @pytest.mark.slow
 def test_address_change_reconnects_at_once(tmp_path):
     """While a phone polls, the laptop loses address A, gets B and a new default route. Expected: the
-    watcher sees A gone, probes the link (no answer: the path is dead), and the tunnel reconnects now from B
-    ('reconnecting now (local address A gone; no answer to a probe within 1 s)'), without waiting for
+    watcher sees A gone (nothing can reach the connection any more: no probe), and the tunnel reconnects now
+    from B ('reconnecting now (local address A gone: the connection cannot outlive it)'), without waiting for
     keepalives (no 'relay link lost (no answer to keepalives)' line); the relay's stale session is taken
     over; status names 'address change' as the last reconnect's reason; a PROPFIND through the relay and
     the phone work again."""
@@ -105,7 +106,7 @@ def test_address_change_reconnects_at_once(tmp_path):
                        on_timeout=lambda: str(phone.counts()))
         new = tunnel_lines(srv)[seen:]
         print("[netwatch] log:\n  " + "\n  ".join(new))
-        assert any(f"reconnecting now (local address {ADDRESS_A} gone; no answer to a probe within 1 s)" in line
+        assert any(f"reconnecting now (local address {ADDRESS_A} gone: the connection cannot outlive it)" in line
                    for line in new), dump(srv, relay)
         assert not any("relay link lost" in line for line in new), new
         assert ADDRESS_B in ssh_peers(relay)
@@ -179,4 +180,90 @@ def test_flapping_network_gives_bounded_reconnects_and_a_working_tunnel(tmp_path
         assert len(tunnel["reconnects"]) <= bound, tunnel
         assert laptop.address in ssh_peers(relay), (laptop.address, ssh_peers(relay))
         assert not any(" ERROR inverse_cloud" in line for line in srv.log().splitlines()), srv.log()[-4000:]
+        assert "Traceback" not in srv.log(), srv.log()[-4000:]
+
+
+OUTAGE_S = 20.0
+FREEZE_S = 60.0
+
+
+@pytest.mark.slow
+def test_outage_reconnects_when_the_network_is_back(tmp_path):
+    """While a phone polls, the laptop's interface goes down for 20 s (the route to the relay goes with it),
+    then comes back with its default route. Expected: the watcher sees the route gone and probes (no answer:
+    'reconnecting now (no route to the relay; ...)'), retries fail while the network is down, and when it is
+    back the network change makes the tunnel retry at once ('retrying now (network change)') instead of
+    waiting out its backoff; never 'relay link lost (no answer to keepalives)'; status names 'route change';
+    a PROPFIND through the relay and the phone work again."""
+    with world(tmp_path) as (laptop, cfg, relay, srv):
+        laptop.ip("route", "add", "default", "via", RELAY_ADDRESS)
+        seen = len(tunnel_lines(srv))
+        with Phone(relay.https_port) as phone:
+            laptop.ip("link", "set", laptop.laptop_if, "down")
+            time.sleep(OUTAGE_S)                  # the outage itself, not a wait for a condition
+            mark = len(tunnel_lines(srv))
+            t0 = time.monotonic()
+            laptop.ip("link", "set", laptop.laptop_if, "up")
+            laptop.ip("route", "replace", "default", "via", RELAY_ADDRESS)
+            sync_works(srv, relay, "a 20 s outage", t0)
+            after = phone.counts()
+            wait_until(lambda: phone.counts()[0] > after[0], 15, "the phone getting through again",
+                       on_timeout=lambda: str(phone.counts()))
+        new = tunnel_lines(srv)[seen:]
+        print("[netwatch] log:\n  " + "\n  ".join(new))
+        assert any("reconnecting now (no route to the relay" in line for line in new), dump(srv, relay)
+        assert any("retrying now (network change)" in line for line in tunnel_lines(srv)[mark:]), dump(srv, relay)
+        assert not any("no answer to keepalives" in line for line in new), new
+        tunnel = status(cfg)["tunnel"]
+        assert tunnel["state"] == "up" and tunnel["last_reconnect"]["reason"] == "route change", tunnel
+        assert "Traceback" not in srv.log(), srv.log()[-4000:]
+
+
+@pytest.mark.slow
+def test_freeze_is_noticed_on_resume_and_the_link_kept(tmp_path):
+    """While a phone keeps connecting to the relay's port, serve is stopped (SIGSTOP) for 60 s, as in a
+    suspend, then resumed. The monotonic clock ran on, so only the watcher's tick running far late shows the
+    freeze. Expected: on resume the watcher probes the link at once ('resumed from suspend (or the process
+    was frozen); the relay still answers: link kept'), no reconnect (the relay kept the session: ClientAlive
+    never fires while something connects to its port), the backlog of channels the relay opened meanwhile
+    is worked off (at most one refusal line for it), and a PROPFIND through the relay and the phone work."""
+    with world(tmp_path) as (laptop, cfg, relay, srv):
+        holders = relay.holders()
+        mark = len(srv.log().splitlines())
+        with Phone(relay.https_port) as phone:
+            srv.signal(signal.SIGSTOP)
+            try:
+                time.sleep(FREEZE_S)              # the freeze itself, not a wait for a condition
+            finally:
+                srv.signal(signal.SIGCONT)
+            t0 = time.monotonic()
+            wait_until(lambda: any("the relay still answers: link kept" in line for line in watcher_lines(srv)),
+                       30, "the watcher's probe after the freeze", on_timeout=lambda: dump(srv, relay))
+            sync_works(srv, relay, "a 60 s freeze", t0)
+            after = phone.counts()
+            wait_until(lambda: phone.counts()[0] > after[0], 15, "the phone getting through again",
+                       on_timeout=lambda: str(phone.counts()))
+        new = srv.log().splitlines()[mark:]
+        print("[netwatch] log:\n  " + "\n  ".join(line for line in new if "aiohttp.access" not in line))
+        tunnel = status(cfg)["tunnel"]
+        assert tunnel["reconnects"] == [] and tunnel["network_watch"]["probes"] >= 1, tunnel
+        assert relay.holders() == holders
+        assert sum("refusing tunnel connections" in line for line in new) <= 1, new
+        assert not any(" ERROR " in line for line in new), new
+        assert "Traceback" not in srv.log(), srv.log()[-4000:]
+
+
+@pytest.mark.slow
+def test_relay_sshd_restart_reconnects(tmp_path):
+    """The relay's sshd is restarted (its listener and every session). Expected: the tunnel sees the relay
+    close the connection, reconnects at once (the link had been up), status names 'relay closed', and a
+    PROPFIND through the relay works."""
+    with world(tmp_path) as (_laptop, cfg, relay, srv):
+        t0 = time.monotonic()
+        relay.restart()
+        wait_until(lambda: status(cfg)["tunnel"]["reconnects"], 40, "a reconnect", interval_s=0.2,
+                   on_timeout=lambda: dump(srv, relay))
+        sync_works(srv, relay, "an sshd restart", t0)
+        tunnel = status(cfg)["tunnel"]
+        assert tunnel["last_reconnect"]["reason"] == "relay closed", tunnel
         assert "Traceback" not in srv.log(), srv.log()[-4000:]

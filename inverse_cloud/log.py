@@ -40,8 +40,10 @@ def printable(text: str) -> str:
 
 class _OneLineFormatter(logging.Formatter):
     def __init__(self, journald: bool, debug: bool) -> None:
+        # Milliseconds on a terminal: a reconnect's steps (network event, probe, tunnel up, the phone's
+        # request) are a few hundred ms apart. journald stamps its own lines.
         fmt = "%(levelname)s %(name)s: %(message)s" if journald else (
-            "%(asctime)s %(levelname)s %(name)s: %(message)s")
+            "%(asctime)s.%(msecs)03d %(levelname)s %(name)s: %(message)s")
         super().__init__(fmt, datefmt="%H:%M:%S")
         self._journald = journald
         self._debug = debug

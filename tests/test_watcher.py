@@ -92,10 +92,37 @@ async def test_changed_path_that_still_answers_keeps_the_link(rig, caplog):
         assert t.status()["last_reconnect"] is None
 
 
-async def test_changed_path_without_answer_reconnects_now_with_the_reason(rig, caplog, monkeypatch):
-    """The connection's local address is gone and the probe gets no answer: the tunnel reconnects at once
-    (INFO 'reconnecting now (local address 127.0.0.1 gone; no answer to a probe within 1 s)', no 'relay link
-    lost' warning), and status names 'address change' as the last reconnect's reason."""
+async def test_local_address_gone_reconnects_now_without_a_probe(rig, caplog, monkeypatch):
+    """The connection's local address is gone: nothing can reach that connection any more, so the tunnel
+    reconnects at once without spending the probe's deadline (INFO 'reconnecting now (local address
+    127.0.0.1 gone: ...)', no probe sent, no 'relay link lost' warning), and status names 'address change'
+    as the last reconnect's reason."""
+    caplog.set_level(logging.INFO)
+
+    async def must_not_probe(conn, timeout_s):
+        raise AssertionError("probed a connection whose local address is gone")
+
+    monkeypatch.setattr(watcher_mod, "probe", must_not_probe)
+    make, _ = rig
+    path = FakePath()
+    w = LinkWatcher(netlink=False, read_state=path)
+    async with started(make(w)) as t:
+        await up_with_baseline(t, path)
+        path.state = PathState(False, ROUTE)
+        w.changed()
+        await wait_for(lambda: t.connections == 2 and t.state == "up", what="reconnected")
+        lines = tunnel_lines(caplog)
+        assert sum("reconnecting now (local address 127.0.0.1 gone: " in m for m in lines) == 1, lines
+        assert not any("relay link lost" in m for m in lines)
+        assert w.probes == 0
+        assert t.status()["last_reconnect"]["reason"] == "address change"
+        assert len(t.status()["reconnects"]) == 1
+
+
+async def test_changed_route_without_answer_reconnects_now_with_the_reason(rig, caplog, monkeypatch):
+    """The route to the relay changes (the address stays) and the probe gets no answer: the tunnel
+    reconnects at once ('reconnecting now (route to the relay changed (...); no answer to a probe within
+    1 s)'), and status names 'route change'."""
     caplog.set_level(logging.INFO)
 
     async def dead(conn, timeout_s):
@@ -107,15 +134,14 @@ async def test_changed_path_without_answer_reconnects_now_with_the_reason(rig, c
     w = LinkWatcher(netlink=False, read_state=path)
     async with started(make(w)) as t:
         await up_with_baseline(t, path)
-        path.state = PathState(False, ROUTE)
+        path.state = PathState(True, OTHER)
         w.changed()
         await wait_for(lambda: t.connections == 2 and t.state == "up", what="reconnected")
         lines = tunnel_lines(caplog)
-        assert sum("reconnecting now (local address 127.0.0.1 gone; no answer to a probe within 1 s)" in m
+        assert sum("no answer to a probe within 1 s)" in m and "route to the relay changed" in m
                    for m in lines) == 1, lines
-        assert not any("relay link lost" in m for m in lines)
-        assert t.status()["last_reconnect"]["reason"] == "address change"
-        assert len(t.status()["reconnects"]) == 1
+        assert w.probes == 1
+        assert t.status()["last_reconnect"]["reason"] == "route change"
 
 
 async def test_change_elsewhere_is_ignored(rig, monkeypatch):

@@ -13,8 +13,9 @@ What happens on a change (decisions in :mod:`inverse_cloud.tunnel.netwatch`, ker
 2. after SETTLE_S (the rest of the burst lands) and within the check budget (a flapping Wi-Fi gets a
    bounded number of checks, always one after its last change), the watcher reads the path state: is the
    connection's local address still there, which route would the kernel use to the relay;
-3. the same path as when the connection came up: nothing (a route or address elsewhere changed);
-   otherwise, or after a resume: one keepalive request with a PROBE_TIMEOUT_S deadline; an answer keeps
+3. the same path as when the connection came up: nothing (a route or address elsewhere changed); the
+   connection's local address gone: reconnect now (nothing can reach it again); otherwise (the route
+   changed), or after a resume: one keepalive request with a PROBE_TIMEOUT_S deadline; an answer keeps
    the link (and the new state becomes the baseline), no answer reconnects now.
 """
 
@@ -225,6 +226,11 @@ class LinkWatcher:
         change = path_change(self._baseline, state, local)
         if change is None and not resume:
             log.debug("%s network change does not touch the link's path", self._link.tag)
+            return
+        if change is not None and not state.local_present:
+            # The kernel drops whatever arrives for an address it no longer has: nothing can reach this
+            # connection again, so the probe's deadline (PROBE_TIMEOUT_S) would only add to the outage.
+            self._link.reconnect_for(change.reason, f"{change.detail}: the connection cannot outlive it")
             return
         why = change.detail if change is not None else "resumed from suspend (or the process was frozen)"
         self.probes += 1
