@@ -83,7 +83,9 @@ def radicale_options(cfg: Config) -> dict[str, dict[str, str]]:
 
 
 def build_application(cfg: Config) -> Any:
-    """A Radicale WSGI application for ``cfg``. Imports Radicale lazily (it is the heaviest import).
+    """A Radicale WSGI application for ``cfg``. Imports Radicale lazily (it is the heaviest import). With
+    the storage plugin, Radicale's application wrapped in the plugin's ScopedApplication (which keeps
+    Radicale's ``_storage`` attribute).
 
     :raises ConfigError: a ``[radicale.*]`` option is wrong.
     :raises StartupError: our storage plugin is configured and the installed Radicale is not one it is
@@ -114,6 +116,13 @@ def build_application(cfg: Config) -> Any:
     level = radicale_log.level
     radicale_log.setLevel(logging.ERROR)
     try:
-        return radicale.app.Application(configuration)
+        app = radicale.app.Application(configuration)
     finally:
         radicale_log.setLevel(level)
+    if options["storage"].get("type") == STORAGE_PLUGIN:
+        # The plugin locks per collection root: it needs to know each request's root (storage/locks.py).
+        from inverse_cloud.dav.storage import Storage
+
+        assert isinstance(app._storage, Storage)
+        return app._storage.scoped(app)
+    return app

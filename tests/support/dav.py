@@ -1,8 +1,9 @@
 """Radicale called through WSGI in the test process (no HTTP, no TLS), with small DAV helpers.
 
-``radicale_app(folder, storage_type)`` builds Radicale with the options that matter to storage as
-inverse-cloud sets them (use_mtime_and_size_for_item_cache, fsync on), a plain-text user file and
-owner_only rights, on any ``[storage] type``: the plugin and stock ``multifilesystem`` side by side.
+``radicale_app(folder, storage_type)`` builds Radicale (in the plugin's ScopedApplication, as
+build_application does) with the options that matter to storage as inverse-cloud sets them
+(use_mtime_and_size_for_item_cache, fsync on), a plain-text user file and owner_only rights,
+on any ``[storage] type``: the plugin and stock ``multifilesystem`` side by side.
 """
 
 from __future__ import annotations
@@ -37,7 +38,10 @@ def radicale_app(folder: Path, storage_type: str, **storage: str) -> Any:
         "server": {"delay_on_error": "0"},
         "logging": {"level": "error"},
     }, "test", privileged=True)
-    return radicale.app.Application(configuration)
+    app = radicale.app.Application(configuration)
+    # The plugin locks per collection root and learns each request's root from this wrapper, as served.
+    scoped = getattr(app._storage, "scoped", None)
+    return scoped(app) if scoped is not None else app
 
 
 def vcard(uid: str, fn: str = "Someone") -> str:

@@ -125,17 +125,15 @@ class Collection(multifilesystem.Collection):
         before that rename, so instead of two fsyncs per item (file and cache entry) the files are flushed
         once, with syncfs(2), before Radicale renames the folder and syncs its parent.
 
-        Runs under Radicale's exclusive storage lock, so no other request is writing while fsync is off.
+        Only this thread's writes skip fsync (Storage.deferred_flush): requests on other roots may be
+        writing at the same time, and theirs are flushed as usual.
         """
         st = self._storage
         if not st._filesystem_fsync:
             super()._upload_all_nonatomic(items, suffix)
             return
-        st._filesystem_fsync = False
-        try:
+        with st.deferred_flush():
             super()._upload_all_nonatomic(items, suffix)
-        finally:
-            st._filesystem_fsync = True
         flush_filesystem(self._filesystem_path)
         st._sync_directory(st._get_collection_cache_subfolder(self._filesystem_path, ".Radicale.cache", "item"))
         st._sync_directory(self._filesystem_path)
