@@ -187,11 +187,11 @@ class Client:
             return r.status, data, (time.perf_counter() - t0) * 1000
         raise AssertionError("unreachable")
 
-    def sync(self, token: str) -> tuple[str, int, float]:
+    def sync(self, token: str, path: str = f"/{USER}/{BOOK}/") -> tuple[str, int, float]:
         body = ('<?xml version="1.0"?><d:sync-collection xmlns:d="DAV:"><d:sync-token>'
                 f'{token}</d:sync-token><d:sync-level>1</d:sync-level><d:prop><d:getetag/></d:prop>'
                 '</d:sync-collection>').encode()
-        st, data, ms = self.req("REPORT", f"/{USER}/{BOOK}/", body,
+        st, data, ms = self.req("REPORT", path, body,
                                 {"Content-Type": "application/xml; charset=utf-8", "Depth": "1"})
         if st != 207:
             raise BenchError(f"sync-collection -> {st}: {data[:300]!r}")
