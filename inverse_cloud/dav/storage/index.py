@@ -81,8 +81,8 @@ class Folder(Protocol):
         """Whether a file of this name in the folder is an item (Radicale's rule)."""
         ...
 
-    def read_item(self, href: str) -> tuple[str, str] | None:
-        """(uid, etag) of the item file, through Radicale's item cache; None if it is not a valid item."""
+    def read_items(self, hrefs: list[str]) -> dict[str, tuple[str, str] | None]:
+        """href -> (uid, etag) of each item file, through Radicale's item cache; None: not a valid item."""
         ...
 
 
@@ -335,10 +335,9 @@ class Index:
                ) -> None:
         """Record what the files now say for ``todo`` (href -> stat, None: gone), in one transaction.
         The items are read (through Radicale's item cache) before the database lock is taken."""
-        found: dict[str, tuple[str, str] | None] = {}
-        for href, st in sorted(todo.items()):
-            found[href] = (folder.read_item(href) if st is not None and st.st_size <= self._max_item_bytes
-                           else None)
+        found: dict[str, tuple[str, str] | None] = dict.fromkeys(sorted(todo))
+        found.update(folder.read_items([h for h in found
+                                        if (st := todo[h]) is not None and st.st_size <= self._max_item_bytes]))
         self._write(c, [(href, rows.get(href), found[href], todo[href]) for href in found])
 
     def _write(self, c: _Coll, changes: list[tuple[str, _Row | None, tuple[str, str] | None, os.stat_result | None]]
