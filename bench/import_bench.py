@@ -32,8 +32,9 @@ from typing import Any
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
-from dav_bench import PASSWORD, make_certificates  # noqa: E402
-from scale_bench import BOOK, USER, BenchError, Client, Kind, Ours, StockSide, log, make_event  # noqa: E402
+from dav_bench import PASSWORD, USER, make_certificates  # noqa: E402
+from scale_bench import BenchError, Client, Ours, StockSide, log  # noqa: E402
+from scale_store import BOOK, Kind, make_event  # noqa: E402
 
 BOB, BOB_PASSWORD = "bob", "bob-password"
 POLL_S = 0.2
