@@ -18,6 +18,7 @@ import ctypes.util
 import json
 import os
 import pickle
+import stat
 import tempfile
 import time
 from collections.abc import Iterable, Iterator
@@ -31,6 +32,7 @@ from radicale.storage import multifilesystem
 from radicale.storage.multifilesystem.cache import CacheContent
 
 from inverse_cloud.dav.storage.index import IndexUnavailable
+from inverse_cloud.dav.storage.items import IndexedItem
 
 if TYPE_CHECKING:
     from inverse_cloud.dav.storage import Storage
@@ -93,7 +95,7 @@ class Collection(multifilesystem.Collection):
         return found
 
     def read_item(self, href: str) -> tuple[str, str] | None:
-        item = self._get(href, verify_href=False)
+        item = self._read(href)
         return None if item is None else (item.uid, item.etag)
 
     def _store_item_cache(self, href: str, item: radicale_item.Item, cache_hash: str = "") -> Any:
@@ -127,6 +129,37 @@ class Collection(multifilesystem.Collection):
         for href in batch.hrefs:
             os.replace(os.path.join(batch.folder, href), os.path.join(cache_folder, href))
         self._storage._sync_directory(cache_folder)
+
+    # --- listings answered by the index (items.py) -------------------------------------------------
+
+    _indexed: dict[str, tuple[str, str, int, int]] | None = None
+
+    def _list(self) -> Iterator[str]:
+        """Radicale's listing; for an address book, the index's rows are fetched along (one query), and
+        ``_get`` of a listed item whose file still matches its row answers from the row."""
+        names = list(super()._list())
+        self._indexed = None
+        if names and self.tag == "VADDRESSBOOK":
+            try:
+                self._indexed = self._storage.index.live_rows(self)
+            except IndexUnavailable:
+                pass
+        return iter(names)
+
+    def _get(self, href: str, verify_href: bool = True) -> radicale_item.Item | None:
+        rows = self._indexed
+        row = None if rows is None or verify_href else rows.get(href)
+        if row is not None:
+            try:
+                st = os.stat(os.path.join(self._filesystem_path, href))
+            except OSError:
+                st = None
+            if st is not None and stat.S_ISREG(st.st_mode) and (st.st_size, st.st_mtime_ns) == row[2:]:
+                return IndexedItem(self, href, row[0], row[1], st.st_mtime, self._read)
+        return super()._get(href, verify_href)
+
+    def _read(self, href: str) -> radicale_item.Item | None:
+        return super()._get(href, verify_href=False)
 
     # --- answered by the index --------------------------------------------------------------------
 
