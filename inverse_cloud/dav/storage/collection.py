@@ -61,7 +61,7 @@ def flush_filesystem(path: str) -> None:
 @dataclass
 class _CacheBatch:
     folder: str
-    hrefs: list[str] = field(default_factory=list)
+    hrefs: set[str] = field(default_factory=set)
 
 
 class Collection(multifilesystem.Collection):
@@ -108,7 +108,7 @@ class Collection(multifilesystem.Collection):
         content = self._item_cache_content(item)
         with open(os.path.join(batch.folder, href), "wb") as fb:
             pickle.dump((cache_hash, *content), fb)
-        batch.hrefs.append(href)
+        batch.hrefs.add(href)
         return content
 
     def _load_item_cache(self, href: str, cache_hash: str) -> Any:
