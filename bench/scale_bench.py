@@ -23,8 +23,8 @@ connection with preemptive Basic auth, as DAVx5. Timed per side (wall time, ms):
   GET                 one existing item, --reps times, p50
   sync no change      sync-collection with the current token, p50
   sync 10 changes     10 items rewritten (untimed), then sync-collection with the previous token, p50
-  multiget 100        addressbook-/calendar-multiget of 100 items, p50
-  PROPFIND Depth 1    getetag + getcontenttype of every item (3 runs, p50)
+  multiget 100        addressbook-/calendar-multiget of 100 items, p50 (and ms per KB of its answer)
+  PROPFIND Depth 1    resourcetype + getetag + getcontenttype of every item (3 runs, p50; ms per KB)
   DELETE              one of the items PUT above, p50
   restart: start-up   stop (SIGTERM), start again on the same store
   restart: 1st req    the first request after that restart: sync-collection with the token from before
@@ -55,7 +55,6 @@ import subprocess
 import sys
 import tempfile
 import time
-import uuid
 from pathlib import Path
 from typing import Any
 
@@ -64,12 +63,11 @@ sys.path.insert(0, str(HERE))
 sys.path.insert(0, str(HERE / "seed-stack" / "workload"))
 sys.path.insert(0, str(HERE.parent))
 
-from carddav_bench import make_vcard  # noqa: E402
 from dav_bench import HOST, PASSWORD, USER, OurSide, make_certificates, memory  # noqa: E402
+from scale_store import BOOK, Kind, write_store  # noqa: E402
 
 from tests.support import free_port, tls_handshake_ok, wait_until  # noqa: E402
 
-BOOK = "book"
 OPS = [
     ("startup_s", "start-up (cold store)", "s"),
     ("first_ms", "first request (cold store)", "ms"),
@@ -79,6 +77,8 @@ OPS = [
     ("sync_10_ms", "sync-collection, 10 changes", "ms"),
     ("multiget_ms", "multiget of 100", "ms"),
     ("propfind_ms", "PROPFIND Depth 1", "ms"),
+    ("multiget_ms_kb", "multiget: ms per KB answered", "ms"),
+    ("propfind_ms_kb", "PROPFIND Depth 1: ms per KB", "ms"),
     ("delete_ms", "DELETE p50", "ms"),
     ("restart_startup_s", "restart: start-up", "s"),
     ("restart_first_ms", "restart: first request", "ms"),
@@ -91,58 +91,7 @@ def log(msg: str) -> None:
 
 
 class BenchError(Exception):
-    pass
-
-
-# --- items ----------------------------------------------------------------------------------------
-
-def make_event(i: int, rng: random.Random) -> tuple[str, str]:
-    uid = str(uuid.UUID(int=rng.getrandbits(128)))
-    start = dt.datetime(2016, 1, 1, 8) + dt.timedelta(hours=3 * i + rng.randrange(3))
-    fmt = "%Y%m%dT%H%M%SZ"
-    text = "\r\n".join([
-        "BEGIN:VCALENDAR", "VERSION:2.0", "PRODID:-//inverse-cloud//scale_bench//EN", "BEGIN:VEVENT",
-        f"UID:{uid}", f"DTSTAMP:{start.strftime(fmt)}", f"DTSTART:{start.strftime(fmt)}",
-        f"DTEND:{(start + dt.timedelta(hours=1)).strftime(fmt)}", f"SUMMARY:Meeting {i}",
-        f"DESCRIPTION:Agenda item {rng.randrange(10**6)}", "END:VEVENT", "END:VCALENDAR", ""])
-    return uid, text
-
-
-class Kind:
-    def __init__(self, calendar: bool) -> None:
-        self.calendar = calendar
-        self.tag = "VCALENDAR" if calendar else "VADDRESSBOOK"
-        self.suffix = ".ics" if calendar else ".vcf"
-        self.ctype = "text/calendar" if calendar else "text/vcard"
-        self.label = "calendar events" if calendar else "vCards"
-
-    def make(self, i: int, rng: random.Random) -> tuple[str, str]:
-        return make_event(i, rng) if self.calendar else make_vcard(i, rng, 15000 if i % 10 == 0 else 0)
-
-    def multiget(self, hrefs: list[str]) -> bytes:
-        if self.calendar:
-            head = ('<c:calendar-multiget xmlns:d="DAV:" xmlns:c="urn:ietf:params:xml:ns:caldav">'
-                    '<d:prop><d:getetag/><c:calendar-data/></d:prop>')
-            tail = "</c:calendar-multiget>"
-        else:
-            head = ('<c:addressbook-multiget xmlns:d="DAV:" xmlns:c="urn:ietf:params:xml:ns:carddav">'
-                    '<d:prop><d:getetag/><c:address-data/></d:prop>')
-            tail = "</c:addressbook-multiget>"
-        return ('<?xml version="1.0"?>' + head + "".join(f"<d:href>{h}</d:href>" for h in hrefs) + tail).encode()
-
-
-def write_store(folder: Path, kind: Kind, n: int, seed: int = 42) -> list[str]:
-    """N items of ``kind`` as files in ``folder``/collection-root/USER/BOOK (Radicale's layout); their uids."""
-    coll = folder / "collection-root" / USER / BOOK
-    coll.mkdir(parents=True)
-    (coll / ".Radicale.props").write_text(json.dumps({"tag": kind.tag, "D:displayname": "bench"}))
-    rng = random.Random(seed)
-    uids = []
-    for i in range(n):
-        uid, text = kind.make(i, rng)
-        (coll / f"{uid}{kind.suffix}").write_bytes(text.encode())
-        uids.append(uid)
-    return uids
+    """A server did not start, or gave a wrong answer."""
 
 
 # --- the client -----------------------------------------------------------------------------------
@@ -187,11 +136,11 @@ class Client:
             return r.status, data, (time.perf_counter() - t0) * 1000
         raise AssertionError("unreachable")
 
-    def sync(self, token: str) -> tuple[str, int, float]:
+    def sync(self, token: str, path: str = f"/{USER}/{BOOK}/") -> tuple[str, int, float]:
         body = ('<?xml version="1.0"?><d:sync-collection xmlns:d="DAV:"><d:sync-token>'
                 f'{token}</d:sync-token><d:sync-level>1</d:sync-level><d:prop><d:getetag/></d:prop>'
                 '</d:sync-collection>').encode()
-        st, data, ms = self.req("REPORT", f"/{USER}/{BOOK}/", body,
+        st, data, ms = self.req("REPORT", path, body,
                                 {"Content-Type": "application/xml; charset=utf-8", "Depth": "1"})
         if st != 207:
             raise BenchError(f"sync-collection -> {st}: {data[:300]!r}")
@@ -357,6 +306,7 @@ def run_side(side: Any, store: Path, kind: Kind, uids: list[str], reps: int, caf
                 raise BenchError(f"{side.label}: multiget -> {st}")
             times.append(ms)
         out["multiget_ms"] = p50(times)
+        out["multiget_ms_kb"] = out["multiget_ms"] / (len(data) / 1024)
         times = []
         body = (b'<?xml version="1.0"?><d:propfind xmlns:d="DAV:"><d:prop><d:resourcetype/><d:getetag/>'
                 b'<d:getcontenttype/></d:prop></d:propfind>')
@@ -366,6 +316,7 @@ def run_side(side: Any, store: Path, kind: Kind, uids: list[str], reps: int, caf
                 raise BenchError(f"{side.label}: PROPFIND -> {st}")
             times.append(ms)
         out["propfind_ms"] = p50(times)
+        out["propfind_ms_kb"] = out["propfind_ms"] / (len(data) / 1024)
         times = []
         for uid in new:
             st, data, ms = c.req("DELETE", f"{coll}{uid}{kind.suffix}")
@@ -437,6 +388,7 @@ def main() -> int:
     ap.add_argument("--calendar", default="", help="calendar sizes (comma separated), e.g. 50000")
     ap.add_argument("--reps", type=int, default=15, help="repetitions of each timed operation")
     ap.add_argument("--only", choices=["ours", "stock"])
+    ap.add_argument("--stock-max", type=int, default=0, help="no stock run above this size (0: no limit)")
     ap.add_argument("--json-out", help="all figures as JSON (bench/results/ is git-ignored)")
     ap.add_argument("--keep", action="store_true", help="keep the state directory")
     args = ap.parse_args()
@@ -471,6 +423,10 @@ def main() -> int:
                 turn += 1
                 for s in order:
                     log(f"N={n} {kind.label}: {s}")
+                    if s == "stock" and 0 < args.stock_max < n:
+                        log(f"  stock skipped at N={n} (--stock-max {args.stock_max})")
+                        res[s][n] = {k: float("nan") for k, _, _ in OPS}
+                        continue
                     try:
                         res[s][n] = run_side(sides[s], store, kind, uids, args.reps, str(cafile))
                     except BenchError as exc:

@@ -4,7 +4,9 @@ Random sequences of PUT (new, replacing, conflicting UIDs, If-None-Match), DELET
 collections), deleting and re-creating a collection, a PUT of a whole address book replacing one,
 sync-collection from random earlier tokens, multiget, PROPFIND and restarts of our side go to two Radicale
 apps that differ only in ``[storage] type``. Every answer must be the same: statuses, item sets and etags,
-and what each sync reports (href, status, etag). Only the token strings differ; they are compared through a
+and what each sync reports (href, status, etag); the bodies of a PROPFIND Depth 1 and of a multiget with
+the items' data must be the same bytes, but for the collection's own tokens (sync-token, CTag and the
+collection's etag, which the index makes from its change log). The sync tokens are compared through a
 pairing, so that a token repeats on one side exactly when it repeats on the other (a sync reports "no
 change" on both or on neither).
 
@@ -30,7 +32,7 @@ from hypothesis import HealthCheck, settings
 from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, rule
 
 from inverse_cloud.dav.storage import PLUGIN
-from tests.support.dav import Dav, radicale_app, vcard
+from tests.support.dav import Dav, collection_tokens_masked, radicale_app, vcard
 
 COLLS = ["/alice/book/", "/alice/other/"]
 HREFS = ["a.vcf", "b.vcf", "c.vcf", "d.vcf"]
@@ -38,6 +40,10 @@ UIDS = ["u1", "u2", "u3"]
 NAMES = ["Ann", "Bob"]
 # The answers are compared, not durability: no fsync of the item files (the index still commits).
 FAST = {"_filesystem_fsync": "False"}
+
+PROPFIND_ALL = ('<?xml version="1.0"?><d:propfind xmlns:d="DAV:" xmlns:cs="http://calendarserver.org/ns/"><d:prop>'
+                '<d:resourcetype/><d:getetag/><d:getcontenttype/><d:getcontentlength/><d:sync-token/><cs:getctag/>'
+                '<d:displayname/></d:prop></d:propfind>')
 
 colls = st.sampled_from(COLLS)
 hrefs = st.sampled_from(HREFS)
@@ -118,6 +124,23 @@ class StorageDifferential(RuleBasedStateMachine):
     @rule(coll=colls, subset=st.sets(hrefs, min_size=1))
     def multiget(self, coll: str, subset: set[str]) -> None:
         self.both("multiget", coll, [coll + h for h in sorted(subset)])
+
+    def same_bodies(self, method: str, path: str, body: str, **headers: str) -> None:
+        s_status, s_body = self.stock.request(method, path, body, **headers)
+        o_status, o_body = self.ours.request(method, path, body, **headers)
+        assert s_status == o_status, (s_body, o_body)
+        assert collection_tokens_masked(s_body) == collection_tokens_masked(o_body), (s_body, o_body)
+
+    @rule(coll=colls)
+    def propfind_body(self, coll: str) -> None:
+        self.same_bodies("PROPFIND", coll, PROPFIND_ALL, depth="1")
+
+    @rule(coll=colls, subset=st.sets(hrefs, min_size=1))
+    def multiget_body(self, coll: str, subset: set[str]) -> None:
+        body = ('<?xml version="1.0"?><c:addressbook-multiget xmlns:d="DAV:" xmlns:c="urn:ietf:params:xml:ns:carddav">'
+                '<d:prop><d:getetag/><d:getcontenttype/><c:address-data/></d:prop>'
+                + "".join(f"<d:href>{coll}{h}</d:href>" for h in sorted(subset)) + "</c:addressbook-multiget>")
+        self.same_bodies("REPORT", coll, body, depth="1")
 
     @rule(coll=colls, href=hrefs)
     def get(self, coll: str, href: str) -> None:

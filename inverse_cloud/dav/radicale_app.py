@@ -133,7 +133,9 @@ class UserFileWatch:
 
 def build_application(cfg: Config) -> UserFileWatch:
     """A Radicale WSGI application for ``cfg`` (rebuilt when the user file changes, see
-    :class:`UserFileWatch`). Imports Radicale lazily (it is the heaviest import).
+    :class:`UserFileWatch`). Imports Radicale lazily (it is the heaviest import). With the storage plugin,
+    Radicale's application is wrapped in the plugin's ScopedApplication (which keeps Radicale's
+    ``_storage`` attribute).
 
     :raises ConfigError: a ``[radicale.*]`` option is wrong.
     :raises StartupError: our storage plugin is configured and the installed Radicale is not one it is
@@ -174,6 +176,13 @@ def _radicale_application(cfg: Config, options: dict[str, dict[str, str]]) -> An
     level = radicale_log.level
     radicale_log.setLevel(logging.ERROR)
     try:
-        return radicale.app.Application(configuration)
+        app = radicale.app.Application(configuration)
     finally:
         radicale_log.setLevel(level)
+    if options["storage"].get("type") == STORAGE_PLUGIN:
+        # The plugin locks per collection root: it needs to know each request's root (storage/locks.py).
+        from inverse_cloud.dav.storage import Storage
+
+        assert isinstance(app._storage, Storage)
+        return app._storage.scoped(app)
+    return app

@@ -1,8 +1,9 @@
 """Radicale called through WSGI in the test process (no HTTP, no TLS), with small DAV helpers.
 
-``radicale_app(folder, storage_type)`` builds Radicale with the options that matter to storage as
-inverse-cloud sets them (use_mtime_and_size_for_item_cache, fsync on), a plain-text user file and
-owner_only rights, on any ``[storage] type``: the plugin and stock ``multifilesystem`` side by side.
+``radicale_app(folder, storage_type)`` builds Radicale (in the plugin's ScopedApplication, as
+build_application does) with the options that matter to storage as inverse-cloud sets them
+(use_mtime_and_size_for_item_cache, fsync on), a plain-text user file and owner_only rights,
+on any ``[storage] type``: the plugin and stock ``multifilesystem`` side by side.
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ import xml.etree.ElementTree as ET
 from pathlib import Path
 from typing import Any
 
-__all__ = ["Dav", "radicale_app", "vcard"]
+__all__ = ["Dav", "collection_tokens_masked", "radicale_app", "vcard"]
 
 DAV_NS = "{DAV:}"
 USER, PASSWORD = "alice", "pw"
@@ -37,7 +38,20 @@ def radicale_app(folder: Path, storage_type: str, **storage: str) -> Any:
         "server": {"delay_on_error": "0"},
         "logging": {"level": "error"},
     }, "test", privileged=True)
-    return radicale.app.Application(configuration)
+    app = radicale.app.Application(configuration)
+    # The plugin locks per collection root and learns each request's root from this wrapper, as served.
+    scoped = getattr(app._storage, "scoped", None)
+    return scoped(app) if scoped is not None else app
+
+
+def collection_tokens_masked(body: bytes) -> bytes:
+    """``body`` with the sync-token, the CTag and each collection's (href ending in /) etag replaced by T."""
+    body = re.sub(rb"(<(?:\w+:)?(?:sync-token|getctag)>)[^<]*", rb"\1T", body)
+
+    def etag_masked(m: re.Match[bytes]) -> bytes:
+        return re.sub(rb"(<getetag>)[^<]*", rb"\1T", m.group(0))
+
+    return re.sub(rb"<response><href>[^<]*/</href>.*?</response>", etag_masked, body, flags=re.S)
 
 
 def vcard(uid: str, fn: str = "Someone") -> str:

@@ -12,11 +12,13 @@ between releases: it refuses to start on a Radicale outside the range it is test
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import re
-from collections.abc import Iterable, Mapping
-from typing import Any, ClassVar
+import threading
+from collections.abc import Iterable, Iterator, Mapping
+from typing import IO, Any, AnyStr, ClassVar
 
 import radicale
 import radicale.item as radicale_item
@@ -26,9 +28,10 @@ from radicale.storage import multifilesystem
 
 from inverse_cloud.dav.storage.collection import Collection
 from inverse_cloud.dav.storage.index import Index, IndexUnavailable
+from inverse_cloud.dav.storage.locks import WHOLE_STORE, ProcessLock, RootLocks, ScopedApplication, root_of
 
-__all__ = ["INDEX_FILE", "PLUGIN", "TESTED_RADICALE", "Collection", "Storage", "is_tested_radicale",
-           "untested_radicale_message"]
+__all__ = ["INDEX_FILE", "PLUGIN", "TESTED_RADICALE", "Collection", "ScopedApplication", "Storage",
+           "is_tested_radicale", "untested_radicale_message"]
 
 log = logging.getLogger(__name__)
 
@@ -67,12 +70,68 @@ class Storage(multifilesystem.Storage):
     def __init__(self, configuration: config.Configuration) -> None:
         if not is_tested_radicale(radicale.VERSION):
             raise RuntimeError(untested_radicale_message(radicale.VERSION))
+        self._request = threading.local()       # .root: the request root of this thread (ScopedApplication)
+        self._deferred = threading.local()      # .on: this thread's writes are flushed later (syncfs)
         super().__init__(configuration)
         folder = configuration.get("storage", "filesystem_cache_folder") or self._filesystem_folder
         self._makedirs_synced(folder)
         self.index = Index(os.path.join(folder, INDEX_FILE),
                            max_token_age_s=float(configuration.get("storage", "max_sync_token_age")),
                            max_item_bytes=int(self._max_resource_size))
+        # Locks per collection root (locks.py), unless something may act across roots while a lock is held:
+        # a storage hook (run under the lock, e.g. a git commit of the whole folder), sharing (a request's
+        # path is mapped to another user's collection), or rights other than owner_only (a request may read
+        # other roots).
+        self._per_root = (not configuration.get("storage", "hook")
+                          and configuration.get("sharing", "type") == "none"
+                          and configuration.get("rights", "type") == "owner_only")
+        self._root_locks = RootLocks()
+        self._process_lock = ProcessLock(os.path.join(self._filesystem_folder, ".Radicale.lock"))
+
+    def scoped(self, app: Any) -> ScopedApplication:
+        """``app`` (Radicale's application on this storage), telling the storage each request's root, so
+        that a read locks only its root (without it, every read locks the whole store)."""
+        return ScopedApplication(app, self._set_request_root)
+
+    def _set_request_root(self, root: str | None) -> None:
+        self._request.root = root
+
+    @contextlib.contextmanager
+    def acquire_lock(self, mode: str, user: str = "", *args: Any, **kwargs: Any) -> Iterator[None]:
+        """Radicale's storage lock, per collection root (locks.py): a write locks the roots of ``path`` (and
+        a MOVE's ``to_path``); a read the root of the request in this thread; anything else the whole store.
+        With a hook, sharing or other rights, Radicale's own lock of the whole store."""
+        if not self._per_root:
+            with super().acquire_lock(mode, user, *args, **kwargs):
+                yield
+            return
+        if mode not in ("r", "w"):
+            raise ValueError(f"Invalid mode: {mode!r}")
+        if mode == "w":
+            paths = [p for p in (kwargs.get("path"), kwargs.get("to_path")) if p]
+            roots = [root_of(p) for p in paths] if paths else [WHOLE_STORE]
+        else:
+            root = getattr(self._request, "root", None)
+            roots = [WHOLE_STORE if root is None else root]
+        with self._process_lock.held(), self._root_locks.hold(mode, roots):
+            yield
+
+    @contextlib.contextmanager
+    def deferred_flush(self) -> Iterator[None]:
+        """This thread's writes skip fsync until the block ends; the caller flushes them (syncfs)."""
+        self._deferred.on = True
+        try:
+            yield
+        finally:
+            self._deferred.on = False
+
+    def _fsync(self, f: IO[AnyStr]) -> None:
+        if not getattr(self._deferred, "on", False):
+            super()._fsync(f)
+
+    def _sync_directory(self, path: str) -> None:
+        if not getattr(self._deferred, "on", False):
+            super()._sync_directory(path)
 
     def record(self, collection: Collection, changes: dict[str, tuple[str, str] | None]) -> None:
         """Tell the index about our own write. The files are written already: if the index cannot take

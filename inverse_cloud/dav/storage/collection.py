@@ -17,16 +17,22 @@ import ctypes
 import ctypes.util
 import json
 import os
+import pickle
+import stat
+import tempfile
 import time
 from collections.abc import Iterable, Iterator
+from dataclasses import dataclass, field
 from hashlib import sha256
 from typing import IO, TYPE_CHECKING, Any, TextIO, cast
 
 import radicale.item as radicale_item
 from radicale import pathutils, storage
 from radicale.storage import multifilesystem
+from radicale.storage.multifilesystem.cache import CacheContent
 
 from inverse_cloud.dav.storage.index import IndexUnavailable
+from inverse_cloud.dav.storage.items import IndexedItem
 
 if TYPE_CHECKING:
     from inverse_cloud.dav.storage import Storage
@@ -52,8 +58,15 @@ def flush_filesystem(path: str) -> None:
         os.close(fd)
 
 
+@dataclass
+class _CacheBatch:
+    folder: str
+    hrefs: set[str] = field(default_factory=set)
+
+
 class Collection(multifilesystem.Collection):
     _storage: Storage
+    _cache_batch: _CacheBatch | None = None
 
     # --- what the index needs (index.Folder) ------------------------------------------------------
 
@@ -64,9 +77,89 @@ class Collection(multifilesystem.Collection):
     def is_item_name(self, name: str) -> bool:
         return bool(pathutils.is_safe_filesystem_path_component(name))
 
+    def read_items(self, hrefs: list[str]) -> dict[str, tuple[str, str] | None]:
+        """Each item through Radicale's ``_get``; the item cache entries it writes (every item, on a store
+        the index has never seen) are made durable together (see :meth:`_store_item_cache`)."""
+        if len(hrefs) < 2:
+            return {href: self.read_item(href) for href in hrefs}
+        cache_folder = self._storage._get_collection_cache_subfolder(self._filesystem_path, ".Radicale.cache",
+                                                                     "item")
+        self._storage._makedirs_synced(cache_folder)
+        with tempfile.TemporaryDirectory(prefix=".Radicale.tmp-", dir=cache_folder) as tmp:
+            self._cache_batch = _CacheBatch(tmp)
+            try:
+                found = {href: self.read_item(href) for href in hrefs}
+                self._commit_cache_batch(cache_folder)
+            finally:
+                self._cache_batch = None
+        return found
+
     def read_item(self, href: str) -> tuple[str, str] | None:
-        item = self._get(href, verify_href=False)
+        item = self._read(href)
         return None if item is None else (item.uid, item.etag)
+
+    def _store_item_cache(self, href: str, item: radicale_item.Item, cache_hash: str = "") -> Any:
+        """Radicale's, except within :meth:`read_items`: there the entry is written (without fsync) into the
+        batch's folder, and moved into place with the others once they are all on disk (one syncfs), so
+        each entry Radicale can read is whole, as with Radicale's fsync per entry."""
+        batch = self._cache_batch
+        if batch is None or not cache_hash:
+            return super()._store_item_cache(href, item, cache_hash)
+        content = self._item_cache_content(item)
+        with open(os.path.join(batch.folder, href), "wb") as fb:
+            pickle.dump((cache_hash, *content), fb)
+        batch.hrefs.add(href)
+        return content
+
+    def _load_item_cache(self, href: str, cache_hash: str) -> Any:
+        batch = self._cache_batch
+        if batch is not None and href in batch.hrefs:
+            with open(os.path.join(batch.folder, href), "rb") as f:
+                hash_, *rest = pickle.load(f)  # noqa: S301 (our own entry, just written)
+            if hash_ == cache_hash:
+                return CacheContent(*rest)
+        return super()._load_item_cache(href, cache_hash)
+
+    def _commit_cache_batch(self, cache_folder: str) -> None:
+        batch = self._cache_batch
+        if batch is None or not batch.hrefs:
+            return
+        if self._storage._filesystem_fsync:
+            flush_filesystem(batch.folder)
+        for href in batch.hrefs:
+            os.replace(os.path.join(batch.folder, href), os.path.join(cache_folder, href))
+        self._storage._sync_directory(cache_folder)
+
+    # --- listings answered by the index (items.py) -------------------------------------------------
+
+    _indexed: dict[str, tuple[str, str, int, int]] | None = None
+
+    def _list(self) -> Iterator[str]:
+        """Radicale's listing; for an address book, the index's rows are fetched along (one query), and
+        ``_get`` of a listed item whose file still matches its row answers from the row."""
+        names = list(super()._list())
+        self._indexed = None
+        if names and self.tag == "VADDRESSBOOK":
+            try:
+                self._indexed = self._storage.index.live_rows(self)
+            except IndexUnavailable:
+                pass
+        return iter(names)
+
+    def _get(self, href: str, verify_href: bool = True) -> radicale_item.Item | None:
+        rows = self._indexed
+        row = None if rows is None or verify_href else rows.get(href)
+        if row is not None:
+            try:
+                st = os.stat(os.path.join(self._filesystem_path, href))
+            except OSError:
+                st = None
+            if st is not None and stat.S_ISREG(st.st_mode) and (st.st_size, st.st_mtime_ns) == row[2:]:
+                return IndexedItem(self, href, row[0], row[1], st.st_mtime, self._read)
+        return super()._get(href, verify_href)
+
+    def _read(self, href: str) -> radicale_item.Item | None:
+        return super()._get(href, verify_href=False)
 
     # --- answered by the index --------------------------------------------------------------------
 
@@ -125,17 +218,15 @@ class Collection(multifilesystem.Collection):
         before that rename, so instead of two fsyncs per item (file and cache entry) the files are flushed
         once, with syncfs(2), before Radicale renames the folder and syncs its parent.
 
-        Runs under Radicale's exclusive storage lock, so no other request is writing while fsync is off.
+        Only this thread's writes skip fsync (Storage.deferred_flush): requests on other roots may be
+        writing at the same time, and theirs are flushed as usual.
         """
         st = self._storage
         if not st._filesystem_fsync:
             super()._upload_all_nonatomic(items, suffix)
             return
-        st._filesystem_fsync = False
-        try:
+        with st.deferred_flush():
             super()._upload_all_nonatomic(items, suffix)
-        finally:
-            st._filesystem_fsync = True
         flush_filesystem(self._filesystem_path)
         st._sync_directory(st._get_collection_cache_subfolder(self._filesystem_path, ".Radicale.cache", "item"))
         st._sync_directory(self._filesystem_path)

@@ -35,13 +35,13 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Concatenate, ParamSpec, Protocol, TypeVar, cast
 
+from inverse_cloud.dav.storage.tokens import TOKEN_PREFIX, make_token, parse_token
 from inverse_cloud.dav.storage.watch import DirWatcher
 
 __all__ = ["TOKEN_PREFIX", "Folder", "Index", "IndexUnavailable", "parse_token"]
 
 log = logging.getLogger(__name__)
 
-TOKEN_PREFIX = "http://radicale.org/ns/sync/"  # noqa: S105 (Radicale's token namespace, not a secret)
 SCHEMA_VERSION = "1"
 # How often (at most) tombstones past max_sync_token_age are looked for in one collection.
 PRUNE_INTERVAL_S = 3600.0
@@ -81,8 +81,8 @@ class Folder(Protocol):
         """Whether a file of this name in the folder is an item (Radicale's rule)."""
         ...
 
-    def read_item(self, href: str) -> tuple[str, str] | None:
-        """(uid, etag) of the item file, through Radicale's item cache; None if it is not a valid item."""
+    def read_items(self, hrefs: list[str]) -> dict[str, tuple[str, str] | None]:
+        """href -> (uid, etag) of each item file, through Radicale's item cache; None: not a valid item."""
         ...
 
 
@@ -105,21 +105,6 @@ class _Row:
     mtime_ns: int | None
     seq: int
     deleted: bool
-
-
-def parse_token(token: str) -> tuple[str, int]:
-    """(generation, sequence number) of one of our sync tokens.
-
-    :raises ValueError: not a token in our form (Radicale's own wording: "Malformed token").
-    """
-    name = token[len(TOKEN_PREFIX):] if token.startswith(TOKEN_PREFIX) else ""
-    if len(name) != 64 or any(ch not in "0123456789abcdef" for ch in name):
-        raise ValueError(f"Malformed token: {token!r}")
-    return name[:32], int(name[32:], 16)
-
-
-def make_token(gen: str, seq: int) -> str:
-    return f"{TOKEN_PREFIX}{gen}{seq:032x}"
 
 
 def _guarded(method: Callable[Concatenate[Index, _A, _P], _R]) -> Callable[Concatenate[Index, _A, _P], _R]:
@@ -335,10 +320,9 @@ class Index:
                ) -> None:
         """Record what the files now say for ``todo`` (href -> stat, None: gone), in one transaction.
         The items are read (through Radicale's item cache) before the database lock is taken."""
-        found: dict[str, tuple[str, str] | None] = {}
-        for href, st in sorted(todo.items()):
-            found[href] = (folder.read_item(href) if st is not None and st.st_size <= self._max_item_bytes
-                           else None)
+        found: dict[str, tuple[str, str] | None] = dict.fromkeys(sorted(todo))
+        found.update(folder.read_items([h for h in found
+                                        if (st := todo[h]) is not None and st.st_size <= self._max_item_bytes]))
         self._write(c, [(href, rows.get(href), found[href], todo[href]) for href in found])
 
     def _write(self, c: _Coll, changes: list[tuple[str, _Row | None, tuple[str, str] | None, os.stat_result | None]]
@@ -431,6 +415,13 @@ class Index:
             return token, ()
         return token, [str(h) for (h,) in self._query(
             "SELECT href FROM items WHERE coll=? AND seq>? AND seq<=? ORDER BY href", (c.id, seq, seq_now))]
+
+    @_guarded
+    def live_rows(self, folder: Folder) -> dict[str, tuple[str, str, int, int]]:
+        """href -> (uid, etag, size, mtime_ns) of every item the collection holds, as its files now say."""
+        c = self._coll(folder)
+        return {str(h): (str(u), str(e), int(cast(int, s)), int(cast(int, m))) for h, u, e, s, m in self._query(
+            "SELECT href, uid, etag, size, mtime_ns FROM items WHERE coll=? AND deleted_at IS NULL", (c.id,))}
 
     @_guarded
     def state(self, folder: Folder) -> tuple[str, int, int]:
