@@ -26,6 +26,8 @@ import ipaddress
 import shlex
 from dataclasses import dataclass
 
+from inverse_cloud.tunnel import relay_sni
+
 __all__ = [
     "RelaySpec",
     "authorized_keys",
@@ -362,6 +364,9 @@ def readme(spec: RelaySpec) -> str:
         "   DNAT keeps the phone's address; inverse-cloud-nat.service (enabled) loads them again at boot.\n"
         "   If 80/443 already serve a web site, use nginx-http.conf and\n"
         "   nginx-stream.conf instead (SNI routing: the relay still never decrypts anything).\n"
+        "   Several laptops on one relay (--nat sni): nginx takes public 443 (by server name, a PROXY header\n"
+        "   naming the phone) and 80 (by Host) for all of them, each laptop with its own tunnel user, ports and\n"
+        f"   record in {relay_sni.SITES}; a name no laptop carries is closed.\n"
         "\n"
         "When the laptop is offline nothing listens on the forwarded ports: the relay's 443 refuses the\n"
         "connection (nginx variant: closes it). Phones report \"server unreachable\" and retry later; the\n"
@@ -406,9 +411,10 @@ def nat_unit() -> str:
 
 
 def setup_script(spec: RelaySpec, nat: str = "nft") -> str:
-    """An idempotent script for root on the relay. ``nat`` is nft | iptables | none."""
-    if nat not in ("nft", "iptables", "none"):
-        raise ValueError(f"nat must be nft, iptables or none, not {nat!r}")
+    """An idempotent script for root on the relay. ``nat`` is nft | iptables | none | sni (the shared router of
+    several laptops: :mod:`inverse_cloud.tunnel.relay_sni`)."""
+    if nat not in ("nft", "iptables", "none", "sni"):
+        raise ValueError(f"nat must be nft, iptables, none or sni, not {nat!r}")
     q = shlex.quote
     keys, dropin = authorized_keys(spec), sshd_dropin(spec)
     # The NAT must come back after the relay reboots: the rules are loaded by a loader script that a unit of
@@ -439,8 +445,9 @@ def setup_script(spec: RelaySpec, nat: str = "nft") -> str:
                      "iptables -C INPUT -j INVERSE_CLOUD_IN 2>/dev/null || iptables -I INPUT -j INVERSE_CLOUD_IN\n"
                      "INVERSE_CLOUD_EOF\n"),
         "none": "echo 'NAT not touched (--nat none): map public 443/80 yourself (see README)'\n",
+        "sni": relay_sni.sni_setup(spec.ipv6),
     }[nat]
-    if nat != "none":
+    if nat not in ("none", "sni"):
         nat_block += (
             "write_file /etc/systemd/system/inverse-cloud-nat.service 0644 <<'INVERSE_CLOUD_EOF'\n"
             + nat_unit() + "INVERSE_CLOUD_EOF\n"
@@ -455,7 +462,7 @@ def setup_script(spec: RelaySpec, nat: str = "nft") -> str:
                 "net.ipv4.conf.all.route_localnet = 1\n"
                 "INVERSE_CLOUD_EOF\n"
                 "sysctl -q -p /etc/sysctl.d/60-inverse-cloud.conf\n")
-    if not spec.listen_is_loopback or nat == "none":
+    if not spec.listen_is_loopback or nat in ("none", "sni"):
         localnet = ""
     return (
         "#!/bin/sh\n"
@@ -465,6 +472,11 @@ def setup_script(spec: RelaySpec, nat: str = "nft") -> str:
         f"KEYS={q(spec.keys_path)}\n"
         f"DROPIN={q(spec.dropin)}\n"
         "NAT_LOADER=/etc/inverse-cloud/nat-load.sh\n"
+        f"DOMAIN={q(spec.domain)}\n"
+        f"HTTPS_AT={q(_dnat_target(spec, spec.https_port))}\n"
+        f"HTTP_AT={q(_dnat_target(spec, spec.http_port))}\n"
+        f"SITES={relay_sni.SITES}\n"
+        f"DROPINS={relay_sni.DROPINS}\n"
         "[ \"$(id -u)\" = 0 ] || { echo 'run as root' >&2; exit 1; }\n"
         "command -v pgrep >/dev/null || { echo 'pgrep (procps) is needed by the takeover key' >&2; exit 1; }\n"
         "write_file() {  # write_file PATH MODE < content: atomic, root-owned\n"
@@ -473,6 +485,8 @@ def setup_script(spec: RelaySpec, nat: str = "nft") -> str:
         "    chmod \"$2\" \"$1.tmp.$$\"; chown root:root \"$1.tmp.$$\"\n"
         "    mv -f \"$1.tmp.$$\" \"$1\"\n"
         "}\n"
+        # the other laptops this relay carries: refuse a clash before anything changes
+        + relay_sni.sites_check(nat) +
         # Never take over an account: root, or a person's login, would lose its password and shell here.
         "if id -u \"$U\" >/dev/null 2>&1; then\n"
         "    if [ \"$(id -u \"$U\")\" = 0 ]; then\n"
@@ -518,6 +532,15 @@ def setup_script(spec: RelaySpec, nat: str = "nft") -> str:
 
 def bundle(spec: RelaySpec, nat: str = "nft") -> dict[str, str]:
     """File name -> content, in the order ``relay-setup`` shows them."""
+    if nat == "sni":
+        return {
+            "README.txt": readme(spec),
+            "authorized_keys": authorized_keys(spec),
+            "sshd_config.d/inverse-cloud.conf": sshd_dropin(spec),
+            "nginx-sni-stream.conf": relay_sni.stream_frame(spec.ipv6),
+            "nginx-sni-http.conf": relay_sni.http_frame(),
+            "setup.sh": setup_script(spec, nat),
+        }
     return {
         "README.txt": readme(spec),
         "authorized_keys": authorized_keys(spec),
