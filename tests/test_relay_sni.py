@@ -144,3 +144,23 @@ def test_generated_shared_router_is_accepted_by_nginx(tmp_path):
     out = subprocess.run([nginx, "-t", "-q", "-p", str(tmp_path), "-c", str(conf)], capture_output=True, text=True,
                          timeout=30, check=False)
     assert out.returncode == 0, out.stderr
+
+
+def test_relay_setup_nat_sni_sets_proxy_protocol_and_refuses_sslh_on_the_same_443(instance, tmp_path, capsys):
+    """`--nat sni --ssh-on-443`: refused with one line (nginx and sslh both want 443), nothing changed.
+    `--nat sni --ipv6`: writes the shared router with [::]:443 and sets [relay] proxy_protocol = true."""
+    from inverse_cloud.cli import main
+    from inverse_cloud.config import load
+
+    Path(instance).write_text(Path(instance).read_text().replace('host = ""', 'host = "relay.example"'))
+    out = tmp_path / "bundle"
+    base = ["relay-setup", "--config", str(instance), "--output", str(out), "--no-pin", "--nat", "sni"]
+    assert main([*base, "--ssh-on-443"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "--nat sni and --ssh-on-443 both want the relay's public 443" in err[0], err
+    assert not out.exists() and not load(Path(instance)).relay.proxy_protocol
+    assert main([*base, "--ipv6"]) == 0
+    assert "listen [::]:443;" in (out / "nginx-sni-stream.conf").read_text()
+    assert "set [relay] proxy_protocol = true" in capsys.readouterr().out
+    assert load(Path(instance)).relay.proxy_protocol
+    assert main([*base, "--proxy-protocol"]) == 0   # implied, and accepted when given
