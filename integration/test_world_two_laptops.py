@@ -89,7 +89,9 @@ def test_two_laptops_share_one_relay(world, tmp_path):
     4. A name no laptop carries (and no name at all) on the relay's 443: closed, no certificate.
     5. A's storm: serve killed with SIGKILL and started again, SIGUSR1, and A's takeover key run by hand, five
        rounds, while B's phone syncs in a loop: every B sync succeeds, B's relay session (pid) and B's tunnel
-       (connected_since, reconnects) are the same after it; A's takeovers ended only A's sessions."""
+       (connected_since, reconnects) are the same after it; A's takeovers ended only A's sessions.
+    6. B's relay-setup again: the relay's records unchanged, B's session kept. A's `relay-setup --nat sni`: its
+       record now reads PROXY headers (the inner hop gone); after a restart its phone syncs, and B's."""
     relay_addr = HOSTS["relay"].address
     world.rebuild_relay()
     steps: list[tuple[str, float]] = []
@@ -241,6 +243,33 @@ def _two_laptops(world, tmp_path: Path, relay_addr: str, steps, t0: float) -> No
     assert (after["connected_since"], after["reconnects"]) == (b_tunnel["connected_since"], b_tunnel["reconnects"])
     phones[A].sync()
     mark("A's storm; B untouched")
+
+    # 6. B again: idempotent (the relay's records unchanged, B's session kept). A onto the shared router itself:
+    #    its record now says it reads PROXY headers, the inner hop is gone, and after a restart its phone syncs.
+    sites = world.relay_etc / "inverse-cloud" / "sites"
+
+    def records() -> dict[str, str]:
+        return {p.name: p.read_text() for p in sorted(sites.iterdir())}
+
+    before = records()
+    assert before["inverse-cloud.site"] == "inverse-cloud alpha.example.org 127.0.0.1:44353 127.0.0.1:8053 0\n"
+    assert "inverse-cloud.stream" in before and "inverse-cloud-2.stream" not in before
+    code, text = apply(world, B, "--nat", "sni")
+    assert code == 0 and "moved" not in text, text
+    assert records() == before and relay_sessions(world, b_user) == b_before
+    code, text = apply(world, A, "--nat", "sni")
+    assert code == 0 and "set [relay] proxy_protocol = true" in text, text
+    after_a = records()
+    assert after_a["inverse-cloud.site"] == "inverse-cloud alpha.example.org 127.0.0.1:44353 127.0.0.1:8053 1\n"
+    assert "inverse-cloud.stream" not in after_a
+    world.stop(f"serve-{A}")
+    serve(A)
+    wait_until(lambda: (status(world, A).get("tunnel") or {}).get("state") == "up", 120, "A's tunnel up",
+               interval_s=0.3, on_timeout=lambda: world.log(f"serve-{A}"))
+    (phones[A].contacts / "a2.vcf").write_text(card("a2", "Alpha Two"))
+    phones[A].sync()
+    phones[B].sync()
+    mark("B rerun idempotent; A on the shared router with PROXY")
     med = {role: statistics.median(t) for role, t in times.items()}
     storm = [d for _, d, _ in results]
     print(f"\n[two laptops] phone sync (vdirsyncer, 1 new card), median of 5: A (migrated, via the plain hop) "
