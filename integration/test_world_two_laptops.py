@@ -53,10 +53,16 @@ def apply(world, role: str, *extra: str) -> tuple[int, str]:
     argv = [*world.prefix(role), "inverse-cloud", "relay-setup", "--apply", f"root@{RELAY_NAME}", "--yes", *extra]
     child = pexpect.spawn(argv[0], argv[1:], env=world.env(role), encoding="utf-8", timeout=120)
     child.logfile_read = io.StringIO()
-    if child.expect([r"Are you sure you want to continue connecting \(yes/no", pexpect.EOF]) == 0:
+    refused = r"password: "   # the admin's key refused: ssh falls back to a password nobody has
+    seen = child.expect([r"Are you sure you want to continue connecting \(yes/no", refused, pexpect.EOF])
+    if seen == 0:
         assert world.relay_fingerprint() in (child.before or ""), child.before
         child.sendline("yes")
-        child.expect(pexpect.EOF)
+        seen = 1 + child.expect([refused, pexpect.EOF])
+    if seen == 1:
+        child.terminate(force=True)
+        raise AssertionError(f"the relay refused {role}'s admin key:\n{child.logfile_read.getvalue()}\n"
+                             f"--- relay sshd ---\n{world.log('relay-sshd')}")
     child.close()
     return child.exitstatus, child.logfile_read.getvalue()
 
@@ -91,7 +97,8 @@ def test_two_laptops_share_one_relay(world, tmp_path):
        rounds, while B's phone syncs in a loop: every B sync succeeds, B's relay session (pid) and B's tunnel
        (connected_since, reconnects) are the same after it; A's takeovers ended only A's sessions.
     6. B's relay-setup again: the relay's records unchanged, B's session kept. A's `relay-setup --nat sni`: its
-       record now reads PROXY headers (the inner hop gone); after a restart its phone syncs, and B's."""
+       record now reads PROXY headers (the inner hop gone); after a restart its phone syncs, and B's.
+    B's access log (and A's, after step 6) names the phone's own address: the PROXY header came through."""
     relay_addr = HOSTS["relay"].address
     world.rebuild_relay()
     steps: list[tuple[str, float]] = []
@@ -179,6 +186,8 @@ def _two_laptops(world, tmp_path: Path, relay_addr: str, steps, t0: float) -> No
     (phones[B].contacts / "b0.vcf").write_text(card("b0", "Beta Zero"))
     phones[B].sync()
     assert [p.name for p in phones[B].contacts.iterdir()] == ["b0.vcf"], "B's phone sees A's cards"
+    # B reads the PROXY header nginx sends: its access log names the phone, not the relay's 127.0.0.1
+    assert f'{HOSTS["phone"].address} "PROPFIND ' in world.log(f"serve-{B}"), world.log(f"serve-{B}")
     mark("B certified, its phone syncs (SNI)")
 
     # sync times, each laptop's phone through the relay (one PUT + listing per sync)
@@ -263,11 +272,14 @@ def _two_laptops(world, tmp_path: Path, relay_addr: str, steps, t0: float) -> No
     assert after_a["inverse-cloud.site"] == "inverse-cloud alpha.example.org 127.0.0.1:44353 127.0.0.1:8053 1\n"
     assert "inverse-cloud.stream" not in after_a
     world.stop(f"serve-{A}")
+    a_log = world.root / f"serve-{A}.log"
+    a_seen = len(a_log.read_text(errors="replace"))
     serve(A)
     wait_until(lambda: (status(world, A).get("tunnel") or {}).get("state") == "up", 120, "A's tunnel up",
                interval_s=0.3, on_timeout=lambda: world.log(f"serve-{A}"))
     (phones[A].contacts / "a2.vcf").write_text(card("a2", "Alpha Two"))
     phones[A].sync()
+    assert f'{HOSTS["phone"].address} "PROPFIND ' in a_log.read_text(errors="replace")[a_seen:], "A lost the address"
     phones[B].sync()
     mark("B rerun idempotent; A on the shared router with PROXY")
     med = {role: statistics.median(t) for role, t in times.items()}
