@@ -235,8 +235,12 @@ class World:
         path = self.root / "ns" / role
         path.touch()
         mounts = _MOUNTS.get(role, _DEFAULT_MOUNTS)
-        if role in self.extra_laptops:  # the laptop's mounts, with a home, passwd and /usr/local/bin of its own
-            mounts = (_MOUNTS["laptop"].replace("$W/laptop-passwd", f"$W/{role}-passwd")
+        if role in self.extra_laptops:
+            # the laptop's mounts, with a /usr/local/bin of its own, and its home bound on /root itself: a file
+            # bound on /etc/passwd is detached whenever this machine's /etc/passwd is replaced (useradd renames
+            # over it), and ssh would then take ~ from this machine's root
+            mounts = (_MOUNTS["laptop"].replace('mount --bind "$W/laptop-passwd" /etc/passwd; ',
+                                                f'mount --bind "$W/{role}-home" /root; ')
                       .replace("$W/ulb/", f"$W/ulb-{role}/"))
         _run("unshare", f"--mount={path}", "--propagation", "slave", "sh", "-c",
              "set -e; " + mounts, env={**os.environ, "W": str(self.root)})
@@ -249,7 +253,8 @@ class World:
         env = {k: v for k, v in os.environ.items() if k not in ("SSH_AUTH_SOCK", "RADICALE_CONFIG")}
         if self.is_laptop(role):
             # root's login PATH on Debian (no ~/.local/bin), its home the laptop's
-            env.update(HOME=str(self.home_of(role)), USER="root", LOGNAME="root",
+            env.update(HOME="/root" if role in self.extra_laptops else str(self.home_of(role)), USER="root",
+                       LOGNAME="root",
                        PATH="/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin")
             env.pop("PYTHONPATH", None)
         return env
