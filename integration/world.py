@@ -184,6 +184,7 @@ class World:
     made_ns: list[str] = field(default_factory=list)
     pebble_starts: int = 0
     ns_mounted: bool = False
+    extra_laptops: dict[str, str] = field(default_factory=dict)   # role -> its address (add_laptop)
 
     # --- names and paths ------------------------------------------------------------------------------
 
@@ -220,15 +221,29 @@ class World:
         """argv prefix that runs a command on ``role``: in its network namespace (``net``) and its mount
         namespace, in ``cwd`` (default: the laptop's home, else /; entering a mount namespace resets the working
         directory). nsenter execs the command, so the pid stays the command's."""
-        wd = cwd or (self.laptop_home if role == "laptop" else Path("/"))
+        wd = cwd or (self.home_of(role) if self.is_laptop(role) else Path("/"))
         return ["nsenter", *([f"--net=/run/netns/{self.ns(role)}"] if net else []),
                 f"--mount={self.root / 'ns' / role}", f"--wd={wd}", "--"]
+
+    def is_laptop(self, role: str) -> bool:
+        return role == "laptop" or role in self.extra_laptops
+
+    def home_of(self, role: str) -> Path:
+        return self.laptop_home if role == "laptop" else self.root / f"{role}-home"
 
     def _make_mount_ns(self, role: str) -> None:
         path = self.root / "ns" / role
         path.touch()
+        mounts = _MOUNTS.get(role, _DEFAULT_MOUNTS)
+        if role in self.extra_laptops:
+            # the laptop's mounts, with a /usr/local/bin of its own, and its home bound on /root itself: a file
+            # bound on /etc/passwd is detached whenever this machine's /etc/passwd is replaced (useradd renames
+            # over it), and ssh would then take ~ from this machine's root
+            mounts = (_MOUNTS["laptop"].replace('mount --bind "$W/laptop-passwd" /etc/passwd; ',
+                                                f'mount --bind "$W/{role}-home" /root; ')
+                      .replace("$W/ulb/", f"$W/ulb-{role}/"))
         _run("unshare", f"--mount={path}", "--propagation", "slave", "sh", "-c",
-             "set -e; " + _MOUNTS.get(role, _DEFAULT_MOUNTS), env={**os.environ, "W": str(self.root)})
+             "set -e; " + mounts, env={**os.environ, "W": str(self.root)})
 
     def _drop_mount_ns(self, role: str) -> None:
         path = self.root / "ns" / role
@@ -236,9 +251,10 @@ class World:
 
     def env(self, role: str) -> dict[str, str]:
         env = {k: v for k, v in os.environ.items() if k not in ("SSH_AUTH_SOCK", "RADICALE_CONFIG")}
-        if role == "laptop":
+        if self.is_laptop(role):
             # root's login PATH on Debian (no ~/.local/bin), its home the laptop's
-            env.update(HOME=str(self.laptop_home), USER="root", LOGNAME="root",
+            env.update(HOME="/root" if role in self.extra_laptops else str(self.home_of(role)), USER="root",
+                       LOGNAME="root",
                        PATH="/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin")
             env.pop("PYTHONPATH", None)
         return env
@@ -369,19 +385,53 @@ class World:
             self.trust_bundle.write_bytes(data)
             self.trust_bundle.chmod(0o644)
 
-    def _make_laptop_home(self) -> None:
-        self.laptop_home.mkdir(mode=0o700)
+    def add_laptop(self, role: str, subnet: int) -> str:
+        """Another laptop in a home network of its own (192.168.SUBNET.2 behind the same masquerading router, on
+        its interface ``wl<SUBNET>``), with its own home, passwd and /usr/local/bin like the first. Returns its
+        address. Stopped and deleted with the world."""
+        address, gateway = f"192.168.{subnet}.2", f"192.168.{subnet}.1"
+        self.extra_laptops[role] = address
+        self._add_ns(role)
+        r, lap = self.ns("router"), self.ns(role)
+        lan = f"wol{subnet}"
+        _run("ip", "-n", r, "link", "add", lan, "type", "veth", "peer", "name", "eth0", "netns", lap)
+        _run("ip", "-n", r, "addr", "add", f"{gateway}/24", "dev", lan)
+        _run("ip", "-n", r, "link", "set", lan, "up")
+        _run("ip", "-n", lap, "addr", "add", f"{address}/24", "dev", "eth0")
+        _run("ip", "-n", lap, "link", "set", "eth0", "up")
+        _run("ip", "-n", lap, "route", "add", "default", "via", gateway)
+        for d in (f"ulb-{role}/up", f"ulb-{role}/work"):
+            (self.root / d).mkdir(parents=True)
+        self._make_laptop_home(role)
+        self._make_mount_ns(role)
+        return address
+
+    def rebuild_relay(self) -> None:
+        """The relay reinstalled from the provider's image: every process gone, the ruleset flushed, a fresh
+        /etc (new host keys, no inverse-cloud state) and /root; sshd started again."""
+        self.stop("relay-sshd", signal.SIGKILL)
+        self._kill_relay_processes()
+        self.run("relay", "nft", "flush", "ruleset", check=True)
+        self._drop_mount_ns("relay")
+        shutil.rmtree(self.relay_root)
+        self._make_relay_etc()
+        self._make_mount_ns("relay")
+        self.start_relay_sshd()
+
+    def _make_laptop_home(self, role: str = "laptop") -> None:
+        home = self.home_of(role)
+        home.mkdir(mode=0o700)
         pip_conf = Path.home() / ".config" / "pip" / "pip.conf"
         if pip_conf.is_file():
-            (self.laptop_home / ".config" / "pip").mkdir(parents=True)
-            shutil.copy(pip_conf, self.laptop_home / ".config" / "pip" / "pip.conf")
+            (home / ".config" / "pip").mkdir(parents=True)
+            shutil.copy(pip_conf, home / ".config" / "pip" / "pip.conf")
         lines = []
         for line in Path("/etc/passwd").read_text().splitlines():
             f = line.split(":")
             if f[0] == "root":
-                f[5] = str(self.laptop_home)
+                f[5] = str(home)
             lines.append(":".join(f))
-        (self.root / "laptop-passwd").write_text("\n".join(lines) + "\n")
+        (self.root / f"{role}-passwd").write_text("\n".join(lines) + "\n")
 
     # --- DNS --------------------------------------------------------------------------------------------
 
@@ -510,11 +560,13 @@ class World:
         out = _run("ssh-keygen", "-lf", str(self.relay_etc / "ssh" / f"ssh_host_{key_type}_key.pub"))
         return out.stdout.split()[1]
 
-    def authorize_admin(self, pubkey: str) -> None:
-        """The VPS provider installs the admin's key for root."""
+    def authorize_admin(self, pubkey: str, *, also: bool = False) -> None:
+        """The VPS provider installs the admin's key for root (``also``: one more key, the others kept)."""
         dot_ssh = self.relay_root / "root" / ".ssh"
         dot_ssh.mkdir(mode=0o700, exist_ok=True)
-        (dot_ssh / "authorized_keys").write_text(pubkey.strip() + "\n")
+        keys = dot_ssh / "authorized_keys"
+        before = keys.read_text() if also and keys.exists() else ""
+        keys.write_text(before + pubkey.strip() + "\n")
         (dot_ssh / "authorized_keys").chmod(0o600)
 
     def start_relay_sshd(self) -> None:
@@ -574,7 +626,7 @@ class World:
                 self.stop(name)
         with contextlib.suppress(Exception):
             self._kill_relay_processes()
-        for role in ("laptop", "phone", "ca", "dns", "router"):
+        for role in ("laptop", *self.extra_laptops, "phone", "ca", "dns", "router"):
             if self.ns(role) in self.made_ns:
                 for pid in _run("ip", "netns", "pids", self.ns(role), check=False).stdout.split():
                     with contextlib.suppress(ProcessLookupError):
@@ -582,7 +634,7 @@ class World:
         for name in reversed(self.made_ns):
             _run("ip", "netns", "delete", name, check=False)
         self.made_ns.clear()
-        for role in ("inet", *HOSTS):
+        for role in ("inet", *HOSTS, *self.extra_laptops):
             self._drop_mount_ns(role)
         if self.ns_mounted:
             _run("umount", str(self.root / "ns"), check=False)

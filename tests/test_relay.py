@@ -214,6 +214,7 @@ GOLDEN_CASES = {
     "none": (dict(), "none"),
     "public-listen": (dict(listen_host="203.0.113.7", https_port=1443, http_port=1080, client_alive_interval_s=20,
                            client_alive_count_max=4), "nft"),
+    "sni": (dict(proxy_protocol=True), "sni"),
 }
 
 
@@ -251,7 +252,7 @@ def test_bad_inputs_to_the_renderer_are_one_line():
     assert str(caught.value) == "not an OpenSSH public key line: 'garbage'"
     with pytest.raises(ValueError) as caught:
         relay.setup_script(spec(), "pf")
-    assert str(caught.value) == "nat must be nft, iptables or none, not 'pf'"
+    assert str(caught.value) == "nat must be nft, iptables, none or sni, not 'pf'"
     assert relay.takeover_command() in relay.authorized_keys(spec())
 
 

@@ -35,9 +35,11 @@ def add_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser], commo
     p.add_argument("--apply", metavar="ADMIN@RELAY[:PORT]",
                    help="run the generated setup.sh on the relay over ssh as ADMIN (root, or sudo without "
                         "password); idempotent; checks `sshd -t` before reloading sshd (default: do not apply)")
-    p.add_argument("--nat", choices=["nft", "iptables", "none"], default="nft",
+    p.add_argument("--nat", choices=["nft", "iptables", "none", "sni"], default="nft",
                    help="how setup.sh maps public 443/80 to the forwarded ports (default: nft; 'none' when "
-                        "80/443 are used by a web server: see nginx-*.conf)")
+                        "80/443 are used by a web server: see nginx-*.conf; 'sni' for several laptops on one "
+                        "relay: nginx routes 443 by server name and 80 by Host, each laptop with its own tunnel "
+                        "user and ports; sets [relay] proxy_protocol = true here)")
     p.add_argument("--yes", action="store_true", help="accept the fetched host key without asking")
     p.add_argument("--accept-new-host-key", action="store_true",
                    help="replace a pinned host key that differs (the relay was rebuilt)")
@@ -194,7 +196,8 @@ def spec_for(cfg: Config, args: argparse.Namespace) -> relay.RelaySpec:
         https_port=cfg.relay.https_port, http_port=cfg.relay.http_port,
         client_alive_interval_s=args.client_alive_interval, client_alive_count_max=args.client_alive_count_max,
         authorized_keys_file=args.authorized_keys_file, ssh_on_443=bool(getattr(args, "ssh_on_443", False)),
-        sshd_port=cfg.relay.port, proxy_protocol=bool(getattr(args, "proxy_protocol", False)),
+        sshd_port=cfg.relay.port,
+        proxy_protocol=bool(getattr(args, "proxy_protocol", False)) or getattr(args, "nat", "") == "sni",
         ipv6=bool(getattr(args, "ipv6", False)))
 
 
@@ -231,10 +234,14 @@ def cmd_relay_setup(args: argparse.Namespace) -> int:
                           "USER@HOST`) first")
     if not 1 <= args.client_alive_interval <= 3600 or not 1 <= args.client_alive_count_max <= 100:
         raise ConfigError("--client-alive-interval must be 1-3600 and --client-alive-count-max 1-100")
-    if getattr(args, "proxy_protocol", False) and args.nat != "none" and not getattr(args, "ssh_on_443", False):
+    if (getattr(args, "proxy_protocol", False) and args.nat not in ("none", "sni")
+            and not getattr(args, "ssh_on_443", False)):
         raise ConfigError("--proxy-protocol needs --nat none (nginx) or --ssh-on-443 (sslh): with DNAT of 443 a "
                           "phone reaches the forwarded port directly and could send a PROXY header naming any address")
-    if getattr(args, "ipv6", False) and args.nat != "none" and not getattr(args, "ssh_on_443", False):
+    if args.nat == "sni" and getattr(args, "ssh_on_443", False):
+        raise ConfigError("--nat sni and --ssh-on-443 both want the relay's public 443 (nginx and sslh); "
+                          "choose one")
+    if getattr(args, "ipv6", False) and args.nat not in ("none", "sni") and not getattr(args, "ssh_on_443", False):
         raise ConfigError("--ipv6 needs --ssh-on-443 (sslh) or --nat none (nginx): the DNAT rules cannot map "
                           "IPv6 onto the relay's loopback forwards; a v6 listener can")
     admin = parse_user_host(args.apply, "--apply")[0] if args.apply else None
@@ -258,7 +265,7 @@ def cmd_relay_setup(args: argparse.Namespace) -> int:
         apply_over_ssh(args.apply, files["setup.sh"])
     if spec.ssh_on_443 and cfg.relay.fallback_port != 443:
         _set(cfg, "fallback_port", "443", f"the tunnel tries it when port {cfg.relay.port} is blocked")
-    if spec.proxy_protocol and not cfg.relay.proxy_protocol:
+    if (spec.proxy_protocol or args.nat == "sni") and not cfg.relay.proxy_protocol:
         _set(cfg, "proxy_protocol", "true", "connections through the tunnel must start with a PROXY header")
     if args.no_pin:
         return 0

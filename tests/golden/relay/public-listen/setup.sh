@@ -5,6 +5,11 @@ U=ictunnel
 KEYS=/etc/ssh/inverse-cloud/ictunnel.keys
 DROPIN=/etc/ssh/sshd_config.d/inverse-cloud-ictunnel.conf
 NAT_LOADER=/etc/inverse-cloud/nat-load.sh
+DOMAIN=laptop.test
+HTTPS_AT=203.0.113.7:1443
+HTTP_AT=203.0.113.7:1080
+SITES=/etc/inverse-cloud/sites
+DROPINS=/etc/ssh/sshd_config.d
 [ "$(id -u)" = 0 ] || { echo 'run as root' >&2; exit 1; }
 command -v pgrep >/dev/null || { echo 'pgrep (procps) is needed by the takeover key' >&2; exit 1; }
 write_file() {  # write_file PATH MODE < content: atomic, root-owned
@@ -13,6 +18,37 @@ write_file() {  # write_file PATH MODE < content: atomic, root-owned
     chmod "$2" "$1.tmp.$$"; chown root:root "$1.tmp.$$"
     mv -f "$1.tmp.$$" "$1"
 }
+ic_sites() {  # one line per laptop the relay carries: user domain https-forward http-forward proxy
+    for f in "$SITES"/*.site; do [ -f "$f" ] && cat "$f"; done
+    # relays set up before the shared router: the laptop's sshd drop-in names domain, user and ports
+    for f in "$DROPINS"/inverse-cloud-*.conf; do
+        [ -f "$f" ] || continue
+        u=$(sed -n 's/^Match User \([^ ]*\)$/\1/p' "$f" | head -n 1)
+        [ -n "$u" ] && [ ! -f "$SITES/$u.site" ] || continue
+        d=$(sed -n '1s/.* for \([^ ]*\)\.$/\1/p' "$f")
+        l=$(sed -n 's/^ *PermitListen \([^ ]*\) \([^ ]*\)$/\1 \2/p' "$f" | head -n 1)
+        [ -n "$d" ] && [ -n "$l" ] && echo "$u $d $l 0"
+    done
+}
+ic_clash() {  # the first reason this laptop cannot join, or nothing
+    mine_s=${HTTPS_AT##*:}; mine_h=${HTTP_AT##*:}; max_s=$mine_s; max_h=$mine_h; taken=''
+    while read -r u d s h p; do
+        if [ "$u" = "$U" ]; then
+            [ "$d" = "$DOMAIN" ] || { echo "refusing: relay user $U already carries $d; give this laptop its own tunnel user: set [relay] user (e.g. $U-2) and run relay-setup again"; return; }
+            continue
+        fi
+        [ "$d" != "$DOMAIN" ] || { echo "refusing: $DOMAIN is already carried by relay user $u; one domain has one laptop (set [relay] user = \"$u\" on the laptop that owns it)"; return; }
+        case " ${s##*:} ${h##*:} " in
+            *" $mine_s "*|*" $mine_h "*) taken="$d (relay user $u) forwards ports ${s##*:} and ${h##*:}";;
+        esac
+        [ "${s##*:}" -le "$max_s" ] || max_s=${s##*:}
+        [ "${h##*:}" -le "$max_h" ] || max_h=${h##*:}
+        { echo "refusing: this relay already carries $d (relay user $u) on its public 443/80; a second laptop needs the shared router: run relay-setup --nat sni"; return; }
+    done
+    [ -z "$taken" ] || echo "refusing: $taken on this relay, and this laptop asks for $mine_s and $mine_h; set [relay] https_port = $((max_s + 1)) and http_port = $((max_h + 1)) in this laptop's config and run relay-setup again"
+}
+CLASH=$(ic_sites | ic_clash)
+[ -z "$CLASH" ] || { echo "$CLASH" >&2; exit 1; }
 if id -u "$U" >/dev/null 2>&1; then
     if [ "$(id -u "$U")" = 0 ]; then
         echo "refusing: $U is root (uid 0) on the relay; the tunnel login must be an account of its own, e.g. inverse-cloud" >&2

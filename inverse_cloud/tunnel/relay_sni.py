@@ -1,0 +1,208 @@
+"""Several laptops on one relay: the shared SNI router (``relay-setup --nat sni``), as text (pure: no I/O).
+
+Every laptop on a relay has its own tunnel user (so the takeover key, which ends the *user's* other sshd
+sessions, can only ever end that laptop's stale sessions), its own forwarded ports, and one record on the
+relay, ``/etc/inverse-cloud/sites/<user>.site``: ``user domain https-forward http-forward proxy``. Public 443
+and 80 belong to nginx, shared by all of them:
+
+* 443: nginx ``stream`` reads the TLS ClientHello's server name (``ssl_preread``, no TLS termination) and
+  connects to that laptop's https forward, with a PROXY header naming the phone (the laptop parses it on
+  tunnel connections: ``[relay] proxy_protocol = true``). A name no laptop carries, or none at all, goes to
+  a Unix socket nobody listens on: nginx closes the connection, never hands it to some laptop.
+  TLS-ALPN-01 validation is a TLS handshake for the domain, so it is routed like a phone.
+* 80: nginx ``http``, one ``server_name`` per domain proxying to that laptop's http forward: ACME HTTP-01
+  reaches the right laptop by Host.
+
+A relay set up before, with one laptop and DNAT of 443/80 (``--nat nft|iptables``), is migrated when the
+second laptop's setup.sh runs: the existing laptop's record is made from its sshd drop-in (domain, user,
+ports), with ``proxy 0``, because that laptop does not expect a PROXY header until its own ``relay-setup
+--nat sni`` sets ``proxy_protocol``. Its connections go through a small inner nginx server that reads the
+header and connects on without one. Then nginx takes 443/80 and the DNAT is emptied.
+
+Refused with one line, before anything on the relay changes: a tunnel user that carries another domain, a
+domain carried by another user, a forwarded port another laptop uses (with a free pair to set), and a DNAT
+set-up (``--nat nft|iptables``) on a relay that already carries another laptop.
+"""
+
+from __future__ import annotations
+
+__all__ = ["SITES", "sites_check", "sni_setup", "stream_frame", "http_frame", "write_site_function"]
+
+SITES = "/etc/inverse-cloud/sites"
+DROPINS = "/etc/ssh/sshd_config.d"
+SOCKETS = "/run/inverse-cloud"
+STREAM_CONF = "/etc/nginx/inverse-cloud/stream.conf"
+HTTP_CONF = "/etc/nginx/conf.d/inverse-cloud.conf"
+
+
+def sites_check(mode: str) -> str:
+    """Shell (POSIX sh) that lists the laptops the relay carries and refuses a clash with this one.
+
+    Expects ``U DOMAIN HTTPS_AT HTTP_AT`` set, and ``SITES`` / ``DROPINS`` (the record folder, the sshd drop-in
+    folder: variables so a test can point them elsewhere). ``mode`` is the ``--nat`` value: only ``sni`` may
+    share the relay with another laptop.
+    """
+    share = ("" if mode == "sni" else
+             "        { echo \"refusing: this relay already carries $d (relay user $u) on its public 443/80; a second "
+             "laptop needs the shared router: run relay-setup --nat sni\"; return; }\n")
+    return (
+        "ic_sites() {  # one line per laptop the relay carries: user domain https-forward http-forward proxy\n"
+        "    for f in \"$SITES\"/*.site; do [ -f \"$f\" ] && cat \"$f\"; done\n"
+        "    # relays set up before the shared router: the laptop's sshd drop-in names domain, user and ports\n"
+        "    for f in \"$DROPINS\"/inverse-cloud-*.conf; do\n"
+        "        [ -f \"$f\" ] || continue\n"
+        "        u=$(sed -n 's/^Match User \\([^ ]*\\)$/\\1/p' \"$f\" | head -n 1)\n"
+        "        [ -n \"$u\" ] && [ ! -f \"$SITES/$u.site\" ] || continue\n"
+        "        d=$(sed -n '1s/.* for \\([^ ]*\\)\\.$/\\1/p' \"$f\")\n"
+        "        l=$(sed -n 's/^ *PermitListen \\([^ ]*\\) \\([^ ]*\\)$/\\1 \\2/p' \"$f\" | head -n 1)\n"
+        "        [ -n \"$d\" ] && [ -n \"$l\" ] && echo \"$u $d $l 0\"\n"
+        "    done\n"
+        "}\n"
+        "ic_clash() {  # the first reason this laptop cannot join, or nothing\n"
+        "    mine_s=${HTTPS_AT##*:}; mine_h=${HTTP_AT##*:}; max_s=$mine_s; max_h=$mine_h; taken=''\n"
+        "    while read -r u d s h p; do\n"
+        "        if [ \"$u\" = \"$U\" ]; then\n"
+        "            [ \"$d\" = \"$DOMAIN\" ] || { echo \"refusing: relay user $U already carries $d; give this "
+        "laptop its own tunnel user: set [relay] user (e.g. $U-2) and run relay-setup again\"; return; }\n"
+        "            continue\n"
+        "        fi\n"
+        "        [ \"$d\" != \"$DOMAIN\" ] || { echo \"refusing: $DOMAIN is already carried by relay user $u; one "
+        "domain has one laptop (set [relay] user = \\\"$u\\\" on the laptop that owns it)\"; return; }\n"
+        "        case \" ${s##*:} ${h##*:} \" in\n"
+        "            *\" $mine_s \"*|*\" $mine_h \"*) taken=\"$d (relay user $u) forwards ports ${s##*:} and "
+        "${h##*:}\";;\n"
+        "        esac\n"
+        "        [ \"${s##*:}\" -le \"$max_s\" ] || max_s=${s##*:}\n"
+        "        [ \"${h##*:}\" -le \"$max_h\" ] || max_h=${h##*:}\n"
+        + share +
+        "    done\n"
+        "    [ -z \"$taken\" ] || echo \"refusing: $taken on this relay, and this laptop asks for $mine_s and "
+        "$mine_h; set [relay] https_port = $((max_s + 1)) and http_port = $((max_h + 1)) in this laptop's config "
+        "and run relay-setup again\"\n"
+        "}\n"
+        "CLASH=$(ic_sites | ic_clash)\n"
+        "[ -z \"$CLASH\" ] || { echo \"$CLASH\" >&2; exit 1; }\n"
+    )
+
+
+def write_site_function() -> str:
+    """``ic_write_site USER DOMAIN HTTPS_AT HTTP_AT PROXY``: the laptop's record and its nginx pieces.
+
+    PROXY 1: the laptop reads a PROXY header (the public server sends one). PROXY 0 (a laptop migrated from
+    DNAT): an inner server on a Unix socket takes the header off before the laptop's forward."""
+    return (
+        "ic_write_site() {\n"
+        "    echo \"$1 $2 $3 $4 $5\" | write_file \"$SITES/$1.site\" 0644\n"
+        "    if [ \"$5\" = 1 ]; then\n"
+        "        echo \"    $2 $3;\" | write_file \"$SITES/$1.map\" 0644\n"
+        "        rm -f \"$SITES/$1.stream\"\n"
+        "    else\n"
+        f"        echo \"    $2 unix:{SOCKETS}/plain-$1.sock;\" | write_file \"$SITES/$1.map\" 0644\n"
+        "        write_file \"$SITES/$1.stream\" 0644 <<INVERSE_CLOUD_EOF\n"
+        "# $2: this laptop does not read PROXY headers (set up before the shared router): take it off here\n"
+        "server {\n"
+        f"    listen unix:{SOCKETS}/plain-$1.sock proxy_protocol;\n"
+        "    proxy_pass $3;\n"
+        "    proxy_connect_timeout 5s;\n"
+        "}\n"
+        "INVERSE_CLOUD_EOF\n"
+        "    fi\n"
+        "    write_file \"$SITES/$1.http\" 0644 <<INVERSE_CLOUD_EOF\n"
+        "# $2 on port 80: ACME HTTP-01 and redirects (the laptop sees nginx's address here)\n"
+        "server {\n"
+        "    listen 80;\n"
+        "    server_name $2;\n"
+        "    location / {\n"
+        "        proxy_pass http://$4;\n"
+        "        proxy_set_header Host \\$host;\n"
+        "        proxy_connect_timeout 5s;\n"
+        "        # laptop offline: close the connection, never an error page\n"
+        "        proxy_intercept_errors on;\n"
+        "        error_page 502 504 = @offline;\n"
+        "    }\n"
+        "    location @offline { return 444; }\n"
+        "}\n"
+        "INVERSE_CLOUD_EOF\n"
+        "}\n"
+    )
+
+
+def stream_frame(ipv6: bool) -> str:
+    """The shared public 443 (top level of nginx.conf): the same text whichever laptop writes it."""
+    return (
+        f"# {STREAM_CONF} -- generated by `inverse-cloud relay-setup --nat sni` (shared by every laptop;\n"
+        f"# each one's name -> forward is in {SITES}/<user>.map). Included at the top level of nginx.conf.\n"
+        "stream {\n"
+        "    map $ssl_preread_server_name $inverse_cloud_upstream {\n"
+        f"        include {SITES}/*.map;\n"
+        "        # a name no laptop carries (or no name): nobody listens there, nginx closes the connection\n"
+        f"        default unix:{SOCKETS}/unknown-name.sock;\n"
+        "    }\n"
+        f"    include {SITES}/*.stream;\n"
+        "    server {\n"
+        "        listen 443;\n"
+        + ("        listen [::]:443;\n" if ipv6 else "") +
+        "        ssl_preread on;\n"
+        "        proxy_pass $inverse_cloud_upstream;\n"
+        "        # the phone's address, for the laptop's failed-login limits and logs\n"
+        "        proxy_protocol on;\n"
+        "        proxy_connect_timeout 5s;\n"
+        "    }\n"
+        "}\n"
+    )
+
+
+def http_frame() -> str:
+    return (f"# {HTTP_CONF} -- generated by `inverse-cloud relay-setup --nat sni`: port 80 of every laptop\n"
+            f"include {SITES}/*.http;\n")
+
+
+def sni_setup(ipv6: bool) -> str:
+    """The setup.sh part for ``--nat sni``, after the user, keys and drop-in are in place. Expects
+    ``U DOMAIN HTTPS_AT HTTP_AT SITES DROPINS`` and ``write_file``; ``ic_sites`` from :func:`sites_check`."""
+    return (
+        "command -v nginx >/dev/null || { echo 'nginx is not installed: apt install nginx libnginx-mod-stream "
+        "(then run again)' >&2; exit 1; }\n"
+        + write_site_function() +
+        f"mkdir -p \"$SITES\" {SOCKETS}\n"
+        "write_file /etc/tmpfiles.d/inverse-cloud.conf 0644 <<'INVERSE_CLOUD_EOF'\n"
+        f"d {SOCKETS} 0755 root root -\n"
+        "INVERSE_CLOUD_EOF\n"
+        "# laptops set up before the shared router keep working: their record comes from their drop-in\n"
+        "ic_sites | while read -r u d s h p; do\n"
+        "    [ -f \"$SITES/$u.site\" ] || [ \"$u\" = \"$U\" ] || { ic_write_site \"$u\" \"$d\" \"$s\" \"$h\" 0; "
+        "echo \"moved $d (relay user $u) from DNAT to the shared router\"; }\n"
+        "done\n"
+        "ic_write_site \"$U\" \"$DOMAIN\" \"$HTTPS_AT\" \"$HTTP_AT\" 1\n"
+        f"write_file {STREAM_CONF} 0644 <<'INVERSE_CLOUD_EOF'\n" + stream_frame(ipv6) + "INVERSE_CLOUD_EOF\n"
+        f"write_file {HTTP_CONF} 0644 <<'INVERSE_CLOUD_EOF'\n" + http_frame() + "INVERSE_CLOUD_EOF\n"
+        f"grep -q '^include {STREAM_CONF};' /etc/nginx/nginx.conf || "
+        f"echo 'include {STREAM_CONF};' >> /etc/nginx/nginx.conf\n"
+        "nginx -t -q || { echo 'nginx -t refuses the configuration (is libnginx-mod-stream installed?)' >&2; "
+        "exit 1; }\n"
+        "if [ -s /run/nginx.pid ] && kill -0 \"$(cat /run/nginx.pid)\" 2>/dev/null; then\n"
+        "    nginx -s reload\n"
+        "else\n"
+        "    systemctl enable --quiet nginx 2>/dev/null || true\n"
+        "    systemctl restart nginx 2>/dev/null || nginx\n"
+        "fi\n"
+        "# nginx has public 443/80 now: the DNAT of a single-laptop set-up goes (its files stay, empty, so an\n"
+        "# include of them in /etc/nftables.conf still loads)\n"
+        "if [ -f /etc/inverse-cloud/nat.nft ]; then\n"
+        "    printf 'table ip inverse_cloud\\ndelete table ip inverse_cloud\\n' |\n"
+        "        write_file /etc/inverse-cloud/nat.nft 0644\n"
+        "    nft -f /etc/inverse-cloud/nat.nft\n"
+        "fi\n"
+        "if [ -f /etc/inverse-cloud/nat.iptables ]; then\n"
+        "    for c in INVERSE_CLOUD_PRE INVERSE_CLOUD_OUT; do iptables -t nat -F \"$c\" 2>/dev/null || true; done\n"
+        "    iptables -F INVERSE_CLOUD_IN 2>/dev/null || true\n"
+        "    rm -f /etc/inverse-cloud/nat.iptables\n"
+        "fi\n"
+        "systemctl disable --quiet inverse-cloud-nat.service 2>/dev/null || true\n"
+        "rm -f /etc/systemd/system/multi-user.target.wants/inverse-cloud-nat.service\n"
+        "# nothing is DNAT-ed to loopback any more: loopback routing off again (CVE-2020-8558)\n"
+        "if [ -f /etc/sysctl.d/60-inverse-cloud.conf ]; then\n"
+        "    rm -f /etc/sysctl.d/60-inverse-cloud.conf\n"
+        "    sysctl -q -w net.ipv4.conf.all.route_localnet=0\n"
+        "fi\n"
+    )
