@@ -882,3 +882,27 @@ async def test_takeover_line_is_the_commands_last_line(rig, caplog):
         await wait_for(lambda: t.state == "up", what="up after takeover")
         line = f"[relay=127.0.0.1:{relay.port}] inverse-cloud takeover: ended 1 other session(s)"
         assert line in tunnel_lines(caplog) and t.status()["takeovers"] == 1
+
+
+async def test_listen_host6_binds_a_second_pair_of_forwards_on_ipv6(rig, caplog):
+    """[relay] listen_host6 (here ::1, the loopback stand-in for the relay's "::"): the tunnel asks the relay for
+    both forwards on the IPv4 listen host and again on the IPv6 one; a client on the IPv6 forward reaches our
+    listener with its own IPv6 address as the origin; status lists four bound forwards, the up line names both."""
+    caplog.set_level(logging.INFO)
+    make, relay, target = rig
+    async with started(make(listen_host6="::1")) as t:
+        await wait_for(lambda: t.state == "up", what="tunnel up")
+        https, http = t.relay.https_port, t.relay.http_port
+        assert sorted(relay.listen_requests) == sorted([("127.0.0.1", https), ("127.0.0.1", http),
+                                                        ("::1", https), ("::1", http)])
+        reader, writer = await asyncio.open_connection("::1", https)
+        writer.write(b"over v6")
+        writer.write_eof()
+        assert await asyncio.wait_for(reader.read(-1), 30) == b"over v6"
+        assert target.seen_origin == [("::1", writer.get_extra_info("sockname")[1])]
+        writer.close()
+        st = t.status()
+        assert [(f["relay_host"], f["bound"]) for f in st["forwards"]] == [
+            ("127.0.0.1", True), ("127.0.0.1", True), ("::1", True), ("::1", True)]
+        up = [line for line in tunnel_lines(caplog) if "tunnel up" in line]
+        assert up and f"[::1]:{https} -> local" in up[-1] and f"127.0.0.1:{https} -> local" in up[-1], up

@@ -58,8 +58,10 @@ def add_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser], commo
                         "site, so both see the visitor's address (with --ssh-on-443: sslh 2 sends it); sets "
                         "[relay] proxy_protocol = true here")
     p.add_argument("--ipv6", action="store_true",
-                   help="with --ssh-on-443 (sslh) or --nat none (nginx): also listen on [::]:443 for phones on "
-                        "IPv6 (publish an AAAA record then)")
+                   help="also serve phones on IPv6 (publish an AAAA record then): with --nat nft an ip6 table maps "
+                        "[v6]:443/80 onto a second pair of forwards the laptop binds on [::] (sets [relay] "
+                        "listen_host6 = \"::\" here); with --ssh-on-443 sslh, with --nat none nginx, also listen "
+                        "on [::]:443 (default: IPv4 only)")
     p.set_defaults(func=cmd_relay_setup)
 
 
@@ -195,7 +197,14 @@ def spec_for(cfg: Config, args: argparse.Namespace) -> relay.RelaySpec:
         client_alive_interval_s=args.client_alive_interval, client_alive_count_max=args.client_alive_count_max,
         authorized_keys_file=args.authorized_keys_file, ssh_on_443=bool(getattr(args, "ssh_on_443", False)),
         sshd_port=cfg.relay.port, proxy_protocol=bool(getattr(args, "proxy_protocol", False)),
-        ipv6=bool(getattr(args, "ipv6", False)))
+        ipv6=bool(getattr(args, "ipv6", False)), listen_host6=_listen_host6(cfg, args))
+
+
+def _listen_host6(cfg: Config, args: argparse.Namespace) -> str:
+    """Where the laptop binds its IPv6 forwards: only the nft variant maps IPv6 onto them (relay_nat6.py)."""
+    if not getattr(args, "ipv6", False) or getattr(args, "nat", "nft") != "nft":
+        return ""
+    return cfg.relay.listen_host6 or "::"
 
 
 def apply_over_ssh(target: str, script: str) -> None:
@@ -234,9 +243,9 @@ def cmd_relay_setup(args: argparse.Namespace) -> int:
     if getattr(args, "proxy_protocol", False) and args.nat != "none" and not getattr(args, "ssh_on_443", False):
         raise ConfigError("--proxy-protocol needs --nat none (nginx) or --ssh-on-443 (sslh): with DNAT of 443 a "
                           "phone reaches the forwarded port directly and could send a PROXY header naming any address")
-    if getattr(args, "ipv6", False) and args.nat != "none" and not getattr(args, "ssh_on_443", False):
-        raise ConfigError("--ipv6 needs --ssh-on-443 (sslh) or --nat none (nginx): the DNAT rules cannot map "
-                          "IPv6 onto the relay's loopback forwards; a v6 listener can")
+    if getattr(args, "ipv6", False) and args.nat == "iptables":
+        raise ConfigError("--ipv6 with DNAT needs --nat nft (its ip6 table maps IPv6 onto the laptop's [::] "
+                          "forwards); the iptables rules cover IPv4 only")
     admin = parse_user_host(args.apply, "--apply")[0] if args.apply else None
     refusal = relay.login_refusal(cfg.relay.user, admin)
     if refusal:
@@ -258,6 +267,9 @@ def cmd_relay_setup(args: argparse.Namespace) -> int:
         apply_over_ssh(args.apply, files["setup.sh"])
     if spec.ssh_on_443 and cfg.relay.fallback_port != 443:
         _set(cfg, "fallback_port", "443", f"the tunnel tries it when port {cfg.relay.port} is blocked")
+    if spec.listen_host6 and cfg.relay.listen_host6 != spec.listen_host6:
+        _set(cfg, "listen_host6", _toml_string(spec.listen_host6),
+             "the tunnel also binds its forwards there, for phones on IPv6")
     if spec.proxy_protocol and not cfg.relay.proxy_protocol:
         _set(cfg, "proxy_protocol", "true", "connections through the tunnel must start with a PROXY header")
     if args.no_pin:

@@ -26,6 +26,8 @@ import ipaddress
 import shlex
 from dataclasses import dataclass
 
+from inverse_cloud.tunnel.relay_nat6 import nftables6_rules, permit6
+
 __all__ = [
     "RelaySpec",
     "authorized_keys",
@@ -74,6 +76,7 @@ class RelaySpec:
     sshd_port: int = 22              # where sslh hands SSH over (the relay's own sshd)
     proxy_protocol: bool = False     # nginx stream sends a PROXY header to both upstreams (client addresses)
     ipv6: bool = False               # sslh / nginx stream also listen on [::]:443 (a v6 listener, no ip6 NAT)
+    listen_host6: str = ""           # the laptop's second pair of forwards, for the ip6 NAT (relay_nat6.py)
 
     @property
     def keys_path(self) -> str:
@@ -123,7 +126,8 @@ def takeover_command() -> str:
 
 
 def authorized_keys(spec: RelaySpec) -> str:
-    listen = ",".join(f'permitlisten="{spec.listen_host}:{p}"' for p in (spec.https_port, spec.http_port))
+    listen = ",".join([f'permitlisten="{spec.listen_host}:{p}"' for p in (spec.https_port, spec.http_port)]
+                      + [f'permitlisten="{h}"' for h in permit6(spec.listen_host6, (spec.https_port, spec.http_port))])
     return (
         f"# inverse-cloud keys for {spec.domain}; installed as {spec.keys_path} (root-owned, 0644)\n"
         "# Tunnel key: the two reverse forwards and nothing else (a session runs /bin/false).\n"
@@ -144,7 +148,8 @@ def sshd_dropin(spec: RelaySpec) -> str:
         "    KbdInteractiveAuthentication no\n"
         "    # remote only: restrict,port-forwarding in authorized_keys would also allow -L (forward-control.sh)\n"
         "    AllowTcpForwarding remote\n"
-        f"    PermitListen {spec.listen_host}:{spec.https_port} {spec.listen_host}:{spec.http_port}\n"
+        f"    PermitListen {spec.listen_host}:{spec.https_port} {spec.listen_host}:{spec.http_port}"
+        + "".join(f" {h}" for h in permit6(spec.listen_host6, (spec.https_port, spec.http_port))) + "\n"
         "    PermitOpen none\n"
         "    # clientspecified: the laptop asks for "
         f"{spec.listen_host}; the NAT below maps public 443/80 there\n"
@@ -176,7 +181,9 @@ def nftables_rules(spec: RelaySpec) -> str:
               if spec.listen_is_loopback else "")
     return (
         f"# inverse-cloud NAT for {spec.domain}: public :443 -> {https}, public :80 -> {http}\n"
-        "# Load: nft -f THIS_FILE (replaces only the inverse_cloud table). IPv4 only: publish no AAAA record.\n"
+        + ("# Load: nft -f THIS_FILE (replaces only the inverse_cloud tables). IPv4 and IPv6 (the ip6 table).\n"
+           if spec.listen_host6 else
+           "# Load: nft -f THIS_FILE (replaces only the inverse_cloud table). IPv4 only: publish no AAAA record.\n") +
         f"{sysctl}"
         "table ip inverse_cloud\n"
         "delete table ip inverse_cloud\n"
@@ -199,6 +206,8 @@ def nftables_rules(spec: RelaySpec) -> str:
         "        iif != \"lo\" ip daddr 127.0.0.0/8 ct status & dnat == 0 drop\n"
         "    }\n"
         "}\n"
+        + (nftables6_rules(spec.domain, spec.listen_host6, spec.https_port, spec.http_port,
+                           map_443=not spec.ssh_on_443) if spec.listen_host6 else "")
     )
 
 
@@ -367,7 +376,10 @@ def readme(spec: RelaySpec) -> str:
         "connection (nginx variant: closes it). Phones report \"server unreachable\" and retry later; the\n"
         "relay never answers with an HTTP error page a client could take for \"collection gone\".\n"
         "\n"
-        + ("IPv6: sslh / nginx also listen on [::]:443 (--ipv6): publish the relay's AAAA record too.\n"
+        + ("IPv6: the ip6 table of nftables.conf maps public [v6]:443/80 onto the forwards the laptop also binds on\n"
+           f"[{spec.listen_host6}] ([relay] listen_host6): publish the relay's AAAA record too.\n"
+           if spec.listen_host6 and not spec.ssh_on_443 else
+           "IPv6: sslh / nginx also listen on [::]:443 (--ipv6): publish the relay's AAAA record too.\n"
            if spec.ipv6 else
            "IPv6: these rules cover IPv4 only. Publish an A record for the domain and NO AAAA record: a\n"
            "half-working AAAA makes phones on IPv6 fail intermittently (--ipv6 with --ssh-on-443 or\n"
