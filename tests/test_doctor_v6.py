@@ -56,7 +56,8 @@ async def test_aaaa_path(instance, host6, domain_addrs, answer, state, fragment)
         return answer
 
     status = {"certificate": {"key_sha256": spki_sha256_of_cert(OURS)}}
-    v = await check_https6(cfg, status, resolve, ["192.0.2.7", "2001:db8::7"], DoctorOptions(), probe=probe)
+    v = await check_https6(cfg, status, resolve, ["192.0.2.7", "2001:db8::7"], DoctorOptions(), probe=probe,
+                           routable=lambda addr: True)
     assert v.state == state and fragment in v.detail + " " + v.fix, v
     assert probed == ([("2001:db8::7", 443)] if answer is not None else [])
     if state == "fail" and "does not answer" in v.detail:
@@ -72,3 +73,20 @@ async def test_redirected_443_is_not_probed(instance):
     opts = DoctorOptions(connect_to={("laptop.test", 443): ("127.0.0.1", 1)})
     v = await check_https6(cfg, {}, resolve, [], opts)
     assert v.state == "skip" and "--connect-to" in v.detail
+
+
+async def test_no_ipv6_route_here_is_a_skip_not_a_verdict(instance):
+    """A laptop on a network without IPv6 cannot probe the AAAA path: the link is skipped and says why; it is
+    neither ok (nothing was shown) nor a failure (the relay may well serve IPv6)."""
+    text = set_config_value(instance.read_text(), "relay", "host", '"relay.test"')
+    instance.write_text(text)
+    cfg = config_mod.load(instance)
+
+    async def resolve(name: str) -> list[str]:
+        return ["192.0.2.7", "2001:db8::7"]
+
+    async def probe(target: tuple[str, int]) -> bytes | None:
+        raise AssertionError("not probed")
+
+    v = await check_https6(cfg, {}, resolve, [], DoctorOptions(), probe=probe, routable=lambda addr: False)
+    assert v.state == "skip" and "this machine has no IPv6 route" in v.detail, v

@@ -7,6 +7,7 @@ than having no AAAA record at all; so the check probes every AAAA address's port
 
 from __future__ import annotations
 
+import socket
 import ssl
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
@@ -28,6 +29,16 @@ class V6Verdict:
     fix: str = ""
 
 
+def has_route6(addr: str) -> bool:
+    """Whether this machine has an IPv6 route to ``addr`` (a UDP connect: the kernel's route lookup, no packet)."""
+    try:
+        with socket.socket(socket.AF_INET6, socket.SOCK_DGRAM) as sock:
+            sock.connect((addr, 443))
+    except OSError:
+        return False
+    return True
+
+
 def _no_verify() -> ssl.SSLContext:
     ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
     ctx.check_hostname = False
@@ -37,10 +48,12 @@ def _no_verify() -> ssl.SSLContext:
 
 async def check_https6(cfg: Config, status: dict[str, Any], resolve: Callable[[str], Awaitable[list[str]]],
                        relay_addrs: list[str], opts: DoctorOptions,
-                       probe: Callable[[tuple[str, int]], Awaitable[bytes | None]] | None = None) -> V6Verdict:
+                       probe: Callable[[tuple[str, int]], Awaitable[bytes | None]] | None = None,
+                       routable: Callable[[str], bool] = has_route6) -> V6Verdict:
     """The verdict on the domain's IPv6 path: ``resolve`` is doctor's (``--resolve``, ``[acme] dns_server`` or the
     system), ``relay_addrs`` what it found for the relay; ``probe`` (tests) returns the certificate a TLS
-    handshake to an address gets, by default a real one."""
+    handshake to an address gets, by default a real one; ``routable`` whether this machine can reach an IPv6
+    address at all."""
     if (cfg.server.domain, 443) in opts.connect_to:
         return V6Verdict("skip", "port 443 is redirected by --connect-to")
     try:
@@ -68,6 +81,11 @@ async def check_https6(cfg: Config, status: dict[str, Any], resolve: Callable[[s
     get = probe or handshake
     fix = ("the relay must map [v6]:443 onto the tunnel: `inverse-cloud relay-setup --ipv6 --apply ADMIN@RELAY` "
            "(an ip6 table, and [relay] listen_host6 here; then restart serve), or remove the AAAA record")
+    unroutable = [a for a in v6 if not routable(a)]
+    if unroutable:
+        # Not the relay's fault, nor proof that the path works: this laptop's network has no IPv6.
+        return V6Verdict("skip", f"AAAA {', '.join(v6)}: this machine has no IPv6 route, so [v6]:443 cannot be "
+                         "probed from here (check from a phone on IPv6, or run doctor from a network with IPv6)")
     for addr in v6:
         try:
             der = await get((addr, 443))
