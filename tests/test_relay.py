@@ -471,3 +471,29 @@ def test_relay_setup_refuses_root_or_the_admin_as_tunnel_login(instance, tmp_pat
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and fragment in err and "inverse-cloud" in err, err
     assert not out.exists()
+
+
+def test_ssh_on_443_makes_sslh_transparent_with_the_reply_routing(instance, tmp_path):
+    """--ssh-on-443 (nft): sslh.cfg says transparent: true; nat.nft marks only the replies its targets send from
+    127.0.0.0/8 on sshd's and the https forward's ports (so sshd's direct connections are untouched) and loads
+    with `nft -c`; the loader adds the policy route the mark selects, which boot runs again. With --ipv6 or
+    --proxy-protocol sslh stays non-transparent and nothing is marked."""
+    from inverse_cloud.cli import main
+
+    Path(instance).write_text(Path(instance).read_text().replace('host = ""', 'host = "relay.example"'))
+    out = tmp_path / "bundle"
+    assert main(["relay-setup", "--config", str(instance), "--output", str(out), "--no-pin", "--ssh-on-443"]) == 0
+    assert "transparent: true;" in (out / "sslh.cfg").read_text()
+    nft = (out / "nftables.conf").read_text()
+    assert "ip saddr 127.0.0.0/8 ip daddr != 127.0.0.0/8 tcp sport { 22, 44353 } meta mark set 0x1c" in nft, nft
+    check = subprocess.run(["unshare", "-n", _need("nft"), "-c", "-f", str(out / "nftables.conf")],
+                           capture_output=True, text=True)
+    assert check.returncode == 0, check.stderr
+    setup = (out / "setup.sh").read_text()
+    assert "ip rule add fwmark 0x1c lookup 1443" in setup and "ip route replace local 0.0.0.0/0 dev lo table 1443" \
+        in setup
+    for extra in (["--ipv6"], ["--proxy-protocol"]):
+        assert main(["relay-setup", "--config", str(instance), "--output", str(out), "--no-pin", "--ssh-on-443",
+                     *extra]) == 0
+        assert "transparent: false;" in (out / "sslh.cfg").read_text()
+        assert "mark set" not in (out / "nftables.conf").read_text()

@@ -197,7 +197,16 @@ def spec_for(cfg: Config, args: argparse.Namespace) -> relay.RelaySpec:
         client_alive_interval_s=args.client_alive_interval, client_alive_count_max=args.client_alive_count_max,
         authorized_keys_file=args.authorized_keys_file, ssh_on_443=bool(getattr(args, "ssh_on_443", False)),
         sshd_port=cfg.relay.port, proxy_protocol=bool(getattr(args, "proxy_protocol", False)),
-        ipv6=bool(getattr(args, "ipv6", False)), listen_host6=_listen_host6(cfg, args))
+        ipv6=bool(getattr(args, "ipv6", False)), listen_host6=_listen_host6(cfg, args),
+        sslh_transparent=_sslh_transparent(args))
+
+
+def _sslh_transparent(args: argparse.Namespace) -> bool:
+    """sslh passes the client's address on by transparent mode (relay_divert.py) when nothing else does: not with
+    PROXY headers, and only with the nft loader (which also sets up the reply routing at boot). IPv4 only: a
+    transparent sslh cannot connect an IPv6 client's address to the IPv4 forward, so --ipv6 keeps it off."""
+    return (bool(getattr(args, "ssh_on_443", False)) and not getattr(args, "proxy_protocol", False)
+            and getattr(args, "nat", "nft") == "nft" and not getattr(args, "ipv6", False))
 
 
 def _listen_host6(cfg: Config, args: argparse.Namespace) -> str:

@@ -26,6 +26,7 @@ import ipaddress
 import shlex
 from dataclasses import dataclass
 
+from inverse_cloud.tunnel.relay_divert import divert_chain, divert_routes
 from inverse_cloud.tunnel.relay_nat6 import nftables6_rules, permit6
 
 __all__ = [
@@ -77,6 +78,7 @@ class RelaySpec:
     proxy_protocol: bool = False     # nginx stream sends a PROXY header to both upstreams (client addresses)
     ipv6: bool = False               # sslh / nginx stream also listen on [::]:443 (a v6 listener, no ip6 NAT)
     listen_host6: str = ""           # the laptop's second pair of forwards, for the ip6 NAT (relay_nat6.py)
+    sslh_transparent: bool = False   # sslh connects from the client's address; needs relay_divert.py's routing
 
     @property
     def keys_path(self) -> str:
@@ -205,6 +207,7 @@ def nftables_rules(spec: RelaySpec) -> str:
         "        type filter hook input priority filter; policy accept;\n"
         "        iif != \"lo\" ip daddr 127.0.0.0/8 ct status & dnat == 0 drop\n"
         "    }\n"
+        + (divert_chain((spec.sshd_port, spec.https_port)) if spec.sslh_transparent else "") +
         "}\n"
         + (nftables6_rules(spec.domain, spec.listen_host6, spec.https_port, spec.http_port,
                            map_443=not spec.ssh_on_443) if spec.listen_host6 else "")
@@ -315,10 +318,13 @@ def sslh_config(spec: RelaySpec, listen: str = "0.0.0.0", public_port: int = 443
         + ("# proxyprotocol: sslh sends a PROXY v2 header naming the phone ([relay] proxy_protocol = true on\n"
            "# the laptop); sslh 1.20 (Debian 12) ignores the setting, setup.sh refuses it there.\n"
            if spec.proxy_protocol else
+           "# Transparent: sslh connects to sshd and the tunnel from the client's own address, so the laptop sees\n"
+           "# the phone's address; nat.nft marks the replies and nat-load.sh routes them back to sslh.\n"
+           if spec.sslh_transparent else
            "# Not transparent: the laptop sees every phone as the relay's 127.0.0.1 (as in the nginx variant).\n") +
         "verbose: 0;\n"
         "numeric: true;\n"
-        "transparent: false;\n"
+        f"transparent: {'true' if spec.sslh_transparent else 'false'};\n"
         "# SSH clients send their banner at once; a client silent this long is taken for SSH anyway\n"
         "timeout: 3;\n"
         'user: "sslh";\n'
@@ -432,6 +438,7 @@ def setup_script(spec: RelaySpec, nat: str = "nft") -> str:
                 "write_file \"$NAT_LOADER\" 0755 <<'INVERSE_CLOUD_EOF'\n"
                 "#!/bin/sh\n# loads the inverse-cloud NAT rules (run by inverse-cloud-nat.service at boot)\n"
                 "set -eu\nnft -f /etc/inverse-cloud/nat.nft\n"
+                + (divert_routes() if spec.sslh_transparent else "") +
                 "INVERSE_CLOUD_EOF\n"
                 # nftables.service (if enabled) flushes the whole ruleset: the include keeps our table in it
                 "if [ -f /etc/nftables.conf ] && ! grep -q \"$NAT_FILE\" /etc/nftables.conf; then\n"
