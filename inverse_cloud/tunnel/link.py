@@ -356,6 +356,13 @@ class Tunnel:
         except BaseException:
             await self._close_conn()
             raise
+        if refused_fwd is not None and takeover_tried and refused_fwd.host != self.relay.listen_host:
+            # Only the IPv6 pair is refused, after a takeover: the relay's Match block lacks [::] (relay-setup --ipv6
+            # not applied there yet). IPv4 phones keep working; status and doctor show the unbound forwards.
+            log.error("%s relay refused to listen on [%s]:%d: phones on IPv6 cannot reach this laptop (apply "
+                      "`inverse-cloud relay-setup --ipv6` on the relay, or set [relay] listen_host6 = \"\"); IPv4 "
+                      "works", self.tag, refused_fwd.host, refused_fwd.relay_port)
+            refused_fwd = None
         if refused_fwd is not None:
             await self._close_conn()
             host, refused = refused_fwd.host, refused_fwd.relay_port
