@@ -93,7 +93,7 @@ PEER_LINGER_S = 5.0
 class _Forward:
     name: str
     relay_port: int
-    host: str = "127.0.0.1"       # the relay address the forward is bound on ([relay] listen_host / listen_host6)
+    host: str = "127.0.0.1"       # where on the relay: [relay] listen_host or listen_host6
     bound: bool = False
     listener: asyncssh.SSHListener | None = None
 
@@ -122,11 +122,9 @@ class Tunnel:
         self._clock = wall_clock
         self._watcher = watcher
         self.tag = f"[relay={self.relay.host}:{self.relay.port}]"
-        # [relay] listen_host6: the same two forwards again on an IPv6 address of the relay, which its ip6 NAT
-        # maps public [v6]:443/80 onto (IPv6 cannot be mapped onto a loopback address: no route_localnet for v6)
-        self.forwards = [_Forward(name, port, host)
-                         for host in (self.relay.listen_host, self.relay.listen_host6) if host
-                         for name, port in (("https", self.relay.https_port), ("http", self.relay.http_port))]
+        # listen_host6: the pair again on the relay's IPv6 address its ip6 NAT maps onto (relay_nat6.py)
+        self.forwards = [_Forward(name, port, host) for host in (self.relay.listen_host, self.relay.listen_host6)
+                         if host for name, port in (("https", self.relay.https_port), ("http", self.relay.http_port))]
         self.state = "down"
         self.connected_since: float | None = None
         self.reconnects: list[float] = []
@@ -356,17 +354,14 @@ class Tunnel:
         except BaseException:
             await self._close_conn()
             raise
-        if refused_fwd is not None and takeover_tried and refused_fwd.host != self.relay.listen_host:
-            # Only the IPv6 pair is refused, after a takeover: the relay's Match block lacks [::] (relay-setup --ipv6
-            # not applied there yet). IPv4 phones keep working; status and doctor show the unbound forwards.
+        if refused_fwd is not None and takeover_tried and refused_fwd.host != self.relay.listen_host:  # only IPv6
             log.error("%s relay refused to listen on [%s]:%d: phones on IPv6 cannot reach this laptop (apply "
                       "`inverse-cloud relay-setup --ipv6` on the relay, or set [relay] listen_host6 = \"\"); IPv4 "
                       "works", self.tag, refused_fwd.host, refused_fwd.relay_port)
             refused_fwd = None
         if refused_fwd is not None:
             await self._close_conn()
-            host, refused = refused_fwd.host, refused_fwd.relay_port
-            host = f"[{host}]" if ":" in host else host
+            host, refused = (f"[{h}]" if ":" in (h := refused_fwd.host) else h), refused_fwd.relay_port
             if takeover_tried:
                 raise ForwardRefused(
                     f"relay refused to listen on {host}:{refused} (check permitlisten in {self.relay.user}'s "
