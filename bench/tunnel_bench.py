@@ -6,6 +6,7 @@ ServerAliveInterval=30`` + ``ssh -R``, interleaved in one run on loopback. Print
     .venv/bin/python bench/tunnel_bench.py --reps 3         # more repetitions (each adds ~5 min)
     .venv/bin/python bench/tunnel_bench.py --quick          # 50 cards, bound 40 s, 64 MiB: a smoke run
     .venv/bin/python bench/tunnel_bench.py --scenarios netns --reps 3   # (7) only: faults on a real path
+    .venv/bin/python bench/tunnel_bench.py --scenarios reach --reps 3   # (8) only: 22 vs 443, IPv4 vs IPv6
 
 Both sides run behind their own real sshd relay with ClientAliveInterval 15 (x3) and a chaos TCP proxy
 between the laptop side and the relay:
@@ -38,6 +39,8 @@ Scenarios, per repetition, alternating which side goes first:
                  sshd restart, frozen until the relay drops the session) to the next 207, and the reason
                  status gives (bench/netns_faults.py; --faults to choose). Run it from the checkout whose
                  code you want measured: `python -m` puts the working directory first on serve's path.
+  (8) reach      ours only, opt-in (root, namespaces, sslh): reconnect seconds over 22 vs over sslh's 443, and
+                 PROPFIND times over IPv4 vs IPv6 through sslh (bench/reach_bench.py).
 A recovery that does not happen within --bound is reported as "never (> bound)"; the seed side is then
 repaired (stale relay session killed, ssh restarted) before the next scenario.
 """
@@ -481,6 +484,20 @@ def main() -> int:
         return 0
     if args.quick:
         args.cards, args.bound, args.bytes = 50, 40, 64 << 20
+    if args.scenarios == "reach":
+        from reach_bench import report as reach_report
+        from reach_bench import run as run_reach
+
+        t0 = time.monotonic()
+        with tempfile.TemporaryDirectory(prefix="reach-bench-") as work:
+            reach_res = run_reach(args.reps, args.bound, Path(work))
+        print("\n".join([f"\n=== tunnel bench: reach (22 vs 443, IPv4 vs IPv6), {args.reps} rep(s) ==="]
+                        + reach_report(reach_res) + [f"(total {time.monotonic() - t0:.0f} s)"]))
+        if args.json_out:
+            Path(args.json_out).parent.mkdir(parents=True, exist_ok=True)
+            Path(args.json_out).write_text(json.dumps({"args": vars(args), "results": {"reach": reach_res}},
+                                                      indent=1, default=str) + "\n")
+        return 0
     if args.scenarios == "netns":
         from netns_faults import report
         from netns_faults import run as run_netns

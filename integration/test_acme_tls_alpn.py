@@ -59,3 +59,28 @@ def test_tls_alpn_01_through_the_relay_with_port_80_closed(relay_instance, tmp_p
         status = json.loads(cert_cli(cfg, "status", "--json").stdout)
         assert status["caa"]["record"].endswith('validationmethods=http-01,tls-alpn-01"'), status
         assert DOMAIN in status["caa"]["record"]
+
+
+@pytest.mark.slow
+def test_cert_renew_without_a_server_answers_tls_alpn_01(tmp_path):
+    """No server running, `[acme] challenge = "tls-alpn-01"`, nothing on the "public 80" stand-in: `cert renew`
+    answers on a temporary listener on [server] https_listen (where Pebble's TLS-ALPN-01 validation connects),
+    obtains and stores a certificate (Pebble never tried HTTP-01); `serve` then presents that very certificate."""
+    from acme_support import verified_serial
+
+    from tests.support import init_instance
+
+    cfg = init_instance(tmp_path / "ic")
+    from inverse_cloud.config import load
+
+    https = load(cfg).server.https_listen[1]
+    closed80 = free_port()
+    with PebbleCA(tmp_path / "pebble", http_port=closed80, tls_port=https, validity_s=3600) as ca:
+        configure_acme(cfg, ca, closed80, challenge="tls-alpn-01", tls_self_check_address=f"127.0.0.1:{https}")
+        root = ca.write_root(tmp_path / "root.pem")
+        out = cert_cli(cfg, "renew")
+        assert out.returncode == 0 and "renewed: serial" in out.stdout, out
+        serial = out.stdout.split("serial ")[1].split()[0]
+        assert ca.orders() == 1 and "Attempting to validate w/ HTTP" not in ca.run_log()
+        with ServeProcess(cfg) as srv:
+            assert verified_serial(srv.https_port, root) == int(serial, 16)

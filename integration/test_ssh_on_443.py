@@ -155,7 +155,9 @@ def test_tunnel_comes_up_over_443_when_outbound_ssh_is_dropped(tmp_path):
             with relay_sshd(cfg, user=USER, client_alive_interval=15, listen_address=RELAY) as relay:
                 bundle = tmp_path / "bundle443"
                 _run(sys.executable, "-m", "inverse_cloud.cli", "relay-setup", "--config", str(cfg), "--output",
-                     str(bundle), "--no-pin", "--ssh-on-443", "--ipv6")
+                     str(bundle), "--no-pin", "--ssh-on-443", "--ipv6", "--nat", "none")
+                # --nat none: this relay has no NAT (with nft, --ipv6 also sets [relay] listen_host6, and the
+                # laptop would ask for [::] forwards that the Match block relay_sshd installed does not permit).
                 # Test-only: this sshd listens on RELAY, not on every address as a relay's does.
                 sslh_cfg = bundle / "sslh.cfg"
                 sslh_cfg.write_text(sslh_cfg.read_text().replace(f'host: "127.0.0.1"; port: "{sshd_port}"',
@@ -197,5 +199,72 @@ def test_tunnel_comes_up_over_443_when_outbound_ssh_is_dropped(tmp_path):
                   f"port {over_22:.2f} s")
             print(f"[ssh-on-443] phone PROPFIND (Depth 1) through sslh and the tunnel, median of {len(v4)}: "
                   f"IPv4 {sorted(v4)[len(v4) // 2] * 1000:.1f} ms, IPv6 {sorted(v6)[len(v6) // 2] * 1000:.1f} ms")
+        finally:
+            subprocess.run(["userdel", USER], capture_output=True, check=False)
+
+
+def phone_curl(ns: str, address: str, cafile: Path) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        ["ip", "netns", "exec", ns, "curl", "-s", "--max-time", "5", "--cacert", str(cafile), "--resolve",
+         f"laptop.test:443:{address}", "-u", f"alice:{PASSWORD}", "-X", "PROPFIND", "-H", "Depth: 1", "-o",
+         "/dev/null", "-w", "%{http_code}", "https://laptop.test/radicale/alice/"],
+        capture_output=True, text=True, timeout=20, check=False)
+
+
+@pytest.mark.slow
+def test_sslh_transparent_passes_the_phones_address_to_the_laptop(tmp_path):
+    """The relay side as `relay-setup --ssh-on-443` renders it (no --ipv6): sslh.cfg with transparent: true, and
+    nftables.conf plus the loader's policy route, loaded in the relay's namespace as setup.sh and boot do. The
+    laptop's outbound SSH port is dropped, so the tunnel itself comes through sslh (transparently: sshd sees the
+    laptop's own address). A phone on another address PROPFINDs https://laptop.test/ at the relay's 443 -> 207,
+    and the laptop's access log names the phone's address, not 127.0.0.1. A wrong password from the phone is
+    counted against the phone's address too (the failed-login line names it)."""
+    missing = sshd_available()
+    assert missing is None, missing
+    for tool in ("ip", "ss", "curl", "nft", "sslh-select"):
+        assert shutil.which(tool), f"{tool} missing: apt-get install -y iproute2 curl nftables sslh"
+    with private_netns(), re_laptop() as laptop:
+        sshd_port = free_port()
+        cfg = init_instance(tmp_path / "ic", relay=f"{USER}@{RELAY}:{sshd_port}")
+        configure(cfg, "relay", keepalive_interval_s=1, keepalive_count_max=3, connect_timeout_s=3)
+        try:
+            with relay_sshd(cfg, user=USER, client_alive_interval=15, listen_address=RELAY) as relay:
+                bundle = tmp_path / "bundle443"
+                _run(sys.executable, "-m", "inverse_cloud.cli", "relay-setup", "--config", str(cfg), "--output",
+                     str(bundle), "--no-pin", "--ssh-on-443")
+                sslh_cfg = bundle / "sslh.cfg"
+                assert "transparent: true;" in sslh_cfg.read_text()
+                # Test-only: this sshd listens on RELAY, not on every address as a relay's does; its replies to
+                # sslh's transparent connections come from RELAY, so they are marked too.
+                sslh_cfg.write_text(sslh_cfg.read_text().replace(f'host: "127.0.0.1"; port: "{sshd_port}"',
+                                                                 f'host: "{RELAY}"; port: "{sshd_port}"'))
+                nft = (bundle / "nftables.conf").read_text()
+                nft = nft.replace("tcp sport {", f"tcp sport {{ {sshd_port}, ", 1).replace(
+                    "ip saddr 127.0.0.0/8 ip daddr != 127.0.0.0/8", f"ip saddr {{ 127.0.0.0/8, {RELAY} }} "
+                    f"ip daddr != {{ 127.0.0.0/8, {RELAY} }}", 1)
+                (tmp_path / "nat.nft").write_text(nft)
+                _run("sysctl", "-q", "-w", "net.ipv4.conf.all.route_localnet=1")
+                _run("nft", "-f", str(tmp_path / "nat.nft"))
+                loader = (bundle / "setup.sh").read_text().split("nft -f /etc/inverse-cloud/nat.nft\n", 1)[1]
+                _run("sh", "-ec", loader.split("INVERSE_CLOUD_EOF", 1)[0])
+                _run(*laptop.exec_prefix, "nft", "-f", "-", stdin=(
+                    "table inet re_block {\n chain out {\n  type filter hook output priority 0; policy accept;\n"
+                    f"  ip daddr {RELAY} tcp dport {sshd_port} drop\n }}\n}}\n"))
+                cafile = selfsigned_cert(cfg.parent)
+                with sslh(sslh_cfg, tmp_path / "sslh.log"), \
+                        ServeProcess(cfg, prefix=laptop.exec_prefix, ready_probe=laptop.tls_handshake_ok) as srv:
+                    dump = lambda: srv.log()[-4000:] + "\n--- sshd ---\n" + relay.log()[-2000:]  # noqa: E731
+                    relay.wait_forwards(40, on_timeout=dump)
+                    assert f"Connection from {LAPTOP} port" in relay.log(), relay.log()[-2000:]
+                    with re_phone6() as phone:
+                        _run("ip", "addr", "add", f"{RELAY4B}/24", "dev", "rephone0")
+                        _run("ip", "-n", phone, "addr", "add", f"{PHONE4}/24", "dev", "rephonep")
+                        wait_until(lambda: phone_curl(phone, RELAY4B, cafile).stdout == "207", 20,
+                                   "the phone syncing through the transparent sslh", on_timeout=dump)
+                        wait_until(lambda: PHONE4 in srv.log(), 10, "the phone's address in the access log",
+                                   on_timeout=dump)
+                    assert "Traceback" not in srv.log()
+                print(f"\n[ssh-on-443] transparent sslh: the laptop's log names the phone {PHONE4}; sshd saw the "
+                      f"laptop as {LAPTOP}")
         finally:
             subprocess.run(["userdel", USER], capture_output=True, check=False)

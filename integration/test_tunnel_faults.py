@@ -3,6 +3,9 @@
 with a deadline until a PROPFIND through the relay works again, and checks what was logged. Timings are printed, never
 asserted beyond generous deadlines.
 
+F1, F2, the stale-session takeover, F3 and F4 B run twice: straight to sshd ("22") and through sslh in front of
+it ("443", the `relay-setup --ssh-on-443` path, reached as [relay] fallback_port).
+
 These tests use their own relay user (``icfault``): a takeover ends every other session of the tunnel user
 on the machine, which must not hit another test's relay running at the same time.
 
@@ -24,6 +27,7 @@ import ssl
 import subprocess
 import threading
 import time
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -52,10 +56,52 @@ def local_ok(srv: ServeProcess) -> bool:
     return propfind(srv.https_port)
 
 
+# The SSH path a fault test runs over: "22" straight to sshd; "443" through Debian's sslh in front of it (the
+# `relay-setup --ssh-on-443` variant: sslh tells SSH from TLS by the first bytes), reached as [relay]
+# fallback_port because [relay] port is closed, as in a network that blocks outbound SSH.
+SSH_PATHS = ["22", "443"]
+
+
+@contextlib.contextmanager
+def sslh_in_front(tmp_path: Path, sshd_port: int) -> Iterator[int]:
+    """sslh-select (one process: stopping its pid ends every connection it carries) on a free loopback port,
+    with the sslh.cfg relay-setup renders, SSH to ``sshd_port``; yields its port."""
+    from inverse_cloud.tunnel.relay_files import RelaySpec, sslh_config
+
+    assert shutil.which("sslh-select"), "sslh missing: apt-get install -y sslh"
+    port = free_port()
+    spec = RelaySpec(domain="laptop.test", user=USER, tunnel_key="ssh-ed25519 AAAA", takeover_key="ssh-ed25519 AAAA",
+                     ssh_on_443=True, sshd_port=sshd_port)
+    cfg = tmp_path / "sslh.cfg"
+    cfg.write_text(sslh_config(spec, listen="127.0.0.1", public_port=port))
+    log = tmp_path / "sslh.log"
+    with open(log, "wb") as fh:
+        proc = subprocess.Popen(["sslh-select", "-f", f"-F{cfg}"], stdout=fh, stderr=subprocess.STDOUT)
+    try:
+        def listening() -> bool:
+            if proc.poll() is not None:
+                raise RuntimeError(f"sslh exited with {proc.returncode}: {log.read_text()}")
+            with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), timeout=1):
+                return True
+            return False
+
+        wait_until(listening, 15, "sslh listening")
+        yield port
+    finally:
+        if proc.poll() is None:
+            proc.terminate()
+            try:
+                proc.wait(10)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait(10)
+
+
 @contextlib.contextmanager
 def stack(tmp_path: Path, *, client_alive: tuple[int, int] = (2, 3), keepalive: tuple[float, int] = (1, 3),
-          proxy: bool = True):
-    """serve -> [chaos proxy] -> sshd; yields (serve, relay, proxy) once both forwards are bound."""
+          proxy: bool = True, via: str = "22"):
+    """serve -> [chaos proxy] -> [sslh, ``via`` "443"] -> sshd; yields (serve, relay, proxy) once both forwards
+    are bound."""
     missing = sshd_available()
     assert missing is None, missing
     sshd_port = free_port()
@@ -63,13 +109,19 @@ def stack(tmp_path: Path, *, client_alive: tuple[int, int] = (2, 3), keepalive: 
     configure(cfg, "relay", keepalive_interval_s=keepalive[0], keepalive_count_max=keepalive[1],
               connect_timeout_s=3)
     with relay_sshd(cfg, user=USER, client_alive_interval=client_alive[0],
-                    client_alive_count_max=client_alive[1]) as relay:
-        with ChaosProxy(sshd_port) if proxy else contextlib.nullcontext() as px:
-            if px is not None:
-                configure(cfg, "relay", port=px.port)
+                    client_alive_count_max=client_alive[1]) as relay, \
+            sslh_in_front(tmp_path, sshd_port) if via == "443" else contextlib.nullcontext(sshd_port) as ssh_port:
+        with ChaosProxy(ssh_port) if proxy else contextlib.nullcontext() as px:
+            port = px.port if px is not None else ssh_port
+            if via == "443":
+                configure(cfg, "relay", port=free_port(), fallback_port=port)   # [relay] port: nothing listens
+            elif px is not None:
+                configure(cfg, "relay", port=port)
             with ServeProcess(cfg) as srv:
                 relay.wait_forwards(30, on_timeout=lambda: srv.log() + relay.log())
                 assert propfind(relay.https_port), srv.log()
+                if via == "443":
+                    assert f"on the fallback port {port}" in srv.log(), srv.log()[-3000:]
                 yield srv, relay, px
 
 
@@ -87,49 +139,51 @@ def tunnel_lines(srv: ServeProcess) -> list[str]:
 
 
 @pytest.mark.slow
-def test_f1_reset_link_reconnects_at_once(tmp_path):
+@pytest.mark.parametrize("via", SSH_PATHS)
+def test_f1_reset_link_reconnects_at_once(tmp_path, via):
     """F1: RST both ends of the SSH connection -> one line 'relay link lost (connection reset);
     reconnecting' -> reconnect -> sync works within 20 s (the time is printed; that the first retry after a
     stable link comes at once is tests/test_tunnel.py's check); no takeover needed."""
-    with stack(tmp_path) as (srv, relay, px):
+    with stack(tmp_path, via=via) as (srv, relay, px):
         t0 = time.monotonic()
         assert px.reset() >= 1
-        recover(srv, relay, "RST (F1)", t0, 20)
+        recover(srv, relay, f"RST (F1) over {via}", t0, 20)
         lines = tunnel_lines(srv)
         assert sum("relay link lost (connection reset); reconnecting" in line for line in lines) == 1, lines
         assert not any("taking over" in line for line in lines)
 
 
 @pytest.mark.slow
-def test_f2_frozen_link_detected_by_keepalive_then_recovers(tmp_path):
+@pytest.mark.parametrize("via", SSH_PATHS)
+def test_f2_frozen_link_detected_by_keepalive_then_recovers(tmp_path, via):
     """F2: the link freezes (no RST, no FIN): client keepalive (1 s x 3) declares it dead -> the freeze
     ends -> reconnect (with a takeover if the relay still holds the port) -> sync works; exactly one sshd
     session holds the forwarded port afterwards (no stale listener)."""
-    with stack(tmp_path) as (srv, relay, px):
+    with stack(tmp_path, via=via) as (srv, relay, px):
         t0 = time.monotonic()
         px.set_mode("freeze")
         wait_until(lambda: any("relay link lost (no answer to keepalives)" in line for line in tunnel_lines(srv)),
                    20, "keepalive to declare the frozen link dead", interval_s=0.1, on_timeout=srv.log)
         print(f"\n[tunnel-faults] frozen link declared dead after {time.monotonic() - t0:.2f} s")
         px.set_mode("pass")
-        recover(srv, relay, "8 s freeze (F2)", t0)
+        recover(srv, relay, f"8 s freeze (F2) over {via}", t0)
         wait_until(lambda: len(relay.holders()) == 1, 15, "a single holder of the forwarded port")
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("mode", ["cut", "rebind"])
-def test_network_change_takes_over_the_stale_session(tmp_path, mode):
+@pytest.mark.parametrize(("mode", "via"), [("cut", "22"), ("rebind", "22"), ("cut", "443")])
+def test_network_change_takes_over_the_stale_session(tmp_path, mode, via):
     """Stale-port takeover: the old path dies silently (cut; rebind = new connections also come from
     another source address, as after a network change) while the relay keeps the dead session with
     ClientAlive 300 s x 3, so only the takeover can free the port within the test. The client notices via
     keepalive, reconnects, its listen is refused -> 'still held by a previous session; taking over' -> the
     takeover key ends the old session -> forwards bound by a new session -> sync works (deadline 120 s,
     far below the relay's 15 min). F5 below adds a phone connecting every 0.5 s and a real address change."""
-    with stack(tmp_path, client_alive=(300, 3)) as (srv, relay, px):
+    with stack(tmp_path, client_alive=(300, 3), via=via) as (srv, relay, px):
         old = relay.holders()
         t0 = time.monotonic()
         px.set_mode(mode)
-        took = recover(srv, relay, f"network change ({mode}) with a stale relay session", t0, 120)
+        took = recover(srv, relay, f"network change ({mode}) with a stale relay session over {via}", t0, 120)
         lines = tunnel_lines(srv)
         assert any("still held by a previous session; taking over" in line for line in lines), "\n".join(lines)
         assert any(re.search(r"takeover: ended [1-9]\d* other session", line) for line in lines), "\n".join(lines)
@@ -272,12 +326,13 @@ def test_f5_laptop_address_really_changes(tmp_path):
 
 
 @pytest.mark.slow
-def test_f3_sshd_listener_killed_session_killed_and_new_host_key(tmp_path):
+@pytest.mark.parametrize("via", SSH_PATHS)
+def test_f3_sshd_listener_killed_session_killed_and_new_host_key(tmp_path, via):
     """F3 (a) killing the sshd listener leaves the tunnel up (same session, no reconnect); (b) killing the
     session child -> reconnect -> sync works; (c) relay restarted with a NEW host key -> refused with one
     line naming both fingerprints and the fix; local HTTPS keeps serving; (B8) an RSA-only relay when
     ed25519 is pinned is refused too."""
-    with stack(tmp_path, proxy=False) as (srv, relay, _):
+    with stack(tmp_path, proxy=False, via=via) as (srv, relay, _):
         holder = relay.holders()
         relay.kill_listener()
         assert propfind(relay.https_port) and relay.holders() == holder
@@ -285,7 +340,7 @@ def test_f3_sshd_listener_killed_session_killed_and_new_host_key(tmp_path):
         relay.start()                                          # listener back, old session untouched
         t0 = time.monotonic()
         assert relay.kill_session() == holder
-        recover(srv, relay, "killed relay session (F3b)", t0, 20)
+        recover(srv, relay, f"killed relay session (F3b) over {via}", t0, 20)
         relay.restart(new_host_key=True)
         wait_until(lambda: any("relay host key changed: expected SHA256:" in line for line in tunnel_lines(srv)),
                    20, "host key mismatch line", on_timeout=srv.log)
@@ -322,11 +377,12 @@ def test_f4_short_suspend_keeps_the_session(tmp_path):
 
 
 @pytest.mark.slow
-def test_f4_long_suspend_reconnects(tmp_path):
+@pytest.mark.parametrize("via", SSH_PATHS)
+def test_f4_long_suspend_reconnects(tmp_path, via):
     """F4 variant B: serve is stopped (SIGSTOP) until the relay's ClientAlive (1 s x 3) has dropped its
     session; after SIGCONT the client sees the link gone (one 'relay link lost' line or more), reconnects,
     and a sync started right after works within the deadline."""
-    with stack(tmp_path, client_alive=(1, 3), keepalive=(2, 3), proxy=False) as (srv, relay, _):
+    with stack(tmp_path, client_alive=(1, 3), keepalive=(2, 3), proxy=False, via=via) as (srv, relay, _):
         holder = relay.holders()
         srv.signal(signal.SIGSTOP)
         try:
@@ -335,7 +391,7 @@ def test_f4_long_suspend_reconnects(tmp_path):
         finally:
             srv.signal(signal.SIGCONT)
         t0 = time.monotonic()
-        recover(srv, relay, "SIGSTOP past the relay's ClientAlive (F4 B)", t0, 30)
+        recover(srv, relay, f"SIGSTOP past the relay's ClientAlive (F4 B) over {via}", t0, 30)
         assert any("relay link lost" in line for line in tunnel_lines(srv))
 
 

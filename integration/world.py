@@ -4,10 +4,11 @@ Hosts (each a named network namespace ``wo<role>-<pid>``; the internet hosts sha
 
     internet 198.51.100.0/24, 2001:db8:1::/64 (a bridge in its own namespace)
       relay  198.51.100.10  2001:db8:1::10   relay.example.org: its own sshd on :22, a private /etc and /root
-      dns    198.51.100.53                   knot, authoritative for example.org and example.net
-      ca     198.51.100.20                   acme.example.net: Pebble on :14000, validating at port 80 of
+      dns    198.51.100.53   2001:db8:1::53  knot, authoritative for example.org and example.net
+      ca     198.51.100.20   2001:db8:1::20  acme.example.net: Pebble on :14000, validating at port 80 of
                                              whatever the name resolves to (the relay's public address)
       phone  198.51.100.30                   vdirsyncer
+      phone6                 2001:db8:1::31  a phone with only IPv6 (made on demand: :meth:`World.add_phone6`)
       router 198.51.100.2 | 192.168.7.1      masquerades the home network
     home 192.168.7.0/24
       laptop 192.168.7.2 (default route via the router): reaches the relay only by name, through the NAT
@@ -73,6 +74,7 @@ RELAY_NAME = f"relay.{ZONE}"
 CA_NAME = f"acme.{CA_ZONE}"
 PEBBLE_PORT = 14000
 DNS_ADDR = "198.51.100.53"
+DNS_ADDR6 = "2001:db8:1::53"
 TTL_S = 1
 
 
@@ -85,9 +87,10 @@ class Host:
 
 HOSTS = {
     "relay": Host("relay", "198.51.100.10", "2001:db8:1::10"),
-    "dns": Host("dns", DNS_ADDR),
-    "ca": Host("ca", "198.51.100.20"),
+    "dns": Host("dns", DNS_ADDR, DNS_ADDR6),
+    "ca": Host("ca", "198.51.100.20", "2001:db8:1::20"),
     "phone": Host("phone", "198.51.100.30"),
+    "phone6": Host("phone6", "", "2001:db8:1::31"),
     "router": Host("router", "198.51.100.2"),
     "laptop": Host("laptop", "192.168.7.2"),
 }
@@ -105,6 +108,8 @@ _MOUNTS = {
               '/usr/local/bin',
     "phone": 'mount --bind "$W/resolv.conf" /etc/resolv.conf; '
              'mount --bind "$W/trust.pem" /etc/ssl/certs/ca-certificates.crt',
+    "phone6": 'mount --bind "$W/resolv6.conf" /etc/resolv.conf; '
+              'mount --bind "$W/trust.pem" /etc/ssl/certs/ca-certificates.crt',
 }
 _DEFAULT_MOUNTS = 'mount --bind "$W/resolv.conf" /etc/resolv.conf'
 
@@ -332,7 +337,8 @@ class World:
         peer = f"wo{role}"[:15]
         _run("ip", "-n", inet, "link", "add", peer, "type", "veth", "peer", "name", "eth0", "netns", self.ns(role))
         _run("ip", "-n", inet, "link", "set", peer, "master", "wobr0", "up")
-        _run("ip", "-n", self.ns(role), "addr", "add", f"{host.address}/24", "dev", "eth0")
+        if host.address:
+            _run("ip", "-n", self.ns(role), "addr", "add", f"{host.address}/24", "dev", "eth0")
         if host.address6:
             _run("ip", "-n", self.ns(role), "addr", "add", f"{host.address6}/64", "dev", "eth0", "nodad")
         _run("ip", "-n", self.ns(role), "link", "set", "eth0", "up")
@@ -440,7 +446,7 @@ class World:
         for sub in ("zones", "run", "db"):
             (d / sub).mkdir(parents=True)
         self.knot_conf.write_text(
-            f"server:\n    listen: {DNS_ADDR}@53\n    rundir: {d / 'run'}\n    user: root:root\n"
+            f"server:\n    listen: [ {DNS_ADDR}@53, {DNS_ADDR6}@53 ]\n    rundir: {d / 'run'}\n    user: root:root\n"
             f"control:\n    listen: {d / 'knot.sock'}\n"
             "log:\n  - target: stderr\n    any: info\n"
             f"database:\n    storage: {d / 'db'}\n"
@@ -457,6 +463,20 @@ class World:
         self.popen("knot", "dns", "knotd", "-c", str(self.knot_conf))
         wait_until(lambda: self._alive("knot") and self.resolve("phone", RELAY_NAME) == [HOSTS["relay"].address],
                    20, "knot to answer", on_timeout=lambda: self.log("knot"))
+
+    def add_phone6(self) -> str:
+        """The IPv6-only phone (made once, on demand): on the internet bridge with only an IPv6 address, the
+        world's DNS server by its IPv6 address in its resolv.conf, the same trust store as the phone. Returns
+        its role name, for :meth:`prefix` and :meth:`run`."""
+        if self.ns("phone6") in self.made_ns:
+            return "phone6"
+        (self.root / "resolv6.conf").write_text(f"nameserver {DNS_ADDR6}\n")
+        self._add_ns("phone6")
+        self._wire_internet("phone6")
+        self._make_mount_ns("phone6")
+        wait_until(lambda: self.run("phone6", "getent", "ahostsv6", RELAY_NAME, timeout=30).returncode == 0, 20,
+                   "the IPv6-only phone resolving the relay's name")
+        return "phone6"
 
     def _alive(self, name: str) -> bool:
         proc = self.procs.get(name)
@@ -626,7 +646,7 @@ class World:
                 self.stop(name)
         with contextlib.suppress(Exception):
             self._kill_relay_processes()
-        for role in ("laptop", *self.extra_laptops, "phone", "ca", "dns", "router"):
+        for role in ("laptop", *self.extra_laptops, "phone", "phone6", "ca", "dns", "router"):
             if self.ns(role) in self.made_ns:
                 for pid in _run("ip", "netns", "pids", self.ns(role), check=False).stdout.split():
                     with contextlib.suppress(ProcessLookupError):

@@ -33,6 +33,7 @@ from inverse_cloud.config_checks import (
     _int_range,
     _nonempty,
     _opt_hostport,
+    _opt_ipv6,
     _path,
     _str,
     parse_domain,
@@ -148,6 +149,7 @@ class RelayConfig:
     connect_timeout_s: float
     fallback_port: int = 0
     proxy_protocol: bool = False
+    listen_host6: str = ""     # a second pair of forwards for IPv6 phones ("::"); "" = none
 
     @property
     def known_hosts_path(self) -> Path:
@@ -234,6 +236,7 @@ SCHEMA: dict[str, dict[str, tuple[Checker, Any]]] = {
         "connect_timeout_s": (_float_range(1, 300), 15.0),
         "fallback_port": (_int_range(0, 65535), 0),
         "proxy_protocol": (_bool, False),
+        "listen_host6": (_opt_ipv6, ""),
     },
     "acme": {
         "enabled": (_bool, None),
@@ -447,7 +450,7 @@ def _build(path: Path | None, v: dict[str, dict[str, Any]], radicale_extra: dict
         host_key=r["host_key"], listen_host=r["listen_host"], https_port=r["https_port"],
         http_port=r["http_port"], keepalive_interval_s=r["keepalive_interval_s"],
         keepalive_count_max=r["keepalive_count_max"], connect_timeout_s=r["connect_timeout_s"],
-        fallback_port=r["fallback_port"], proxy_protocol=r["proxy_protocol"],
+        fallback_port=r["fallback_port"], proxy_protocol=r["proxy_protocol"], listen_host6=r["listen_host6"],
     )
     a = v["acme"]
     directory = LETSENCRYPT_STAGING if a["staging"] and a["directory"] == LETSENCRYPT else a["directory"]

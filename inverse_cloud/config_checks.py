@@ -39,6 +39,19 @@ def _nonempty(v: Any) -> str:
     return s
 
 
+def _opt_ipv6(v: Any) -> str:
+    """"" (none) or an IPv6 address, brackets allowed: ``"::"``, ``"[2001:db8::10]"``."""
+    s = _str(v).strip().strip("[]")
+    if not s:
+        return ""
+    import ipaddress
+
+    try:
+        return str(ipaddress.IPv6Address(s))
+    except ValueError:
+        raise ValueError('expected an IPv6 address such as "::" (all of the relay\'s), or "" for none') from None
+
+
 def _domain(v: Any) -> str:
     s = _nonempty(v).lower().rstrip(".")
     if not re.fullmatch(r"(?=.{1,253}$)([a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?\.)*[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?", s):

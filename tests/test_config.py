@@ -174,7 +174,7 @@ def _documented_keys(text: str) -> set[tuple[str, str]]:
         if header:
             section = header.group(1)
             continue
-        key = re.match(r"^#?\s*([a-z_]+)\s*=", line)
+        key = re.match(r"^#?\s*([a-z0-9_]+)\s*=", line)
         if key:
             keys.add((section, key.group(1)))
     return keys
@@ -324,7 +324,7 @@ def test_bad_config_exact_line(name, text, line, fragments):
     ("[relay]\nqqqqzz = 1\n", "config: line 4: [relay] qqqqzz: unknown key; known keys: enabled, host, port, user, "
                              "key_file, takeover_key_file, host_key, listen_host, https_port, http_port, "
                              "keepalive_interval_s, keepalive_count_max, connect_timeout_s, fallback_port, "
-                             "proxy_protocol"),
+                             "proxy_protocol, listen_host6"),
     ("max_connections = 3\n", "config: line 3: [server] max_connections: expected an integer 4-100000, got 3"),
     ("max_connections = 100001\n",
      "config: line 3: [server] max_connections: expected an integer 4-100000, got 100001"),

@@ -86,7 +86,8 @@ def test_local_instance_healthy_then_middlebox_then_wrong_http(instance, tmp_pat
         assert code == 0, report
         assert states(report) == {"config": "ok", "keys' permissions": "ok", "DNS": "skip", "relay": "skip",
                                   "server running": "ok", "forwards bound": "skip", "public HTTP": "ok",
-                                  "public HTTPS": "ok", "DAV": "ok", "CAA": "skip"}
+                                  "public HTTPS": "ok", "public HTTPS (IPv6)": "skip", "DAV": "ok",
+                                  "CAA": "skip"}
         assert "nobody in between terminates TLS" in detail(report, "public HTTPS")
 
         code, report = doctor(instance, *connect_to(srv, https_port=other.https_port),
@@ -208,12 +209,18 @@ async def test_real_names_resolve_with_the_system_resolver(ssh_server, tmp_path)
 
 
 def test_dns_records_ask_for_no_aaaa(instance):
-    """The relay's NAT rules cover IPv4 only (docs/setup.md: publish no AAAA), so a relay whose name also has an
-    IPv6 address gets an A record and no AAAA; a relay with no IPv4 address gets a placeholder, not an AAAA."""
+    """Without [relay] listen_host6 the relay's NAT rules cover IPv4 only, so a relay whose name also has an
+    IPv6 address gets an A record and no AAAA; a relay with no IPv4 address gets a placeholder, not an AAAA.
+    With listen_host6 (relay-setup --ipv6) the relay's IPv6 address is published as AAAA too."""
     cfg = config_mod.load(instance)
     lines = dns_records(cfg, ["192.0.2.7", "2001:db8::7"], "")
     assert "laptop.test. A 192.0.2.7" in lines and not any(" AAAA " in ln for ln in lines), lines
     assert "laptop.test. A <relay IPv4 address>" in dns_records(cfg, ["2001:db8::7"], "")
+    from inverse_cloud.tunnel.commands import set_config_value
+
+    Path(instance).write_text(set_config_value(Path(instance).read_text(), "relay", "listen_host6", '"::"'))
+    lines = dns_records(config_mod.load(instance), ["192.0.2.7", "2001:db8::7"], "")
+    assert "laptop.test. A 192.0.2.7" in lines and "laptop.test. AAAA 2001:db8::7" in lines, lines
 
 
 async def test_offline_laptop_is_told_to_check_its_network(ssh_server, tmp_path, monkeypatch):

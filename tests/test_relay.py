@@ -384,17 +384,66 @@ def test_ipv6_adds_a_v6_listener_to_sslh_and_nginx(tmp_path):
     assert out.returncode == 0, out
 
 
-def test_relay_setup_ipv6_needs_a_v6_listener(instance, tmp_path, capsys):
+def test_relay_setup_ipv6_with_dnat_adds_the_ip6_table_and_sets_listen_host6(instance, tmp_path, capsys):
+    """--ipv6 with the default NAT (nft): the bundle permits the laptop's second pair of forwards on [::] (keys
+    and Match block), nftables.conf gains the ip6 table (accepted by `nft -c`), and [relay] listen_host6 = "::"
+    is set here; --nat iptables refuses (its rules are IPv4 only); --ssh-on-443 still gives sslh its [::]:443."""
     from inverse_cloud.cli import main
 
     text = Path(instance).read_text().replace('host = ""', 'host = "relay.example"')
     Path(instance).write_text(text)
     out = tmp_path / "bundle"
-    assert main(["relay-setup", "--config", str(instance), "--output", str(out), "--no-pin", "--ipv6"]) == 2
-    assert "--ipv6 needs --ssh-on-443 (sslh) or --nat none (nginx)" in capsys.readouterr().err
+    assert main(["relay-setup", "--config", str(instance), "--output", str(out), "--no-pin", "--ipv6",
+                 "--nat", "iptables"]) == 2
+    assert "--ipv6 with DNAT needs --nat nft" in capsys.readouterr().err
+    assert main(["relay-setup", "--config", str(instance), "--output", str(out), "--no-pin", "--ipv6"]) == 0
+    assert 'set [relay] listen_host6 = "::"' in capsys.readouterr().out
+    assert loads(Path(instance).read_text()).relay.listen_host6 == "::"
+    keys = (out / "authorized_keys").read_text()
+    assert 'permitlisten="[::]:44353",permitlisten="[::]:8053"' in keys, keys
+    assert "PermitListen 127.0.0.1:44353 127.0.0.1:8053 [::]:44353 [::]:8053\n" in \
+        (out / "sshd_config.d" / "inverse-cloud.conf").read_text()
+    nft = (out / "nftables.conf").read_text()
+    assert "table ip6 inverse_cloud {" in nft and "tcp dport 443 redirect to :44353" in nft
+    assert "publish no AAAA" not in nft and "publish the relay's AAAA record" in (out / "README.txt").read_text()
+    check = subprocess.run(["unshare", "-n", _need("nft"), "-c", "-f", str(out / "nftables.conf")],
+                           capture_output=True, text=True)
+    assert check.returncode == 0, check.stderr
     assert main(["relay-setup", "--config", str(instance), "--output", str(out), "--no-pin", "--ipv6",
                  "--ssh-on-443"]) == 0
     assert '"::"' in (out / "sslh.cfg").read_text()
+    nft = (out / "nftables.conf").read_text()
+    assert "dport 443" not in nft.split("table ip6")[1] and "tcp dport 80 redirect to :8053" in nft
+
+
+def test_ip6_rules_drop_what_was_not_mapped_and_load(tmp_path):
+    """The ip6 table keeps the loopback rule's intent for forwards that listen on a public address: from outside,
+    only connections it redirected reach the forwarded ports. A specific listen_host6 is a DNAT, "::" a
+    redirect; both load with `nft -c`."""
+    for host6, action in (("::", "redirect to :44353"), ("2001:db8::10", "dnat to [2001:db8::10]:44353")):
+        rules = relay.nftables_rules(spec(listen_host6=host6))
+        v6 = rules.split("table ip6 inverse_cloud {")[1]
+        assert f"fib daddr type local tcp dport 443 {action}" in v6
+        assert 'iif != "lo" tcp dport { 44353, 8053 } ct status & dnat == 0 drop' in v6
+        (tmp_path / "r.nft").write_text(rules)
+        out = subprocess.run(["unshare", "-n", _need("nft"), "-c", "-f", str(tmp_path / "r.nft")],
+                             capture_output=True, text=True)
+        assert out.returncode == 0, out.stderr
+    assert "ip6" not in relay.nftables_rules(spec())
+
+
+def test_ip6_permits_pass_sshd_t(tmp_path):
+    """The Match block with [::] listens is accepted by the real `sshd -t`, and sshd -T shows the v6 permit."""
+    sshd = _need("sshd")
+    cfg = tmp_path / "sshd_config"
+    hk = tmp_path / "hk"
+    subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(hk)], check=True)
+    cfg.write_text(f"HostKey {hk}\nPidFile none\n" + relay.sshd_dropin(spec(listen_host6="::")))
+    check = subprocess.run([sshd, "-t", "-f", str(cfg)], capture_output=True, text=True)
+    assert check.returncode == 0, check.stderr
+    eff = subprocess.run([sshd, "-T", "-f", str(cfg), "-C", "user=ictunnel,host=x,addr=127.0.0.1"],
+                         capture_output=True, text=True, check=True).stdout
+    assert "[::]:44353" in eff or ":::44353" in eff, [ln for ln in eff.splitlines() if "permitlisten" in ln]
 
 
 def _with_relay(instance: Path, user: str) -> Path:
@@ -423,3 +472,29 @@ def test_relay_setup_refuses_root_or_the_admin_as_tunnel_login(instance, tmp_pat
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and fragment in err and "inverse-cloud" in err, err
     assert not out.exists()
+
+
+def test_ssh_on_443_makes_sslh_transparent_with_the_reply_routing(instance, tmp_path):
+    """--ssh-on-443 (nft): sslh.cfg says transparent: true; nat.nft marks only the replies its targets send from
+    127.0.0.0/8 on sshd's and the https forward's ports (so sshd's direct connections are untouched) and loads
+    with `nft -c`; the loader adds the policy route the mark selects, which boot runs again. With --ipv6 or
+    --proxy-protocol sslh stays non-transparent and nothing is marked."""
+    from inverse_cloud.cli import main
+
+    Path(instance).write_text(Path(instance).read_text().replace('host = ""', 'host = "relay.example"'))
+    out = tmp_path / "bundle"
+    assert main(["relay-setup", "--config", str(instance), "--output", str(out), "--no-pin", "--ssh-on-443"]) == 0
+    assert "transparent: true;" in (out / "sslh.cfg").read_text()
+    nft = (out / "nftables.conf").read_text()
+    assert "ip saddr 127.0.0.0/8 ip daddr != 127.0.0.0/8 tcp sport { 22, 44353 } meta mark set 0x1c" in nft, nft
+    check = subprocess.run(["unshare", "-n", _need("nft"), "-c", "-f", str(out / "nftables.conf")],
+                           capture_output=True, text=True)
+    assert check.returncode == 0, check.stderr
+    setup = (out / "setup.sh").read_text()
+    assert "ip rule add fwmark 0x1c lookup 1443" in setup and "ip route replace local 0.0.0.0/0 dev lo table 1443" \
+        in setup
+    for extra in (["--ipv6"], ["--proxy-protocol"]):
+        assert main(["relay-setup", "--config", str(instance), "--output", str(out), "--no-pin", "--ssh-on-443",
+                     *extra]) == 0
+        assert "transparent: false;" in (out / "sslh.cfg").read_text()
+        assert "mark set" not in (out / "nftables.conf").read_text()

@@ -159,6 +159,7 @@ class FakeRelay:
         self.allowed = [k.export_public_key() for k in allowed]
         self.refuse_listens = 0          # how many tcpip-forward requests to refuse
         self.refuse_always = False
+        self.refuse_hosts: set[str] = set()     # listen hosts always refused (a Match block without [::])
         self.reject_auth = 0             # how many public-key logins to refuse (any key)
         self.hang_takeover = False       # the takeover command never ends
         self.takeover_runs = 0
@@ -188,6 +189,8 @@ class FakeRelay:
 
             def server_requested(self, listen_host, listen_port):
                 relay.listen_requests.append((listen_host, listen_port))
+                if listen_host in relay.refuse_hosts:
+                    return False
                 if relay.refuse_always or relay.refuse_listens > 0:
                     relay.refuse_listens = max(0, relay.refuse_listens - 1)
                     return False
@@ -882,3 +885,45 @@ async def test_takeover_line_is_the_commands_last_line(rig, caplog):
         await wait_for(lambda: t.state == "up", what="up after takeover")
         line = f"[relay=127.0.0.1:{relay.port}] inverse-cloud takeover: ended 1 other session(s)"
         assert line in tunnel_lines(caplog) and t.status()["takeovers"] == 1
+
+
+async def test_listen_host6_binds_a_second_pair_of_forwards_on_ipv6(rig, caplog):
+    """[relay] listen_host6 (here ::1, the loopback stand-in for the relay's "::"): the tunnel asks the relay for
+    both forwards on the IPv4 listen host and again on the IPv6 one; a client on the IPv6 forward reaches our
+    listener with its own IPv6 address as the origin; status lists four bound forwards, the up line names both."""
+    caplog.set_level(logging.INFO)
+    make, relay, target = rig
+    async with started(make(listen_host6="::1")) as t:
+        await wait_for(lambda: t.state == "up", what="tunnel up")
+        https, http = t.relay.https_port, t.relay.http_port
+        assert sorted(relay.listen_requests) == sorted([("127.0.0.1", https), ("127.0.0.1", http),
+                                                        ("::1", https), ("::1", http)])
+        reader, writer = await asyncio.open_connection("::1", https)
+        writer.write(b"over v6")
+        writer.write_eof()
+        assert await asyncio.wait_for(reader.read(-1), 30) == b"over v6"
+        assert target.seen_origin == [("::1", writer.get_extra_info("sockname")[1])]
+        writer.close()
+        st = t.status()
+        assert [(f["relay_host"], f["bound"]) for f in st["forwards"]] == [
+            ("127.0.0.1", True), ("127.0.0.1", True), ("::1", True), ("::1", True)]
+        up = [line for line in tunnel_lines(caplog) if "tunnel up" in line]
+        assert up and f"[::1]:{https} -> local" in up[-1] and f"127.0.0.1:{https} -> local" in up[-1], up
+
+
+async def test_refused_ipv6_forwards_leave_ipv4_up(rig, caplog):
+    """The relay refuses the [::1] pair (its Match block was not updated for listen_host6), also after the
+    takeover: one ERROR line names [::1]:port and the fix, the tunnel is up with both IPv4 forwards bound
+    (IPv4 phones keep syncing), and status shows the IPv6 ones unbound."""
+    caplog.set_level(logging.INFO)
+    make, relay, _ = rig
+    relay.refuse_hosts = {"::1"}
+    async with started(make(listen_host6="::1")) as t:
+        await wait_for(lambda: t.state == "up", what="tunnel up on IPv4")
+        assert relay.takeover_runs == 1
+        st = t.status()
+        assert [(f["relay_host"], f["bound"]) for f in st["forwards"]] == [
+            ("127.0.0.1", True), ("127.0.0.1", True), ("::1", False), ("::1", False)], st
+        errors = [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR]
+        assert len(errors) == 1 and f"relay refused to listen on [::1]:{t.relay.https_port}: phones on IPv6" \
+            in errors[0] and "IPv4 works" in errors[0], errors

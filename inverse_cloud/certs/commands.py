@@ -3,7 +3,9 @@
 ``cert status`` reads the files (certificate store, renewal state, account) and asks a running server over
 the control socket whether it runs, so it works either way. ``cert renew`` asks a running server over the
 control socket (verb ``cert-renew``) and waits for the renewal state file to record the check; with no server
-running it does the work itself, with a temporary HTTP-01 listener on ``[server] http_listen``. With ACME off,
+running it does the work itself, with a temporary HTTP-01 listener on ``[server] http_listen`` and, when
+``[acme] challenge`` allows tls-alpn-01, a temporary TLS listener on ``[server] https_listen`` that answers only
+the CA's ``acme-tls/1`` handshakes with the challenge certificate (and closes every connection). With ACME off,
 ``renew`` and ``caa`` say so and touch nothing (no account key is created).
 """
 
@@ -257,8 +259,22 @@ def _report(cfg: Config, state: Any, since: dt.datetime) -> int:
     return 0
 
 
+async def _tls_alpn_listener(cfg: Config, tls: TLSManager) -> asyncio.Server:
+    """``[server] https_listen`` for the CA's TLS-ALPN-01 handshakes while ``cert renew`` runs without a server:
+    the listening context's SNI callback hands ``acme-tls/1`` handshakes for a pending name the challenge
+    certificate (certs/tls_alpn.py); every connection is closed once its handshake is over (nothing is served)."""
+    from inverse_cloud.dav.listeners import bind_socket
+
+    async def close(_reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        writer.close()
+
+    sock = bind_socket(*cfg.server.https_listen, "[server] https_listen")
+    return await asyncio.start_server(close, sock=sock, ssl=tls.listening_context, ssl_handshake_timeout=10)
+
+
 async def _renew_standalone(cfg: Config, force: bool) -> int:
-    """No server running: obtain/renew here, answering HTTP-01 on ``[server] http_listen`` meanwhile."""
+    """No server running: obtain/renew here, answering HTTP-01 on ``[server] http_listen`` meanwhile (and
+    TLS-ALPN-01 on ``[server] https_listen`` when ``[acme] challenge`` allows it)."""
     from aiohttp import web
 
     from inverse_cloud.certs.manager import CertManager
@@ -276,6 +292,7 @@ async def _renew_standalone(cfg: Config, force: bool) -> int:
     await runner.setup()
     site = web.SockSite(runner, sock)
     await site.start()
+    alpn_server = await _tls_alpn_listener(cfg, tls) if "tls-alpn-01" in cfg.acme.challenge_methods else None
     server = _StandaloneTarget(challenges, tls)
     manager = CertManager(cfg, server)
     files = manager.files
@@ -296,6 +313,9 @@ async def _renew_standalone(cfg: Config, force: bool) -> int:
         return code
     finally:
         await manager.aclose()
+        if alpn_server is not None:
+            alpn_server.close()
+            await alpn_server.wait_closed()
         await runner.cleanup()
         loop.remove_signal_handler(signal.SIGHUP)
 

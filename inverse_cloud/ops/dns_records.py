@@ -13,11 +13,14 @@ def dns_records(cfg: Config, relay_addrs: list[str], account_uri: str) -> list[s
 
     d = cfg.server.domain
     lines = []
-    # IPv4 only: relay-setup's default NAT rules map IPv4 80/443, so an AAAA record (even when the relay's own
-    # name has one) would send IPv6 phones to a port nothing forwards. The sslh and nginx variants can listen on
-    # IPv6 (relay-setup --ipv6); their AAAA record is in docs/setup.md.
-    for addr in [a for a in relay_addrs if ":" not in a] or ["<relay IPv4 address>"]:
+    # AAAA only when this set-up serves IPv6: [relay] listen_host6 (relay-setup --ipv6) binds the forwards the
+    # relay's ip6 NAT maps [v6]:443/80 onto. Without it the NAT maps IPv4 only, and an AAAA record (even when the
+    # relay's own name has one) would send IPv6 phones to a port nothing forwards.
+    v4 = [a for a in relay_addrs if ":" not in a]
+    for addr in v4 or ["<relay IPv4 address>"]:
         lines.append(f"{d}. A {addr}")
+    if cfg.relay.listen_host6:
+        lines += [f"{d}. AAAA {a}" for a in relay_addrs if ":" in a]
     issuer = issuer_domain_for(cfg.acme.directory, cfg.acme.caa_issuer) or "<your CA's issuer domain>"
     lines.append(recommended_record(d, issuer, account_uri or "<account URL: shown after the first certificate>",
                                    cfg.acme.caa_methods))

@@ -6,6 +6,7 @@ failure and lists the rest as not checked)::
     config valid -> keys' permissions -> DNS points at the relay -> relay reachable, host key matches
     -> server running -> forwards bound -> public HTTP reaches this process (probe token)
     -> public HTTPS presents *our* key (nobody in between terminates TLS) and a trusted chain
+    -> each AAAA record leads there too (ops/doctor_v6.py)
     -> DAV asks for authentication -> CAA pins our ACME account
 
 Tests (and users debugging DNS) can override name resolution like curl: ``--resolve HOST:ADDR`` answers
@@ -29,6 +30,7 @@ from typing import Any
 from inverse_cloud import config as config_mod
 from inverse_cloud.config import Config
 from inverse_cloud.errors import ConfigError
+from inverse_cloud.ops import doctor_v6
 from inverse_cloud.ops.dns_records import dns_records
 from inverse_cloud.ops.doctor_options import DoctorOptions, parse_connect_to, parse_resolve
 from inverse_cloud.ops.netprobe import describe, dns_addresses, http_request, spki_sha256_of_cert
@@ -385,6 +387,12 @@ async def check_public_https(ctx: _Ctx) -> Check:
                  "trusted chain: nobody in between terminates TLS")
 
 
+async def check_public_https6(ctx: _Ctx) -> Check:
+    assert ctx.cfg is not None and ctx.status is not None
+    v = await doctor_v6.check_https6(ctx.cfg, ctx.status, ctx.resolve, ctx.relay_addrs, ctx.opts)
+    return Check(doctor_v6.NAME, v.state, v.detail, v.fix)
+
+
 async def check_dav(ctx: _Ctx) -> Check:
     cfg = ctx.cfg
     assert cfg is not None
@@ -433,10 +441,10 @@ async def check_caa(ctx: _Ctx) -> Check:
 
 CHAIN: list[Callable[[_Ctx], Awaitable[Check]]] = [
     check_config, check_keys, check_dns, check_relay, check_running, check_forwards, check_public_http,
-    check_public_https, check_dav, check_caa,
+    check_public_https, check_public_https6, check_dav, check_caa,
 ]
 NAMES = ["config", "keys' permissions", "DNS", "relay", "server running", "forwards bound", "public HTTP",
-         "public HTTPS", "DAV", "CAA"]
+         "public HTTPS", doctor_v6.NAME, "DAV", "CAA"]
 
 
 async def run_doctor(path: Path, opts: DoctorOptions) -> Report:

@@ -60,8 +60,10 @@ def add_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser], commo
                         "site, so both see the visitor's address (with --ssh-on-443: sslh 2 sends it); sets "
                         "[relay] proxy_protocol = true here")
     p.add_argument("--ipv6", action="store_true",
-                   help="with --ssh-on-443 (sslh) or --nat none (nginx): also listen on [::]:443 for phones on "
-                        "IPv6 (publish an AAAA record then)")
+                   help="also serve phones on IPv6 (publish an AAAA record then): with --nat nft an ip6 table maps "
+                        "[v6]:443/80 onto a second pair of forwards the laptop binds on [::] (sets [relay] "
+                        "listen_host6 = \"::\" here); with --ssh-on-443 sslh, with --nat none nginx, also listen "
+                        "on [::]:443 (default: IPv4 only)")
     p.set_defaults(func=cmd_relay_setup)
 
 
@@ -198,7 +200,23 @@ def spec_for(cfg: Config, args: argparse.Namespace) -> relay.RelaySpec:
         authorized_keys_file=args.authorized_keys_file, ssh_on_443=bool(getattr(args, "ssh_on_443", False)),
         sshd_port=cfg.relay.port,
         proxy_protocol=bool(getattr(args, "proxy_protocol", False)) or getattr(args, "nat", "") == "sni",
-        ipv6=bool(getattr(args, "ipv6", False)))
+        ipv6=bool(getattr(args, "ipv6", False)), listen_host6=_listen_host6(cfg, args),
+        sslh_transparent=_sslh_transparent(args))
+
+
+def _sslh_transparent(args: argparse.Namespace) -> bool:
+    """sslh passes the client's address on by transparent mode (relay_divert.py) when nothing else does: not with
+    PROXY headers, and only with the nft loader (which also sets up the reply routing at boot). IPv4 only: a
+    transparent sslh cannot connect an IPv6 client's address to the IPv4 forward, so --ipv6 keeps it off."""
+    return (bool(getattr(args, "ssh_on_443", False)) and not getattr(args, "proxy_protocol", False)
+            and getattr(args, "nat", "nft") == "nft" and not getattr(args, "ipv6", False))
+
+
+def _listen_host6(cfg: Config, args: argparse.Namespace) -> str:
+    """Where the laptop binds its IPv6 forwards: only the nft variant maps IPv6 onto them (relay_nat6.py)."""
+    if not getattr(args, "ipv6", False) or getattr(args, "nat", "nft") != "nft":
+        return ""
+    return cfg.relay.listen_host6 or "::"
 
 
 def apply_over_ssh(target: str, script: str) -> None:
@@ -241,9 +259,9 @@ def cmd_relay_setup(args: argparse.Namespace) -> int:
     if args.nat == "sni" and getattr(args, "ssh_on_443", False):
         raise ConfigError("--nat sni and --ssh-on-443 both want the relay's public 443 (nginx and sslh); "
                           "choose one")
-    if getattr(args, "ipv6", False) and args.nat not in ("none", "sni") and not getattr(args, "ssh_on_443", False):
-        raise ConfigError("--ipv6 needs --ssh-on-443 (sslh) or --nat none (nginx): the DNAT rules cannot map "
-                          "IPv6 onto the relay's loopback forwards; a v6 listener can")
+    if getattr(args, "ipv6", False) and args.nat == "iptables":
+        raise ConfigError("--ipv6 with DNAT needs --nat nft (its ip6 table maps IPv6 onto the laptop's [::] "
+                          "forwards); the iptables rules cover IPv4 only")
     admin = parse_user_host(args.apply, "--apply")[0] if args.apply else None
     refusal = relay.login_refusal(cfg.relay.user, admin)
     if refusal:
@@ -265,7 +283,10 @@ def cmd_relay_setup(args: argparse.Namespace) -> int:
         apply_over_ssh(args.apply, files["setup.sh"])
     if spec.ssh_on_443 and cfg.relay.fallback_port != 443:
         _set(cfg, "fallback_port", "443", f"the tunnel tries it when port {cfg.relay.port} is blocked")
-    if (spec.proxy_protocol or args.nat == "sni") and not cfg.relay.proxy_protocol:
+    if spec.listen_host6 and cfg.relay.listen_host6 != spec.listen_host6:
+        _set(cfg, "listen_host6", _toml_string(spec.listen_host6),
+             "the tunnel also binds its forwards there, for phones on IPv6")
+    if spec.proxy_protocol and not cfg.relay.proxy_protocol:
         _set(cfg, "proxy_protocol", "true", "connections through the tunnel must start with a PROXY header")
     if args.no_pin:
         return 0

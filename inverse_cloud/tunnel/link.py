@@ -93,6 +93,7 @@ PEER_LINGER_S = 5.0
 class _Forward:
     name: str
     relay_port: int
+    host: str = "127.0.0.1"       # where on the relay: [relay] listen_host or listen_host6
     bound: bool = False
     listener: asyncssh.SSHListener | None = None
 
@@ -121,7 +122,9 @@ class Tunnel:
         self._clock = wall_clock
         self._watcher = watcher
         self.tag = f"[relay={self.relay.host}:{self.relay.port}]"
-        self.forwards = [_Forward("https", self.relay.https_port), _Forward("http", self.relay.http_port)]
+        # listen_host6: the pair again on the relay's IPv6 address its ip6 NAT maps onto (relay_nat6.py)
+        self.forwards = [_Forward(name, port, host) for host in (self.relay.listen_host, self.relay.listen_host6)
+                         if host for name, port in (("https", self.relay.https_port), ("http", self.relay.http_port))]
         self.state = "down"
         self.connected_since: float | None = None
         self.reconnects: list[float] = []
@@ -251,7 +254,7 @@ class Tunnel:
             "connected_since": _iso(self.connected_since),
             "reconnects": [_iso(t) for t in self.reconnects],
             "last_error": self.last_error,
-            "forwards": [{"name": f.name, "relay_port": f.relay_port, "relay_host": self.relay.listen_host,
+            "forwards": [{"name": f.name, "relay_port": f.relay_port, "relay_host": f.host,
                           "local_port": local[f.name], "bound": f.bound} for f in self.forwards],
             "takeovers": self.takeovers,
             "last_reconnect": None if self.last_reconnect is None else
@@ -347,13 +350,18 @@ class Tunnel:
         conn, client = await self.ports.connect(lambda port: self._connect(key, port, keepalive=True))
         self._conn = conn
         try:
-            refused = await self._open_forwards(conn)
+            refused_fwd = await self._open_forwards(conn)
         except BaseException:
             await self._close_conn()
             raise
-        if refused is not None:
+        if refused_fwd is not None and takeover_tried and refused_fwd.host != self.relay.listen_host:  # only IPv6
+            log.error("%s relay refused to listen on [%s]:%d: phones on IPv6 cannot reach this laptop (apply "
+                      "`inverse-cloud relay-setup --ipv6` on the relay, or set [relay] listen_host6 = \"\"); IPv4 "
+                      "works", self.tag, refused_fwd.host, refused_fwd.relay_port)
+            refused_fwd = None
+        if refused_fwd is not None:
             await self._close_conn()
-            host = self.relay.listen_host
+            host, refused = (f"[{h}]" if ":" in (h := refused_fwd.host) else h), refused_fwd.relay_port
             if takeover_tried:
                 raise ForwardRefused(
                     f"relay refused to listen on {host}:{refused} (check permitlisten in {self.relay.user}'s "
@@ -377,7 +385,8 @@ class Tunnel:
         self._took_over_logged = False
         local = {"https": self.target.https_port, "http": self.target.http_port}
         self._set_state("up", "tunnel up: " + ", ".join(
-            f"{self.relay.listen_host}:{f.relay_port} -> local :{local[f.name]}" for f in self.forwards)
+            f"{f'[{f.host}]' if ':' in f.host else f.host}:{f.relay_port} -> local :{local[f.name]}"
+            for f in self.forwards)
             + f" (relay host key {self.expected_fp})", logging.INFO)
         assert self._wake is not None
         self._wake.clear()
@@ -408,14 +417,14 @@ class Tunnel:
         reason = client.lost
         raise TunnelError(describe_lost(reason) if reason is not None else "relay closed the connection")
 
-    async def _open_forwards(self, conn: asyncssh.SSHClientConnection) -> int | None:
-        """Bind every forward; return the relay port of the first refused one (None if all bound)."""
+    async def _open_forwards(self, conn: asyncssh.SSHClientConnection) -> _Forward | None:
+        """Bind every forward; return the first refused one (None if all bound)."""
         for fwd in self.forwards:
             try:
-                fwd.listener = await conn.create_server(self._factory(fwd), self.relay.listen_host, fwd.relay_port,
+                fwd.listener = await conn.create_server(self._factory(fwd), fwd.host, fwd.relay_port,
                                                         window=CHANNEL_WINDOW, max_pktsize=CHANNEL_MAX_PACKET)
             except asyncssh.ChannelListenError:   # NOT an asyncssh.Error subclass
-                return fwd.relay_port
+                return fwd
             fwd.bound = True
         return None
 

@@ -30,6 +30,8 @@ import shlex
 from dataclasses import dataclass
 
 from inverse_cloud.tunnel import relay_front, relay_sni
+from inverse_cloud.tunnel.relay_divert import divert_chain, divert_routes
+from inverse_cloud.tunnel.relay_nat6 import nftables6_rules, permit6
 
 __all__ = [
     "RelaySpec",
@@ -79,6 +81,8 @@ class RelaySpec:
     sshd_port: int = 22              # where sslh hands SSH over (the relay's own sshd)
     proxy_protocol: bool = False     # nginx stream sends a PROXY header to both upstreams (client addresses)
     ipv6: bool = False               # sslh / nginx stream also listen on [::]:443 (a v6 listener, no ip6 NAT)
+    listen_host6: str = ""           # the laptop's second pair of forwards, for the ip6 NAT (relay_nat6.py)
+    sslh_transparent: bool = False   # sslh connects from the client's address; needs relay_divert.py's routing
 
     @property
     def keys_path(self) -> str:
@@ -128,7 +132,8 @@ def takeover_command() -> str:
 
 
 def authorized_keys(spec: RelaySpec) -> str:
-    listen = ",".join(f'permitlisten="{spec.listen_host}:{p}"' for p in (spec.https_port, spec.http_port))
+    listen = ",".join([f'permitlisten="{spec.listen_host}:{p}"' for p in (spec.https_port, spec.http_port)]
+                      + [f'permitlisten="{h}"' for h in permit6(spec.listen_host6, (spec.https_port, spec.http_port))])
     return (
         f"# inverse-cloud keys for {spec.domain}; installed as {spec.keys_path} (root-owned, 0644)\n"
         "# Tunnel key: the two reverse forwards and nothing else (a session runs /bin/false).\n"
@@ -149,7 +154,8 @@ def sshd_dropin(spec: RelaySpec) -> str:
         "    KbdInteractiveAuthentication no\n"
         "    # remote only: restrict,port-forwarding in authorized_keys would also allow -L (forward-control.sh)\n"
         "    AllowTcpForwarding remote\n"
-        f"    PermitListen {spec.listen_host}:{spec.https_port} {spec.listen_host}:{spec.http_port}\n"
+        f"    PermitListen {spec.listen_host}:{spec.https_port} {spec.listen_host}:{spec.http_port}"
+        + "".join(f" {h}" for h in permit6(spec.listen_host6, (spec.https_port, spec.http_port))) + "\n"
         "    PermitOpen none\n"
         "    # clientspecified: the laptop asks for "
         f"{spec.listen_host}; the NAT below maps public 443/80 there\n"
@@ -181,7 +187,9 @@ def nftables_rules(spec: RelaySpec) -> str:
               if spec.listen_is_loopback else "")
     return (
         f"# inverse-cloud NAT for {spec.domain}: public :443 -> {https}, public :80 -> {http}\n"
-        "# Load: nft -f THIS_FILE (replaces only the inverse_cloud table). IPv4 only: publish no AAAA record.\n"
+        + ("# Load: nft -f THIS_FILE (replaces only the inverse_cloud tables). IPv4 and IPv6 (the ip6 table).\n"
+           if spec.listen_host6 else
+           "# Load: nft -f THIS_FILE (replaces only the inverse_cloud table). IPv4 only: publish no AAAA record.\n") +
         f"{sysctl}"
         "table ip inverse_cloud\n"
         "delete table ip inverse_cloud\n"
@@ -203,7 +211,10 @@ def nftables_rules(spec: RelaySpec) -> str:
         "        type filter hook input priority filter; policy accept;\n"
         "        iif != \"lo\" ip daddr 127.0.0.0/8 ct status & dnat == 0 drop\n"
         "    }\n"
+        + (divert_chain((spec.sshd_port, spec.https_port)) if spec.sslh_transparent else "") +
         "}\n"
+        + (nftables6_rules(spec.domain, spec.listen_host6, spec.https_port, spec.http_port,
+                           map_443=not spec.ssh_on_443) if spec.listen_host6 else "")
     )
 
 
@@ -249,7 +260,8 @@ def nginx_stream(spec: RelaySpec) -> str:
 def _front(spec: RelaySpec) -> relay_front.FrontSpec:
     return relay_front.FrontSpec(domain=spec.domain, https_target=_dnat_target(spec, spec.https_port),
                                  http_target=_dnat_target(spec, spec.http_port), sshd_port=spec.sshd_port,
-                                 proxy_protocol=spec.proxy_protocol, ipv6=spec.ipv6)
+                                 proxy_protocol=spec.proxy_protocol, ipv6=spec.ipv6,
+                                 sslh_transparent=spec.sslh_transparent)
 
 
 def sslh_config(spec: RelaySpec, listen: str = "0.0.0.0", public_port: int = 443) -> str:  # noqa: S104
@@ -286,7 +298,10 @@ def readme(spec: RelaySpec) -> str:
         "connection (nginx variant: closes it). Phones report \"server unreachable\" and retry later; the\n"
         "relay never answers with an HTTP error page a client could take for \"collection gone\".\n"
         "\n"
-        + ("IPv6: sslh / nginx also listen on [::]:443 (--ipv6): publish the relay's AAAA record too.\n"
+        + ("IPv6: the ip6 table of nftables.conf maps public [v6]:443/80 onto the forwards the laptop also binds on\n"
+           f"[{spec.listen_host6}] ([relay] listen_host6): publish the relay's AAAA record too.\n"
+           if spec.listen_host6 and not spec.ssh_on_443 else
+           "IPv6: sslh / nginx also listen on [::]:443 (--ipv6): publish the relay's AAAA record too.\n"
            if spec.ipv6 else
            "IPv6: these rules cover IPv4 only. Publish an A record for the domain and NO AAAA record: a\n"
            "half-working AAAA makes phones on IPv6 fail intermittently (--ipv6 with --ssh-on-443 or\n"
@@ -343,6 +358,7 @@ def setup_script(spec: RelaySpec, nat: str = "nft") -> str:
                 "write_file \"$NAT_LOADER\" 0755 <<'INVERSE_CLOUD_EOF'\n"
                 "#!/bin/sh\n# loads the inverse-cloud NAT rules (run by inverse-cloud-nat.service at boot)\n"
                 "set -eu\nnft -f /etc/inverse-cloud/nat.nft\n"
+                + (divert_routes() if spec.sslh_transparent else "") +
                 "INVERSE_CLOUD_EOF\n"
                 # nftables.service (if enabled) flushes the whole ruleset: the include keeps our table in it
                 "if [ -f /etc/nftables.conf ] && ! grep -q \"$NAT_FILE\" /etc/nftables.conf; then\n"

@@ -18,6 +18,7 @@ class FrontSpec:
     sshd_port: int
     proxy_protocol: bool
     ipv6: bool
+    sslh_transparent: bool = False
 
 
 def sslh_config_text(spec: FrontSpec, listen: str = "0.0.0.0", public_port: int = 443) -> str:  # noqa: S104
@@ -33,10 +34,13 @@ def sslh_config_text(spec: FrontSpec, listen: str = "0.0.0.0", public_port: int 
         + ("# proxyprotocol: sslh sends a PROXY v2 header naming the phone ([relay] proxy_protocol = true on\n"
            "# the laptop); sslh 1.20 (Debian 12) ignores the setting, setup.sh refuses it there.\n"
            if spec.proxy_protocol else
+           "# Transparent: sslh connects to sshd and the tunnel from the client's own address, so the laptop sees\n"
+           "# the phone's address; nat.nft marks the replies and nat-load.sh routes them back to sslh.\n"
+           if spec.sslh_transparent else
            "# Not transparent: the laptop sees every phone as the relay's 127.0.0.1 (as in the nginx variant).\n") +
         "verbose: 0;\n"
         "numeric: true;\n"
-        "transparent: false;\n"
+        f"transparent: {'true' if spec.sslh_transparent else 'false'};\n"
         "# SSH clients send their banner at once; a client silent this long is taken for SSH anyway\n"
         "timeout: 3;\n"
         'user: "sslh";\n'
