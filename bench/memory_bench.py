@@ -16,8 +16,10 @@ relay (as in tunnel_bench.py):
         are dead loopback ports, so the renewal-info and CAA look-ups run and fail without leaving the host).
 
 Both start with one collection of --items vCards already in their storage folder (scale_bench.write_store)
-and answer one sync-collection on it straight away, so ours has that collection's index loaded (Radicale
-builds its item cache files). Then the --cards DAVx5-like workload (dav_bench.run_workload) runs through each
+and answer one sync-collection on it (the cold first request: every item parsed once; ours builds and
+persists its index, Radicale its item cache files). Then the laptop side's DAV server restarts and answers
+the same sync again (ours: its index loaded, stat only), the steady state of a laptop that has served the
+collection before; --cold skips the restart and measures right after the cold parse. Then the --cards DAVx5-like workload (dav_bench.run_workload) runs through each
 relay, and --settle-s later (a laptop between syncs; ours trims the heap after 2 s idle) this prints RSS, PSS
 and anonymous memory per process (/proc/PID/smaps_rollup and status), the ratio ours/seed, and our threads.
 
@@ -77,6 +79,13 @@ class OurRelayAcme(OurTunnel):
         self.srv = ServeProcess(self.config, env=self.env).start(timeout_s=120)
         self.relay.wait_forwards(60, on_timeout=self.srv.log)
         log(f"inverse-cloud serve pid={self.srv.pid}, relay sshd pid={self.relay.pid}")
+
+    def restart_serve(self) -> None:
+        self.stop_serve()
+        wait_until(lambda: not self.relay.forwards_bound(), 60, "our forwards released")
+        self.srv = ServeProcess(self.config, env=self.env).start(timeout_s=120)
+        self.relay.wait_forwards(60, on_timeout=self.srv.log)
+        log(f"inverse-cloud serve restarted, pid={self.srv.pid}")
 
     @property
     def storage_dir(self) -> Path:
@@ -183,15 +192,19 @@ def tm_by_package(snap: tracemalloc.Snapshot, n: int) -> list[str]:
     return [f"  {total / 2**20:7.2f} MiB traced in all"] + [f"  {v / 2**20:7.2f} MiB  {k}" for k, v in rows[:n]]
 
 
-def analyse(root: Path, chain: bytes, key: bytes, htpasswd: str, store: Path, cafile: Path, args: Any,
-            env: dict[str, str]) -> list[str]:
+def analyse(root: Path, chain: bytes, key: bytes, htpasswd: str, store: Path, warm_store: Path, cafile: Path,
+            args: Any, env: dict[str, str]) -> list[str]:
     fifo = root / "memprobe.fifo"
     os.mkfifo(fifo)
     probe_env = {**env, "PYTHONTRACEMALLOC": "1", "PYTHONPROFILEIMPORTTIME": "1",
                  "INVERSE_CLOUD_MEMPROBE": str(fifo),
                  "PYTHONPATH": os.pathsep.join([str(HERE / "memprobe"), *filter(None, [os.environ.get("PYTHONPATH")])])}
     side = OurRelayAcme(root / "ours", chain, key, htpasswd, probe_env)
-    _copy_store(store, side.storage_dir)
+    if warm_store.exists():
+        shutil.rmtree(side.storage_dir, ignore_errors=True)
+        shutil.copytree(warm_store, side.storage_dir)
+    else:
+        _copy_store(store, side.storage_dir)
     lines = ["", "=== analysis run (ours alone, tracemalloc on: slower and bigger than the run above) ==="]
     try:
         side.start()
@@ -247,6 +260,9 @@ def main() -> int:
     ap.add_argument("--server-env", action="append", default=[], metavar="K=V", help="environment for ours")
     ap.add_argument("--no-analyse", action="store_true", help="skip the tracemalloc/importtime run")
     ap.add_argument("--top", type=int, default=15, help="lines per analysis table (15)")
+    ap.add_argument("--cold", action="store_true",
+                    help="measure right after the first request on the cold store (every item parsed once) "
+                         "instead of after a restart on the built index and caches (the steady state)")
     ap.add_argument("--quick", action="store_true", help="100 cards, 500 items: a smoke run")
     ap.add_argument("--json-out", help="write the figures as JSON here")
     args = ap.parse_args()
@@ -265,6 +281,7 @@ def main() -> int:
     if args.items:
         log(f"writing {args.items} vCards")
         write_store(store, Kind(calendar=False), args.items)
+    warm_store = state / "ours-warm"   # ours' storage folder with its index, for the analysis run
     res: dict[str, Any] = {}
     threads: list[str] = []
     rollup: dict[str, float] = {}
@@ -282,6 +299,10 @@ def main() -> int:
                 raise RuntimeError("seed: no working request through the relay")
             if args.items:
                 load_index(int(seed.side.env["RADICALE_PORT"]), None, "seed", prefix="")
+                if not args.cold:  # steady state: Radicale's item caches built, then a fresh process
+                    seed.side._script("radicale.sh", "stop")
+                    seed.side._script("radicale.sh", "start")
+                    load_index(int(seed.side.env["RADICALE_PORT"]), None, "seed (after a restart)", prefix="")
             workload(seed, cafile, args.cards, "seed")
             time.sleep(args.settle_s)  # the measured condition: a laptop between syncs
             res["seed"] = memory(seed.pids())
@@ -300,15 +321,20 @@ def main() -> int:
             assert ours.srv is not None
             if args.items:
                 load_index(ours.https_port, cafile, "ours")
+                if not args.cold:  # steady state: the index is built and persisted, then a fresh process
+                    ours.restart_serve()
+                    load_index(ours.https_port, cafile, "ours (after a restart)")
             workload(ours, cafile, args.cards, "ours")
             time.sleep(args.settle_s)
             res["ours"] = memory(ours.pids())
             threads = thread_names(ours.srv.pid)
             rollup = smaps(ours.srv.pid)
             ours.stop()
+            if args.items and not args.cold:
+                shutil.copytree(ours.storage_dir, warm_store)
             ours = None
         lines += ["", f"=== memory bench: {args.cards} cards through the relay, a {args.items}-item collection "
-                  f"loaded, {args.settle_s:g} s at rest; ours with relay + ACME configured"
+                  f"loaded ({'cold store' if args.cold else 'after a restart'}), {args.settle_s:g} s at rest; ours with relay + ACME configured"
                   + (f", env {' '.join(args.server_env)}" if args.server_env else "") + " ===",
                   "", "                              RSS    PSS   anon (MiB)"]
         for side_name in ("seed", "ours"):
@@ -330,7 +356,7 @@ def main() -> int:
         print("\n".join(lines), flush=True)
         if not args.no_analyse and args.only != "seed":
             (state / "analysis").mkdir()
-            extra = analyse(state / "analysis", chain, key, htpasswd, store, cafile, args, env)
+            extra = analyse(state / "analysis", chain, key, htpasswd, store, warm_store, cafile, args, env)
             print("\n".join(extra), flush=True)
             lines += extra
     finally:
