@@ -67,13 +67,30 @@ def log(msg: str) -> None:
 class OurRelayAcme(OurTunnel):
     """Ours with the relay and ACME configured (tunnel_bench's side has ACME off)."""
 
-    def __init__(self, root: Path, chain: bytes, key: bytes, htpasswd_line: str, env: dict[str, str]) -> None:
+    def __init__(self, root: Path, chain: bytes, key: bytes, htpasswd_line: str, env: dict[str, str],
+                 direct: bool = False) -> None:
         super().__init__(root, chain, key, htpasswd_line)
         configure(self.config, "acme", enabled=True, directory=f"https://127.0.0.1:{free_port()}/dir",
                   caa_issuer="letsencrypt.org", dns_server=f"127.0.0.1:{free_port()}")
         self.env = env
+        self.direct = direct
+        if direct:  # the relay stays configured (a pinned host key, nothing listening): the tunnel retries
+            import asyncssh
+
+            host_key = asyncssh.generate_private_key("ssh-ed25519").export_public_key().decode().strip()
+            configure(self.config, "relay", host_key=host_key)
+
+    @property
+    def base_url(self) -> str:
+        if self.direct:
+            return f"https://{HOST}:{self.https_port}/radicale/"
+        return super().base_url
 
     def start(self) -> None:
+        if self.direct:
+            self.srv = ServeProcess(self.config, env=self.env).start(timeout_s=120)
+            log(f"inverse-cloud serve pid={self.srv.pid} (direct: no relay listening)")
+            return
         self._relay_cm = relay_sshd(self.config, user="icbench", client_alive_interval=15, client_alive_count_max=3)
         self.relay = self._relay_cm.__enter__()
         self.srv = ServeProcess(self.config, env=self.env).start(timeout_s=120)
@@ -82,6 +99,9 @@ class OurRelayAcme(OurTunnel):
 
     def restart_serve(self) -> None:
         self.stop_serve()
+        if self.direct:
+            self.srv = ServeProcess(self.config, env=self.env).start(timeout_s=120)
+            return
         wait_until(lambda: not self.relay.forwards_bound(), 60, "our forwards released")
         self.srv = ServeProcess(self.config, env=self.env).start(timeout_s=120)
         self.relay.wait_forwards(60, on_timeout=self.srv.log)
@@ -143,7 +163,7 @@ def load_index(port: int, cafile: Path | None, what: str, prefix: str = "/radica
 def workload(side: Any, cafile: Path, cards: int, tag: str) -> dict[str, Any]:
     w = run_workload(side.base_url, USER, PASSWORD, str(cafile), cards, resolve={HOST: "127.0.0.1"},
                      book=f"mb-{tag}", get_samples=100)
-    log(f"{tag}: {cards}-card workload through the relay: PUT {w['put_s']:.1f} s, full sync "
+    log(f"{tag}: {cards}-card workload: PUT {w['put_s']:.1f} s, full sync "
         f"{w['full_sync_s'] * 1000:.0f} ms, ok={w['ok']}")
     return w
 
@@ -199,7 +219,7 @@ def analyse(root: Path, chain: bytes, key: bytes, htpasswd: str, store: Path, wa
     probe_env = {**env, "PYTHONTRACEMALLOC": "1", "PYTHONPROFILEIMPORTTIME": "1",
                  "INVERSE_CLOUD_MEMPROBE": str(fifo),
                  "PYTHONPATH": os.pathsep.join([str(HERE / "memprobe"), *filter(None, [os.environ.get("PYTHONPATH")])])}
-    side = OurRelayAcme(root / "ours", chain, key, htpasswd, probe_env)
+    side = OurRelayAcme(root / "ours", chain, key, htpasswd, probe_env, direct=args.direct)
     if warm_store.exists():
         shutil.rmtree(side.storage_dir, ignore_errors=True)
         shutil.copytree(warm_store, side.storage_dir)
@@ -263,13 +283,21 @@ def main() -> int:
     ap.add_argument("--cold", action="store_true",
                     help="measure right after the first request on the cold store (every item parsed once) "
                          "instead of after a restart on the built index and caches (the steady state)")
+    ap.add_argument("--direct", action="store_true",
+                    help="ours only, no relay: the relay stays configured (nothing listens, the tunnel retries) "
+                         "and the workload goes straight to our HTTPS port; needs no sshd and no shared lock")
+    ap.add_argument("--warm-store", metavar="DIR",
+                    help="ours' built storage folder (items + index): reused if DIR exists (no cold parse), "
+                         "else built once and kept there; for comparing levers quickly")
     ap.add_argument("--quick", action="store_true", help="100 cards, 500 items: a smoke run")
     ap.add_argument("--json-out", help="write the figures as JSON here")
     args = ap.parse_args()
     if args.quick:
         args.cards, args.items = 100, 500
+    if args.direct:
+        args.only = "ours"
     for tool in ("nginx", "autossh", "ssh", "/usr/sbin/sshd"):
-        if shutil.which(tool) is None:
+        if shutil.which(tool) is None and not args.direct:
             print(f"{tool} is not installed (apt-get install nginx autossh openssh-server)", file=sys.stderr)
             return 2
     env = dict(kv.split("=", 1) for kv in args.server_env)
@@ -313,15 +341,28 @@ def main() -> int:
                 import bcrypt
 
                 htpasswd = f"{USER}:{bcrypt.hashpw(PASSWORD.encode(), bcrypt.gensalt(5)).decode()}\n"
-            ours = OurRelayAcme(state / "ours", chain, key, htpasswd, env)
-            _copy_store(store, ours.storage_dir)
+            ours = OurRelayAcme(state / "ours", chain, key, htpasswd, env, direct=args.direct)
+            reuse = bool(args.warm_store) and Path(args.warm_store).exists() and not args.cold
+            if reuse:
+                shutil.rmtree(ours.storage_dir, ignore_errors=True)
+                shutil.copytree(args.warm_store, ours.storage_dir)
+            else:
+                _copy_store(store, ours.storage_dir)
             ours.start()
-            if phone.wait_ok(ours.relay_https_port, 60, 0.2) is None:
+            if not args.direct and phone.wait_ok(ours.relay_https_port, 60, 0.2) is None:
                 raise RuntimeError("ours: no working request through the relay")
             assert ours.srv is not None
-            if args.items:
+            if args.items and reuse:
+                load_index(ours.https_port, cafile, "ours (built store from --warm-store)")
+            elif args.items:
                 load_index(ours.https_port, cafile, "ours")
-                if not args.cold:  # steady state: the index is built and persisted, then a fresh process
+                if args.warm_store and not args.cold:
+                    ours.stop_serve()
+                    shutil.copytree(ours.storage_dir, args.warm_store)
+                    log(f"built store kept in {args.warm_store}")
+                    ours.restart_serve()
+                    load_index(ours.https_port, cafile, "ours (after a restart)")
+                elif not args.cold:  # steady state: the index is built and persisted, then a fresh process
                     ours.restart_serve()
                     load_index(ours.https_port, cafile, "ours (after a restart)")
             workload(ours, cafile, args.cards, "ours")
@@ -330,11 +371,14 @@ def main() -> int:
             threads = thread_names(ours.srv.pid)
             rollup = smaps(ours.srv.pid)
             ours.stop()
-            if args.items and not args.cold:
+            if args.warm_store and Path(args.warm_store).exists():
+                warm_store = Path(args.warm_store)
+            elif args.items and not args.cold:
                 shutil.copytree(ours.storage_dir, warm_store)
             ours = None
         lines += ["", f"=== memory bench: {args.cards} cards through the relay, a {args.items}-item collection "
-                  f"loaded ({'cold store' if args.cold else 'after a restart'}), {args.settle_s:g} s at rest; ours with relay + ACME configured"
+                  f"loaded ({'cold store' if args.cold else 'after a restart'}), {args.settle_s:g} s at rest;"
+                  + (" DIRECT (no relay listening)" if args.direct else "") + " ours with relay + ACME configured"
                   + (f", env {' '.join(args.server_env)}" if args.server_env else "") + " ===",
                   "", "                              RSS    PSS   anon (MiB)"]
         for side_name in ("seed", "ours"):
