@@ -24,6 +24,11 @@ def _serve(fifo: str) -> None:
                     done.write(f"{len(threading.enumerate())}\n")
 
 
-_FIFO = os.environ.get("INVERSE_CLOUD_MEMPROBE", "")
+# Taken out of the environment at once (the interpreter has read the other two already): serve's own children,
+# such as the CAA look-up, must neither answer the pipe nor run traced.
+_FIFO = os.environ.pop("INVERSE_CLOUD_MEMPROBE", "")
+if _FIFO:
+    os.environ.pop("PYTHONTRACEMALLOC", None)
+    os.environ.pop("PYTHONPROFILEIMPORTTIME", None)
 if _FIFO:
     threading.Thread(target=_serve, args=(_FIFO,), name="memprobe", daemon=True).start()
