@@ -168,3 +168,41 @@ async def test_async_lookup_evaluates_and_maps_dns_errors_to_unknown():
     with TinyDNS({}, exists=set(), broken={"contacts.example.org."}) as ns:
         verdict = await lookup_caa("contacts.example.org", LE, ACCT, ("127.0.0.1", ns.port))
         assert verdict.state == "unknown" and "failed" in verdict.detail
+
+
+def test_the_servers_caa_check_keeps_dnspython_out_of_the_server_process(tmp_path):
+    """serve's certificate manager checks CAA at start and daily, for the life of the process. dnspython (some
+    70 modules, ~3 MiB of heap that is never returned) runs that look-up in a short-lived child, so the server
+    never imports it. A fresh interpreter builds the manager, checks CAA against the test name server, and
+    reports where the verdict's record set was found (so the look-up really happened) and whether ``dns`` is
+    among its modules."""
+    import subprocess
+    import sys
+
+    text = f"""
+[server]
+domain = "contacts.example.org"
+data_dir = "{tmp_path / 'data'}"
+state_dir = "{tmp_path / 'state'}"
+[acme]
+enabled = true
+directory = "https://127.0.0.1:9/dir"
+caa_issuer = "letsencrypt.org"
+dns_server = "127.0.0.1:PORT"
+"""
+    script = """
+import asyncio, sys
+from types import SimpleNamespace
+from inverse_cloud import config as config_mod
+from inverse_cloud.certs.manager import CertManager
+m = CertManager(config_mod.loads(sys.argv[1]), SimpleNamespace(challenges=None, tls=None, https_port=0))
+v = asyncio.run(m.check_caa())
+print("verdict:", v.state, v.owner)
+print("dns loaded:", any(name == "dns" or name.startswith("dns.") for name in sys.modules))
+"""
+    with TinyDNS({"contacts.example.org.": [PINNED]}, exists=set()) as ns:
+        out = subprocess.run([sys.executable, "-c", script, text.replace("PORT", str(ns.port))],
+                             capture_output=True, text=True, timeout=120, check=True).stdout
+    verdict = out.split("verdict:")[1].split("\n")[0].split()
+    assert verdict[-1] == "contacts.example.org.", out   # the record set was found at the name itself
+    assert "dns loaded: False" in out, out

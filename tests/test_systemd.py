@@ -168,7 +168,7 @@ def test_generated_unit_passes_systemd_analyze_verify(tmp_path, user):
     assert out.stderr.strip() == "", out.stderr
     text = unit.read_text()
     for line in ("Type=notify", "WatchdogSec=30", "Restart=on-failure", "NoNewPrivileges=yes",
-                 "Environment=MALLOC_ARENA_MAX=2", "WantedBy=default.target",
+                 "Environment=MALLOC_ARENA_MAX=1", "WantedBy=default.target",
                  f"ExecStart={sys.executable} -m inverse_cloud.cli serve --config '{cfg}'"):
         assert line in text
 

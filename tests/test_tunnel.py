@@ -927,3 +927,28 @@ async def test_refused_ipv6_forwards_leave_ipv4_up(rig, caplog):
         errors = [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR]
         assert len(errors) == 1 and f"relay refused to listen on [::1]:{t.relay.https_port}: phones on IPv6" \
             in errors[0] and "IPv4 works" in errors[0], errors
+
+
+def test_the_tunnel_loads_asyncssh_without_pyopenssl():
+    """asyncssh imports pyOpenSSL when it is installed (acme needs it), for X.509 SSH certificates, which the
+    tunnel never uses (it pins an ed25519 host key and logs in with its own key). Importing the tunnel in a
+    fresh interpreter leaves pyOpenSSL unloaded, the tunnel's key handling still works, and pyOpenSSL still
+    imports afterwards for the ACME order code."""
+    import subprocess
+    import sys
+
+    script = """
+import sys
+import inverse_cloud.tunnel.link
+import asyncssh
+print("loaded:", "OpenSSL" in sys.modules)
+key = asyncssh.generate_private_key("ssh-ed25519")
+print("key:", key.export_public_key().decode().split()[0])
+import OpenSSL.crypto
+print("later:", OpenSSL.crypto.__name__)
+"""
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120,
+                         check=True).stdout
+    assert "loaded: False" in out, out
+    assert "key: ssh-ed25519" in out, out
+    assert "later: OpenSSL.crypto" in out, out

@@ -3,7 +3,8 @@
 The domain's A/AAAA records point at the relay, which owns ports 80/443, so a hostile relay could pass
 HTTP-01 (or TLS-ALPN-01) itself. A CAA record bound to our ACME account and to the challenge in use
 (RFC 8657) stops that: the CA refuses
-every other account. This module evaluates a CAA record set (pure) and looks one up (dnspython, in a thread).
+every other account. This module evaluates a CAA record set (pure) and looks one up (dnspython: in a thread, or
+for the long-running server in a short-lived child process, so that the server never imports it).
 
 States (``CaaVerdict.state``):
 
@@ -17,7 +18,9 @@ States (``CaaVerdict.state``):
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
+import sys
 from collections.abc import Sequence
 from concurrent.futures import Executor
 from dataclasses import dataclass
@@ -31,6 +34,7 @@ __all__ = [
     "evaluate",
     "issuer_domain_for",
     "lookup_caa",
+    "lookup_caa_isolated",
     "parse_issue_value",
     "recommended_record",
 ]
@@ -186,6 +190,50 @@ async def lookup_caa(domain: str, issuer: str, account_uri: str, nameserver: tup
     loop = asyncio.get_running_loop()
     try:
         records, owner = await loop.run_in_executor(executor, lookup_caa_sync, domain, nameserver)
+    except OSError as exc:
+        return CaaVerdict("unknown", str(exc))
+    return evaluate(records, issuer, account_uri, owner, method)
+
+
+# One look-up climbs at most a few names with a 5 s lifetime each; the child also pays an interpreter start.
+CHILD_TIMEOUT_S = 60.0
+
+
+async def _lookup_in_child(domain: str, nameserver: tuple[str, int] | None,
+                           timeout_s: float) -> tuple[list[CaaRecord], str]:
+    """:func:`lookup_caa_sync` in ``python -m inverse_cloud.certs.caa_child``.
+
+    :raises OSError: the look-up failed, or the child did not answer within ``timeout_s``.
+    """
+    args = [domain] + ([f"{nameserver[0]}:{nameserver[1]}"] if nameserver else [])
+    proc = await asyncio.create_subprocess_exec(sys.executable, "-m", "inverse_cloud.certs.caa_child", *args,
+                                                stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.PIPE,
+                                                stderr=asyncio.subprocess.PIPE)
+    try:
+        out, err = await asyncio.wait_for(proc.communicate(), timeout_s)
+    except TimeoutError:
+        raise OSError(f"CAA look-up of {domain} did not finish within {timeout_s:g} s") from None
+    finally:
+        if proc.returncode is None:  # timed out, or the caller was cancelled: the child goes too
+            proc.kill()
+            await proc.wait()
+    try:
+        answer = json.loads(out.decode("utf-8", "replace").strip().splitlines()[-1])
+    except (ValueError, IndexError):
+        detail = err.decode("utf-8", "replace").strip().splitlines()[-1:] or [f"exit code {proc.returncode}"]
+        raise OSError(f"CAA look-up of {domain} failed ({detail[0]})") from None
+    if "error" in answer:
+        raise OSError(str(answer["error"]))
+    return [CaaRecord(int(f), str(t), str(v)) for f, t, v in answer["records"]], str(answer["owner"])
+
+
+async def lookup_caa_isolated(domain: str, issuer: str, account_uri: str,
+                              nameserver: tuple[str, int] | None = None, method: str = METHOD,
+                              timeout_s: float = CHILD_TIMEOUT_S) -> CaaVerdict:
+    """:func:`lookup_caa` with the DNS part in a short-lived child process (dnspython stays out of the
+    caller); DNS errors, and a child that fails or hangs, become state "unknown" (never raises for DNS)."""
+    try:
+        records, owner = await _lookup_in_child(domain, nameserver, timeout_s)
     except OSError as exc:
         return CaaVerdict("unknown", str(exc))
     return evaluate(records, issuer, account_uri, owner, method)

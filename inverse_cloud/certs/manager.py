@@ -118,8 +118,6 @@ class CertManager:
         self._lock_warned = False
         self._next_caa = 0.0
         self._caa_task: asyncio.Task[caa.CaaVerdict] | None = None
-        # DNS look-ups get their own thread: a resolver timing out must not hold up shutdown or renewals.
-        self._dns_executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="caa")
         self._state_executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="cert-state")
         self.self_check_window_s = 10.0   # how long connection refusals are retried (tunnel coming up)
         self.ticks = 0         # loop iterations, full checks, attempts (self-check + order): for tests and status
@@ -142,7 +140,6 @@ class CertManager:
                 with contextlib.suppress(asyncio.CancelledError):
                     await task
         self._task = self._caa_task = None
-        self._dns_executor.shutdown(wait=False, cancel_futures=True)
         with contextlib.suppress(OSError):
             await self._save()  # what a cancelled check had recorded in memory
         self._state_executor.shutdown(wait=True)
@@ -450,8 +447,10 @@ class CertManager:
     # --- CAA -------------------------------------------------------------------------------------------
 
     async def check_caa(self) -> caa.CaaVerdict:
-        verdict = await caa.lookup_caa(self.domain, self.issuer, self._account, self.cfg.acme.dns_server,
-                                       executor=self._dns_executor, method=self.cfg.acme.caa_methods)
+        # In a child process: dnspython's modules would otherwise stay in this long-lived process for good.
+        # A resolver timing out holds up neither shutdown nor renewals (the task is cancelled, the child killed).
+        verdict = await caa.lookup_caa_isolated(self.domain, self.issuer, self._account, self.cfg.acme.dns_server,
+                                                method=self.cfg.acme.caa_methods)
         s = self.state
         changed = (s.caa_state, s.caa_detail) != (verdict.state, verdict.detail)
         s.caa_state, s.caa_detail, s.caa_checked_at = verdict.state, verdict.detail, utc(self.clock())

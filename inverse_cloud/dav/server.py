@@ -112,11 +112,13 @@ def raise_open_files_limit() -> tuple[int, int]:
     return soft, soft
 
 
-def limit_malloc_arenas(arenas: int = 2) -> bool:
+def limit_malloc_arenas(arenas: int = 1) -> bool:
     """Cap glibc's malloc arenas (``mallopt(M_ARENA_MAX)``, as ``MALLOC_ARENA_MAX`` would), before the
     first worker thread exists. glibc gives each thread that allocates under contention an arena of its
     own (up to 8 per core) and keeps their freed memory; with the Python GIL more arenas buy nothing.
-    dav_bench --with-components, 1000 cards: RSS at the last response 82.9 -> 80.2 MiB, peak 82.8 -> 80.0.
+    dav_bench --with-components, 1000 cards: RSS at the last response 82.9 -> 80.2 MiB, peak 82.8 -> 80.0
+    (8 -> 2 arenas); one arena (the main heap, shared) gives RssAnon at ready 43.1 -> 42.3 MiB with relay and
+    ACME configured (bench/memory_bench.py for the figure after a workload).
     An explicit MALLOC_ARENA_MAX in the environment wins. Returns True if the cap was set."""
     if "MALLOC_ARENA_MAX" in os.environ:
         return False
