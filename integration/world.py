@@ -436,10 +436,16 @@ class World:
         self._knotc("zone-commit", ZONE)
         return [f"{o} {t} {' '.join(r)}" for o, t, r in records]
 
-    def unpublish(self, owner: str, rtype: str) -> None:
-        """Remove every ``rtype`` record of ``owner``."""
+    def unpublish(self, owner: str, rtype: str, *, missing_ok: bool = False) -> None:
+        """Remove every ``rtype`` record of ``owner`` (``missing_ok``: none there is fine, nothing changes)."""
         self._knotc("zone-begin", ZONE)
-        self._knotc("zone-unset", ZONE, owner.rstrip(".") + ".", rtype)
+        try:
+            self._knotc("zone-unset", ZONE, owner.rstrip(".") + ".", rtype)
+        except RuntimeError:
+            self._knotc("zone-abort", ZONE)
+            if missing_ok:
+                return
+            raise
         self._knotc("zone-commit", ZONE)
 
     # --- the CA -----------------------------------------------------------------------------------------
