@@ -36,11 +36,10 @@ from relay_sshd import configure
 
 from inverse_cloud import config as config_mod
 from tests.support import wait_until
-from tests.support.docs import Block, all_blocks, command_lines, shell_blocks
+from tests.support.docs import DocBlocks, shell_blocks
 
 PASSWORD = "correct horse"
 REPO = Path(__file__).resolve().parent.parent
-DOCS = ("README.md", "docs/setup.md")
 
 
 def card(uid: str, name: str) -> str:
@@ -142,35 +141,6 @@ def tree_hash(root: Path) -> dict[str, str]:
             if p.is_file() and ".Radicale.cache" not in p.parts and p.name != ".Radicale.lock"}
 
 
-class DocBlocks:
-    """The code blocks of README.md and docs/setup.md whose mark says ``run on ROLE by <test>``; the journey
-    takes each before it runs it, and :meth:`assert_all_ran` fails on one it never took."""
-
-    def __init__(self, test: str) -> None:
-        self.test = test
-        self.mine = [b for doc in DOCS for b in all_blocks(REPO / doc, REPO) if (b.run_by() or ("", ""))[1] == test]
-        self.ran: set[Block] = set()
-
-    def take(self, doc: str, first: str, role: str = "laptop") -> Block:
-        block = next((b for b in self.mine if b.doc == doc and b.lines[0].startswith(first)), None)
-        assert block is not None, f"{doc}: no block starting {first!r} marked 'run on {role} by {self.test}'"
-        assert block.run_by() == (role, self.test), block.mark
-        self.ran.add(block)
-        return block
-
-    def line(self, block: Block, first: str) -> str:
-        """The block's command line that starts with ``first``, as written (its trailing comment included)."""
-        found = [line for line in command_lines(list(block.lines)) if line.startswith(first)]
-        assert len(found) == 1, (first, block.lines)
-        return found[0]
-
-    def assert_all_ran(self) -> None:
-        missing = [b.where for b in self.mine if b not in self.ran]
-        assert not missing, f"blocks marked 'run ... by {self.test}' that it never ran: {missing}"
-
-
-# --- the journey in the test world (integration/world.py) -------------------------------------------------
-
 def _copy_repo(dest: Path) -> Path:
     """This checkout as a user's clone would be (no venv, caches or git metadata)."""
     import shutil
@@ -253,6 +223,16 @@ def use_the_world_ca(cfg: Path) -> None:
     configure(cfg, "acme", directory=f"https://{CA_NAME}:{PEBBLE_PORT}/dir",
               ca_bundle="/etc/ssl/certs/ca-certificates.crt", caa_issuer="pebble.invalid")
     configure(cfg, "relay", keepalive_interval_s=2, keepalive_count_max=3, connect_timeout_s=5)
+
+
+def authorize_admin_key(world) -> None:
+    """The admin's SSH key (ssh-keygen's default path, ~/.ssh made as ssh-keygen makes it), installed for root
+    on the relay as a VPS provider does."""
+    dot_ssh = world.laptop_home / ".ssh"
+    dot_ssh.mkdir(mode=0o700, exist_ok=True)
+    key = dot_ssh / "id_ed25519"
+    world.run("laptop", "ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(key), check=True)
+    world.authorize_admin(Path(f"{key}.pub").read_text())
 
 
 def apply_relay_side(world, laptop: Laptop, line: str) -> None:
@@ -340,7 +320,7 @@ def test_journey_in_the_world(world, tmp_path):
     SIGTERM, exit 0."""
     from world import DOMAIN, HOSTS, RELAY_NAME
 
-    docs = DocBlocks("test_journey_in_the_world")
+    docs = DocBlocks(REPO, "test_journey_in_the_world")
     t0 = time.monotonic()
     steps: list[tuple[str, float]] = []
 
@@ -393,9 +373,7 @@ def test_journey_in_the_world(world, tmp_path):
     mark("init on a terminal")
 
     # 3. The VPS provider's part: the admin's key for root on the relay.
-    key = world.laptop_home / ".ssh" / "id_ed25519"
-    world.run("laptop", "ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(key), check=True)
-    world.authorize_admin(Path(f"{key}.pub").read_text())
+    authorize_admin_key(world)
 
     # 4. README's next block: relay-setup --apply root@relay on a terminal.
     readme_next = docs.take("README.md", "inverse-cloud relay-setup --apply")
@@ -509,7 +487,7 @@ def test_setup_md_in_the_world(world, tmp_path):
     export held, byte for byte on the laptop."""
     from world import DOMAIN, HOSTS
 
-    docs = DocBlocks("test_setup_md_in_the_world")
+    docs = DocBlocks(REPO, "test_setup_md_in_the_world")
     t0 = time.monotonic()
     steps: list[tuple[str, float]] = []
 
@@ -522,8 +500,11 @@ def test_setup_md_in_the_world(world, tmp_path):
     home = world.laptop_home
     for gone in (".config/inverse-cloud", ".local/share/inverse-cloud", ".ssh", ".config/systemd"):
         subprocess.run(["rm", "-rf", str(home / gone)], check=True)
-    world.unpublish(DOMAIN, "A", missing_ok=True)
-    world.unpublish(DOMAIN, "CAA", missing_ok=True)
+    zone = DOMAIN.split(".", 1)[1]
+    for owner, rtype in ((DOMAIN, "A"), (DOMAIN, "CAA"), (f"_carddavs._tcp.{zone}", "SRV"),
+                         (f"_caldavs._tcp.{zone}", "SRV"), (f"_carddavs._tcp.{zone}", "TXT"),
+                         (f"_caldavs._tcp.{zone}", "TXT")):
+        world.unpublish(owner, rtype, missing_ok=True)  # an earlier journey's records: the new laptop's own
     mark("second laptop")
 
     # Step 1: init from flags; the password file is the user's.
@@ -539,9 +520,7 @@ def test_setup_md_in_the_world(world, tmp_path):
     mark("init from flags")
 
     # Step 2: the provider's part (the admin's key for root), then relay-setup --apply on a terminal.
-    key = home / ".ssh" / "id_ed25519"
-    world.run("laptop", "ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(key), check=True)
-    world.authorize_admin(Path(f"{key}.pub").read_text())
+    authorize_admin_key(world)
     relay = docs.take("docs/setup.md", "inverse-cloud relay-setup --apply")
     apply_relay_side(world, laptop, relay.lines[0])
     mark("relay-setup --apply")

@@ -7,7 +7,7 @@ import re
 from pathlib import Path
 
 from inverse_cloud.cli import build_parser
-from tests.support.docs import all_blocks, command_lines, shell_blocks
+from tests.support.docs import DOCS_AS_TESTS, all_blocks, command_lines, shell_blocks
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -35,16 +35,17 @@ def test_every_documented_inverse_cloud_command_parses():
     assert seen >= 10, seen
 
 
-DOCS_AS_TESTS = ("README.md", "docs/setup.md")
-ROLES = {"laptop", "relay", "phone"}
+ROLES = {"laptop", "relay", "phone", "container"}  # hosts of the test world; a systemd-nspawn container
+RUNNERS = ("integration/test_journey.py", "integration/test_systemd_user.py")
 
 
 def test_every_block_is_run_by_a_journey_or_marked_not_run():
     """Each code block of README.md and docs/setup.md carries a `<!-- docs-test: ... -->` mark: `run on ROLE by
-    TEST`, where TEST is a test function of integration/test_journey.py (which asserts at its end that it ran
-    every block marked with its name), or `not run: REASON`. A new block without a mark fails here, so the docs
+    TEST`, where TEST is a test function of one of RUNNERS (which asserts at its end that it ran every block
+    marked with its name), or `not run: REASON`. A new block without a mark fails here, so the docs
     cannot drift from what the journeys run without anyone deciding so."""
-    journeys = set(re.findall(r"^def (test_\w+)\(", (REPO / "integration" / "test_journey.py").read_text(), re.M))
+    journeys = {name for runner in RUNNERS
+                for name in re.findall(r"^def (test_\w+)\(", (REPO / runner).read_text(), re.M)}
     problems, runs = [], 0
     for doc in DOCS_AS_TESTS:
         for block in all_blocks(REPO / doc, REPO):

@@ -10,7 +10,10 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
-__all__ = ["Block", "all_blocks", "command_lines", "shell_blocks"]
+__all__ = ["DOCS_AS_TESTS", "Block", "DocBlocks", "all_blocks", "command_lines", "shell_blocks"]
+
+# the documents whose every code block is run by a test or marked as not run
+DOCS_AS_TESTS = ("README.md", "docs/setup.md")
 
 
 def _section(text: str, heading: str) -> list[str]:
@@ -140,3 +143,32 @@ def all_blocks(path: Path, root: Path | None = None) -> list[Block]:
         if line.strip():
             last_text = line
     return [b for b in out if b.lines]
+
+
+class DocBlocks:
+    """The code blocks of README.md and docs/setup.md whose mark says ``run on ROLE by <test>``; the test
+    takes each before it runs it, and :meth:`assert_all_ran` fails on one it never took."""
+
+    def __init__(self, repo: Path, test: str) -> None:
+        self.test = test
+        self.mine = [b for doc in DOCS_AS_TESTS for b in all_blocks(repo / doc, repo)
+                     if (b.run_by() or ("", ""))[1] == test]
+        self.ran: set[Block] = set()
+
+    def take(self, doc: str, first: str, role: str = "laptop") -> Block:
+        block = next((b for b in self.mine if b.doc == doc and b.lines[0].startswith(first)), None)
+        assert block is not None, f"{doc}: no block starting {first!r} marked 'run on {role} by {self.test}'"
+        assert block.run_by() == (role, self.test), block.mark
+        self.ran.add(block)
+        return block
+
+    def line(self, block: Block, first: str) -> str:
+        """The block's command line that starts with ``first``, as written (its trailing comment included)."""
+        found = [line for line in command_lines(list(block.lines)) if line.startswith(first)]
+        assert len(found) == 1, (first, block.lines)
+        return found[0]
+
+    def assert_all_ran(self) -> None:
+        missing = [b.where for b in self.mine if b not in self.ran]
+        assert not missing, f"blocks marked 'run ... by {self.test}' that it never ran: {missing}"
+
