@@ -241,6 +241,9 @@ class World:
             env.update(HOME=str(self.laptop_home), USER="root", LOGNAME="root",
                        PATH="/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin")
             env.pop("PYTHONPATH", None)
+            # this machine's user manager is not the laptop's: `service install` must never start a unit here
+            for key in ("XDG_RUNTIME_DIR", "DBUS_SESSION_BUS_ADDRESS"):
+                env.pop(key, None)
         return env
 
     def run(self, role: str, *argv: str, timeout: float = 120, input: str | None = None,  # noqa: A002
