@@ -475,7 +475,7 @@ def test_journey_in_the_world(world, tmp_path):
 @pytest.mark.slow
 def test_setup_md_in_the_world(world, tmp_path):
     """docs/setup.md's steps in a user's order, on a second laptop (the installed package kept; its config, data
-    and ~/.ssh gone, the old records unpublished): step 1's `init --non-interactive` with the password in
+    state and ~/.ssh gone, the old records unpublished): step 1's `init --non-interactive` with the password in
     ~/pw.txt -> the admin's key on the relay (the provider's part) -> step 2's `relay-setup --apply
     root@relay.example.org` on a terminal -> step 3's records, as doctor prints them, published -> step 4's
     `service install` (it says no user manager answers) -> `serve`, a Pebble certificate -> a phone syncs through
@@ -498,7 +498,8 @@ def test_setup_md_in_the_world(world, tmp_path):
     install_on_laptop(world)
     world.stop("serve")  # an earlier journey's server, if it failed before its own SIGTERM
     home = world.laptop_home
-    for gone in (".config/inverse-cloud", ".local/share/inverse-cloud", ".ssh", ".config/systemd"):
+    for gone in (".config/inverse-cloud", ".local/share/inverse-cloud", ".local/state/inverse-cloud", ".ssh",
+                 ".config/systemd"):
         subprocess.run(["rm", "-rf", str(home / gone)], check=True)
     zone = DOMAIN.split(".", 1)[1]
     for owner, rtype in ((DOMAIN, "A"), (DOMAIN, "CAA"), (f"_carddavs._tcp.{zone}", "SRV"),
