@@ -474,7 +474,7 @@ def test_journey_in_the_world(world, tmp_path):
 
 @pytest.mark.slow
 def test_setup_md_in_the_world(world, tmp_path):
-    """docs/setup.md's steps in a user's order, on a second laptop (the installed package kept; its config, data
+    """docs/setup.md's steps in a user's order, on a second laptop (the installed package kept; its config, data,
     state and ~/.ssh gone, the old records unpublished): step 1's `init --non-interactive` with the password in
     ~/pw.txt -> the admin's key on the relay (the provider's part) -> step 2's `relay-setup --apply
     root@relay.example.org` on a terminal -> step 3's records, as doctor prints them, published -> step 4's
