@@ -244,7 +244,10 @@ def apply_relay_side(world, laptop: Laptop, line: str) -> None:
     assert f"--apply root@{RELAY_NAME}" in line, line
     relay_fp = world.relay_fingerprint()
     child = laptop.spawn_shell(line)
-    child.expect(r"Are you sure you want to continue connecting \(yes/no")
+    try:
+        child.expect(r"Are you sure you want to continue connecting \(yes/no")
+    except __import__("pexpect").EOF:
+        raise AssertionError(f"ssh asked nothing:\n{child.logfile_read.getvalue()}") from None
     assert relay_fp in (child.before or ""), child.before
     child.sendline("yes")
     child.expect(r"Does it match .* \[y/N\]")
