@@ -247,7 +247,9 @@ def apply_relay_side(world, laptop: Laptop, line: str) -> None:
     try:
         child.expect(r"Are you sure you want to continue connecting \(yes/no")
     except __import__("pexpect").EOF:
-        raise AssertionError(f"ssh asked nothing:\n{child.logfile_read.getvalue()}") from None
+        probe = world.run("laptop", "ssh", "-v", "-o", "BatchMode=yes", f"root@{RELAY_NAME}", "true", timeout=60)
+        raise AssertionError(f"ssh asked nothing:\n{child.logfile_read.getvalue()}\nssh -v:\n"
+                             f"{probe.stderr[-3000:]}") from None
     assert relay_fp in (child.before or ""), child.before
     child.sendline("yes")
     child.expect(r"Does it match .* \[y/N\]")
