@@ -262,6 +262,9 @@ class World:
                        LOGNAME="root",
                        PATH="/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin")
             env.pop("PYTHONPATH", None)
+            # this machine's user manager is not the laptop's: `service install` must never start a unit here
+            for key in ("XDG_RUNTIME_DIR", "DBUS_SESSION_BUS_ADDRESS"):
+                env.pop(key, None)
         return env
 
     def run(self, role: str, *argv: str, timeout: float = 120, input: str | None = None,  # noqa: A002
@@ -506,10 +509,16 @@ class World:
         self._knotc("zone-commit", ZONE)
         return [f"{o} {t} {' '.join(r)}" for o, t, r in records]
 
-    def unpublish(self, owner: str, rtype: str) -> None:
-        """Remove every ``rtype`` record of ``owner``."""
+    def unpublish(self, owner: str, rtype: str, *, missing_ok: bool = False) -> None:
+        """Remove every ``rtype`` record of ``owner`` (``missing_ok``: none there is fine, nothing changes)."""
         self._knotc("zone-begin", ZONE)
-        self._knotc("zone-unset", ZONE, owner.rstrip(".") + ".", rtype)
+        try:
+            self._knotc("zone-unset", ZONE, owner.rstrip(".") + ".", rtype)
+        except RuntimeError:
+            self._knotc("zone-abort", ZONE)
+            if missing_ok:
+                return
+            raise
         self._knotc("zone-commit", ZONE)
 
     # --- the CA -----------------------------------------------------------------------------------------

@@ -9,7 +9,7 @@ cd "$(dirname "$0")/.."
 SUDO=""; [ "$(id -u)" = 0 ] || SUDO="sudo"
 need=(python3-venv openssh-server openssh-client pebble vdirsyncer curl nftables iptables faketime socat nginx autossh
       systemd chromium zbar-tools iproute2 procps openssl util-linux libnginx-mod-stream
-      sslh knot pdns-server pdns-backend-sqlite3)  # sslh: SSH on 443 (integration/test_ssh_on_443.py); knot: the test world's authoritative DNS server (integration/world.py); PowerDNS with its HTTP API: setup --dns powerdns (integration/test_setup_journey.py)
+      sslh knot pdns-server pdns-backend-sqlite3 systemd-container)  # sslh: SSH on 443 (integration/test_ssh_on_443.py); knot: the test world's authoritative DNS server (integration/world.py); PowerDNS with its HTTP API: setup --dns powerdns (integration/test_setup_journey.py); systemd-container: systemd-nspawn boots a container with a real systemd for the user unit (integration/test_systemd_user.py)
 # accounts the tests create on this machine (integration/relay_sshd.py's tunnel user); removed at the end
 test_users=(ictunnel)
 users_before=()
