@@ -14,7 +14,7 @@ from typing import Any
 
 from inverse_cloud.config import Config
 
-__all__ = ["PREDEFINED_COLLECTIONS", "STORAGE_PLUGIN", "build_application", "radicale_options"]
+__all__ = ["AUTH_PLUGIN", "PREDEFINED_COLLECTIONS", "STORAGE_PLUGIN", "build_application", "radicale_options"]
 
 # Every user gets an address book and a calendar at first login, so a phone finds something to sync
 # and Thunderbird (which cannot create collections) has a target.
@@ -30,6 +30,7 @@ PREDEFINED_COLLECTIONS = {
 
 # The module path of inverse_cloud.dav.storage, named here so that building the options imports no Radicale.
 STORAGE_PLUGIN = "inverse_cloud.dav.storage"
+AUTH_PLUGIN = "inverse_cloud.dav.auth"
 
 
 def radicale_options(cfg: Config) -> dict[str, dict[str, str]]:
@@ -47,7 +48,8 @@ def radicale_options(cfg: Config) -> dict[str, dict[str, str]]:
             "delay_on_error": "0",
         },
         "auth": {
-            "type": "htpasswd",
+            # Radicale's htpasswd, except that a re-read finding a broken file keeps the users it had.
+            "type": AUTH_PLUGIN,
             "htpasswd_filename": str(s.htpasswd_path),
             "htpasswd_encryption": "autodetect",
             # The failed-login delay is applied by web.py with an async sleep: Radicale's own
