@@ -63,6 +63,11 @@ def flood(port: int) -> tuple[int, int, float]:
 
 
 def test_l5_connection_flood_through_the_relay(relay_instance, tmp_path: Path) -> None:
+    """L5: 2,000 connects (each closed at once) to the relay's forwarded HTTPS port while the tunnel is up.
+    Expected: at least half of them were made and the relay accepted some; serve is alive; a PUT and a
+    PROPFIND through the relay work again within 60 s (the flood's channels count against the same address
+    until closed); the tunnel kept its sshd session; the fd count returns to the steady baseline (+ slack);
+    no traceback and at most two WARNING/ERROR lines; exit 0 on stop. Counts and times are printed."""
     cfg, relay = relay_instance
     cafile = selfsigned_cert(cfg.parent)
     with ServeProcess(cfg) as srv:

@@ -160,10 +160,10 @@ def test_flapping_network_gives_bounded_reconnects_and_a_working_tunnel(tmp_path
                     laptop.ip("link", "set", laptop.laptop_if, "down")
                     time.sleep(0.25)            # the flapping itself, not a wait for a condition
                     laptop.ip("link", "set", laptop.laptop_if, "up")
-                    time.sleep(0.25)
+                    time.sleep(0.25)            # the flapping pace
                 else:
                     laptop.change_address(laptop.address, f"10.99.7.{4 + i}")   # a new one each time
-                    time.sleep(0.5)
+                    time.sleep(0.5)             # the flapping pace, not a wait for a condition
             flapped_s = time.monotonic() - t0
             print(f"\n[netwatch] 10 {flap} flaps took {flapped_s:.2f} s")
             after_flaps = phone.counts()

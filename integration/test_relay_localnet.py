@@ -113,6 +113,9 @@ def test_loopback_services_stay_unreachable_from_the_segment(tmp_path, nat):
     for tool in ("ip", "curl", "nft" if nat == "nft" else "iptables-restore"):
         assert _run("sh", "-c", f"command -v {tool}", check=False).returncode == 0, f"{tool} is needed"
     with _segment() as (relay_ns, nbr_ns), _http_server(relay_ns, HIDDEN_PORT), _http_server(relay_ns, FORWARD_PORT):
+        # The control: without the rules the neighbour does reach the loopback service (so the check below can
+        # fail, and the segment really routes 127.0.0.1 to the relay).
+        assert _status(nbr_ns, f"http://127.0.0.1:{HIDDEN_PORT}/") == "200", "the attack path does not work here"
         _load(relay_ns, nat, tmp_path)
         assert _status(nbr_ns, f"http://{RELAY_ADDR}:443/") == "200", "the DNAT path is broken"
         assert _status(nbr_ns, f"http://127.0.0.1:{HIDDEN_PORT}/") != "200", \

@@ -26,6 +26,12 @@ def curl(*args: str) -> subprocess.CompletedProcess[str]:
 
 
 def test_nginx_sni_routing_variant(tmp_path):
+    """nginx with the rendered nginx-stream.conf / nginx-http.conf in front of the tunnel (listen ports and the
+    existing site's address moved to loopback test ports). Expected: laptop.test on 443 reaches our DAV (a
+    PROPFIND lists alice's address book) with the laptop's own certificate (same serial as the laptop's
+    listener: no TLS termination on the relay); other.test reaches the existing site; port 80 answers our
+    308; once the laptop is gone (forwards released), 443 fails without an HTTP answer and 80 closes with an
+    empty reply (curl exit 52), never an nginx error page."""
     assert sshd_available() is None, sshd_available()
     assert os.path.exists(NGINX), "nginx missing: apt-get install nginx"
     assert os.path.exists(STREAM_MODULE), "nginx stream module missing: apt-get install libnginx-mod-stream"

@@ -10,9 +10,10 @@ once; the others keep serving.
 from __future__ import annotations
 
 import asyncio
+import inspect
 import logging
 import signal
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from typing import Protocol, runtime_checkable
 
 __all__ = ["Component", "Supervisor"]
@@ -35,7 +36,9 @@ class Supervisor:
         self._started: list[Component] = []
         self._stop = asyncio.Event()
         self.stop_reason = ""
-        self._reload_hooks: list[Callable[[], None]] = []
+        # A hook may be a coroutine function (work it must keep off the event loop runs in a thread).
+        self._reload_hooks: list[Callable[[], Awaitable[None] | None]] = []
+        self._reloads: set[asyncio.Task[None]] = set()
         self.on_ready: list[Callable[[], None]] = []
         self.on_stopping: list[Callable[[], None]] = []
 
@@ -56,11 +59,21 @@ class Supervisor:
             self.stop_reason = reason
             self._stop.set()
 
-    def reload(self) -> None:
+    def reload(self) -> asyncio.Task[None]:
+        """SIGHUP: every component's ``reload()``, in start order, in a task (the signal handler returns
+        at once). A hook that fails is logged once and the others still run."""
         log.info("reloading certificates and users (SIGHUP)")
+        task = asyncio.get_running_loop().create_task(self._reload())
+        self._reloads.add(task)
+        task.add_done_callback(self._reloads.discard)
+        return task
+
+    async def _reload(self) -> None:
         for hook in self._reload_hooks:
             try:
-                hook()
+                result = hook()
+                if inspect.isawaitable(result):
+                    await result
             except Exception as exc:  # boundary: a reload failure must not kill a serving process
                 log.error("reload failed: %s", exc, exc_info=True)
 

@@ -121,6 +121,30 @@ def test_relay_host_enables_relay_and_acme_staging_switches_directory():
     assert cfg.acme.directory == config.LETSENCRYPT_STAGING
 
 
+def test_staging_switches_only_the_default_directory():
+    """staging = true with a directory of one's own keeps that directory (staging means Let's Encrypt's)."""
+    cfg = config.loads(GOOD + '[acme]\nstaging = true\ndirectory = "https://ca.example/dir"\n')
+    assert cfg.acme.directory == "https://ca.example/dir"
+
+
+def test_relay_fallback_port_and_proxy_protocol_are_read():
+    cfg = config.loads(GOOD + '[relay]\nhost = "relay.example"\nfallback_port = 443\nproxy_protocol = true\n')
+    assert (cfg.relay.fallback_port, cfg.relay.proxy_protocol) == (443, True)
+
+
+def test_config_path_order(monkeypatch, tmp_path):
+    """--config wins over $INVERSE_CLOUD_CONFIG, which wins over the default; ~ is expanded."""
+    import argparse
+
+    monkeypatch.setenv("INVERSE_CLOUD_CONFIG", str(tmp_path / "env.toml"))
+    assert config.config_path(argparse.Namespace(config=str(tmp_path / "flag.toml"))) == tmp_path / "flag.toml"
+    assert config.config_path(argparse.Namespace()) == tmp_path / "env.toml"
+    monkeypatch.delenv("INVERSE_CLOUD_CONFIG")
+    assert config.config_path(argparse.Namespace(config=None)) == config.default_config_path()
+    monkeypatch.setenv("HOME", str(tmp_path))
+    assert config.config_path(argparse.Namespace(config="~/c.toml")) == tmp_path / "c.toml"
+
+
 @pytest.mark.parametrize(("value", "methods", "caa"), [
     ("http-01", ("http-01",), "http-01"),
     ("tls-alpn-01", ("tls-alpn-01",), "tls-alpn-01"),

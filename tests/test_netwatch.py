@@ -103,6 +103,8 @@ def test_resumed_table(mono, boot, expected):
     ("relay closed the connection (Connection lost)", "relay closed"),
     ("Connection lost", "relay closed"),
     ("connection reset", "connection reset"),
+    ("Connection reset by peer", "connection reset"),
+    ("Disconnected by the relay", "relay closed"),
     ("[Errno 32] Broken pipe", "relay closed"),        # the relay ended the session while we were frozen
     ("something new", "something new"),
 ])

@@ -110,3 +110,46 @@ async def test_drain_timeout_is_one_warning_with_the_count(cfg, caplog):
     warnings = [r.getMessage() for r in caplog.records
                 if r.name == "inverse_cloud.dav.server" and r.levelno == logging.WARNING]
     assert warnings == ["1 request(s) still running after 1 s; closing their connections"]
+
+
+async def test_a_slow_reload_leaves_the_loop_answering(cfg, monkeypatch):
+    """SIGHUP's new Radicale app takes long to build (the builder waits until the test releases it). While
+    it is being built, alice's PROPFIND is answered by the old app and the HTTP listener answers too: the
+    build runs in a worker thread, not on the event loop. Released, the reload ends and the new app serves."""
+    from inverse_cloud.dav import server as server_module
+    from inverse_cloud.supervisor import Supervisor
+
+    srv = DavServer(cfg(shutdown_timeout_s=5))
+    await srv.start()
+    building, release, built = threading.Event(), threading.Event(), threading.Event()
+    real_build = server_module.build_application
+
+    def slow_build(c: config.Config) -> Any:
+        building.set()
+        release.wait(15)          # the test releases it; a blocked loop cannot, so this ends it regardless
+        app = real_build(c)
+        built.set()
+        return app
+
+    monkeypatch.setattr(server_module, "build_application", slow_build)
+    supervisor = Supervisor()
+    supervisor.add(srv)
+    assert srv.bridge is not None
+    old_app = srv.bridge.app
+    try:
+        reload = supervisor.reload()
+        await wait_for(building.is_set, "the reload's build to start")
+        async with aiohttp.ClientSession() as s:
+            async with s.request("PROPFIND", f"https://127.0.0.1:{srv.https_port}/radicale/alice/",
+                                 headers={"Authorization": BASIC_ALICE, "Depth": "0"}, ssl=False) as r:
+                assert r.status == 207
+            async with s.get(f"http://127.0.0.1:{srv.http_port}/x", allow_redirects=False) as r:
+                assert r.status in (301, 308)
+        assert not built.is_set(), "the requests were answered only after the build ended"
+        assert srv.bridge.app is old_app
+        release.set()
+        await asyncio.wait_for(reload, 30)
+        assert built.is_set() and srv.bridge.app is not old_app
+    finally:
+        release.set()
+        await srv.aclose()

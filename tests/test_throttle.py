@@ -122,3 +122,84 @@ async def test_fresh_valid_login_answers_quickly_under_a_guessing_flood(tmp_path
     assert 5 * statuses.get(401, 0) < statuses.get(429, 0), statuses  # most guesses never reach bcrypt
     bridge.replace_app(app)
     assert bridge.is_known_good(_basic("alice", "correct horse"))
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 0.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def _fail(t: AddressThrottle, address: str, n: int) -> None:
+    for _ in range(n):
+        t.begin(address)
+        t.end(address, failed=True, succeeded=False)
+
+
+def test_failures_are_forgotten_only_after_more_than_forget_s():
+    """Five failures at t=0. At exactly FORGET_S they still count (one more makes six: 4 s); past it they are
+    forgotten (three more make three: no wait)."""
+    clock = Clock()
+    t = AddressThrottle(clock)
+    _fail(t, "a", 5)
+    clock.now = throttle.FORGET_S
+    assert t.retry_after("a") == 0.0
+    _fail(t, "a", 1)
+    assert t.retry_after("a") == 4.0
+    clock.now = 2 * throttle.FORGET_S + 1
+    assert t.retry_after("a") == 0.0
+    _fail(t, "a", 3)
+    assert t.retry_after("a") == 0.0
+
+
+def test_retry_after_is_the_backoff_left_then_the_in_flight_limit():
+    """Four failures at t=0 (1 s backoff): at 0.5 s, 0.5 s are left; at exactly 1 s with two requests in
+    flight the in-flight limit answers (1 s), and with one ending, nothing."""
+    clock = Clock()
+    t = AddressThrottle(clock)
+    _fail(t, "a", 4)
+    clock.now = 0.5
+    assert t.retry_after("a") == 0.5
+    clock.now = 1.0
+    t.begin("a")
+    t.begin("a")
+    assert t.retry_after("a") == 1.0
+    t.end("a", failed=False, succeeded=False)
+    assert t.retry_after("a") == 0.0
+
+
+def test_one_request_ending_frees_one_slot():
+    t = AddressThrottle(Clock())
+    for _ in range(3):
+        t.begin("a")
+    t.end("a", failed=False, succeeded=False)
+    assert t.retry_after("a") == 1.0          # two still in flight
+
+
+def test_a_success_between_failures_resets_the_count_to_zero():
+    t = AddressThrottle(Clock())
+    for _ in range(3):
+        t.begin("a")
+    t.end("a", failed=True, succeeded=False)
+    t.end("a", failed=False, succeeded=True)
+    t.end("a", failed=True, succeeded=False)
+    _fail(t, "a", 3)
+    assert t.retry_after("a") == 1.0          # 1 + 3 failures since the success: the first step of the backoff
+
+
+def test_addresses_are_pruned_only_when_the_table_is_full(monkeypatch):
+    """MAX_TRACKED = 3: an old failed address stays while there is room; once the table is full, a new
+    address prunes it (not one with a request in flight)."""
+    monkeypatch.setattr(throttle, "MAX_TRACKED", 3)
+    clock = Clock()
+    t = AddressThrottle(clock)
+    _fail(t, "old", 1)
+    clock.now = throttle.FORGET_S + 1
+    t.begin("busy")
+    assert set(t._sources) == {"old", "busy"}
+    t.begin("third")
+    assert set(t._sources) == {"old", "busy", "third"}
+    t.begin("fourth")
+    assert set(t._sources) == {"busy", "third", "fourth"}

@@ -75,6 +75,17 @@ def test_classify(exc, kind, needle):
     assert needle in failure.message and "\n" not in failure.message
 
 
+@pytest.mark.parametrize("exc,message", [
+    (ConnectionRefusedError(111, "Connection refused"), "connection refused"),
+    (ConnectionResetError(104, "reset"), "connection reset"),
+    (TimeoutError(), "timed out"),
+    (OSError(113, "No route to host"), "No route to host"),
+])
+def test_classify_network_errors_in_exact_words(exc, message):
+    """The words status and the log show for a network error are exactly these (no more, no less)."""
+    assert classify(exc, offered_fp=None, **CTX) == Failure("transient", message)
+
+
 FIX = "if you rebuilt the relay run `inverse-cloud relay-setup --accept-new-host-key`"
 
 
@@ -834,6 +845,7 @@ def _tunnel_function(name: str):
 @pytest.mark.parametrize(("text", "line"), [
     ("Keepalive timeout", "no answer to keepalives"), ("Connection timed out", "no answer to keepalives"),
     ("read TIMEOUT", "no answer to keepalives"), ("Connection reset by peer", "connection reset"),
+    ("SSH keepalive lost", "no answer to keepalives"),
     ("Disconnected by peer", "Disconnected by peer"), ("", "ConnectionLost"),
 ])
 def test_why_a_link_went_down_in_words(text, line):

@@ -57,8 +57,19 @@ async def test_memory_is_released_after_idle_only(monkeypatch: pytest.MonkeyPatc
             app.hold.set()
             held = asyncio.create_task(s.get(url))
             await asyncio.to_thread(wait_until, lambda: bridge.in_flight == 1, 5, "a request in flight")
+            checks: list[int] = []
+            release_memory = bridge._release_memory
+
+            def counted() -> None:
+                checks.append(bridge.in_flight)
+                release_memory()
+
+            bridge._release_memory = counted  # type: ignore[method-assign]  # the timer looks it up per call
             bridge._schedule_release()  # as if another request had just finished
-            await asyncio.sleep(0.3)  # several idle periods pass while the request is held
+            # Three idle checks come and go while the request is held (counted, not timed: under load a fixed
+            # wait could end before the first check and pass without testing anything).
+            await asyncio.to_thread(wait_until, lambda: len(checks) >= 3, 10, "three idle checks")
+            assert all(n == 1 for n in checks[:3])
             assert len(trims) == 1, "trimmed while a request was running"
             app.release.set()
             async with await held as r:

@@ -20,8 +20,8 @@ from inverse_cloud.config import Config
 
 log = logging.getLogger(__name__)
 
-__all__ = ["LOGIN_CACHE_S", "PREDEFINED_COLLECTIONS", "STORAGE_PLUGIN", "UserFileWatch", "build_application",
-           "radicale_options"]
+__all__ = ["AUTH_PLUGIN", "LOGIN_CACHE_S", "PREDEFINED_COLLECTIONS", "STORAGE_PLUGIN", "UserFileWatch",
+           "build_application", "radicale_options"]
 
 # How long Radicale keeps a verified login (counted from the check, not from the last use). Radicale's
 # default, 15 s, makes a phone's first request after any pause longer than that (a 20 s outage, a suspend,
@@ -44,6 +44,7 @@ PREDEFINED_COLLECTIONS = {
 
 # The module path of inverse_cloud.dav.storage, named here so that building the options imports no Radicale.
 STORAGE_PLUGIN = "inverse_cloud.dav.storage"
+AUTH_PLUGIN = "inverse_cloud.dav.auth"
 
 
 def radicale_options(cfg: Config) -> dict[str, dict[str, str]]:
@@ -61,7 +62,8 @@ def radicale_options(cfg: Config) -> dict[str, dict[str, str]]:
             "delay_on_error": "0",
         },
         "auth": {
-            "type": "htpasswd",
+            # Radicale's htpasswd, except that a re-read finding a broken file keeps the users it had.
+            "type": AUTH_PLUGIN,
             "htpasswd_filename": str(s.htpasswd_path),
             "htpasswd_encryption": "autodetect",
             # The failed-login delay is applied by web.py with an async sleep: Radicale's own
@@ -97,6 +99,11 @@ def radicale_options(cfg: Config) -> dict[str, dict[str, str]]:
     return options
 
 
+# The version (size, mtime, inode) of each user file whose refusal has been reported, so a broken file is
+# one ERROR line whether SIGHUP's rebuild or a request's noticed it first.
+_REFUSED: dict[Path, tuple[int, int, int] | None] = {}
+
+
 class UserFileWatch:
     """A WSGI app that rebuilds the Radicale app it wraps when the user file changes (size, mtime or
     inode), in the worker thread that notices it, before the request is served: Radicale's login cache
@@ -107,7 +114,11 @@ class UserFileWatch:
         self._build, self._path = build, user_file
         self._lock = threading.Lock()
         self._stamp = self._read_stamp()
-        self._app = build()
+        try:
+            self._app = build()
+        except Exception:
+            _REFUSED[self._path] = self._stamp  # the caller reports it (SIGHUP's "reload failed" line)
+            raise
 
     def _read_stamp(self) -> tuple[int, int, int] | None:
         try:
@@ -125,8 +136,9 @@ class UserFileWatch:
                     try:
                         self._app = self._build()
                     except Exception as exc:  # boundary: a broken user file must not fail every request
-                        log.warning("user file %s changed but cannot be used (%s); keeping the previous "
-                                    "Radicale set-up until it is fixed", self._path, exc)
+                        if _REFUSED.get(self._path) != stamp:  # one line per broken version of the file
+                            _REFUSED[self._path] = stamp
+                            log.error("%s; keeping the users it had until it is fixed", exc)
         result: Iterable[bytes] = self._app(environ, start_response)
         return result
 

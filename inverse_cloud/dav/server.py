@@ -155,6 +155,7 @@ class DavServer:
         self.home_handler = home_handler
         # Called after every Radicale response (status reporting records the last sync per client).
         self.response_hooks: tuple[ResponseHook, ...] = tuple(response_hooks)
+        self._reload_lock = asyncio.Lock()
 
     async def start(self) -> None:
         s = self.cfg.server
@@ -214,10 +215,18 @@ class DavServer:
             except Exception as exc:  # boundary: bookkeeping must never fail a request
                 log.error("response hook failed: %s", exc, exc_info=True)
 
-    def reload(self) -> None:
+    async def reload(self) -> None:
+        """SIGHUP: re-read the certificate pair, then build a new Radicale app (which reads the user file) in
+        a worker thread, and swap it in. Requests keep being answered while it is built.
+
+        :raises ConfigError: the new app cannot be built (a broken user file): the old one keeps serving.
+        """
         self.tls.load()
-        if self.bridge is not None:
-            self.bridge.replace_app(build_application(self.cfg))
+        if self.bridge is None:
+            return
+        async with self._reload_lock:   # two quick SIGHUPs: the last app built is the one that serves
+            app = await asyncio.get_running_loop().run_in_executor(None, build_application, self.cfg)
+            self.bridge.replace_app(app)
 
     async def aclose(self) -> None:
         # Stop accepting on every listener first, then drain each server.
