@@ -61,18 +61,6 @@ def fresh_world():
         yield w
 
 
-def _laptop_as_built(world: World) -> None:
-    """The laptop's mount namespace as the world built it. Its /etc/passwd is a bind mount; when this
-    machine's /etc/passwd is replaced (useradd/userdel by another test on the machine rename a new file over
-    it), the kernel drops that mount and root's home on the laptop becomes /root again. Then the namespace is
-    made again (the /usr/local/bin overlay keeps its upper folder, so an install stays)."""
-    home = world.run("laptop", "getent", "passwd", "root").stdout.split(":")[5:6]
-    if home != [str(world.laptop_home)]:
-        print(f"\nthe laptop's /etc/passwd bind mount was gone (root's home {home}); mount namespace made again")
-        world._drop_mount_ns("laptop")
-        world._make_mount_ns("laptop")
-
-
 class User:
     """What the person at the laptop types and does, counted."""
 
@@ -90,7 +78,6 @@ class User:
         self.last = now
 
     def spawn(self, line: str) -> pexpect.spawn:
-        _laptop_as_built(self.world)
         self.actions.append(f"runs `{line}`")
         # in the laptop's namespaces: nsenter execs, so the pty stays the command's terminal and the exit
         # status is the command's own (as a shell shows it: 130 after Ctrl-C)
@@ -151,7 +138,6 @@ def test_setup_in_the_world_from_nothing_to_two_phones_syncing(fresh_world, tmp_
 
     # 2. The VPS provider's part: the admin's SSH key for root on the relay.
     key = world.laptop_home / ".ssh" / "id_ed25519"
-    _laptop_as_built(world)
     key.parent.mkdir(mode=0o700, exist_ok=True)  # ssh-keygen -f does not make it
     world.run("laptop", "ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(key), check=True)
     world.authorize_admin(Path(f"{key}.pub").read_text())
@@ -315,7 +301,6 @@ def _ensure_installed(world: World) -> None:
         out = world.run("laptop", "sh", "-c", "set -e\n" + "\n".join(block), cwd=clone, net=False, timeout=900)
         assert out.returncode == 0, out.stdout + out.stderr
     key = world.laptop_home / ".ssh" / "id_ed25519"
-    _laptop_as_built(world)
     if not key.exists():
         key.parent.mkdir(mode=0o700, exist_ok=True)
         world.run("laptop", "ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(key), check=True)

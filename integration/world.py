@@ -24,8 +24,11 @@ Trust: the laptop and the phone trust the world's CA as a device trusts Let's En
 (/etc/ssl/certs/ca-certificates.crt) is bind-mounted, in their mount namespaces, by a copy that also holds
 Pebble's roots (:meth:`World.trust_pebble`).
 
-The laptop's user is root with a home of its own (``laptop_home``): /etc/passwd is bind-mounted by a copy in
-which root's home is that folder (ssh takes ``~`` from passwd), and ``$HOME`` is set to it. Its /usr/local/bin is
+The laptop's user is root with a home of its own (``laptop_home``), bound on /root in its mount namespace (ssh
+takes ``~`` from passwd, which says /root), and ``$HOME`` is set to it. Not a copy of /etc/passwd bound on
+/etc/passwd: a file bind mount is detached whenever this machine's /etc/passwd is replaced (useradd and
+userdel rename over it, as other tests do while the session's world lives), and ssh then took this
+machine's /root (its known_hosts: "Host key verification failed"). Its /usr/local/bin is
 an overlay, so what an install links there stays on the laptop.
 
 The relay: /etc is a copy of this machine's (users, PAM, sshd's Debian defaults) with its own host keys and
@@ -103,7 +106,7 @@ _MOUNTS = {
              'mkdir -p /run/sshd',
     "laptop": 'mount --bind "$W/resolv.conf" /etc/resolv.conf; '
               'mount --bind "$W/trust.pem" /etc/ssl/certs/ca-certificates.crt; '
-              'mount --bind "$W/laptop-passwd" /etc/passwd; '
+              'mount --bind "$W/laptop-home" /root; '
               'mount -t overlay overlay -o "lowerdir=/usr/local/bin,upperdir=$W/ulb/up,workdir=$W/ulb/work" '
               '/usr/local/bin',
     "phone": 'mount --bind "$W/resolv.conf" /etc/resolv.conf; '
@@ -241,11 +244,8 @@ class World:
         path.touch()
         mounts = _MOUNTS.get(role, _DEFAULT_MOUNTS)
         if role in self.extra_laptops:
-            # the laptop's mounts, with a /usr/local/bin of its own, and its home bound on /root itself: a file
-            # bound on /etc/passwd is detached whenever this machine's /etc/passwd is replaced (useradd renames
-            # over it), and ssh would then take ~ from this machine's root
-            mounts = (_MOUNTS["laptop"].replace('mount --bind "$W/laptop-passwd" /etc/passwd; ',
-                                                f'mount --bind "$W/{role}-home" /root; ')
+            # the laptop's mounts, with a home and a /usr/local/bin of its own
+            mounts = (_MOUNTS["laptop"].replace('"$W/laptop-home" /root', f'"$W/{role}-home" /root')
                       .replace("$W/ulb/", f"$W/ulb-{role}/"))
         _run("unshare", f"--mount={path}", "--propagation", "slave", "sh", "-c",
              "set -e; " + mounts, env={**os.environ, "W": str(self.root)})
@@ -396,7 +396,7 @@ class World:
 
     def add_laptop(self, role: str, subnet: int) -> str:
         """Another laptop in a home network of its own (192.168.SUBNET.2 behind the same masquerading router, on
-        its interface ``wl<SUBNET>``), with its own home, passwd and /usr/local/bin like the first. Returns its
+        its interface ``wl<SUBNET>``), with its own home and /usr/local/bin like the first. Returns its
         address. Stopped and deleted with the world."""
         address, gateway = f"192.168.{subnet}.2", f"192.168.{subnet}.1"
         self.extra_laptops[role] = address
@@ -434,13 +434,6 @@ class World:
         if pip_conf.is_file():
             (home / ".config" / "pip").mkdir(parents=True)
             shutil.copy(pip_conf, home / ".config" / "pip" / "pip.conf")
-        lines = []
-        for line in Path("/etc/passwd").read_text().splitlines():
-            f = line.split(":")
-            if f[0] == "root":
-                f[5] = str(home)
-            lines.append(":".join(f))
-        (self.root / f"{role}-passwd").write_text("\n".join(lines) + "\n")
 
     # --- DNS --------------------------------------------------------------------------------------------
 
