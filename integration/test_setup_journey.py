@@ -348,7 +348,8 @@ def test_setup_interrupted_after_each_step_in_the_world_ends_in_the_same_state(f
     Ctrl-C and a kill, and run again each time with the same command:
     after init (Ctrl-C at the host-key question), after relay (kill while waiting for the A record), after
     dns and account (Ctrl-C while waiting for CAA: the rerun prints the same CAA record again), after caa
-    (kill while waiting for the server), then to the end. Each rerun says "done before" for what was done.
+    (kill while waiting for the server), after start (kill once the server answers), after certificate (kill
+    once it is shown), then to the end. Each rerun says "done before" for what was done.
     The end state is one run's: every step done, the tunnel key made once, the relay's keys file holding it
     once, the host key pinned once, one ACME account, one certificate (a further rerun keeps it), and a
     phone syncs."""
@@ -417,14 +418,29 @@ def test_setup_interrupted_after_each_step_in_the_world_ends_in_the_same_state(f
     assert _killed(child, "kill") is None
     assert _setup_state(world) == ["init", "relay", "dns", "account", "caa"]
 
-    # to the end
+    # after start: killed as soon as the server answered
     child = user.spawn(line)
     for n, step in enumerate(("init", "relay", "dns", "account", "caa"), 1):
         child.expect_exact(f"[{n}/8] {step}: done before")
     child.expect(r"run `([^`]+)` in another terminal")
     world.popen("serve", "laptop", "sh", "-c", f"exec {child.match.group(1)}")
     child.expect_exact("[6/8] start: started by hand")
+    assert _killed(child, "kill") is None
+    assert _setup_state(world) == ["init", "relay", "dns", "account", "caa", "start"]
+
+    # after certificate: killed as soon as it is shown (the phone step may already have run: it only prints)
+    child = user.spawn(line)
+    for n, step in enumerate(("init", "relay", "dns", "account", "caa", "start"), 1):
+        child.expect_exact(f"[{n}/8] {step}: done before")
     child.expect_exact("[7/8] certificate: certificate ")
+    assert _killed(child, "kill") in (None, 0)
+    assert _setup_state(world)[:7] == ["init", "relay", "dns", "account", "caa", "start", "certificate"]
+
+    # to the end
+    child = user.spawn(line)
+    for n, step in enumerate(("init", "relay", "dns", "account", "caa", "start"), 1):
+        child.expect_exact(f"[{n}/8] {step}: done before")
+    child.expect_exact("[7/8] certificate: done before")
     child.expect_exact("[8/8] phone: ready for phones: yes")
     child.expect(pexpect.EOF)
     child.close()
