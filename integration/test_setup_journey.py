@@ -32,7 +32,7 @@ from pathlib import Path
 
 import pexpect
 import pytest
-from test_journey import PASSWORD, REPO, Phone, _copy_repo, card, event
+from test_journey import PASSWORD, REPO, Phone, _copy_repo, card, two_phones_sync
 from world import DOMAIN, HOSTS, RELAY_NAME, World
 
 from inverse_cloud import config as config_mod
@@ -156,20 +156,7 @@ def test_setup_in_the_world_from_nothing_to_two_phones_syncing(fresh_world, tmp_
 
     # 4. Two phones on the internet sync through the relay's public address.
     user.actions.append("scans the QR code with DAVx5 on the phone")
-    phones = [Phone(tmp_path, n, base=f"https://{DOMAIN}", prefix=world.prefix("phone"), env=world.env("phone"))
-              for n in ("phone_a", "phone_b")]
-    a, b = phones
-    for i in range(3):
-        (a.contacts / f"c{i}.vcf").write_text(card(f"c{i}", f"Contact {i}"))
-    (a.calendar / "e0.ics").write_text(event("e0", "Meeting 0"))
-    a.sync()
-    b.sync()
-    assert len(b.texts(b.contacts)) == 3 and len(b.texts(b.calendar)) == 1
-    edited = next(p for p in b.contacts.iterdir() if "UID:c1" in p.read_text())
-    edited.write_text(card("c1", "Contact One Renamed"))
-    b.sync()
-    a.sync()
-    assert any("FN:Contact One Renamed" in t for t in a.texts(a.contacts))
+    a, b = two_phones_sync(world, tmp_path)
     user.mark("two phones sync through the relay")
     print(user.report())
 
