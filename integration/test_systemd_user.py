@@ -61,15 +61,17 @@ class Container:
 
 
 @contextlib.contextmanager
-def booted(tmp: Path) -> Iterator[Container]:
-    """Boot the container; stop it by pid at the end (SIGTERM: nspawn halts the container's systemd)."""
+def booted(tmp: Path, binds: tuple[Path, ...] = ()) -> Iterator[Container]:
+    """Boot the container; stop it by pid at the end (SIGTERM: nspawn halts the container's systemd). ``binds``
+    are folders of this machine shown at the same path inside: the overlay has them too, but a checkout (or
+    its venv) under /tmp would be hidden by the tmpfs that the container gets on /tmp."""
     tree, upper = tmp / "tree", tmp / "upper"
     tree.mkdir()
     upper.mkdir()
     boot = (f"set -e; mount -t tmpfs tmpfs {upper}; mkdir {upper}/up {upper}/work; "
             f"mount -t overlay overlay -o lowerdir=/,upperdir={upper}/up,workdir={upper}/work {tree}; "
             f"exec systemd-nspawn -D {tree} --register=no --keep-unit --private-network -M wow{os.getpid()} "
-            "-b --console=pipe")
+            + "".join(f"--bind={shlex.quote(str(b))} " for b in binds) + "-b --console=pipe")
     log = tmp / "nspawn.log"
     with open(log, "wb") as fh:
         proc = subprocess.Popen(["unshare", "-m", "--propagation", "private", "sh", "-c", boot],
@@ -117,7 +119,8 @@ def test_service_install_under_systemd(tmp_path):
     assert (bindir / "inverse-cloud").exists(), bindir
     env = (f"export PATH={shlex.quote(str(bindir))}:$PATH PYTHONPATH={shlex.quote(str(REPO))}; "
            f"systemctl --user set-environment PYTHONPATH={shlex.quote(str(REPO))}; ")
-    with booted(tmp_path) as box:
+    venv = Path(sys.executable).parent.parent
+    with booted(tmp_path, tuple(dict.fromkeys((REPO, venv)))) as box:
         linger = docs.take("docs/setup.md", "loginctl enable-linger", role="container")
         out = box.login(linger.lines[0])
         assert out.returncode == 0, out.stdout + out.stderr

@@ -56,6 +56,7 @@ import shutil
 import signal
 import socket
 import subprocess
+import sys
 import tempfile
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -247,6 +248,16 @@ class World:
             # the laptop's mounts, with a home and a /usr/local/bin of its own
             mounts = (_MOUNTS["laptop"].replace('"$W/laptop-home" /root', f'"$W/{role}-home" /root')
                       .replace("$W/ulb/", f"$W/ulb-{role}/"))
+        if self.is_laptop(role):
+            # The home hides this machine's /root. The interpreter of the venv the tests run with may live
+            # there (pyenv): it stays visible at its own path, bound into the home before the home is bound
+            # (recursively) on /root.
+            home = "laptop-home" if role == "laptop" else f"{role}-home"
+            real = Path(os.path.realpath(sys.executable))
+            if real.parts[:2] == ("/", "root") and len(real.parts) > 3:
+                top = real.parts[2]
+                keep = (f'mkdir -p "$W/{home}/{top}"; mount --bind "/root/{top}" "$W/{home}/{top}"; ')
+                mounts = keep + mounts.replace(f'mount --bind "$W/{home}" /root', f'mount --rbind "$W/{home}" /root')
         _run("unshare", f"--mount={path}", "--propagation", "slave", "sh", "-c",
              "set -e; " + mounts, env={**os.environ, "W": str(self.root)})
 
