@@ -413,13 +413,14 @@ def test_setup_interrupted_after_each_step_in_the_world_ends_in_the_same_state(f
     world.popen("serve", "laptop", "sh", "-c", f"exec {child.match.group(1)}")
     child.expect_exact("[6/8] start: started by hand")
     assert _killed(child, "kill") is None
-    assert _setup_state(world) == ["init", "relay", "dns", "account", "caa", "start"]
+    # a step is recorded before its line is shown; the certificate may have come in the meantime
+    assert _setup_state(world)[:6] == ["init", "relay", "dns", "account", "caa", "start"]
 
     # after certificate: killed as soon as it is shown (the phone step may already have run: it only prints)
     child = user.spawn(line)
     for n, step in enumerate(("init", "relay", "dns", "account", "caa", "start"), 1):
         child.expect_exact(f"[{n}/8] {step}: done before")
-    child.expect_exact("[7/8] certificate: certificate ")
+    child.expect_exact(["[7/8] certificate: certificate ", "[7/8] certificate: done before"])
     assert _killed(child, "kill") in (None, 0)
     assert _setup_state(world)[:7] == ["init", "relay", "dns", "account", "caa", "start", "certificate"]
 

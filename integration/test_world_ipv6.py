@@ -85,7 +85,7 @@ def home_ipv6(world) -> Iterator[None]:
 
 
 @pytest.mark.slow
-def test_ipv6_only_phone_syncs_through_the_dnat_variant_after_a_relay_reboot(world, tmp_path):
+def test_ipv6_only_phone_syncs_through_the_dnat_variant_after_a_relay_reboot(world, tmp_path, request):
     """1. `init` on the laptop (the relay by name, the world's Pebble); the admin's key for root on the relay.
     2. `relay-setup --apply root@relay.example.org --ipv6 --yes` (default NAT, nft): setup.sh loads the ip and ip6
        tables and enables the NAT unit; [relay] listen_host6 = "::" is set. 3. doctor prints the A and the AAAA
@@ -113,6 +113,7 @@ def test_ipv6_only_phone_syncs_through_the_dnat_variant_after_a_relay_reboot(wor
 
     key = world.laptop_home / ".ssh" / "id_ed25519"
     if not key.exists():
+        key.parent.mkdir(mode=0o700, exist_ok=True)  # ssh-keygen -f does not make it
         world.run("laptop", "ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(key), check=True)
     world.authorize_admin(Path(f"{key}.pub").read_text())
     (world.laptop_home / ".ssh" / "config").write_text("StrictHostKeyChecking accept-new\n")
@@ -128,6 +129,10 @@ def test_ipv6_only_phone_syncs_through_the_dnat_variant_after_a_relay_reboot(wor
     records = [r for r in doc["dns_records"] if "<" not in r]
     assert f"{DOMAIN}. A {HOSTS['relay'].address}" in records, records
     assert f"{DOMAIN}. AAAA {HOSTS['relay'].address6}" in records, records
+    # the session's world may hold the domain's A record from another test: replaced, and removed at the end
+    for rtype in ("A", "AAAA"):
+        world.unpublish(f"{DOMAIN}.", rtype, missing_ok=True)
+        request.addfinalizer(lambda rtype=rtype: world.unpublish(f"{DOMAIN}.", rtype, missing_ok=True))
     world.publish([r for r in records if " A " in r or " AAAA " in r])
 
     def ready(port: int) -> bool:
@@ -153,6 +158,9 @@ def test_ipv6_only_phone_syncs_through_the_dnat_variant_after_a_relay_reboot(wor
         phone = Phone(tmp_path, "v6phone", base=f"https://{DOMAIN}", prefix=world.prefix(phone6),
                       env=world.env(phone6))
         (phone.contacts / "v6.vcf").write_text(card("v6", "Over IPv6"))
+        # the new phone's link settles first (seen once: the first connect refused right after add_phone6)
+        wait_until(lambda: world.tcp_open(phone6, HOSTS["relay"].address6, 443), 30,
+                   "the relay's [v6]:443 from the new IPv6-only phone", interval_s=0.2)
         phone.sync()
         assert HOSTS["phone6"].address6 in srv.log(), srv.log()[-3000:]
         assert v6_link(world, cfg)["state"] == "skip" and "no IPv6 route" in v6_link(world, cfg)["detail"]

@@ -249,8 +249,8 @@ def cmd_setup(args: argparse.Namespace) -> int:
             out.step(n, name, "done before")
             continue
         result = steps.RUN[name](ctx)
+        state.finish(name)  # recorded before it is shown: a step shown as done is never run again
         out.step(n, name, result)
-        state.finish(name)
     out.end()
     return 0 if ctx.ready else 1
 
