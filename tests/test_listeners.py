@@ -14,6 +14,7 @@ from aiohttp import web
 from inverse_cloud.dav import listeners as listeners_mod
 from inverse_cloud.dav.listeners import CappedSite, bind_socket
 from inverse_cloud.errors import StartupError
+from tests.support import wait_for
 
 
 class FakeTime:
@@ -24,15 +25,6 @@ class FakeTime:
 
     def monotonic(self) -> float:
         return self.now
-
-
-async def wait_for(pred, what: str, timeout_s: float = 10.0) -> None:
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + timeout_s
-    while not pred():
-        if loop.time() > deadline:
-            raise TimeoutError(f"timed out waiting for {what}")
-        await asyncio.sleep(0.01)
 
 
 async def _hello(_request: web.Request) -> web.Response:
@@ -77,7 +69,7 @@ async def test_connection_over_the_cap_is_closed_and_warned_once_per_interval(mo
             _, writer = await asyncio.open_connection("127.0.0.1", site.port)
             held.append(writer)
         assert runner.server is not None
-        await wait_for(lambda: len(runner.server.connections) == 2, "two connections open")
+        await wait_for(lambda: len(runner.server.connections) == 2, what="two connections open")
         assert await get(site.port) == b""
         assert await get(site.port) == b""
         warnings = cap_warnings(caplog)
@@ -87,7 +79,7 @@ async def test_connection_over_the_cap_is_closed_and_warned_once_per_interval(mo
         assert await get(site.port) == b""
         assert len(cap_warnings(caplog)) == 2 and cap_warnings(caplog)[1].endswith("refused 2 since the last warning")
         held.pop().close()
-        await wait_for(lambda: len(runner.server.connections) == 1, "one connection closed")
+        await wait_for(lambda: len(runner.server.connections) == 1, what="one connection closed")
         answer = await get(site.port)
         assert answer.startswith(b"HTTP/1.1 200") and answer.endswith(b"hello"), answer[:80]
     finally:
@@ -198,7 +190,7 @@ async def test_the_cap_warning_waits_more_than_the_interval(monkeypatch, caplog)
         for _ in range(4):
             held.append((await asyncio.open_connection("127.0.0.1", site.port))[1])
         assert runner.server is not None
-        await wait_for(lambda: len(runner.server.connections) == 4, "four connections open")
+        await wait_for(lambda: len(runner.server.connections) == 4, what="four connections open")
         assert await get(site.port) == b""
         clock.now += 60
         assert await get(site.port) == b""
