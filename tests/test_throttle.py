@@ -203,3 +203,20 @@ def test_addresses_are_pruned_only_when_the_table_is_full(monkeypatch):
     assert set(t._sources) == {"old", "busy", "third"}
     t.begin("fourth")
     assert set(t._sources) == {"busy", "third", "fourth"}
+
+
+def test_a_full_table_keeps_addresses_whose_failures_are_recent_or_exactly_forget_s_old(monkeypatch):
+    """MAX_TRACKED = 3, on a clock far from zero: one address failed exactly FORGET_S ago, one just now. A new
+    address finds the table full and prunes, but neither is forgotten yet (forgetting needs *more* than
+    FORGET_S), so all four are tracked and the recent one still has its failure."""
+    monkeypatch.setattr(throttle, "MAX_TRACKED", 3)
+    clock = Clock()
+    t = AddressThrottle(clock)
+    clock.now = 1000.0
+    _fail(t, "edge", 1)
+    clock.now = 1000.0 + throttle.FORGET_S
+    _fail(t, "recent", 1)
+    t.begin("busy")
+    t.begin("fourth")
+    assert set(t._sources) == {"edge", "recent", "busy", "fourth"}
+    assert t._sources["recent"].failures == 1
