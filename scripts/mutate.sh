@@ -7,6 +7,8 @@
 #   scripts/mutate.sh                                   every module in the table
 #   scripts/mutate.sh inverse_cloud/certs/policy.py     only these
 #   JOBS=4 scripts/mutate.sh                            parallel workers (default: 2)
+#   RECHECK=old-report.txt scripts/mutate.sh MODULE     run only the survivors listed in an earlier report
+#                                                       (after adding tests; the module must be unchanged)
 #
 # Each module runs in a scratch copy of the checkout (mutmut rewrites the sources it runs under mutants/),
 # with [tool.mutmut] narrowed to that module and its tests; the report is also written to
@@ -70,10 +72,19 @@ open(path, "w").write(text)
 PY
   echo "== $m (tests: ${TESTS[$m]})" >&2
   # `inverse-cloud` children of some tests must import the scratch copy, never an installed package.
-  if ! (cd "$work" && PYTHONPATH="$work" "$MUTMUT" run --max-children "${JOBS:-2}" > run.log 2>&1); then
+  names=()
+  if [ -n "${RECHECK:-}" ]; then
+    dotted="$(echo "${m%.py}" | tr / .)"
+    mapfile -t names < <(grep -oE "^${dotted//./\\.}\.[^ ]*__mutmut_[0-9]+" "$RECHECK")
+    [ ${#names[@]} -gt 0 ] || { echo "$RECHECK lists no survivor of $m" >&2; exit 2; }
+    echo "   re-checking ${#names[@]} survivor(s) of $RECHECK" >&2
+  fi
+  if ! (cd "$work" && PYTHONPATH="$work" "$MUTMUT" run --max-children "${JOBS:-2}" "${names[@]}" > run.log 2>&1); then
     tr '\r' '\n' < "$work/run.log" | grep -v '^[⠋⠙⠹⠸⠼⠴⠦⠧⠇⠏]' | tail -40 >&2
     exit 1
   fi
-  (cd "$work" && PYTHONPATH="$work" "$PY" "$REPO/scripts/mutation_report.py" "$m") | tee -a "$REPORT"
+  previous=()
+  [ -z "${RECHECK:-}" ] || previous=(--previous "$(realpath "$RECHECK")")
+  (cd "$work" && PYTHONPATH="$work" "$PY" "$REPO/scripts/mutation_report.py" "${previous[@]}" "$m") | tee -a "$REPORT"
 done
 echo "report: $REPORT" >&2

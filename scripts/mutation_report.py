@@ -1,9 +1,15 @@
 """Summarise a mutmut run (mutants/*.meta in the current folder): killed/total per module and the diff of every
-surviving mutant. Run by scripts/mutate.sh after ``mutmut run``; arguments restrict the report to those modules."""
+surviving mutant. Run by scripts/mutate.sh after ``mutmut run``; arguments restrict the report to those modules.
+
+``--previous REPORT``: this run re-checked only the survivors of REPORT (``RECHECK=REPORT scripts/mutate.sh``).
+The module must be byte-identical to the one REPORT mutated (its sha256 line): then a mutant killed there is
+still killed (tests were only added), and the score is REPORT's kills plus the survivors killed now."""
 
 from __future__ import annotations
 
+import hashlib
 import json
+import re
 import subprocess
 import sys
 from collections import Counter
@@ -16,7 +22,21 @@ NOT_RUN = {None, 34, 2}        # not checked yet (an interrupted run), skipped
 TIMEOUT = {36, 24, -24, 152, 255}
 
 
+def previous_counts(report: Path, module: str) -> tuple[Counter[str], str]:
+    """REPORT's counts for ``module`` and the sha256 of the source it mutated."""
+    text = report.read_text()
+    digest = re.search(rf"^sha256 {re.escape(module)} ([0-9a-f]{{64}})$", text, re.M)
+    row = re.search(rf"^{re.escape(module)}\s+(\d+)\s+(\d+)\s+(\d+)\s+(\d+)\s+(\d+)", text, re.M)
+    if digest is None or row is None:
+        raise SystemExit(f"{report}: no sha256 line or no score row for {module}")
+    names = ("killed", "timeout", "survived", "no tests", "not run")
+    return Counter(dict(zip(names, map(int, row.groups()), strict=True))), digest.group(1)
+
+
 def main(argv: list[str]) -> int:
+    previous: Path | None = None
+    if argv[:1] == ["--previous"]:
+        previous, argv = Path(argv[1]), argv[2:]
     wanted = set(argv)
     mutmut = str(Path(sys.executable).parent / "mutmut")
     rows: list[tuple[str, Counter[str]]] = []
@@ -37,18 +57,33 @@ def main(argv: list[str]) -> int:
                 survivors.append(name)
             elif code in NO_TESTS:
                 counts["no tests"] += 1
+                survivors.append(name)     # listed too: no test reaches it, so it survives
             elif code in NOT_RUN:
                 counts["not run"] += 1
             else:
                 counts["suspicious"] += 1
+        if previous is not None:
+            before, digest = previous_counts(previous, module)
+            if digest != hashlib.sha256(Path(module).read_bytes()).hexdigest():
+                raise SystemExit(f"{module} changed since {previous}: run the whole module again")
+            rechecked = counts["killed"] + counts["timeout"] + counts["survived"] + counts["no tests"]
+            if rechecked != before["survived"] + before["no tests"]:
+                raise SystemExit(f"{rechecked} mutants re-checked, {previous} had "
+                                 f"{before['survived'] + before['no tests']} survivors")
+            counts = Counter({"killed": before["killed"] + counts["killed"],
+                              "timeout": before["timeout"] + counts["timeout"],
+                              "survived": counts["survived"], "no tests": counts["no tests"],
+                              "not run": before["not run"]})
         rows.append((module, counts))
     print(f"{'module':45} {'killed':>7} {'timeout':>7} {'survived':>8} {'no tests':>8} {'not run':>7} {'score':>6}")
     for module, c in rows:
         tested = sum(c.values()) - c["not run"]    # score over the mutants the run got to
         score = 100 * (c["killed"] + c["timeout"]) / tested if tested else 0.0
         print(f"{module:45} {c['killed']:7} {c['timeout']:7} {c['survived']:8} {c['no tests']:8} {c['not run']:7} "
-              f"{score:5.1f}%")
-    print(f"\n{len(survivors)} surviving mutant(s):")
+              f"{score:5.1f}%" + ("  (re-check of the survivors of an earlier run)" if previous else ""))
+    for module, _c in rows:
+        print(f"sha256 {module} {hashlib.sha256(Path(module).read_bytes()).hexdigest()}")
+    print(f"\n{len(survivors)} surviving mutant(s) (survived, or reached by no test):")
     for name in survivors:
         diff = subprocess.run([mutmut, "show", name], capture_output=True, text=True).stdout
         lines = [line for line in diff.splitlines()
