@@ -32,7 +32,7 @@ declare -A TESTS=(
   # control paths (the tunnel's retry_delay/classify are decisions inside link.py)
   [inverse_cloud/tunnel/link.py]="tests/test_tunnel.py"
   [inverse_cloud/dav/listeners.py]="tests/test_listeners.py tests/test_server.py"
-  [inverse_cloud/dav/wsgi.py]="tests/test_web.py tests/test_server.py tests/test_bridge.py"
+  [inverse_cloud/dav/wsgi.py]="tests/test_web.py tests/test_server.py tests/test_bridge.py tests/test_bridge_upkeep.py tests/test_wsgi_memory.py"
   [inverse_cloud/dav/throttle.py]="tests/test_throttle.py tests/test_bridge.py"
   [inverse_cloud/dav/environ.py]="tests/test_web.py tests/test_bridge.py"
   [inverse_cloud/ops/backup.py]="tests/test_backup.py"
