@@ -125,9 +125,9 @@ class Answering:
 
 def _bridge(app: Any, **kw: Any) -> RadicaleBridge:
     params: dict[str, Any] = dict(threads=2, max_body_bytes=64 * 1024, body_grace_s=1.0, body_min_rate_bps=1024,
-                                  auth_delay_s=0.0)
+                                  auth_delay_s=0.0, remote_of=PeerDirectory().remote_of)
     params.update(kw)
-    return RadicaleBridge(app, remote_of=PeerDirectory().remote_of, **params)
+    return RadicaleBridge(app, **params)
 
 
 async def _client(bridge: RadicaleBridge) -> TestClient:

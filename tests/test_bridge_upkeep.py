@@ -17,7 +17,7 @@ from aiohttp import web
 from aiohttp.test_utils import make_mocked_request
 
 from inverse_cloud.dav import wsgi
-from inverse_cloud.dav.wsgi import _RadicaleLogCapture
+from inverse_cloud.dav.wsgi import RadicaleBridge, _RadicaleLogCapture
 from tests.support import wait_for
 from tests.test_bridge import BASIC_ALICE, Answering, _bridge, _client
 
@@ -230,3 +230,144 @@ def test_log_capture_in_a_thread_that_never_ran_a_request_passes_records_through
     t.start()
     t.join(10)
     assert seen == [True] and capture.local.notes == []
+
+
+# --- the request path (_handle): exact answers, notes, accounting ---------------------------------------
+
+REMOTE = ("203.0.113.5", 40000)
+
+
+def _note(request: web.Request) -> str | None:
+    return request.get(wsgi.NOTE_KEY)
+
+
+async def test_malformed_credentials_get_an_exact_401_and_note():
+    bridge = _bridge(Answering(), remote_of=lambda _r: REMOTE)
+    request = make_mocked_request("GET", "/radicale/", headers={"Authorization": "Basic !!not base64!!"})
+    try:
+        resp = await bridge.handle(request)
+    finally:
+        bridge.close()
+    assert isinstance(resp, web.Response)
+    assert resp.status == 401 and resp.text == "Malformed Basic credentials\n"
+    assert resp.headers["WWW-Authenticate"] == 'Basic realm="inverse-cloud"'
+    assert _note(request) == "malformed Basic credentials"
+
+
+async def test_a_throttled_address_gets_an_exact_429_with_the_wait_rounded_up():
+    bridge = _bridge(Answering(), remote_of=lambda _r: REMOTE)
+    bridge.throttle = SimpleNamespace(retry_after=lambda address: 2.5 if address == REMOTE[0] else 0.0)  # type: ignore[assignment]
+    request = make_mocked_request("GET", "/radicale/", headers={"Authorization": BASIC_ALICE})
+    try:
+        resp = await bridge.handle(request)
+    finally:
+        bridge.close()
+    assert isinstance(resp, web.Response)
+    assert resp.status == 429 and resp.text == "too many login attempts; try again later\n"
+    assert resp.headers["Retry-After"] == "3"
+    assert _note(request) == "too many failed or concurrent logins from this address"
+
+
+async def test_known_good_in_the_request_path_expires_strictly_before_its_end(clock):
+    """A throttled address on a clock at 0.5 s: an unknown header is throttled (429), one whose known-good
+    entry ends exactly now as well; one still inside its time skips the throttle (200)."""
+    clock.now = 0.5
+    app = Answering()
+    bridge = _bridge(app, remote_of=lambda _r: REMOTE)
+    bridge.throttle = SimpleNamespace(retry_after=lambda _a: 5.0, begin=lambda _a: None,  # type: ignore[assignment]
+                                      end=lambda *_a, **_k: None)
+    key = bridge._credential_key(BASIC_ALICE)
+    assert key is not None
+
+    async def status() -> int:
+        return (await bridge.handle(make_mocked_request("GET", "/radicale/",
+                                                        headers={"Authorization": BASIC_ALICE}))).status
+    try:
+        assert await status() == 429
+        bridge._known_good[key] = 0.5
+        assert await status() == 429
+        bridge._known_good[key] = 0.6
+        assert await status() == 200 and app.calls == 1
+    finally:
+        bridge.close()
+
+
+@pytest.mark.parametrize(("status", "drained"), [(413, True), (408, False), (400, False)])
+async def test_a_refused_body_is_answered_with_its_reason_and_only_a_413_is_drained(monkeypatch, status, drained):
+    reason = f"refused with {status}"
+
+    async def refuse(*_a: Any, **_k: Any) -> None:
+        raise wsgi.BodyError(status, reason)
+
+    monkeypatch.setattr(wsgi, "read_body", refuse)
+    bridge = _bridge(Answering())
+    seen: list[tuple[str, str | None]] = []
+
+    async def discard(request: web.Request) -> None:
+        seen.append((request.path, _note(request)))
+
+    bridge._discard_refused_body = discard  # type: ignore[method-assign]
+    client = await _client(bridge)
+    try:
+        r = await client.put("/radicale/alice/c/x.vcf", data=b"x" * 10, headers={"Authorization": BASIC_ALICE})
+        assert r.status == status and await r.text() == reason + "\n"
+    finally:
+        await client.close()
+        bridge.close()
+    assert seen == ([("/radicale/alice/c/x.vcf", reason)] if drained else [])
+
+
+async def test_radicale_gets_the_whole_body_in_a_bridge_worker_and_in_flight_counts_each_request():
+    """Two PUTs at once, both held in the app: each sees its whole body from the first byte, runs in one of
+    the bridge's radicale threads (known or not), and in_flight is 2 while both run, 0 after."""
+    entered, release = threading.Semaphore(0), threading.Event()
+    seen: list[tuple[bytes, str, int]] = []
+    bridge: RadicaleBridge
+
+    def app(environ: dict[str, Any], start_response: Any) -> Any:
+        body = environ["wsgi.input"].read()
+        seen.append((body, threading.current_thread().name, bridge.in_flight))
+        entered.release()
+        release.wait(20)
+        start_response("200 OK" if environ.get("HTTP_AUTHORIZATION") == BASIC_ALICE else "401 Unauthorized", [])
+        return [b""]
+
+    bridge = _bridge(app, threads=4)
+    client = await _client(bridge)
+    try:
+        tasks = [asyncio.ensure_future(client.put("/radicale/a.vcf", data=f"body {n}".encode(),
+                                                  headers={"Authorization": BASIC_ALICE})) for n in (1, 2)]
+        for _ in range(2):
+            assert await asyncio.to_thread(entered.acquire, True, 20)
+        assert bridge.in_flight == 2
+        release.set()
+        assert [r.status for r in await asyncio.gather(*tasks)] == [200, 200]
+        assert bridge.in_flight == 0
+        assert bridge.is_known_good(BASIC_ALICE)
+        r = await client.put("/radicale/a.vcf", data=b"body 3", headers={"Authorization": BASIC_ALICE})
+        assert r.status == 200                     # the known-good path this time
+    finally:
+        release.set()
+        await client.close()
+        bridge.close()
+    assert sorted(b for b, _, _ in seen) == [b"body 1", b"body 2", b"body 3"]
+    assert all(name.startswith("radicale") for _, name, _ in seen), seen
+
+
+async def test_radicale_raising_is_an_exact_500_and_one_logged_line_naming_the_request(caplog):
+    def app(environ: dict[str, Any], start_response: Any) -> Any:
+        raise RuntimeError("storage exploded")
+
+    bridge = _bridge(app)
+    client = await _client(bridge)
+    caplog.set_level(logging.ERROR, "inverse_cloud.dav.wsgi")
+    try:
+        r = await client.put("/radicale/alice/c/x.vcf", data=b"x", headers={"Authorization": BASIC_ALICE})
+        assert r.status == 500 and await r.text() == "Internal server error\n"
+    finally:
+        await client.close()
+        bridge.close()
+    lines = [rec for rec in caplog.records if rec.name == "inverse_cloud.dav.wsgi"]
+    assert [rec.getMessage() for rec in lines] == ["Radicale failed on PUT /radicale/alice/c/x.vcf"]
+    assert lines[0].exc_info is not None and "storage exploded" in str(lines[0].exc_info[1])
+    assert bridge.in_flight == 0
