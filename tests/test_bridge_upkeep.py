@@ -371,3 +371,127 @@ async def test_radicale_raising_is_an_exact_500_and_one_logged_line_naming_the_r
     assert [rec.getMessage() for rec in lines] == ["Radicale failed on PUT /radicale/alice/c/x.vcf"]
     assert lines[0].exc_info is not None and "storage exploded" in str(lines[0].exc_info[1])
     assert bridge.in_flight == 0
+
+
+class Status:
+    """A WSGI app answering ``status`` and logging ``note`` through Radicale's logger, if given."""
+
+    def __init__(self, status: str, note: str | None = None) -> None:
+        self.status, self.note = status, note
+
+    def __call__(self, environ: dict[str, Any], start_response: Any) -> Any:
+        if self.note:
+            logging.getLogger("radicale").warning(self.note)
+        start_response(self.status, [("Content-Type", "text/xml")])
+        return [b"<answer/>"]
+
+
+class Ledger:
+    """A throttle that admits everything and records how each request ended."""
+
+    def __init__(self) -> None:
+        self.ends: list[tuple[str, bool, bool]] = []
+
+    def retry_after(self, _address: str) -> float:
+        return 0.0
+
+    def begin(self, _address: str) -> None:
+        pass
+
+    def end(self, address: str, *, failed: bool, succeeded: bool) -> None:
+        self.ends.append((address, failed, succeeded))
+
+
+@pytest.mark.parametrize(("status", "auth", "failed", "succeeded"), [
+    ("401 Unauthorized", BASIC_ALICE, True, False),     # wrong credentials: a failure for the address
+    ("401 Unauthorized", None, False, False),           # no credentials yet: the client's first try
+    ("400 Bad Request", BASIC_ALICE, False, False),
+    ("399 Odd", BASIC_ALICE, False, True),
+    ("207 Multi-Status", BASIC_ALICE, False, True),
+])
+async def test_how_a_request_ended_is_told_to_the_throttle(status, auth, failed, succeeded):
+    bridge = _bridge(Status(status), remote_of=lambda _r: REMOTE)
+    ledger = Ledger()
+    bridge.throttle = ledger  # type: ignore[assignment]
+    headers = {} if auth is None else {"Authorization": auth}
+    try:
+        await bridge.handle(make_mocked_request("PROPFIND", "/radicale/alice/", headers=headers))
+    finally:
+        bridge.close()
+    assert ledger.ends == [(REMOTE[0], failed, succeeded)]
+
+
+async def test_radicale_raising_ends_the_request_as_neither_failed_nor_succeeded():
+    def app(environ: dict[str, Any], start_response: Any) -> Any:
+        raise RuntimeError("boom")
+
+    bridge = _bridge(app, remote_of=lambda _r: REMOTE)
+    ledger = Ledger()
+    bridge.throttle = ledger  # type: ignore[assignment]
+    try:
+        resp = await bridge.handle(make_mocked_request("GET", "/radicale/", headers={"Authorization": BASIC_ALICE}))
+    finally:
+        bridge.close()
+    assert resp.status == 500 and ledger.ends == [(REMOTE[0], False, False)]
+
+
+@pytest.mark.parametrize(("status", "good"), [("200 OK", True), ("399 Odd", True), ("400 Bad Request", False),
+                                              ("401 Unauthorized", False)])
+async def test_only_an_answer_under_400_makes_credentials_known_good_and_a_401_forgets_them(status, good):
+    bridge = _bridge(Status(status), remote_of=lambda _r: REMOTE)
+    key = bridge._credential_key(BASIC_ALICE)
+    assert key is not None
+    if status.startswith("401"):
+        bridge._known_good[key] = wsgi.time.monotonic() + 100   # known before: the 401 must drop it
+    other = bridge._credential_key("Basic Ym9iOng=")
+    assert other is not None
+    bridge._known_good[other] = wsgi.time.monotonic() + 100
+    try:
+        await bridge.handle(make_mocked_request("GET", "/radicale/", headers={"Authorization": BASIC_ALICE}))
+    finally:
+        bridge.close()
+    assert bridge.is_known_good(BASIC_ALICE) is good
+    assert bridge.is_known_good("Basic Ym9iOng=")        # nobody else's entry is touched
+
+
+@pytest.mark.parametrize("method", ["MOVE", "COPY"])
+async def test_a_move_to_another_server_is_an_exact_403_keeping_radicales_notes(method):
+    """Radicale answers 502 for a Destination on another host: that is the client's mistake, so 403
+    Forbidden, a plain-text body, the note 'Destination not on this server'; what Radicale logged stays in
+    the result the access log sees. A GET answered 502 stays 502."""
+    seen: list[tuple[str | None, list[str]]] = []
+    bridge = _bridge(Status("502 Bad Gateway", note="remote destination not supported"),
+                     remote_of=lambda _r: REMOTE, on_response=lambda req, res: seen.append((_note(req), res.notes)))
+    request = make_mocked_request(method, "/radicale/alice/c/x.vcf", headers={"Authorization": BASIC_ALICE})
+    try:
+        resp = await bridge.handle(request)
+        assert isinstance(resp, web.Response)
+        assert (resp.status, resp.reason) == (403, "Forbidden")
+        assert resp.headers["Content-Type"] == "text/plain; charset=utf-8"
+        assert resp.body == b"Destination is not on this server\n"
+        assert seen == [("Destination not on this server", ["remote destination not supported"])]
+        get = await bridge.handle(make_mocked_request("GET", "/radicale/", headers={"Authorization": BASIC_ALICE}))
+        assert get.status == 502
+    finally:
+        bridge.close()
+
+
+async def test_a_failed_write_on_a_full_disk_is_an_exact_507_checked_with_the_writes_size(monkeypatch, tmp_path):
+    asked: list[tuple[Any, list[str], int]] = []
+
+    def full(storage_dir: Any, notes: list[str], needed: int) -> bool:
+        asked.append((storage_dir, notes, needed))
+        return True
+
+    monkeypatch.setattr(wsgi, "is_storage_full", full)
+    bridge = _bridge(Status("500 Internal Server Error", note="[Errno 28] No space left on device"),
+                     storage_dir=tmp_path)
+    client = await _client(bridge)
+    try:
+        r = await client.put("/radicale/alice/c/x.vcf", data=b"x" * 123, headers={"Authorization": BASIC_ALICE})
+        assert r.status == 507 and r.reason == "Insufficient Storage"
+        assert await r.text() == "Insufficient Storage: the server's disk is full; nothing was changed\n"
+    finally:
+        await client.close()
+        bridge.close()
+    assert asked == [(tmp_path, ["[Errno 28] No space left on device"], 123)]
