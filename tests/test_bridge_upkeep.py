@@ -495,3 +495,65 @@ async def test_a_failed_write_on_a_full_disk_is_an_exact_507_checked_with_the_wr
         await client.close()
         bridge.close()
     assert asked == [(tmp_path, ["[Errno 28] No space left on device"], 123)]
+
+
+@pytest.mark.parametrize(("storage_dir", "where"), [("dir", None), (None, "the storage folder")])
+async def test_the_disk_full_line_names_the_folder_and_the_request(monkeypatch, tmp_path, caplog, storage_dir, where):
+    monkeypatch.setattr(wsgi, "is_storage_full", lambda *_a: True)
+    folder = tmp_path if storage_dir else None
+    bridge = _bridge(Status("500 Internal Server Error"), remote_of=lambda _r: REMOTE, storage_dir=folder)
+    caplog.set_level(logging.ERROR, "inverse_cloud.dav.wsgi")
+    try:
+        resp = await bridge.handle(make_mocked_request("PUT", "/radicale/alice/c/x.vcf",
+                                                       headers={"Authorization": BASIC_ALICE}))
+    finally:
+        bridge.close()
+    assert isinstance(resp, web.Response)
+    assert (resp.status, resp.reason) == (507, "Insufficient Storage")
+    assert resp.headers["Content-Type"] == "text/plain; charset=utf-8"
+    assert [r.getMessage() for r in caplog.records if r.name == "inverse_cloud.dav.wsgi"] == [
+        f"storage {where or tmp_path}: no space left on device; PUT /radicale/alice/c/x.vcf refused with 507 (free "
+        "some space; the stored data is intact)"]
+
+
+@pytest.mark.parametrize(("notes", "details"), [(["first", "second"], "first; second"), ([], "no details")])
+async def test_a_radicale_5xx_is_one_error_line_with_its_notes(caplog, notes, details):
+    def app(environ: dict[str, Any], start_response: Any) -> Any:
+        for note in notes:
+            logging.getLogger("radicale").warning(note)
+        start_response("503 Service Unavailable", [])
+        return [b""]
+
+    bridge = _bridge(app, remote_of=lambda _r: REMOTE)
+    caplog.set_level(logging.ERROR, "inverse_cloud.dav.wsgi")
+    try:
+        resp = await bridge.handle(make_mocked_request("GET", "/radicale/x", headers={"Authorization": BASIC_ALICE}))
+    finally:
+        bridge.close()
+    assert resp.status == 503
+    assert [r.getMessage() for r in caplog.records if r.name == "inverse_cloud.dav.wsgi"] == [
+        f"Radicale answered 503 to GET /radicale/x: {details}"]
+
+
+async def test_radicales_notes_join_the_requests_note_and_its_answer_keeps_only_safe_headers():
+    """A 207 with two notes: the request's note is both, joined by '; '; on_response gets that request; the
+    answer carries Radicale's headers except Content-Length and Connection (in whatever case it wrote them),
+    which are aiohttp's to set."""
+    def app(environ: dict[str, Any], start_response: Any) -> Any:
+        logging.getLogger("radicale").warning("one")
+        logging.getLogger("radicale").warning("two")
+        start_response("207 Multi-Status", [("content-LENGTH", "999"), ("CONNECTION", "close"),
+                                            ("Content-Type", "text/xml"), ("X-Kept", "yes")])
+        return [b"<multistatus/>"]
+
+    got: list[web.Request] = []
+    bridge = _bridge(app, remote_of=lambda _r: REMOTE, on_response=lambda req, _res: got.append(req))
+    request = make_mocked_request("PROPFIND", "/radicale/alice/", headers={"Authorization": BASIC_ALICE})
+    try:
+        resp = await bridge.handle(request)
+    finally:
+        bridge.close()
+    assert isinstance(resp, web.Response)
+    assert resp.status == 207 and resp.body == b"<multistatus/>"
+    assert _note(request) == "one; two" and got == [request]
+    assert sorted(k.lower() for k in resp.headers) == ["content-type", "x-kept"]
