@@ -557,3 +557,45 @@ async def test_radicales_notes_join_the_requests_note_and_its_answer_keeps_only_
     assert resp.status == 207 and resp.body == b"<multistatus/>"
     assert _note(request) == "one; two" and got == [request]
     assert sorted(k.lower() for k in resp.headers) == ["content-type", "x-kept"]
+
+
+def test_malloc_trim_is_glibcs_and_absent_without_it(monkeypatch):
+    """On this glibc machine the release is glibc's malloc_trim (it answers 0 or 1); where the C library
+    cannot be loaded there is none."""
+    trim = wsgi._malloc_trim()
+    assert trim is not None and trim() in (0, 1)
+    import ctypes
+
+    def missing(_name: str) -> None:
+        raise OSError("libc.so.6: cannot open shared object file")
+
+    monkeypatch.setattr(ctypes, "CDLL", missing)
+    assert wsgi._malloc_trim() is None
+
+
+@pytest.mark.parametrize("threads", [2, 3])
+async def test_unverified_requests_hold_at_most_half_the_workers(threads):
+    """threads=2 or 3: one request with credentials not yet seen to work takes the only unverified slot (half
+    the workers, rounded down); the pool has exactly ``threads`` workers named radicale-*."""
+    entered, release = threading.Semaphore(0), threading.Event()
+
+    def app(environ: dict[str, Any], start_response: Any) -> Any:
+        entered.release()
+        release.wait(20)
+        start_response("200 OK", [])
+        return [b""]
+
+    bridge = _bridge(app, threads=threads)
+    assert bridge.threads == threads and bridge.executor._max_workers == threads
+    client = await _client(bridge)
+    try:
+        task = asyncio.ensure_future(client.get("/radicale/", headers={"Authorization": BASIC_ALICE}))
+        assert await asyncio.to_thread(entered.acquire, True, 20)
+        assert bridge._unverified.locked()
+        release.set()
+        assert (await task).status == 200
+        assert not bridge._unverified.locked()
+    finally:
+        release.set()
+        await client.close()
+        bridge.close()
