@@ -599,3 +599,28 @@ async def test_unverified_requests_hold_at_most_half_the_workers(threads):
         release.set()
         await client.close()
         bridge.close()
+
+
+async def test_a_fresh_bridge_counts_as_idle_since_the_clock_began(clock):
+    """Before any request: the bridge has glibc's trim, and a release check at 2.5 s on the monotonic clock
+    finds it idle for 2.5 s (more than IDLE_TRIM_S): it trims at once."""
+    clock.now = 2.5
+    bridge = _bridge(Answering())
+    assert bridge._trim is not None
+    trims: list[int] = []
+    bridge._trim = lambda: trims.append(1)
+    try:
+        bridge._release_memory()
+        assert bridge._trim_timer is None
+        await wait_for(lambda: trims == [1], what="the trim")
+    finally:
+        bridge.close()
+
+
+async def test_radicales_own_reason_phrase_is_kept():
+    bridge = _bridge(Status("299 Quite Fine"), remote_of=lambda _r: REMOTE)
+    try:
+        resp = await bridge.handle(make_mocked_request("GET", "/radicale/", headers={"Authorization": BASIC_ALICE}))
+    finally:
+        bridge.close()
+    assert (resp.status, resp.reason) == (299, "Quite Fine")
