@@ -35,7 +35,7 @@ declare -A TESTS=(
   [inverse_cloud/dav/wsgi.py]="tests/test_web.py tests/test_server.py tests/test_bridge.py tests/test_bridge_upkeep.py tests/test_wsgi_memory.py"
   [inverse_cloud/dav/throttle.py]="tests/test_throttle.py tests/test_bridge.py"
   [inverse_cloud/dav/environ.py]="tests/test_web.py tests/test_bridge.py"
-  [inverse_cloud/ops/backup.py]="tests/test_backup.py"
+  [inverse_cloud/ops/backup.py]="tests/test_backup.py tests/test_backup_paths.py"
   [inverse_cloud/ops/backup_crypt.py]="tests/test_backup_crypt.py tests/test_backup.py"
   [inverse_cloud/ops/backup_review.py]="tests/test_backup.py"
 )

@@ -1,0 +1,192 @@
+"""export/import's smaller paths in this process, with exact expectations: whether a server runs, Radicale's
+verification verdicts, the config written for a new laptop, how the staged tree is moved into place, what an
+export that fails halfway leaves behind, and the refusals that come before anything is read."""
+
+from __future__ import annotations
+
+import logging
+import stat
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
+
+import pytest
+
+from inverse_cloud import config as config_mod
+from inverse_cloud.errors import InverseCloudError
+from inverse_cloud.ops import backup, control
+from inverse_cloud.ops.backup import BackupError, export_backup, import_backup
+from tests.test_backup import _fill
+
+
+@pytest.mark.parametrize(("answer", "running"), [
+    (control.NotRunning("no server"), False),
+    (InverseCloudError("the socket answered garbage"), True),     # something is there: do not import
+    ({"state": "serving"}, True),
+])
+def test_a_server_counts_as_running_unless_nothing_answers(instance, monkeypatch, answer, running):
+    cfg = config_mod.load(instance)
+    asked: list[tuple[Any, ...]] = []
+
+    def ask(path: Path, cmd: str, timeout_s: float = 10.0) -> Any:
+        asked.append((path, cmd, timeout_s))
+        if isinstance(answer, Exception):
+            raise answer
+        return answer
+
+    monkeypatch.setattr(control, "ask", ask)
+    assert backup._server_running(cfg) is running
+    assert asked == [(cfg.server.control_socket, "status", 5)]
+
+
+def test_verification_names_radicales_complaint_and_restores_its_log_level(instance, monkeypatch):
+    """Radicale's verify raising (its plain exceptions for a broken collection): one BackupError carrying its
+    words, and the radicale logger's level is what it was before (it is raised to ERROR meanwhile). (A broken
+    item alone does not fail Radicale's verification: Radicale 3 skips it with a warning.)"""
+    import contextlib
+
+    import radicale.storage
+
+    cfg = config_mod.load(instance)
+    levels: list[int] = []
+
+    def verify() -> bool:
+        levels.append(logging.getLogger("radicale").level)
+        raise ValueError("broken collection 'alice/contacts'")
+
+    store = SimpleNamespace(acquire_lock=lambda _mode: contextlib.nullcontext(), verify=verify)
+    monkeypatch.setattr(radicale.storage, "load", lambda _configuration: store)
+    radicale_log = logging.getLogger("radicale")
+    radicale_log.setLevel(logging.INFO)
+    with pytest.raises(BackupError) as err:
+        backup.verify_store(cfg)
+    assert str(err.value) == "Radicale storage verification failed: broken collection 'alice/contacts'"
+    assert levels == [logging.ERROR] and radicale_log.level == logging.INFO
+
+
+def test_a_store_radicale_does_not_accept_is_named(instance, monkeypatch):
+    import contextlib
+
+    import radicale.storage
+
+    cfg = config_mod.load(instance)
+    store = SimpleNamespace(acquire_lock=lambda _mode: contextlib.nullcontext(), verify=lambda: False)
+    monkeypatch.setattr(radicale.storage, "load", lambda _configuration: store)
+    with pytest.raises(BackupError) as err:
+        backup.verify_store(cfg)
+    assert str(err.value) == f"Radicale storage verification failed for {cfg.server.storage_dir}"
+
+
+def test_the_config_for_a_new_laptop_points_at_its_own_data_folder(tmp_path):
+    text = ('[server]\ndomain = "a.example.org"\ndata_dir = "/old/data"\n'
+            '[relay]\nkey_file = "/old/data/ssh/tunnel_key"\nother = "/old/database"\n')
+    path = backup._write_config(text, tmp_path / "conf" / "config.toml", tmp_path / "new",
+                                {"data_dir": "/old/data"})
+    assert path == tmp_path / "conf" / "config.toml"
+    assert path.read_text() == (f'[server]\ndomain = "a.example.org"\ndata_dir = "{tmp_path}/new"\n'
+                                f'[relay]\nkey_file = "{tmp_path}/new/ssh/tunnel_key"\nother = "/old/database"\n')
+    assert stat.S_IMODE(path.stat().st_mode) == 0o600
+    assert stat.S_IMODE(path.parent.stat().st_mode) == 0o700
+    bare = backup._write_config('data_dir = "/x"\nk = "/x/y"\n', tmp_path / "c2.toml", tmp_path / "n2", {})
+    assert bare.read_text() == f'data_dir = "{tmp_path}/n2"\nk = "/x/y"\n'     # no old folder recorded
+
+
+def test_installing_moves_old_collections_aside_merges_folders_and_replaces_files(tmp_path):
+    staged, target = tmp_path / "staged", tmp_path / "target"
+    (staged / "collections" / "collection-root").mkdir(parents=True)
+    (staged / "collections" / "collection-root" / "new.vcf").write_text("new")
+    (staged / "ssh").mkdir()
+    (staged / "ssh" / "tunnel_key").write_text("exported key")
+    (staged / "acme").mkdir()
+    (staged / "acme" / "account.json").write_text("exported account")
+    (staged / "users.htpasswd").write_text("exported users")
+    (target / "collections" / "collection-root").mkdir(parents=True)
+    (target / "collections" / "collection-root" / "empty-marker").write_text("")
+    (target / "ssh").mkdir()
+    (target / "ssh" / "tunnel_key").write_text("old key")
+    (target / "ssh" / "known_hosts").write_text("kept")
+    (target / "users.htpasswd").write_text("old users")
+    moved = backup._install(staged, target)
+    assert moved is not None and moved.parent == target and moved.name.startswith("collections.before-import-")
+    assert (moved / "collection-root" / "empty-marker").exists()
+    assert (target / "collections" / "collection-root" / "new.vcf").read_text() == "new"
+    assert (target / "ssh" / "tunnel_key").read_text() == "exported key"
+    assert (target / "ssh" / "known_hosts").read_text() == "kept"
+    assert (target / "acme" / "account.json").read_text() == "exported account"
+    assert (target / "users.htpasswd").read_text() == "exported users"
+    (tmp_path / "staged2" / "collections").mkdir(parents=True)
+    (tmp_path / "target2").mkdir()
+    assert backup._install(tmp_path / "staged2", tmp_path / "target2") is None      # nothing to move aside
+    assert (tmp_path / "target2" / "collections").is_dir()
+
+
+def test_an_export_without_a_store_is_refused(instance, tmp_path):
+    import shutil
+
+    cfg = config_mod.load(instance)
+    shutil.rmtree(cfg.server.storage_dir)
+    with pytest.raises(BackupError) as err:
+        export_backup(cfg, tmp_path / "e.tar.gz", None)
+    assert str(err.value) == f"no storage folder at {cfg.server.storage_dir}: nothing to export"
+
+
+def test_an_export_that_fails_halfway_leaves_nothing_behind(instance, tmp_path, monkeypatch):
+    cfg = config_mod.load(instance)
+    _fill(cfg, cards=2, events=0)
+    real, calls = backup._add_bytes, []
+
+    def failing(*args: Any) -> None:
+        calls.append(1)
+        if len(calls) == 2:
+            raise OSError(28, "No space left on device")
+        real(*args)
+
+    monkeypatch.setattr(backup, "_add_bytes", failing)
+    out = tmp_path / "out"
+    with pytest.raises(OSError, match="No space left"):
+        export_backup(cfg, out / "e.tar.gz", None)
+    assert list(out.iterdir()) == []
+
+
+def test_an_export_with_too_many_entries_is_refused_before_anything_is_read(instance, tmp_path, monkeypatch):
+    cfg = config_mod.load(instance)
+    _fill(cfg, cards=3, events=0)
+    export_backup(cfg, tmp_path / "e.tar.gz", None)
+    monkeypatch.setattr(backup, "MAX_MEMBERS", 2)
+    target = tmp_path / "new"
+    with pytest.raises(BackupError) as err:
+        import_backup(tmp_path / "e.tar.gz", None, config_path=target / "config.toml", data_dir=target / "data")
+    assert str(err.value) == f"{tmp_path / 'e.tar.gz'}: more than 2 entries; refusing the whole file"
+    assert not target.exists()
+    import tarfile
+
+    with tarfile.open(tmp_path / "e.tar.gz") as tar:
+        monkeypatch.setattr(backup, "MAX_MEMBERS", len(tar.getmembers()))    # exactly at the cap: accepted
+    result = import_backup(tmp_path / "e.tar.gz", None, config_path=target / "config.toml", data_dir=target / "data",
+                           accept_changes=True)
+    assert result.items == 3
+
+
+def test_import_refusals_before_anything_changes(instance, tmp_path, monkeypatch):
+    """No such file; --data-dir that differs from the config's; a running server (exact lines)."""
+    from tests.support import init_instance
+
+    cfg = config_mod.load(instance)
+    _fill(cfg, cards=1, events=0)
+    export = tmp_path / "e.tar.gz"
+    export_backup(cfg, export, None)
+    b_path = init_instance(tmp_path / "b")
+    b = config_mod.load(b_path)
+    with pytest.raises(BackupError) as err:
+        import_backup(tmp_path / "missing.tar.gz", b, config_path=b_path)
+    assert str(err.value) == f"{tmp_path / 'missing.tar.gz'}: no such file"
+    with pytest.raises(BackupError) as err:
+        import_backup(export, b, config_path=b_path, data_dir=tmp_path / "elsewhere")
+    assert str(err.value) == (f"--data-dir {tmp_path / 'elsewhere'} differs from data_dir {b.server.data_dir} in "
+                              f"{b_path}; edit the config or leave out --data-dir")
+    monkeypatch.setattr(backup, "_server_running", lambda _cfg: True)
+    with pytest.raises(BackupError) as err:     # the config's own data folder given again is no difference
+        import_backup(export, b, config_path=b_path, data_dir=b.server.data_dir)
+    assert str(err.value) == ("refusing to import while inverse-cloud is running; stop it first "
+                              "(systemctl --user stop inverse-cloud)")
+    assert not any(p.name.startswith(".import-") for p in b.server.data_dir.iterdir())
