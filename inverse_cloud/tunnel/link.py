@@ -130,6 +130,7 @@ class Tunnel:
         self._ever_up = False
         self._logged: tuple[str, str] | None = None
         self._took_over_logged = False
+        self._v6_refused: tuple[str, int] | None = None      # the IPv6 forward refused (logged at ERROR once)
         self.attempts = 0
         self.takeovers = 0
         self.connections = 0
@@ -159,7 +160,9 @@ class Tunnel:
     def reload(self) -> None:
         """SIGHUP (certificates and users re-read, `cert renew`): a healthy link is left alone -- dropping it
         would cut phones off and break the public path an ACME validation may be about to use; a link
-        waiting out a backoff tries again now."""
+        waiting out a backoff tries again now. A refused IPv6 pair is looked at (and reported) afresh on the
+        next connection: the relay may have been changed."""
+        self._v6_refused = None
         self.retry_now("SIGHUP")
 
     def retry_now(self, why: str) -> None:
@@ -343,11 +346,17 @@ class Tunnel:
         except BaseException:
             await self._close_conn()
             raise
-        if refused_fwd is not None and takeover_tried and refused_fwd.host != self.relay.listen_host:  # only IPv6
-            log.error("%s relay refused to listen on [%s]:%d: phones on IPv6 cannot reach this laptop (apply "
-                      "`inverse-cloud relay-setup --ipv6` on the relay, or set [relay] listen_host6 = \"\"); IPv4 "
-                      "works", self.tag, refused_fwd.host, refused_fwd.relay_port)
+        v6_known = refused_fwd is not None and self._v6_refused == (refused_fwd.host, refused_fwd.relay_port)
+        if refused_fwd is not None and (takeover_tried or v6_known) and refused_fwd.host != self.relay.listen_host:
+            # Only IPv6 refused: the IPv4 pair bound, so no stale session holds the ports. One ERROR line per
+            # change; the same refusal on a reconnect goes to DEBUG, with no takeover.
+            log.log(logging.DEBUG if v6_known else logging.ERROR, "%s relay refused to listen on [%s]:%d: phones "
+                    "on IPv6 cannot reach this laptop (apply `inverse-cloud relay-setup --ipv6` on the relay, or set "
+                    "[relay] listen_host6 = \"\"); IPv4 works", self.tag, refused_fwd.host, refused_fwd.relay_port)
+            self._v6_refused = (refused_fwd.host, refused_fwd.relay_port)
             refused_fwd = None
+        elif refused_fwd is None:
+            self._v6_refused = None
         if refused_fwd is not None:
             await self._close_conn()
             host, refused = (f"[{h}]" if ":" in (h := refused_fwd.host) else h), refused_fwd.relay_port
