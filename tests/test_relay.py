@@ -371,13 +371,22 @@ def test_sslh_with_proxy_protocol_sends_v2_and_refuses_sslh_1(tmp_path):
 
 
 def test_ipv6_adds_a_v6_listener_to_sslh_and_nginx(tmp_path):
-    """--ipv6: sslh and the nginx stream block also listen on [::]:443 (checked by the real sslh parser);
-    refused with the DNAT variant."""
+    """--ipv6: sslh and the nginx stream block also listen on [::]:443 (checked by the real sslh parser), and
+    the nginx port-80 site on [::]:80 (an IPv6 ACME validation or redirect would otherwise meet no listener)."""
     cfg = relay.sslh_config(spec(ssh_on_443=True, ipv6=True))
     assert '{ host: "0.0.0.0"; port: "443"; },\n    { host: "::"; port: "443"; }\n);' in cfg
     assert '"::"' not in relay.sslh_config(spec(ssh_on_443=True))
     assert "listen [::]:443;" in relay.nginx_stream(spec(ipv6=True))
     assert "[::]" not in relay.nginx_stream(spec())
+    assert "    listen 80;\n    listen [::]:80;\n" in relay.nginx_http_vhost(spec(ipv6=True))
+    assert "[::]" not in relay.nginx_http_vhost(spec())
+    d = tmp_path / "nginx"
+    d.mkdir()
+    (d / "nginx.conf").write_text(f"pid {d}/pid;\nerror_log {d}/err.log;\nevents {{}}\nhttp {{\n"
+                                  f"{relay.nginx_http_vhost(spec(ipv6=True))}}}\n")
+    check = subprocess.run([_need("nginx"), "-t", "-q", "-p", str(d), "-c", str(d / "nginx.conf")],
+                           capture_output=True, text=True, timeout=30)
+    assert check.returncode == 0, check.stderr
     (tmp_path / "v6.cfg").write_text(cfg)
     out = subprocess.run([_need("sslh"), f"-F{tmp_path / 'v6.cfg'}", "-V"], capture_output=True, text=True,
                          timeout=10)

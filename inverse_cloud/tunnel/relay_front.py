@@ -86,6 +86,7 @@ def nginx_http_text(spec: FrontSpec) -> str:
         "# The laptop sees nginx's address here, not the phone's (only ACME and redirects use port 80).\n"
         "server {\n"
         "    listen 80;\n"
+        + ("    listen [::]:80;\n" if spec.ipv6 else "") +
         f"    server_name {spec.domain};\n"
         "    location / {\n"
         f"        proxy_pass http://{http};\n"
