@@ -305,8 +305,8 @@ def readme(spec: RelaySpec) -> str:
         + ("IPv6: the ip6 table of nftables.conf maps public [v6]:443/80 onto the forwards the laptop also binds on\n"
            f"[{spec.listen_host6}] ([relay] listen_host6): publish the relay's AAAA record too.\n"
            if spec.listen_host6 and not spec.ssh_on_443 else
-           "IPv6: sslh / nginx also listen on [::]:443, nginx's port-80 site on [::]:80 (--ipv6): publish the\n"
-           "relay's AAAA record too.\n"
+           "IPv6: sslh / nginx also listen on [::]:443 (--ipv6; nginx's port-80 site on [::]:80 too): publish\n"
+           "the relay's AAAA record too.\n"
            if spec.ipv6 else
            "IPv6: these rules cover IPv4 only. Publish an A record for the domain and NO AAAA record: a\n"
            "half-working AAAA makes phones on IPv6 fail intermittently (--ipv6 with --ssh-on-443 or\n"
