@@ -929,7 +929,8 @@ async def test_refused_ipv6_forwards_leave_ipv4_up(rig, caplog):
     (IPv4 phones keep syncing), and status shows the IPv6 ones unbound. Two reconnects (the relay drops the
     link, then SIGUSR1) meet the same refusal: still one ERROR line, the repeats at DEBUG, no second takeover
     (the IPv4 pair bound, so no stale session holds the ports). After a SIGHUP the next refusal is an ERROR
-    line again (the user may have changed the relay and asked to look again)."""
+    line again (the user may have changed the relay and asked to look again), and so it is after the pair
+    bound in between."""
     caplog.set_level(logging.DEBUG)
     make, relay, _ = rig
     relay.refuse_hosts = {"::1"}
@@ -959,6 +960,14 @@ async def test_refused_ipv6_forwards_leave_ipv4_up(rig, caplog):
         t.reconnect()
         await wait_for(lambda: t.connections == 4 and t.state == "up", what="fourth session up")
         assert len(refusals(logging.ERROR)) == 2 == len(errors()), errors()
+        relay.refuse_hosts = set()                               # the relay fixed: the IPv6 pair binds
+        t.reconnect()
+        await wait_for(lambda: t.connections == 5 and all(f["bound"] for f in t.status()["forwards"]),
+                       what="all four forwards bound")
+        relay.refuse_hosts = {"::1"}                             # and broken again: a new ERROR line
+        t.reconnect()
+        await wait_for(lambda: t.connections == 6 and t.state == "up", what="sixth session up")
+        assert len(refusals(logging.ERROR)) == 3 == len(errors()), errors()
 
 
 def test_the_tunnel_loads_asyncssh_without_pyopenssl():
