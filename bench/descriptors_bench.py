@@ -58,7 +58,7 @@ async def in_process(n: int) -> None:
     ends, refused = [], 0
     for i in range(n):
         try:
-            ends.append(await t._accept(t.forwards[0], "203.0.113.9", 40000 + i))
+            ends.append(await t.handoff.accept("https", "203.0.113.9", 40000 + i))
         except asyncssh.ChannelOpenError:
             refused += 1
     held = len(os.listdir("/proc/self/fd")) - before

@@ -137,6 +137,7 @@ class RelaySshd:
     proc: subprocess.Popen[bytes] | None = None
     seen: set[int] = field(default_factory=set)
     listen_address: str = "127.0.0.1"  # sshd's ListenAddress (the laptop's side of a veth in the F5 test)
+    setup_args: tuple[str, ...] = ()   # more relay-setup options for render() and pin()
 
     @property
     def bundle(self) -> Path:
@@ -172,7 +173,7 @@ class RelaySshd:
         out = _cli("relay-setup", "--config", str(self.config), "--output", str(self.bundle), "--no-pin",
                    "--client-alive-interval", str(self.client_alive_interval),
                    "--client-alive-count-max", str(self.client_alive_count_max),
-                   "--authorized-keys-file", str(self.bundle / "authorized_keys"))
+                   "--authorized-keys-file", str(self.bundle / "authorized_keys"), *self.setup_args)
         if out.returncode != 0:
             raise RuntimeError(f"relay-setup --output failed ({out.returncode}): {out.stderr}")
 
@@ -231,7 +232,7 @@ class RelaySshd:
                    "--accept-new-host-key",
                    "--client-alive-interval", str(self.client_alive_interval),
                    "--client-alive-count-max", str(self.client_alive_count_max),
-                   "--authorized-keys-file", str(self.bundle / "authorized_keys"))
+                   "--authorized-keys-file", str(self.bundle / "authorized_keys"), *self.setup_args)
         if out.returncode != 0:
             raise RuntimeError(f"relay-setup pin failed ({out.returncode}): {out.stderr}")
 
@@ -329,9 +330,10 @@ class RelaySshd:
 @contextlib.contextmanager
 def relay_sshd(config: Path, *, user: str = TEST_USER, client_alive_interval: int = 2,
                client_alive_count_max: int = 3, pin: bool = True,
-               listen_address: str = "127.0.0.1") -> Iterator[RelaySshd]:
+               listen_address: str = "127.0.0.1", setup_args: tuple[str, ...] = ()) -> Iterator[RelaySshd]:
     """The relay for ``config`` (its [relay] port is sshd's port): see the module docstring. ``listen_address``
-    is where sshd listens (the forwarded ports stay on the relay's loopback, as relay-setup permits them)."""
+    is where sshd listens (the forwarded ports stay on the relay's loopback, as relay-setup permits them).
+    ``setup_args`` go to both relay-setup runs (e.g. ``--ipv6``: the Match block also permits the [::] pair)."""
     from inverse_cloud.config import load
 
     ensure_system_user(user)
@@ -342,7 +344,8 @@ def relay_sshd(config: Path, *, user: str = TEST_USER, client_alive_interval: in
     os.chmod(workdir, 0o755)  # noqa: S103 (sshd reads authorized_keys as the tunnel user; no secrets)
     relay = RelaySshd(config=config, workdir=workdir, user=user, ssh_port=cfg.relay.port, https_port=https_port,
                       http_port=http_port, client_alive_interval=client_alive_interval,
-                      client_alive_count_max=client_alive_count_max, listen_address=listen_address)
+                      client_alive_count_max=client_alive_count_max, listen_address=listen_address,
+                      setup_args=setup_args)
     try:
         relay.render()
         relay.new_host_key()

@@ -20,7 +20,7 @@ import pytest
 from dav_helpers import selfsigned_cert
 from netns import LaptopNetns
 from relay_sandbox import private_netns
-from relay_sshd import configure, relay_sshd, sshd_available
+from relay_sshd import configure, port_listening, relay_sshd, sshd_available
 
 from tests.support import ServeProcess, free_port, init_instance, wait_until
 
@@ -50,11 +50,22 @@ def re_laptop() -> Iterator[LaptopNetns]:
             ns.delete()
 
 
+# A Debian relay's /etc/hosts names localhost for both families (this test machine's may not): sslh's targets
+# with --ssh-on-443 --ipv6 are "localhost", resolved by sslh when it reads its configuration.
+RELAY_HOSTS = "127.0.0.1\tlocalhost\n::1\t\tlocalhost ip6-localhost ip6-loopback\n"
+
+
 @contextlib.contextmanager
-def sslh(cfg_path: Path, log: Path) -> Iterator[subprocess.Popen[bytes]]:
-    """sslh-select (one process: stopping its pid stops every connection it carries) in the foreground."""
+def sslh(cfg_path: Path, log: Path, hosts: Path | None = None) -> Iterator[subprocess.Popen[bytes]]:
+    """sslh-select (one process: stopping its pid stops every connection it carries) in the foreground; with
+    ``hosts``, in a mount namespace of its own where that file is /etc/hosts (unshare and sh exec into sslh, so
+    the pid is sslh's)."""
+    argv = ["sslh-select", "-f", f"-F{cfg_path}"]
+    if hosts is not None:
+        argv = ["unshare", "--mount", "--propagation", "private", "sh", "-c",
+                'mount --bind "$0" /etc/hosts && exec "$@"', str(hosts), *argv]
     with open(log, "wb") as fh:
-        proc = subprocess.Popen(["sslh-select", "-f", f"-F{cfg_path}"], stdout=fh, stderr=subprocess.STDOUT)
+        proc = subprocess.Popen(argv, stdout=fh, stderr=subprocess.STDOUT)
     try:
         def listening() -> bool:
             if proc.poll() is not None:
@@ -212,33 +223,42 @@ def phone_curl(ns: str, address: str, cafile: Path) -> subprocess.CompletedProce
 
 
 @pytest.mark.slow
-def test_sslh_transparent_passes_the_phones_address_to_the_laptop(tmp_path):
-    """The relay side as `relay-setup --ssh-on-443` renders it (no --ipv6): sslh.cfg with transparent: true, and
-    nftables.conf plus the loader's policy route, loaded in the relay's namespace as setup.sh and boot do. The
-    laptop's outbound SSH port is dropped, so the tunnel itself comes through sslh (transparently: sshd sees the
-    laptop's own address). A phone on another address PROPFINDs https://laptop.test/ at the relay's 443 -> 207,
-    and the laptop's access log names the phone's address, not 127.0.0.1. A wrong password from the phone is
-    counted against the phone's address too (the failed-login line names it)."""
+@pytest.mark.parametrize("ipv6", [False, True], ids=["ipv4", "ipv6"])
+def test_sslh_transparent_passes_the_phones_address_to_the_laptop(tmp_path, ipv6):
+    """The relay side as `relay-setup --ssh-on-443` renders it (ipv6: with --ipv6): sslh.cfg with transparent:
+    true, and nftables.conf plus the loader's policy route, loaded in the relay's namespace as setup.sh and boot
+    do. The laptop's outbound SSH port is dropped, so the tunnel itself comes through sslh (transparently: sshd
+    sees the laptop's own address). A phone on another address PROPFINDs https://laptop.test/ at the relay's 443
+    -> 207, and the laptop's access log names the phone's address, not 127.0.0.1. ipv6: sslh's targets are
+    localhost (the relay's /etc/hosts names 127.0.0.1 and ::1), the laptop also binds its [::] pair, and the ip6
+    table marks the replies from ::1: first a phone with only IPv6 PROPFINDs at the relay's IPv6 address -> 207,
+    the access log names its IPv6 address (before, --ipv6 turned transparent mode off and the laptop logged
+    127.0.0.1), then the same phone over IPv4 as above."""
     missing = sshd_available()
     assert missing is None, missing
-    for tool in ("ip", "ss", "curl", "nft", "sslh-select"):
-        assert shutil.which(tool), f"{tool} missing: apt-get install -y iproute2 curl nftables sslh"
+    for tool in ("ip", "ss", "curl", "nft", "sslh-select", "unshare"):
+        assert shutil.which(tool), f"{tool} missing: apt-get install -y iproute2 curl nftables sslh util-linux"
     with private_netns(), re_laptop() as laptop:
         sshd_port = free_port()
         cfg = init_instance(tmp_path / "ic", relay=f"{USER}@{RELAY}:{sshd_port}")
         configure(cfg, "relay", keepalive_interval_s=1, keepalive_count_max=3, connect_timeout_s=3)
+        extra = ("--ssh-on-443", "--ipv6") if ipv6 else ()
         try:
-            with relay_sshd(cfg, user=USER, client_alive_interval=15, listen_address=RELAY) as relay:
+            with relay_sshd(cfg, user=USER, client_alive_interval=15, listen_address=RELAY,
+                            setup_args=extra) as relay:
                 bundle = tmp_path / "bundle443"
                 _run(sys.executable, "-m", "inverse_cloud.cli", "relay-setup", "--config", str(cfg), "--output",
-                     str(bundle), "--no-pin", "--ssh-on-443")
+                     str(bundle), "--no-pin", "--ssh-on-443", *extra)
                 sslh_cfg = bundle / "sslh.cfg"
                 assert "transparent: true;" in sslh_cfg.read_text()
+                target = "localhost" if ipv6 else "127.0.0.1"
+                assert f'name: "tls"; host: "{target}"; port: "{relay.https_port}"' in sslh_cfg.read_text()
                 # Test-only: this sshd listens on RELAY, not on every address as a relay's does; its replies to
                 # sslh's transparent connections come from RELAY, so they are marked too.
-                sslh_cfg.write_text(sslh_cfg.read_text().replace(f'host: "127.0.0.1"; port: "{sshd_port}"',
+                sslh_cfg.write_text(sslh_cfg.read_text().replace(f'host: "{target}"; port: "{sshd_port}"',
                                                                  f'host: "{RELAY}"; port: "{sshd_port}"'))
                 nft = (bundle / "nftables.conf").read_text()
+                assert ("table ip6 inverse_cloud" in nft) == ipv6
                 nft = nft.replace("tcp sport {", f"tcp sport {{ {sshd_port}, ", 1).replace(
                     "ip saddr 127.0.0.0/8 ip daddr != 127.0.0.0/8", f"ip saddr {{ 127.0.0.0/8, {RELAY} }} "
                     f"ip daddr != {{ 127.0.0.0/8, {RELAY} }}", 1)
@@ -251,12 +271,22 @@ def test_sslh_transparent_passes_the_phones_address_to_the_laptop(tmp_path):
                     "table inet re_block {\n chain out {\n  type filter hook output priority 0; policy accept;\n"
                     f"  ip daddr {RELAY} tcp dport {sshd_port} drop\n }}\n}}\n"))
                 cafile = selfsigned_cert(cfg.parent)
-                with sslh(sslh_cfg, tmp_path / "sslh.log"), \
+                hosts = tmp_path / "relay-hosts"
+                hosts.write_text(RELAY_HOSTS)
+                with sslh(sslh_cfg, tmp_path / "sslh.log", hosts if ipv6 else None), \
                         ServeProcess(cfg, prefix=laptop.exec_prefix, ready_probe=laptop.tls_handshake_ok) as srv:
-                    dump = lambda: srv.log()[-4000:] + "\n--- sshd ---\n" + relay.log()[-2000:]  # noqa: E731
+                    dump = lambda: (srv.log()[-4000:] + "\n--- sshd ---\n" + relay.log()[-2000:]  # noqa: E731
+                                    + "\n--- sslh ---\n" + (tmp_path / "sslh.log").read_text()[-2000:])
                     relay.wait_forwards(40, on_timeout=dump)
                     assert f"Connection from {LAPTOP} port" in relay.log(), relay.log()[-2000:]
                     with re_phone6() as phone:
+                        if ipv6:
+                            wait_until(lambda: port_listening(relay.https_port, "[::]"), 20,
+                                       "the laptop's [::] forward pair bound", on_timeout=dump)
+                            wait_until(lambda: phone_curl(phone, f"[{RELAY6}]", cafile).stdout == "207", 20,
+                                       "the IPv6-only phone syncing through the transparent sslh", on_timeout=dump)
+                            wait_until(lambda: PHONE6 in srv.log(), 10, "the phone's IPv6 address in the access "
+                                       "log", on_timeout=dump)
                         _run("ip", "addr", "add", f"{RELAY4B}/24", "dev", "rephone0")
                         _run("ip", "-n", phone, "addr", "add", f"{PHONE4}/24", "dev", "rephonep")
                         wait_until(lambda: phone_curl(phone, RELAY4B, cafile).stdout == "207", 20,
@@ -264,7 +294,7 @@ def test_sslh_transparent_passes_the_phones_address_to_the_laptop(tmp_path):
                         wait_until(lambda: PHONE4 in srv.log(), 10, "the phone's address in the access log",
                                    on_timeout=dump)
                     assert "Traceback" not in srv.log()
-                print(f"\n[ssh-on-443] transparent sslh: the laptop's log names the phone {PHONE4}; sshd saw the "
-                      f"laptop as {LAPTOP}")
+                print(f"\n[ssh-on-443] transparent sslh ({'--ipv6' if ipv6 else 'IPv4'}): the laptop's log names "
+                      f"the phone {PHONE6 + ' and ' if ipv6 else ''}{PHONE4}; sshd saw the laptop as {LAPTOP}")
         finally:
             subprocess.run(["userdel", USER], capture_output=True, check=False)

@@ -31,6 +31,7 @@ declare -A TESTS=(
   [inverse_cloud/tunnel/policy.py]="tests/test_tunnel.py tests/test_netwatch.py"
   # control paths (the tunnel's retry_delay/classify are decisions inside link.py)
   [inverse_cloud/tunnel/link.py]="tests/test_tunnel.py"
+  [inverse_cloud/tunnel/handoff.py]="tests/test_tunnel.py tests/test_descriptors.py"
   [inverse_cloud/dav/listeners.py]="tests/test_listeners.py tests/test_server.py"
   [inverse_cloud/dav/wsgi.py]="tests/test_web.py tests/test_server.py tests/test_bridge.py tests/test_bridge_upkeep.py tests/test_wsgi_memory.py"
   [inverse_cloud/dav/throttle.py]="tests/test_throttle.py tests/test_bridge.py"
@@ -40,7 +41,8 @@ declare -A TESTS=(
   [inverse_cloud/ops/backup_review.py]="tests/test_backup.py"
 )
 ORDER=(inverse_cloud/certs/policy.py inverse_cloud/tunnel/relay_files.py inverse_cloud/config.py
-       inverse_cloud/tunnel/policy.py inverse_cloud/tunnel/link.py inverse_cloud/dav/listeners.py
+       inverse_cloud/tunnel/policy.py inverse_cloud/tunnel/link.py inverse_cloud/tunnel/handoff.py
+       inverse_cloud/dav/listeners.py
        inverse_cloud/dav/wsgi.py inverse_cloud/dav/throttle.py inverse_cloud/dav/environ.py
        inverse_cloud/ops/backup.py inverse_cloud/ops/backup_crypt.py inverse_cloud/ops/backup_review.py)
 modules=("$@")

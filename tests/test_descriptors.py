@@ -53,17 +53,17 @@ async def test_tunnel_refuses_channels_over_the_per_address_and_total_caps(tmp_p
     ends = []
     try:
         for _ in range(admission.PER_ADDRESS_CHANNELS):
-            ends.append(await t._accept(t.forwards[0], "203.0.113.9", 40000))
+            ends.append(await t.handoff.accept("https", "203.0.113.9", 40000))
         for _ in range(5):
             with pytest.raises(asyncssh.ChannelOpenError, match="per-address cap"):
-                await t._accept(t.forwards[0], "203.0.113.9", 40001)
+                await t.handoff.accept("https", "203.0.113.9", 40001)
         for i in range(4):
-            ends.append(await t._accept(t.forwards[0], f"198.51.100.{i}", 40000))
+            ends.append(await t.handoff.accept("https", f"198.51.100.{i}", 40000))
         with pytest.raises(asyncssh.ChannelOpenError, match="the cap"):
-            await t._accept(t.forwards[0], "198.51.100.99", 40000)
+            await t.handoff.accept("https", "198.51.100.99", 40000)
         ends.pop(0).local.close()
         await wait_until_async(lambda: t._admission.total < admission.PER_ADDRESS_CHANNELS + 4)
-        ends.append(await t._accept(t.forwards[0], "203.0.113.9", 40002))
+        ends.append(await t.handoff.accept("https", "203.0.113.9", 40002))
     finally:
         for end in ends:
             end.local.close()

@@ -215,6 +215,7 @@ GOLDEN_CASES = {
     "public-listen": (dict(listen_host="203.0.113.7", https_port=1443, http_port=1080, client_alive_interval_s=20,
                            client_alive_count_max=4), "nft"),
     "sni": (dict(proxy_protocol=True), "sni"),
+    "ssh443-ipv6": (dict(ssh_on_443=True, ipv6=True, listen_host6="::", sslh_transparent=True), "nft"),
 }
 
 
@@ -371,13 +372,22 @@ def test_sslh_with_proxy_protocol_sends_v2_and_refuses_sslh_1(tmp_path):
 
 
 def test_ipv6_adds_a_v6_listener_to_sslh_and_nginx(tmp_path):
-    """--ipv6: sslh and the nginx stream block also listen on [::]:443 (checked by the real sslh parser);
-    refused with the DNAT variant."""
+    """--ipv6: sslh and the nginx stream block also listen on [::]:443 (checked by the real sslh parser), and
+    the nginx port-80 site on [::]:80 (an IPv6 ACME validation or redirect would otherwise meet no listener)."""
     cfg = relay.sslh_config(spec(ssh_on_443=True, ipv6=True))
     assert '{ host: "0.0.0.0"; port: "443"; },\n    { host: "::"; port: "443"; }\n);' in cfg
     assert '"::"' not in relay.sslh_config(spec(ssh_on_443=True))
     assert "listen [::]:443;" in relay.nginx_stream(spec(ipv6=True))
     assert "[::]" not in relay.nginx_stream(spec())
+    assert "    listen 80;\n    listen [::]:80;\n" in relay.nginx_http_vhost(spec(ipv6=True))
+    assert "[::]" not in relay.nginx_http_vhost(spec())
+    d = tmp_path / "nginx"
+    d.mkdir()
+    (d / "nginx.conf").write_text(f"pid {d}/pid;\nerror_log {d}/err.log;\nevents {{}}\nhttp {{\n"
+                                  f"{relay.nginx_http_vhost(spec(ipv6=True))}}}\n")
+    check = subprocess.run([_need("nginx"), "-t", "-q", "-p", str(d), "-c", str(d / "nginx.conf")],
+                           capture_output=True, text=True, timeout=30)
+    assert check.returncode == 0, check.stderr
     (tmp_path / "v6.cfg").write_text(cfg)
     out = subprocess.run([_need("sslh"), f"-F{tmp_path / 'v6.cfg'}", "-V"], capture_output=True, text=True,
                          timeout=10)
@@ -477,8 +487,8 @@ def test_relay_setup_refuses_root_or_the_admin_as_tunnel_login(instance, tmp_pat
 def test_ssh_on_443_makes_sslh_transparent_with_the_reply_routing(instance, tmp_path):
     """--ssh-on-443 (nft): sslh.cfg says transparent: true; nat.nft marks only the replies its targets send from
     127.0.0.0/8 on sshd's and the https forward's ports (so sshd's direct connections are untouched) and loads
-    with `nft -c`; the loader adds the policy route the mark selects, which boot runs again. With --ipv6 or
-    --proxy-protocol sslh stays non-transparent and nothing is marked."""
+    with `nft -c`; the loader adds the policy route the mark selects, which boot runs again. With --proxy-protocol
+    sslh stays non-transparent and nothing is marked."""
     from inverse_cloud.cli import main
 
     Path(instance).write_text(Path(instance).read_text().replace('host = ""', 'host = "relay.example"'))
@@ -493,8 +503,55 @@ def test_ssh_on_443_makes_sslh_transparent_with_the_reply_routing(instance, tmp_
     setup = (out / "setup.sh").read_text()
     assert "ip rule add fwmark 0x1c lookup 1443" in setup and "ip route replace local 0.0.0.0/0 dev lo table 1443" \
         in setup
-    for extra in (["--ipv6"], ["--proxy-protocol"]):
-        assert main(["relay-setup", "--config", str(instance), "--output", str(out), "--no-pin", "--ssh-on-443",
-                     *extra]) == 0
-        assert "transparent: false;" in (out / "sslh.cfg").read_text()
-        assert "mark set" not in (out / "nftables.conf").read_text()
+    assert "ip -6" not in setup and "getent ahosts localhost" not in setup
+    assert main(["relay-setup", "--config", str(instance), "--output", str(out), "--no-pin", "--ssh-on-443",
+                 "--proxy-protocol"]) == 0
+    assert "transparent: false;" in (out / "sslh.cfg").read_text()
+    assert "mark set" not in (out / "nftables.conf").read_text()
+
+
+def test_ssh_on_443_with_ipv6_keeps_sslh_transparent_for_both_families(instance, tmp_path):
+    """--ssh-on-443 --ipv6 (nft): sslh stays transparent, its targets are localhost (sslh 1.20 connects a client
+    only to a target of its own family: 127.0.0.1 for IPv4, ::1 for IPv6); the ip6 table marks the replies from
+    ::1 on sshd's and the https forward's ports, nft -c accepts both tables; the loader adds the ip -6 rule and
+    route too; setup.sh refuses a relay whose localhost lacks one family (checked with a stand-in getent). A
+    listen_host6 other than "::" (sslh could not reach it as localhost) keeps sslh non-transparent. Before,
+    --ipv6 always turned transparent mode off (IPv6 phones were seen as 127.0.0.1)."""
+    from inverse_cloud.cli import main
+
+    Path(instance).write_text(Path(instance).read_text().replace('host = ""', 'host = "relay.example"'))
+    out = tmp_path / "bundle"
+    assert main(["relay-setup", "--config", str(instance), "--output", str(out), "--no-pin", "--ssh-on-443",
+                 "--ipv6"]) == 0
+    cfg = (out / "sslh.cfg").read_text()
+    assert "transparent: true;" in cfg
+    assert '{ name: "ssh"; service: "ssh"; host: "localhost"; port: "22"; }' in cfg
+    assert 'name: "tls"; host: "localhost"; port: "44353";' in cfg
+    nft = (out / "nftables.conf").read_text()
+    assert "ip saddr 127.0.0.0/8 ip daddr != 127.0.0.0/8 tcp sport { 22, 44353 } meta mark set 0x1c" in nft, nft
+    v6 = nft.split("table ip6 inverse_cloud {", 1)[1]
+    assert "ip6 saddr ::1 ip6 daddr != ::1 tcp sport { 22, 44353 } meta mark set 0x1c" in v6, nft
+    check = subprocess.run(["unshare", "-n", _need("nft"), "-c", "-f", str(out / "nftables.conf")],
+                           capture_output=True, text=True)
+    assert check.returncode == 0, check.stderr
+    setup = (out / "setup.sh").read_text()
+    loader = setup.split("nft -f /etc/inverse-cloud/nat.nft\n", 1)[1].split("INVERSE_CLOUD_EOF", 1)[0]
+    assert "ip rule add fwmark 0x1c lookup 1443\n" in loader and "ip -6 rule add fwmark 0x1c lookup 1443\n" in loader
+    assert "ip -6 route replace local ::/0 dev lo table 1443\n" in loader
+    assert setup.index("getent ahosts localhost") < setup.index("useradd")     # before anything changes
+    check_text = setup[setup.index("case \"$(getent ahosts localhost"):]
+    check_text = check_text[:check_text.index("esac\n") + 5]
+    for answer, code in (("127.0.0.1 STREAM localhost", 1), ("::1 STREAM localhost", 1),
+                         ("::1 STREAM localhost\n127.0.0.1 STREAM", 0), ("127.0.0.1 STREAM localhost\n::1 STREAM", 0)):
+        (tmp_path / "getent").write_text(f"#!/bin/sh\nprintf '%s\\n' '{answer}'\n")
+        (tmp_path / "getent").chmod(0o755)
+        ran = subprocess.run(["sh", "-c", check_text], env={"PATH": f"{tmp_path}:/usr/bin:/bin"},
+                             capture_output=True, text=True)
+        assert ran.returncode == code, (answer, ran)
+        assert ("must resolve to both 127.0.0.1 and ::1" in ran.stderr) == (code == 1), ran.stderr
+    Path(instance).write_text(Path(instance).read_text().replace('listen_host6 = "::"', 'listen_host6 = "2001:db8::7"'))
+    assert main(["relay-setup", "--config", str(instance), "--output", str(out), "--no-pin", "--ssh-on-443",
+                 "--ipv6"]) == 0
+    assert "transparent: false;" in (out / "sslh.cfg").read_text()
+    assert "mark set" not in (out / "nftables.conf").read_text()
+    assert 'host: "127.0.0.1"; port: "22"' in (out / "sslh.cfg").read_text()

@@ -201,15 +201,17 @@ def spec_for(cfg: Config, args: argparse.Namespace) -> relay.RelaySpec:
         sshd_port=cfg.relay.port,
         proxy_protocol=bool(getattr(args, "proxy_protocol", False)) or getattr(args, "nat", "") == "sni",
         ipv6=bool(getattr(args, "ipv6", False)), listen_host6=_listen_host6(cfg, args),
-        sslh_transparent=_sslh_transparent(args))
+        sslh_transparent=_sslh_transparent(args, cfg.relay.listen_host, _listen_host6(cfg, args)))
 
 
-def _sslh_transparent(args: argparse.Namespace) -> bool:
+def _sslh_transparent(args: argparse.Namespace, listen_host: str, listen_host6: str) -> bool:
     """sslh passes the client's address on by transparent mode (relay_divert.py) when nothing else does: not with
-    PROXY headers, and only with the nft loader (which also sets up the reply routing at boot). IPv4 only: a
-    transparent sslh cannot connect an IPv6 client's address to the IPv4 forward, so --ipv6 keeps it off."""
+    PROXY headers, and only with the nft loader (which also sets up the reply routing at boot). With --ipv6 sslh
+    reaches both forward pairs as localhost (127.0.0.1 and ::1), so only when the laptop binds them there (its
+    default listen hosts); other listen hosts keep sslh non-transparent."""
     return (bool(getattr(args, "ssh_on_443", False)) and not getattr(args, "proxy_protocol", False)
-            and getattr(args, "nat", "nft") == "nft" and not getattr(args, "ipv6", False))
+            and getattr(args, "nat", "nft") == "nft"
+            and (not getattr(args, "ipv6", False) or (listen_host == "127.0.0.1" and listen_host6 == "::")))
 
 
 def _listen_host6(cfg: Config, args: argparse.Namespace) -> str:

@@ -9,9 +9,8 @@
 * A refused listen usually means the relay still holds the port for our previous, dead session (after a
   network change it keeps it until ClientAlive fires). We then end that session with the takeover key
   (see :mod:`inverse_cloud.tunnel.relay_files`) and reconnect at once.
-* Each forwarded connection is handed to our listener over loopback TCP. The socket is bound first, so
-  its source port is known and registered with the DAV server's :class:`~inverse_cloud.dav.web.PeerDirectory`
-  (relay-seen client address -> REMOTE_ADDR, access log) before the first byte is sent.
+* Each forwarded connection is handed to our listener over loopback TCP from a source port registered
+  first (relay-seen client address -> REMOTE_ADDR): :mod:`inverse_cloud.tunnel.handoff`.
 * ``TCP_QUICKACK`` is re-armed on the SSH socket after every read (Linux): otherwise a response of
   >= ~100 KB followed by the next request stalls ~40 ms (the relay's Nagle meets our delayed ACK).
   The byte-moving pieces live in :mod:`inverse_cloud.tunnel.channels`.
@@ -23,7 +22,6 @@ import asyncio
 import datetime as dt
 import logging
 import random
-import socket
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -36,14 +34,9 @@ from inverse_cloud.config import Config
 from inverse_cloud.errors import ConfigError, ForwardRefused, TunnelError
 from inverse_cloud.fsutil import check_private
 from inverse_cloud.tunnel.admission import ChannelAdmission
-from inverse_cloud.tunnel.channels import (
-    ChannelEnd,
-    ForwardTarget,
-    LocalEnd,
-    QuickAckConnector,
-    quickack_supported,
-)
+from inverse_cloud.tunnel.channels import ForwardTarget, QuickAckConnector, quickack_supported
 from inverse_cloud.tunnel.dial import RelayClient, dial
+from inverse_cloud.tunnel.handoff import LocalHandoff
 from inverse_cloud.tunnel.policy import (
     BACKOFF_S,
     FORWARD_REFUSED_RETRY_S,
@@ -82,9 +75,6 @@ CHANNEL_MAX_PACKET = 256 * 1024
 CLOSE_TIMEOUT_S = 2.0
 # A link that stayed up this long is re-established at once when it drops (a flapping relay gets backoff).
 STABLE_S = 5.0
-# A forwarded connection's peer mapping outlives the connection a little, so that a request still being
-# logged when the tunnel side closes is attributed to the relay-seen client.
-PEER_LINGER_S = 5.0
 
 
 # --- the component -----------------------------------------------------------------------------------
@@ -102,10 +92,6 @@ def _iso(t: float | None) -> str | None:
     if t is None:
         return None
     return dt.datetime.fromtimestamp(t, dt.UTC).isoformat(timespec="seconds")
-
-
-def _connect_host(listen_host: str) -> str:
-    return {"0.0.0.0": "127.0.0.1", "::": "::1", "": "127.0.0.1"}.get(listen_host, listen_host)  # noqa: S104
 
 
 class Tunnel:
@@ -144,12 +130,12 @@ class Tunnel:
         self._ever_up = False
         self._logged: tuple[str, str] | None = None
         self._took_over_logged = False
-        self._registered: dict[int, object] = {}
+        self._v6_refused: tuple[str, int] | None = None      # the IPv6 forward refused (logged at ERROR once)
         self.attempts = 0
         self.takeovers = 0
         self.connections = 0
-        self.active_channels = 0
         self._admission = ChannelAdmission(cfg.server.max_connections, tag=self.tag)
+        self.handoff = LocalHandoff(cfg, target, self._admission)
         self.ports = PortChooser(self.relay, self.tag, lambda exc: self._classify(exc).message)
 
     # -- lifecycle --
@@ -174,7 +160,9 @@ class Tunnel:
     def reload(self) -> None:
         """SIGHUP (certificates and users re-read, `cert renew`): a healthy link is left alone -- dropping it
         would cut phones off and break the public path an ACME validation may be about to use; a link
-        waiting out a backoff tries again now."""
+        waiting out a backoff tries again now. A refused IPv6 pair is looked at (and reported) afresh on the
+        next connection: the relay may have been changed."""
+        self._v6_refused = None
         self.retry_now("SIGHUP")
 
     def retry_now(self, why: str) -> None:
@@ -238,6 +226,10 @@ class Tunnel:
             await asyncio.wait_for(close(), CLOSE_TIMEOUT_S)
         except (TimeoutError, OSError, asyncssh.Error):
             conn.abort()
+
+    @property
+    def active_channels(self) -> int:
+        return self.handoff.active_channels
 
     # -- state --
 
@@ -354,11 +346,17 @@ class Tunnel:
         except BaseException:
             await self._close_conn()
             raise
-        if refused_fwd is not None and takeover_tried and refused_fwd.host != self.relay.listen_host:  # only IPv6
-            log.error("%s relay refused to listen on [%s]:%d: phones on IPv6 cannot reach this laptop (apply "
-                      "`inverse-cloud relay-setup --ipv6` on the relay, or set [relay] listen_host6 = \"\"); IPv4 "
-                      "works", self.tag, refused_fwd.host, refused_fwd.relay_port)
+        v6_known = refused_fwd is not None and self._v6_refused == (refused_fwd.host, refused_fwd.relay_port)
+        if refused_fwd is not None and (takeover_tried or v6_known) and refused_fwd.host != self.relay.listen_host:
+            # Only IPv6 refused: the IPv4 pair bound, so no stale session holds the ports. One ERROR line per
+            # change; the same refusal on a reconnect goes to DEBUG, with no takeover.
+            log.log(logging.DEBUG if v6_known else logging.ERROR, "%s relay refused to listen on [%s]:%d: phones "
+                    "on IPv6 cannot reach this laptop (apply `inverse-cloud relay-setup --ipv6` on the relay, or set "
+                    "[relay] listen_host6 = \"\"); IPv4 works", self.tag, refused_fwd.host, refused_fwd.relay_port)
+            self._v6_refused = (refused_fwd.host, refused_fwd.relay_port)
             refused_fwd = None
+        elif refused_fwd is None:
+            self._v6_refused = None
         if refused_fwd is not None:
             await self._close_conn()
             host, refused = (f"[{h}]" if ":" in (h := refused_fwd.host) else h), refused_fwd.relay_port
@@ -421,7 +419,7 @@ class Tunnel:
         """Bind every forward; return the first refused one (None if all bound)."""
         for fwd in self.forwards:
             try:
-                fwd.listener = await conn.create_server(self._factory(fwd), fwd.host, fwd.relay_port,
+                fwd.listener = await conn.create_server(self.handoff.factory(fwd.name), fwd.host, fwd.relay_port,
                                                         window=CHANNEL_WINDOW, max_pktsize=CHANNEL_MAX_PACKET)
             except asyncssh.ChannelListenError:   # NOT an asyncssh.Error subclass
                 return fwd
@@ -443,57 +441,6 @@ class Tunnel:
             failure = self._classify(exc, key_file=self.relay.takeover_key_file)
             log.warning("%s takeover of the stale session failed: %s; waiting for the relay to drop it "
                         "(ClientAlive)", self.tag, failure.message.replace("our key", "the takeover key"))
-
-    def _factory(self, fwd: _Forward) -> Callable[[str, int], Any]:
-        def factory(orig_host: str, orig_port: int) -> Any:
-            return self._accept(fwd, orig_host, orig_port)
-
-        return factory
-
-    async def _accept(self, fwd: _Forward, orig_host: str, orig_port: int) -> ChannelEnd:
-        """A connection arrived on the relay's port: connect to our listener from a known source port."""
-        loop = asyncio.get_running_loop()
-        listen = self.cfg.server.https_listen if fwd.name == "https" else self.cfg.server.http_listen
-        host = _connect_host(listen[0])
-        port = self.target.https_port if fwd.name == "https" else self.target.http_port
-        if (refused := self._admission.admit(orig_host)) is not None:   # before a descriptor is spent
-            raise asyncssh.ChannelOpenError(asyncssh.OPEN_RESOURCE_SHORTAGE, refused)
-        family = socket.AF_INET6 if ":" in host else socket.AF_INET
-        sock = socket.socket(family, socket.SOCK_STREAM)
-        token = object()
-        src_port = 0
-        try:
-            sock.setblocking(False)
-            sock.bind((host, 0))
-            src_port = sock.getsockname()[1]
-            self._registered[src_port] = token
-            self.target.peers.register(src_port, (orig_host, orig_port))
-            await loop.sock_connect(sock, (host, port))
-            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-            local = LocalEnd(lambda: self._release(src_port, token, host=orig_host))
-            await loop.create_connection(lambda: local, sock=sock)
-        except OSError as exc:
-            sock.close()
-            self._release(src_port, token, linger=False, host=orig_host)
-            raise asyncssh.ChannelOpenError(asyncssh.OPEN_CONNECT_FAILED, f"local listener: {exc}") from None
-        self.active_channels += 1
-        proxied = fwd.name == "https" and self.relay.proxy_protocol   # the header names the phone: proxy_protocol.py
-        return ChannelEnd(local, (lambda origin: self.target.peers.register(src_port, origin)) if proxied else None)
-
-    def _release(self, src_port: int, token: object, linger: bool = True, host: str = "") -> None:
-        self._admission.release(host)
-        if linger:
-            self.active_channels -= 1
-
-        def drop() -> None:
-            if self._registered.get(src_port) is token:
-                del self._registered[src_port]
-                self.target.peers.unregister(src_port)
-
-        if linger:
-            asyncio.get_running_loop().call_later(PEER_LINGER_S, drop)
-        else:
-            drop()
 
 
 class _TakeOverNow(Exception):

@@ -30,7 +30,7 @@ import shlex
 from dataclasses import dataclass
 
 from inverse_cloud.tunnel import relay_front, relay_sni
-from inverse_cloud.tunnel.relay_divert import divert_chain, divert_routes
+from inverse_cloud.tunnel.relay_divert import divert_chain, divert_routes, localhost_check
 from inverse_cloud.tunnel.relay_nat6 import nftables6_rules, permit6
 
 __all__ = [
@@ -83,6 +83,8 @@ class RelaySpec:
     ipv6: bool = False               # sslh / nginx stream also listen on [::]:443 (a v6 listener, no ip6 NAT)
     listen_host6: str = ""           # the laptop's second pair of forwards, for the ip6 NAT (relay_nat6.py)
     sslh_transparent: bool = False   # sslh connects from the client's address; needs relay_divert.py's routing
+    #                                  (with ipv6, listen_host must be 127.0.0.1 and listen_host6 "::": sslh's
+    #                                  targets are localhost, relay_divert.py)
 
     @property
     def keys_path(self) -> str:
@@ -214,7 +216,9 @@ def nftables_rules(spec: RelaySpec) -> str:
         + (divert_chain((spec.sshd_port, spec.https_port)) if spec.sslh_transparent else "") +
         "}\n"
         + (nftables6_rules(spec.domain, spec.listen_host6, spec.https_port, spec.http_port,
-                           map_443=not spec.ssh_on_443) if spec.listen_host6 else "")
+                           map_443=not spec.ssh_on_443,
+                           divert_ports=(spec.sshd_port, spec.https_port) if spec.sslh_transparent else ())
+           if spec.listen_host6 else "")
     )
 
 
@@ -301,7 +305,8 @@ def readme(spec: RelaySpec) -> str:
         + ("IPv6: the ip6 table of nftables.conf maps public [v6]:443/80 onto the forwards the laptop also binds on\n"
            f"[{spec.listen_host6}] ([relay] listen_host6): publish the relay's AAAA record too.\n"
            if spec.listen_host6 and not spec.ssh_on_443 else
-           "IPv6: sslh / nginx also listen on [::]:443 (--ipv6): publish the relay's AAAA record too.\n"
+           "IPv6: sslh / nginx also listen on [::]:443 (--ipv6; nginx's port-80 site on [::]:80 too): publish\n"
+           "the relay's AAAA record too.\n"
            if spec.ipv6 else
            "IPv6: these rules cover IPv4 only. Publish an A record for the domain and NO AAAA record: a\n"
            "half-working AAAA makes phones on IPv6 fail intermittently (--ipv6 with --ssh-on-443 or\n"
@@ -358,7 +363,7 @@ def setup_script(spec: RelaySpec, nat: str = "nft") -> str:
                 "write_file \"$NAT_LOADER\" 0755 <<'INVERSE_CLOUD_EOF'\n"
                 "#!/bin/sh\n# loads the inverse-cloud NAT rules (run by inverse-cloud-nat.service at boot)\n"
                 "set -eu\nnft -f /etc/inverse-cloud/nat.nft\n"
-                + (divert_routes() if spec.sslh_transparent else "") +
+                + (divert_routes(ipv6=bool(spec.listen_host6)) if spec.sslh_transparent else "") +
                 "INVERSE_CLOUD_EOF\n"
                 # nftables.service (if enabled) flushes the whole ruleset: the include keeps our table in it
                 "if [ -f /etc/nftables.conf ] && ! grep -q \"$NAT_FILE\" /etc/nftables.conf; then\n"
@@ -419,7 +424,7 @@ def setup_script(spec: RelaySpec, nat: str = "nft") -> str:
         "    mv -f \"$1.tmp.$$\" \"$1\"\n"
         "}\n"
         # the other laptops this relay carries: refuse a clash before anything changes
-        + relay_sni.sites_check(nat) +
+        + relay_sni.sites_check(nat) + (localhost_check() if spec.sslh_transparent and spec.ipv6 else "") +
         # Never take over an account: root, or a person's login, would lose its password and shell here.
         "if id -u \"$U\" >/dev/null 2>&1; then\n"
         "    if [ \"$(id -u \"$U\")\" = 0 ]; then\n"

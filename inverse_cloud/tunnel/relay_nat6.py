@@ -12,6 +12,8 @@ outside, only connections this table redirected may reach the forwarded ports; a
 
 from __future__ import annotations
 
+from inverse_cloud.tunnel.relay_divert import divert_chain
+
 __all__ = ["ip6_forward_target", "nftables6_rules", "permit6"]
 
 
@@ -28,10 +30,13 @@ def ip6_forward_target(listen_host6: str, port: int) -> str:
     return f"dnat to [{listen_host6}]:{port}"
 
 
-def nftables6_rules(domain: str, listen_host6: str, https_port: int, http_port: int, *, map_443: bool = True) -> str:
+def nftables6_rules(domain: str, listen_host6: str, https_port: int, http_port: int, *, map_443: bool = True,
+                    divert_ports: tuple[int, ...] = ()) -> str:
     """The ``ip6 inverse_cloud`` table: public [v6]:443 -> the https forward (unless sslh owns 443,
     ``map_443`` False), [v6]:80 -> the http forward, in PREROUTING (phones) and OUTPUT (the relay itself);
-    an input rule drops what reaches the forwarded ports from outside without having been mapped."""
+    an input rule drops what reaches the forwarded ports from outside without having been mapped. With
+    ``divert_ports`` (a transparent sslh's targets), their replies from ::1 are marked for local delivery
+    (:mod:`inverse_cloud.tunnel.relay_divert`)."""
     https, http = ip6_forward_target(listen_host6, https_port), ip6_forward_target(listen_host6, http_port)
     pre443 = f"        fib daddr type local tcp dport 443 {https}\n" if map_443 else ""
     out443 = f"        fib daddr type local ip6 daddr != ::1 tcp dport 443 {https}\n" if map_443 else ""
@@ -55,5 +60,6 @@ def nftables6_rules(domain: str, listen_host6: str, https_port: int, http_port: 
         "        type filter hook input priority filter; policy accept;\n"
         f"        iif != \"lo\" tcp dport {{ {https_port}, {http_port} }} ct status & dnat == 0 drop\n"
         "    }\n"
+        + (divert_chain(divert_ports, ipv6=True) if divert_ports else "") +
         "}\n"
     )
