@@ -26,7 +26,8 @@ from inverse_cloud.config import Config, parse_user_host
 from inverse_cloud.errors import ConfigError, HostKeyMismatch, InverseCloudError, TunnelError
 from inverse_cloud.tunnel import relay_files as relay
 
-__all__ = ["SETTINGS_FILE", "add_commands", "fetch_host_key", "set_config_value", "settings_changes", "variant_problem"]
+__all__ = ["SETTINGS_FILE", "add_commands", "adopt_settings", "fetch_host_key", "set_config_value", "settings_changes",
+           "variant_problem", "wanted_settings"]
 
 SETTINGS_FILE = "laptop.toml"   # in an --output bundle: the [relay] settings its relay side expects
 
@@ -256,7 +257,7 @@ _WHY = {
 }
 
 
-def _wanted(spec: relay.RelaySpec) -> dict[str, int | str | bool]:
+def wanted_settings(spec: relay.RelaySpec) -> dict[str, int | str | bool]:
     """The [relay] settings the relay side rendered from ``spec`` expects of the laptop (pure)."""
     wanted: dict[str, int | str | bool] = {}
     if spec.ssh_on_443:
@@ -387,7 +388,7 @@ def cmd_relay_setup(args: argparse.Namespace) -> int:
         raise ConfigError(f"{cfg.path}: {refusal}")
     spec = spec_for(cfg, args)
     files = relay.bundle(spec, args.nat)
-    wanted = _wanted(spec)
+    wanted = wanted_settings(spec)
     if args.output:
         from inverse_cloud.fsutil import atomic_write
 
