@@ -31,6 +31,14 @@ CLI = str(Path(sys.executable).parent / "inverse-cloud")   # the installed conso
 CAA_ISSUER = "pebble.invalid"
 
 
+def _laptop_env(world) -> dict[str, str]:
+    """The laptop's environment, keeping PYTHONPATH (the console script then imports this checkout)."""
+    env = world.env("laptop")
+    if "PYTHONPATH" in os.environ:
+        env["PYTHONPATH"] = os.environ["PYTHONPATH"]
+    return env
+
+
 def _records(transcript: str, after: str) -> list[str]:
     block = transcript.rsplit(after, 1)[1].split("waiting until", 1)[0]
     return [line.strip() for line in block.splitlines() if re.match(r"\s+\S+\. (A|AAAA|CAA) ", line)]
@@ -67,7 +75,7 @@ def test_setup_ipv6_in_the_world_then_an_ipv6_only_phone_syncs(world, tmp_path, 
             "root", "--user", "alice", "--password-file", str(root / "password"), "--acme-directory",
             world.acme_directory, "--acme-ca-bundle", "/etc/ssl/certs/ca-certificates.crt", "--acme-caa-issuer",
             CAA_ISSUER, "--wait", "600"]
-    child = pexpect.spawn("nsenter", [*world.prefix("laptop")[1:], *argv], env=world.env("laptop"),
+    child = pexpect.spawn("nsenter", [*world.prefix("laptop")[1:], *argv], env=_laptop_env(world),
                           encoding="utf-8", timeout=300, dimensions=(50, 250))
     child.logfile_read = io.StringIO()
     serve = None
@@ -93,7 +101,8 @@ def test_setup_ipv6_in_the_world_then_an_ipv6_only_phone_syncs(world, tmp_path, 
         child.expect(r"no systemd user manager answers here, so no service is installed: run `([^`]+)` in ")
         line = shlex.split(child.match.group(1))
         assert line == ["inverse-cloud", "serve", "--config", str(cfg)], line
-        serve = world.popen("rs-serve", "laptop", CLI, *line[1:])
+        keep = [f"PYTHONPATH={os.environ['PYTHONPATH']}"] if "PYTHONPATH" in os.environ else []
+        serve = world.popen("rs-serve", "laptop", "env", *keep, CLI, *line[1:])
         child.expect_exact("[6/8] start: started by hand")
         child.expect_exact("[7/8] certificate: certificate ")
         child.expect(r"\[8/8\] phone: ready for phones: (.*)\r\n")
