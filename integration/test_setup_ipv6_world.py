@@ -23,20 +23,13 @@ from pathlib import Path
 import pexpect
 import pytest
 from test_journey import PASSWORD, Phone, card
+from test_world_ipv6 import _env as _laptop_env  # keeps PYTHONPATH: the console script imports this checkout
 
 from inverse_cloud import config as config_mod
 from tests.support import free_port, wait_until
 
 CLI = str(Path(sys.executable).parent / "inverse-cloud")   # the installed console script of this venv
 CAA_ISSUER = "pebble.invalid"
-
-
-def _laptop_env(world) -> dict[str, str]:
-    """The laptop's environment, keeping PYTHONPATH (the console script then imports this checkout)."""
-    env = world.env("laptop")
-    if "PYTHONPATH" in os.environ:
-        env["PYTHONPATH"] = os.environ["PYTHONPATH"]
-    return env
 
 
 def _records(transcript: str, after: str) -> list[str]:
