@@ -95,6 +95,8 @@ def run(reps: int, bound_s: float, work: Path) -> dict[str, Any]:
                 bundle = work / "bundle"
                 _run(sys.executable, "-m", "inverse_cloud.cli", "relay-setup", "--config", str(cfg), "--output",
                      str(bundle), "--no-pin", "--ssh-on-443", "--nat", "none", "--ipv6")
+                _run(sys.executable, "-m", "inverse_cloud.cli", "relay-setup", "--config", str(cfg), "--adopt",
+                     str(bundle))   # the relay side is set up below, before serve starts
                 sslh_cfg = bundle / "sslh.cfg"   # this sshd listens on RELAY only (a relay's listens everywhere)
                 sslh_cfg.write_text(sslh_cfg.read_text().replace(f'host: "127.0.0.1"; port: "{sshd_port}"',
                                                                  f'host: "{RELAY}"; port: "{sshd_port}"'))

@@ -45,6 +45,10 @@ def test_proxy_protocol_gives_laptop_and_site_the_phone_address(tmp_path):
                                   "--output", str(bundle), "--no-pin", "--nat", "none", "--proxy-protocol"],
                                  capture_output=True, text=True, timeout=60)
             assert out.returncode == 0, out.stderr
+            assert "proxy_protocol = true" not in cfg.read_text()   # not before the relay carries its side
+            out = subprocess.run([sys.executable, "-m", "inverse_cloud.cli", "relay-setup", "--config", str(cfg),
+                                  "--adopt", str(bundle)], capture_output=True, text=True, timeout=60)
+            assert out.returncode == 0, out.stderr   # nginx below is started before serve: adopt now
             assert "proxy_protocol = true" in cfg.read_text()
             stream = (bundle / "nginx-stream.conf").read_text()
             assert "proxy_protocol on;" in stream

@@ -167,6 +167,10 @@ def test_tunnel_comes_up_over_443_when_outbound_ssh_is_dropped(tmp_path):
                 bundle = tmp_path / "bundle443"
                 _run(sys.executable, "-m", "inverse_cloud.cli", "relay-setup", "--config", str(cfg), "--output",
                      str(bundle), "--no-pin", "--ssh-on-443", "--ipv6", "--nat", "none")
+                # The test sets up the relay side itself (below) before serve starts: the laptop adopts the
+                # bundle's settings now, as a user does once setup.sh succeeded on the relay.
+                _run(sys.executable, "-m", "inverse_cloud.cli", "relay-setup", "--config", str(cfg), "--adopt",
+                     str(bundle))
                 # --nat none: this relay has no NAT (with nft, --ipv6 also sets [relay] listen_host6, and the
                 # laptop would ask for [::] forwards that the Match block relay_sshd installed does not permit).
                 # Test-only: this sshd listens on RELAY, not on every address as a relay's does.
@@ -249,6 +253,8 @@ def test_sslh_transparent_passes_the_phones_address_to_the_laptop(tmp_path, ipv6
                 bundle = tmp_path / "bundle443"
                 _run(sys.executable, "-m", "inverse_cloud.cli", "relay-setup", "--config", str(cfg), "--output",
                      str(bundle), "--no-pin", "--ssh-on-443", *extra)
+                _run(sys.executable, "-m", "inverse_cloud.cli", "relay-setup", "--config", str(cfg), "--adopt",
+                     str(bundle))   # the relay side is set up below, before serve starts
                 sslh_cfg = bundle / "sslh.cfg"
                 assert "transparent: true;" in sslh_cfg.read_text()
                 target = "localhost" if ipv6 else "127.0.0.1"

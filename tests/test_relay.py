@@ -194,12 +194,11 @@ def test_relay_setup_output_writes_the_bundle(instance, tmp_path):
     """`relay-setup --output DIR --no-pin` (no network) writes every file; setup.sh is executable."""
     from inverse_cloud.cli import main
 
-    text = Path(instance).read_text().replace('host = ""', 'host = "relay.example"')
-    Path(instance).write_text(text)
+    Path(instance).write_text(Path(instance).read_text().replace('host = ""', 'host = "relay.example"'))
     out = tmp_path / "bundle"
     assert main(["relay-setup", "--config", str(instance), "--output", str(out), "--no-pin"]) == 0
     names = {str(p.relative_to(out)) for p in out.rglob("*") if p.is_file()}
-    assert names == set(relay.bundle(spec()).keys())
+    assert names == set(relay.bundle(spec()).keys()) | {"laptop.toml"}
     assert os.access(out / "setup.sh", os.X_OK)
     keys = (out / "authorized_keys").read_text()
     assert (Path(instance).parent / "data" / "ssh" / "id_ed25519.pub").read_text().split()[1] in keys
@@ -319,11 +318,11 @@ def test_relay_setup_ssh_on_443_sets_the_fallback_port(instance, tmp_path):
     from inverse_cloud.cli import main
     from inverse_cloud.config import load
 
-    text = Path(instance).read_text().replace('host = ""', 'host = "relay.example"')
-    Path(instance).write_text(text)
+    Path(instance).write_text(Path(instance).read_text().replace('host = ""', 'host = "relay.example"'))
     out = tmp_path / "bundle"
     assert main(["relay-setup", "--config", str(instance), "--output", str(out), "--no-pin", "--ssh-on-443"]) == 0
     assert (out / "sslh.cfg").exists() and "dport 443" not in (out / "nftables.conf").read_text()
+    assert main(["relay-setup", "--config", str(instance), "--adopt", str(out)]) == 0   # once setup.sh ran there
     assert load(Path(instance)).relay.fallback_port == 443
 
 
@@ -338,8 +337,7 @@ def test_relay_setup_proxy_protocol_needs_nat_none_and_sets_the_option(instance,
     from inverse_cloud.cli import main
     from inverse_cloud.config import load
 
-    text = Path(instance).read_text().replace('host = ""', 'host = "relay.example"')
-    Path(instance).write_text(text)
+    Path(instance).write_text(Path(instance).read_text().replace('host = ""', 'host = "relay.example"'))
     out = tmp_path / "bundle"
     assert main(["relay-setup", "--config", str(instance), "--output", str(out), "--no-pin", "--proxy-protocol"]) == 2
     assert "--proxy-protocol needs --nat none (nginx) or --ssh-on-443" in capsys.readouterr().err
@@ -347,6 +345,7 @@ def test_relay_setup_proxy_protocol_needs_nat_none_and_sets_the_option(instance,
     assert main(["relay-setup", "--config", str(instance), "--output", str(out), "--no-pin", "--nat", "none",
                  "--proxy-protocol"]) == 0
     assert "proxy_protocol on;" in (out / "nginx-stream.conf").read_text()
+    assert main(["relay-setup", "--config", str(instance), "--adopt", str(out)]) == 0   # once setup.sh ran there
     assert load(Path(instance)).relay.proxy_protocol
 
 
@@ -397,16 +396,16 @@ def test_ipv6_adds_a_v6_listener_to_sslh_and_nginx(tmp_path):
 def test_relay_setup_ipv6_with_dnat_adds_the_ip6_table_and_sets_listen_host6(instance, tmp_path, capsys):
     """--ipv6 with the default NAT (nft): the bundle permits the laptop's second pair of forwards on [::] (keys
     and Match block), nftables.conf gains the ip6 table (accepted by `nft -c`), and [relay] listen_host6 = "::"
-    is set here; --nat iptables refuses (its rules are IPv4 only); --ssh-on-443 still gives sslh its [::]:443."""
+    is set by --adopt; --nat iptables refuses (its rules are IPv4 only); --ssh-on-443 still gives sslh its [::]:443."""
     from inverse_cloud.cli import main
 
-    text = Path(instance).read_text().replace('host = ""', 'host = "relay.example"')
-    Path(instance).write_text(text)
+    Path(instance).write_text(Path(instance).read_text().replace('host = ""', 'host = "relay.example"'))
     out = tmp_path / "bundle"
     assert main(["relay-setup", "--config", str(instance), "--output", str(out), "--no-pin", "--ipv6",
                  "--nat", "iptables"]) == 2
     assert "--ipv6 with DNAT needs --nat nft" in capsys.readouterr().err
     assert main(["relay-setup", "--config", str(instance), "--output", str(out), "--no-pin", "--ipv6"]) == 0
+    assert main(["relay-setup", "--config", str(instance), "--adopt", str(out)]) == 0   # once setup.sh ran there
     assert 'set [relay] listen_host6 = "::"' in capsys.readouterr().out
     assert loads(Path(instance).read_text()).relay.listen_host6 == "::"
     keys = (out / "authorized_keys").read_text()

@@ -148,7 +148,7 @@ def test_generated_shared_router_is_accepted_by_nginx(tmp_path):
 
 def test_relay_setup_nat_sni_sets_proxy_protocol_and_refuses_sslh_on_the_same_443(instance, tmp_path, capsys):
     """`--nat sni --ssh-on-443`: refused with one line (nginx and sslh both want 443), nothing changed.
-    `--nat sni --ipv6`: writes the shared router with [::]:443 and sets [relay] proxy_protocol = true."""
+    `--nat sni --ipv6`: writes the shared router with [::]:443; --adopt of it sets [relay] proxy_protocol = true."""
     from inverse_cloud.cli import main
     from inverse_cloud.config import load
 
@@ -161,6 +161,8 @@ def test_relay_setup_nat_sni_sets_proxy_protocol_and_refuses_sslh_on_the_same_44
     assert not out.exists() and not load(Path(instance)).relay.proxy_protocol
     assert main([*base, "--ipv6"]) == 0
     assert "listen [::]:443;" in (out / "nginx-sni-stream.conf").read_text()
+    assert not load(Path(instance)).relay.proxy_protocol   # until setup.sh ran on the relay and --adopt
+    assert main(["relay-setup", "--config", str(instance), "--adopt", str(out)]) == 0
     assert "set [relay] proxy_protocol = true" in capsys.readouterr().out
     assert load(Path(instance)).relay.proxy_protocol
     assert main([*base, "--proxy-protocol"]) == 0   # implied, and accepted when given

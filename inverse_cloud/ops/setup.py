@@ -10,7 +10,9 @@ answer on entry and asks again with a one-line reason, then runs the steps, one 
     `serve`) -> certificate (the first one) -> phone
 
 Resumable and idempotent: the answers (never the password) and the finished steps are kept in
-``setup-state.json`` next to the config; a rerun skips what is done. Every answer is also a flag, and
+``setup-state.json`` next to the config; a rerun skips what is done. The relay variant (``--nat sni``,
+``--ipv6``, ``--ssh-on-443``, as for relay-setup) is kept too; a rerun that changes it runs the relay and dns
+steps again, since the relay side and the records follow it. Every answer is also a flag, and
 ``--non-interactive`` never asks (a missing or wrong answer is one line and exit 2).
 
 The order is the point of the ``caa`` step: the first certificate is ordered only after DNS shows the CAA
@@ -160,6 +162,7 @@ def collect_answers(args: argparse.Namespace, state: SetupState, interactive: bo
                         interactive),
     }
     a.update(_dns_answers(args, state))
+    a.update(relay_choices(args, state))
     password = ""
     if need_password:
         password = read_password(args, interactive, a["user"], lambda pw: password_problem(pw, a["user"]))
@@ -185,6 +188,43 @@ def _dns_answers(args: argparse.Namespace, state: SetupState) -> dict[str, str]:
     elif args.dns_option or args.dns_token_file:
         raise ConfigError("--dns-option and --dns-token-file go with --dns PROVIDER")
     return {key: state.answers[key] for key in keys if key in state.answers}
+
+
+# The relay variant: answer key -> its default (relay-setup's).
+RELAY_CHOICES = {"nat": "nft", "ipv6": "no", "ssh_on_443": "no"}
+FOLLOW_RELAY = ("relay", "dns")   # the steps a changed relay variant runs again
+
+
+def relay_choices(args: argparse.Namespace, state: SetupState) -> dict[str, str]:
+    """--nat, --ipv6/--no-ipv6 and --ssh-on-443/--no-ssh-on-443, saved as --dns is: a flag replaces the saved
+    choice, a plain rerun keeps it. Flags only: setup never asks. When a choice differs from the one the relay
+    step was done with, the relay and dns steps are no longer done (one line says so): the relay side, the
+    laptop's [relay] settings and the records follow the new variant.
+
+    :raises ConfigError: a combination relay-setup cannot build (--nat sni with --ssh-on-443).
+    """
+    from inverse_cloud.tunnel.commands import variant_problem
+
+    saved = {key: state.answers.get(key, default) for key, default in RELAY_CHOICES.items()}
+    chosen = dict(saved)
+    if args.nat is not None:
+        chosen["nat"] = args.nat
+    for key in ("ipv6", "ssh_on_443"):
+        if getattr(args, key) is not None:
+            chosen[key] = "yes" if getattr(args, key) else "no"
+    problem = variant_problem(chosen["nat"], ssh_on_443=chosen["ssh_on_443"] == "yes", ipv6=chosen["ipv6"] == "yes",
+                              proxy_protocol=False)
+    if problem:
+        raise ConfigError(problem)
+    changed = [f"{key.replace('_', '-')} {saved[key]} -> {chosen[key]}" for key in chosen if chosen[key] != saved[key]]
+    redo = [step for step in FOLLOW_RELAY if step in state.done]
+    if changed and redo:
+        state.done = [step for step in state.done if step not in FOLLOW_RELAY]
+        print(f"relay variant changed ({', '.join(changed)}): the {' and '.join(redo)} step"
+              f"{'s' if len(redo) > 1 else ''} run{'' if len(redo) > 1 else 's'} again", flush=True)
+    state.answers.update(chosen)
+    state.save()
+    return chosen
 
 
 def _user_problem(answer: str) -> str | None:
@@ -274,6 +314,16 @@ def add_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser], commo
     p.add_argument("--user", metavar="NAME", help="first DAV user (default: asked, offering your login name)")
     p.add_argument("--password-file", metavar="FILE", help="that user's password on one line (default: asked "
                    "twice)")
+    p.add_argument("--nat", choices=["nft", "sni"], help="how the relay maps its public 443/80 to the tunnel, as "
+                   "for relay-setup: nft (DNAT) or sni (a relay that already carries another laptop, or will: nginx "
+                   "routes by name; give each laptop its own --tunnel-user and [relay] ports) (default: nft, or "
+                   "the saved choice)")
+    p.add_argument("--ipv6", action=argparse.BooleanOptionalAction, help="also serve phones on IPv6, as "
+                   "relay-setup --ipv6: the dns step then also prints (or creates) the AAAA record and waits for "
+                   "it (default: IPv4 only, or the saved choice)")
+    p.add_argument("--ssh-on-443", action=argparse.BooleanOptionalAction, help="also put the relay's SSH on "
+                   "public 443 behind sslh, as relay-setup --ssh-on-443, for laptops in networks that block "
+                   "outbound SSH (default: no, or the saved choice)")
     p.add_argument("--staging", action="store_true", help="use Let's Encrypt's staging CA first, so retries "
                    "cannot hit production rate limits (rerun without it later)")
     p.add_argument("--yes", action="store_true", help="accept the relay's host key without asking (it is "

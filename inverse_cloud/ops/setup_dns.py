@@ -59,8 +59,10 @@ def authoritative_servers(domain: str, timeout_s: float = 5.0) -> list[Nameserve
     raise OSError(f"no name servers found for {domain} (is the domain registered?)")
 
 
-def a_record_view(domain: str, servers: Sequence[Nameserver], relay: Sequence[str]) -> tuple[bool, str]:
-    """``(ok, line)``: ok when every server answers with relay addresses only; the line says what each sees."""
+def a_record_view(domain: str, servers: Sequence[Nameserver], relay: Sequence[str], *, need_v6: bool = False
+                  ) -> tuple[bool, str]:
+    """``(ok, line)``: ok when every server answers with relay addresses only (and, with ``need_v6``, an IPv6 one
+    among them: the AAAA record); the line says what each sees."""
     from inverse_cloud.ops.netprobe import dns_addresses
 
     parts, ok = [], True
@@ -78,6 +80,9 @@ def a_record_view(domain: str, servers: Sequence[Nameserver], relay: Sequence[st
             ok = False
             stray = ", ".join(sorted(set(seen) - set(relay)))
             parts.append(f"{ns}: {', '.join(seen)} ({stray} is not the relay)")
+        elif need_v6 and not any(":" in a for a in seen):
+            ok = False
+            parts.append(f"{ns}: {', '.join(seen)} (no AAAA record yet)")
         else:
             parts.append(f"{ns}: {', '.join(seen)}")
     return ok, "; ".join(parts)

@@ -21,6 +21,7 @@ from inverse_cloud import config as config_mod
 from inverse_cloud.config import Config
 from inverse_cloud.errors import InverseCloudError
 from inverse_cloud.ops.setup_dns import Nameserver, a_record_view, authoritative_servers, caa_view, wait_for
+from inverse_cloud.tunnel import relay_files
 
 if TYPE_CHECKING:
     from inverse_cloud.ops.setup import Lines
@@ -111,25 +112,69 @@ def step_init(ctx: Context) -> str:
 
 # --- relay -------------------------------------------------------------------------------------------
 
+def _relay_args(ctx: Context) -> argparse.Namespace:
+    """The relay-setup arguments of the chosen variant (setup's defaults for the rest)."""
+    a = ctx.answers
+    return argparse.Namespace(client_alive_interval=15, client_alive_count_max=3, authorized_keys_file="",
+                              nat=a.get("nat", "nft"), ipv6=a.get("ipv6") == "yes",
+                              ssh_on_443=a.get("ssh_on_443") == "yes", proxy_protocol=False)
+
+
+def _relay_flags(ns: argparse.Namespace) -> str:
+    return "".join([f" --nat {ns.nat}" if ns.nat != "nft" else "", " --ipv6" if ns.ipv6 else "",
+                    " --ssh-on-443" if ns.ssh_on_443 else ""])
+
+
+# What a variant sets in [relay] when on, and the default it goes back to when turned off again (else the tunnel
+# would ask the relay for a [::] forward, or expect PROXY headers or an sslh, that the new relay side lacks).
+_OFF = (("fallback_port", 443, 0), ("listen_host6", "::", ""), ("proxy_protocol", True, False))
+
+
+def relay_settings(cfg: Config, spec: relay_files.RelaySpec) -> dict[str, int | str | bool]:
+    """The [relay] settings the relay side of ``spec`` expects: relay-setup's, plus the reset of what a variant
+    that is off now had set (pure)."""
+    from inverse_cloud.tunnel.commands import wanted_settings
+
+    wanted = wanted_settings(spec)
+    for key, on, default in _OFF:
+        if key not in wanted and getattr(cfg.relay, key) == on:
+            wanted[key] = default
+    return wanted
+
+
 def step_relay(ctx: Context) -> str:
-    from inverse_cloud.tunnel import relay_files
-    from inverse_cloud.tunnel.commands import apply_over_ssh, fetch_host_key, fingerprint, pin_host_key, spec_for
+    from inverse_cloud.tunnel.commands import (
+        adopt_settings,
+        apply_over_ssh,
+        fetch_host_key,
+        fingerprint,
+        pin_host_key,
+        settings_changes,
+        spec_for,
+    )
 
     cfg = ctx.cfg()
     admin = ctx.answers["relay_admin"]
-    done = "relay side left to you (relay-setup --output DIR shows it)"
+    ns = _relay_args(ctx)
+    flags = _relay_flags(ns)
+    where = "" if ctx.cfg_path == config_mod.default_config_path() else f" --config {ctx.cfg_path}"
+    done = (f"relay side left to you: `inverse-cloud relay-setup{where} --output DIR{flags}`, DIR/setup.sh on the "
+            f"relay as root, then `inverse-cloud relay-setup{where} --adopt DIR`")
     if admin != "none":
-        spec = spec_for(cfg, argparse.Namespace(client_alive_interval=15, client_alive_count_max=3,
-                                                authorized_keys_file=""))
-        script = relay_files.bundle(spec, "nft")["setup.sh"]
-        ctx.out.progress(f"applying the relay side on {ctx.relay_host} as {admin} (over ssh)")
+        spec = spec_for(cfg, ns)
+        script = relay_files.bundle(spec, ns.nat)["setup.sh"]
+        ctx.out.progress(f"applying the relay side{flags} on {ctx.relay_host} as {admin} (over ssh)")
         try:
             _quiet(lambda: apply_over_ssh(f"{admin}@{ctx.relay_host}:{ctx.relay_port}", script))
         finally:
             ctx.out.end()
-        done = f"relay side applied on {ctx.relay_host} as {admin} (tunnel login {cfg.relay.user})"
+        # Only now that setup.sh succeeded there: the laptop's [relay] settings that go with it.
+        changes = settings_changes(cfg, relay_settings(cfg, spec))
+        _quiet(lambda: adopt_settings(cfg, changes))
+        done = (f"relay side{flags} applied on {ctx.relay_host} as {admin} (tunnel login {cfg.relay.user})"
+                + "".join(f"; [relay] {key} = {literal}" for key, literal in changes.items()))
     offered = fetch_host_key(cfg.relay.host, cfg.relay.port, cfg.relay.connect_timeout_s)
-    pin_host_key(cfg, offered, yes=ctx.args.yes or not ctx.interactive, accept_new=False)
+    pin_host_key(ctx.cfg(), offered, yes=ctx.args.yes or not ctx.interactive, accept_new=False)
     return f"{done}; host key {fingerprint(offered)} pinned"
 
 
@@ -171,29 +216,42 @@ def step_dns(ctx: Context) -> str:
     from inverse_cloud.ops.dns_records import dns_records
 
     cfg = ctx.cfg()
-    # IPv4 only: the NAT rules relay-setup writes cover IPv4, and a half-working AAAA record makes phones on
-    # IPv6 fail now and then; an AAAA record seen at the servers is reported as not the relay.
-    relay = [a for a in relay_addresses(cfg.relay.host) if ":" not in a]
+    addresses = relay_addresses(cfg.relay.host)
+    relay = [a for a in addresses if ":" not in a]
     if not relay:
         raise SetupError(f"the relay {cfg.relay.host} has no IPv4 address; the relay's NAT rules cover IPv4 only")
-    records = [r for r in dns_records(cfg, relay, "") if " A " in r]
+    # IPv6 only with --ipv6: without it the relay side covers IPv4, and a half-working AAAA record makes phones
+    # on IPv6 fail now and then; an AAAA record seen at the servers is then reported as not the relay.
+    relay6 = [a for a in addresses if ":" in a] if ctx.answers.get("ipv6") == "yes" else []
+    if ctx.answers.get("ipv6") == "yes" and not relay6:
+        raise SetupError(f"the relay {cfg.relay.host} has no IPv6 address (its name has no AAAA record); give it "
+                         "one, or run `inverse-cloud setup --no-ipv6`")
+    d = cfg.server.domain
+    records = [r for r in dns_records(cfg, relay, "") if " A " in r] + [f"{d}. AAAA {a}" for a in relay6]
     api = dns_api(ctx)
+    which = "(A and AAAA: the relay forwards IPv4 and IPv6)" if relay6 else \
+        "(and no AAAA record: the relay forwards IPv4 only)"
     if api is not None:
-        ctx.out.progress(f"creating {cfg.server.domain} A {', '.join(relay)} through {api.provider}")
-        api.replace(cfg.server.domain, "A", relay)
-        ctx.out.note(f"created at {api.provider} (and no AAAA record: the relay forwards IPv4 only):")
+        ctx.out.progress(f"creating {d} A {', '.join(relay)}{' AAAA ' if relay6 else ''}{', '.join(relay6)} "
+                         f"through {api.provider}")
+        api.replace(d, "A", relay)
+        if relay6:
+            api.replace(d, "AAAA", relay6)
+        ctx.out.note(f"created at {api.provider} {which}:")
     else:
-        ctx.out.note("publish at your DNS provider (and no AAAA record: the relay forwards IPv4 only):")
+        ctx.out.note(f"publish at your DNS provider {which}:")
     for record in records:
         ctx.out.note(f"    {record}")
-    servers = _servers(ctx, cfg.server.domain)
+    servers = _servers(ctx, d)
+    want = relay + relay6
     ctx.out.note(f"waiting until {', '.join(map(str, servers))} answer{'s' if len(servers) == 1 else ''} "
-                 f"{cfg.server.domain} with {', '.join(relay)}")
-    ok, seen = ctx.wait(lambda: a_record_view(cfg.server.domain, servers, relay))
+                 f"{d} with {', '.join(want)}")
+    ok, seen = ctx.wait(lambda: a_record_view(d, servers, want, need_v6=bool(relay6)))
     if not ok:
-        raise SetupError(f"the A record of {cfg.server.domain} is not visible after {ctx.args.wait:g} s ({seen}); "
-                         "publish it, then run `inverse-cloud setup` again")
-    return f"{cfg.server.domain} -> {', '.join(relay)} at every authoritative server"
+        what = "A and AAAA records" if relay6 else "A record"
+        raise SetupError(f"the {what} of {d} {'are' if relay6 else 'is'} not visible after {ctx.args.wait:g} s "
+                         f"({seen}); publish {'them' if relay6 else 'it'}, then run `inverse-cloud setup` again")
+    return f"{d} -> {', '.join(want)} at every authoritative server"
 
 
 # --- ACME account and CAA ----------------------------------------------------------------------------

@@ -3,6 +3,12 @@
 relay-setup renders what the relay needs (:mod:`inverse_cloud.tunnel.relay_files`), prints it or writes
 it (``--output``) or applies it over SSH as an admin (``--apply``), then fetches the relay's host key, shows its SHA256
 fingerprint for the user to confirm, and pins it in the config file (a one-line text edit).
+
+A variant may need new [relay] settings on the laptop (``fallback_port`` for --ssh-on-443, ``listen_host6`` for
+--ipv6, ``proxy_protocol`` for --nat sni and --proxy-protocol). They must not reach the config before the relay
+carries the matching side, or a working tunnel breaks until then: ``--apply`` sets them after setup.sh succeeded
+there; ``--output`` writes them into the bundle (laptop.toml) and leaves the config alone, and ``--adopt DIR``,
+run once setup.sh succeeded on the relay, sets them.
 """
 
 from __future__ import annotations
@@ -13,13 +19,17 @@ import json
 import re
 import subprocess
 import sys
+import tomllib
 from pathlib import Path
 
 from inverse_cloud.config import Config, parse_user_host
 from inverse_cloud.errors import ConfigError, HostKeyMismatch, InverseCloudError, TunnelError
 from inverse_cloud.tunnel import relay_files as relay
 
-__all__ = ["add_commands", "fetch_host_key", "set_config_value"]
+__all__ = ["SETTINGS_FILE", "add_commands", "adopt_settings", "fetch_host_key", "set_config_value", "settings_changes",
+           "variant_problem", "wanted_settings"]
+
+SETTINGS_FILE = "laptop.toml"   # in an --output bundle: the [relay] settings its relay side expects
 
 
 def add_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser], common: argparse.ArgumentParser
@@ -30,8 +40,11 @@ def add_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser], commo
         help="print (or apply) what the relay needs, and pin the relay's SSH host key",
         description="Renders the relay's user, authorized_keys, sshd Match block and NAT rules for review; "
                     "then fetches the relay's host key, shows its fingerprint and pins it in the config.")
-    p.add_argument("--output", metavar="DIR", help="write the files into DIR instead of printing them "
-                   "(default: print them)")
+    p.add_argument("--output", metavar="DIR", help="write the files into DIR instead of printing them, with the "
+                   f"[relay] settings the variant needs here in DIR/{SETTINGS_FILE}; the config is left as it is "
+                   "until --adopt DIR (default: print them)")
+    p.add_argument("--adopt", metavar="DIR", help=f"after setup.sh from an --output DIR succeeded on the relay: set "
+                   f"the [relay] settings DIR/{SETTINGS_FILE} holds in the config, and nothing else (default: no)")
     p.add_argument("--apply", metavar="ADMIN@RELAY[:PORT]",
                    help="run the generated setup.sh on the relay over ssh as ADMIN (root, or sudo without "
                         "password); idempotent; checks `sshd -t` before reloading sshd (default: do not apply)")
@@ -236,60 +249,170 @@ def apply_over_ssh(target: str, script: str) -> None:
         raise InverseCloudError(f"applying the relay set-up on {host} as {user} failed: {last}")
 
 
-def _set(cfg: Config, key: str, literal: str, why: str) -> None:
+# --- the laptop's [relay] settings a variant needs ----------------------------------------------------
+
+# key -> why the tunnel needs it; the only keys --adopt writes.
+_WHY = {
+    "fallback_port": "the tunnel tries it when [relay] port is blocked",
+    "listen_host6": "the tunnel also binds its forwards there, for phones on IPv6",
+    "proxy_protocol": "connections through the tunnel must start with a PROXY header",
+}
+
+
+def wanted_settings(spec: relay.RelaySpec) -> dict[str, int | str | bool]:
+    """The [relay] settings the relay side rendered from ``spec`` expects of the laptop (pure)."""
+    wanted: dict[str, int | str | bool] = {}
+    if spec.ssh_on_443:
+        wanted["fallback_port"] = 443
+    if spec.listen_host6:
+        wanted["listen_host6"] = spec.listen_host6
+    if spec.proxy_protocol:
+        wanted["proxy_protocol"] = True
+    return wanted
+
+
+def _literal(value: int | str | bool) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    return _toml_string(value) if isinstance(value, str) else str(value)
+
+
+def settings_changes(cfg: Config, wanted: dict[str, int | str | bool]) -> dict[str, str]:
+    """key -> TOML literal for each wanted [relay] setting the config does not have yet (pure)."""
+    return {key: _literal(value) for key, value in wanted.items() if getattr(cfg.relay, key) != value}
+
+
+def adopt_settings(cfg: Config, changes: dict[str, str]) -> None:
+    """Write ``changes`` into [relay] of the config (one atomic write, checked by loading it first), one line
+    each; "already set" when there is nothing to change.
+
+    :raises ConfigError: the edited text would not load.
+    """
+    from inverse_cloud.config import loads
     from inverse_cloud.fsutil import atomic_write
 
     assert cfg.path is not None
+    if not changes:
+        print(f"the [relay] settings this relay side needs are already set in {cfg.path}")
+        return
     text = cfg.path.read_text(encoding="utf-8")
-    atomic_write(cfg.path, set_config_value(text, "relay", key, literal).encode(), mode=0o600)
-    print(f"set [relay] {key} = {literal} in {cfg.path}: {why}; restart `inverse-cloud serve` to use it")
+    for key, literal in changes.items():
+        text = set_config_value(text, "relay", key, literal)
+    loads(text, cfg.path)
+    atomic_write(cfg.path, text.encode(), mode=0o600)
+    for key, literal in changes.items():
+        print(f"set [relay] {key} = {literal} in {cfg.path}: {_WHY[key]}; restart `inverse-cloud serve` to use it")
+
+
+def render_settings(cfg: Config, wanted: dict[str, int | str | bool], adopt_command: str) -> str:
+    """The bundle's laptop.toml: for whom it was rendered, and the [relay] settings its relay side expects."""
+    lines = ["# The laptop's [relay] settings that this bundle's relay side expects. Once setup.sh succeeded on the",
+             f"# relay, run: {adopt_command}",
+             f"domain = {_toml_string(cfg.server.domain)}", f"user = {_toml_string(cfg.relay.user)}", "", "[relay]"]
+    lines += [f"{key} = {_literal(value)}" for key, value in wanted.items()]
+    return "\n".join(lines) + "\n"
+
+
+def read_settings(cfg: Config, folder: Path) -> dict[str, int | str | bool]:
+    """The [relay] settings of ``folder``/laptop.toml, refused unless it was rendered for this laptop.
+
+    :raises ConfigError: no such file, not TOML, another domain or tunnel user, or a key --adopt never writes.
+    """
+    path = folder / SETTINGS_FILE
+    try:
+        doc = tomllib.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise ConfigError(f"{folder}: no {SETTINGS_FILE}; give the folder `relay-setup --output` wrote") from None
+    except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError) as exc:
+        raise ConfigError(f"{path}: unreadable ({exc})") from None
+    if (doc.get("domain"), doc.get("user")) != (cfg.server.domain, cfg.relay.user):
+        raise ConfigError(f"{path} was written for {doc.get('domain')} (tunnel user {doc.get('user')}), but "
+                          f"{cfg.path} is {cfg.server.domain} (tunnel user {cfg.relay.user}); run relay-setup "
+                          "--output again with this config")
+    section = doc.get("relay")
+    wanted = section if isinstance(section, dict) else {}
+    for key in wanted:
+        if key not in _WHY:
+            raise ConfigError(f"{path}: [relay] {key} is not a setting relay-setup adopts (only "
+                              f"{', '.join(_WHY)})")
+    return wanted
+
+
+def variant_problem(nat: str, *, ssh_on_443: bool, ipv6: bool, proxy_protocol: bool) -> str | None:
+    """Why a combination of relay variants cannot be built, or None (pure)."""
+    if proxy_protocol and nat not in ("none", "sni") and not ssh_on_443:
+        return ("--proxy-protocol needs --nat none (nginx) or --ssh-on-443 (sslh): with DNAT of 443 a phone reaches "
+                "the forwarded port directly and could send a PROXY header naming any address")
+    if nat == "sni" and ssh_on_443:
+        return "--nat sni and --ssh-on-443 both want the relay's public 443 (nginx and sslh); choose one"
+    if ipv6 and nat == "iptables":
+        return ("--ipv6 with DNAT needs --nat nft (its ip6 table maps IPv6 onto the laptop's [::] forwards); the "
+                "iptables rules cover IPv4 only")
+    return None
+
+
+def _adopt_command(cfg: Config, folder: Path) -> str:
+    from inverse_cloud.config import default_config_path
+
+    where = "" if cfg.path == default_config_path() else f" --config {cfg.path}"
+    return f"inverse-cloud relay-setup{where} --adopt {folder}"
+
+
+def _adopt_alone(args: argparse.Namespace) -> None:
+    given = [flag for flag, on in (("--output", args.output), ("--apply", args.apply), ("--ipv6", args.ipv6),
+                                   ("--ssh-on-443", args.ssh_on_443), ("--proxy-protocol", args.proxy_protocol),
+                                   ("--nat", args.nat != "nft")) if on]
+    if given:
+        raise ConfigError(f"--adopt DIR goes alone: it sets what DIR/{SETTINGS_FILE} says, and the variant was "
+                          f"chosen by the relay-setup --output that wrote DIR (drop {', '.join(given)})")
 
 
 def cmd_relay_setup(args: argparse.Namespace) -> int:
     from inverse_cloud.config import load_config
 
     cfg = load_config(args)
+    if args.adopt:
+        _adopt_alone(args)
+        adopt_settings(cfg, settings_changes(cfg, read_settings(cfg, Path(args.adopt).expanduser())))
+        return 0
     if not cfg.relay.host:
         raise ConfigError(f"{cfg.path}: [relay] host is empty; set it (or run `inverse-cloud init --relay "
                           "USER@HOST`) first")
     if not 1 <= args.client_alive_interval <= 3600 or not 1 <= args.client_alive_count_max <= 100:
         raise ConfigError("--client-alive-interval must be 1-3600 and --client-alive-count-max 1-100")
-    if (getattr(args, "proxy_protocol", False) and args.nat not in ("none", "sni")
-            and not getattr(args, "ssh_on_443", False)):
-        raise ConfigError("--proxy-protocol needs --nat none (nginx) or --ssh-on-443 (sslh): with DNAT of 443 a "
-                          "phone reaches the forwarded port directly and could send a PROXY header naming any address")
-    if args.nat == "sni" and getattr(args, "ssh_on_443", False):
-        raise ConfigError("--nat sni and --ssh-on-443 both want the relay's public 443 (nginx and sslh); "
-                          "choose one")
-    if getattr(args, "ipv6", False) and args.nat == "iptables":
-        raise ConfigError("--ipv6 with DNAT needs --nat nft (its ip6 table maps IPv6 onto the laptop's [::] "
-                          "forwards); the iptables rules cover IPv4 only")
+    problem = variant_problem(args.nat, ssh_on_443=args.ssh_on_443, ipv6=args.ipv6,
+                              proxy_protocol=args.proxy_protocol)
+    if problem:
+        raise ConfigError(problem)
     admin = parse_user_host(args.apply, "--apply")[0] if args.apply else None
     refusal = relay.login_refusal(cfg.relay.user, admin)
     if refusal:
         raise ConfigError(f"{cfg.path}: {refusal}")
     spec = spec_for(cfg, args)
     files = relay.bundle(spec, args.nat)
+    wanted = wanted_settings(spec)
     if args.output:
         from inverse_cloud.fsutil import atomic_write
 
-        out = Path(args.output).expanduser()
+        out = Path(args.output).expanduser().absolute()
+        adopt = _adopt_command(cfg, out)
+        files = {**files, SETTINGS_FILE: render_settings(cfg, wanted, adopt)}
         for name, content in files.items():
             atomic_write(out / name, content.encode(), mode=0o755 if name.endswith(".sh") else 0o644)
         print(f"wrote {', '.join(files)} to {out}")
+        changes = settings_changes(cfg, wanted)
+        if changes and not args.apply:
+            print(f"after setup.sh succeeded on the relay, run `{adopt}` to set "
+                  f"{', '.join(f'[relay] {k} = {v}' for k, v in changes.items())} here")
     elif not args.apply:
         for name, content in files.items():
             print(f"===== {name} " + "=" * max(0, 60 - len(name)))
             print(content)
     if args.apply:
-        apply_over_ssh(args.apply, files["setup.sh"])
-    if spec.ssh_on_443 and cfg.relay.fallback_port != 443:
-        _set(cfg, "fallback_port", "443", f"the tunnel tries it when port {cfg.relay.port} is blocked")
-    if spec.listen_host6 and cfg.relay.listen_host6 != spec.listen_host6:
-        _set(cfg, "listen_host6", _toml_string(spec.listen_host6),
-             "the tunnel also binds its forwards there, for phones on IPv6")
-    if spec.proxy_protocol and not cfg.relay.proxy_protocol:
-        _set(cfg, "proxy_protocol", "true", "connections through the tunnel must start with a PROXY header")
+        apply_over_ssh(args.apply, files["setup.sh"])   # raises when setup.sh failed: the config stays as it was
+        changes = settings_changes(cfg, wanted)
+        if changes:
+            adopt_settings(cfg, changes)
     if args.no_pin:
         return 0
     offered = fetch_host_key(cfg.relay.host, cfg.relay.port, cfg.relay.connect_timeout_s)
