@@ -548,6 +548,8 @@ def test_ssh_on_443_with_ipv6_keeps_sslh_transparent_for_both_families(instance,
                              capture_output=True, text=True)
         assert ran.returncode == code, (answer, ran)
         assert ("must resolve to both 127.0.0.1 and ::1" in ran.stderr) == (code == 1), ran.stderr
+    assert main(["relay-setup", "--config", str(instance), "--adopt", str(out)]) == 0     # as after setup.sh ran
+    assert 'listen_host6 = "::"' in Path(instance).read_text()
     Path(instance).write_text(Path(instance).read_text().replace('listen_host6 = "::"', 'listen_host6 = "2001:db8::7"'))
     assert main(["relay-setup", "--config", str(instance), "--output", str(out), "--no-pin", "--ssh-on-443",
                  "--ipv6"]) == 0
