@@ -27,6 +27,10 @@ declare -A TESTS=(
   # decisions
   [inverse_cloud/certs/policy.py]="tests/test_certs.py tests/test_cert_manager.py"
   [inverse_cloud/tunnel/relay_files.py]="tests/test_relay.py"
+  [inverse_cloud/tunnel/relay_front.py]="tests/test_relay.py tests/test_relay_sni.py"
+  [inverse_cloud/tunnel/relay_sni.py]="tests/test_relay_sni.py"
+  [inverse_cloud/tunnel/relay_nat6.py]="tests/test_relay.py"
+  [inverse_cloud/tunnel/relay_divert.py]="tests/test_relay.py"
   [inverse_cloud/config.py]="tests/test_config.py"
   [inverse_cloud/tunnel/policy.py]="tests/test_tunnel.py tests/test_netwatch.py"
   # control paths (the tunnel's retry_delay/classify are decisions inside link.py)
@@ -40,7 +44,9 @@ declare -A TESTS=(
   [inverse_cloud/ops/backup_crypt.py]="tests/test_backup_crypt.py tests/test_backup.py"
   [inverse_cloud/ops/backup_review.py]="tests/test_backup.py"
 )
-ORDER=(inverse_cloud/certs/policy.py inverse_cloud/tunnel/relay_files.py inverse_cloud/config.py
+ORDER=(inverse_cloud/certs/policy.py inverse_cloud/tunnel/relay_files.py inverse_cloud/tunnel/relay_front.py
+       inverse_cloud/tunnel/relay_sni.py inverse_cloud/tunnel/relay_nat6.py inverse_cloud/tunnel/relay_divert.py
+       inverse_cloud/config.py
        inverse_cloud/tunnel/policy.py inverse_cloud/tunnel/link.py inverse_cloud/tunnel/handoff.py
        inverse_cloud/dav/listeners.py
        inverse_cloud/dav/wsgi.py inverse_cloud/dav/throttle.py inverse_cloud/dav/environ.py
