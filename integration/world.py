@@ -607,9 +607,8 @@ class World:
 
     def relay_apt_install(self, package: str) -> None:
         """``apt install PACKAGE`` on the relay (one of :data:`RELAY_PACKAGES`): its files under /etc (from this
-        machine's, where the package is installed) and its units enabled, as Debian's postinst does. The
-        service is not started here: sslh's default options name no address to listen on, so its first start
-        fails on Debian too until it is configured."""
+        machine's, where the package is installed) and its units enabled, as Debian's postinst does. Nothing is
+        started: the package's /etc/default/sslh listens on ``<change-me>:443``, no address, until configured."""
         files, units = RELAY_PACKAGES[package]
         for rel in files:
             shutil.copy2(Path("/etc") / rel, self.relay_etc / rel)
