@@ -19,6 +19,7 @@ import time
 from pathlib import Path
 
 import pytest
+from relay_boot import boot_services
 from relay_sshd import configure
 from test_journey import PASSWORD, Phone, _copy_repo, card
 from world import HOSTS, RELAY_NAME, ZONE
@@ -98,6 +99,8 @@ def test_two_laptops_share_one_relay(world, tmp_path):
        (connected_since, reconnects) are the same after it; A's takeovers ended only A's sessions.
     6. B's relay-setup again: the relay's records unchanged, B's session kept. A's `relay-setup --nat sni`: its
        record now reads PROXY headers (the inner hop gone); after a restart its phone syncs, and B's.
+    7. The relay reboots: boot starts nginx (setup.sh enabled it) from the relay's /etc; both tunnels reconnect,
+       both phones sync.
     B's access log (and A's, after step 6) names the phone's own address: the PROXY header came through."""
     relay_addr = HOSTS["relay"].address
     world.rebuild_relay()
@@ -282,6 +285,25 @@ def _two_laptops(world, tmp_path: Path, relay_addr: str, steps, t0: float) -> No
     assert f'{HOSTS["phone"].address} "PROPFIND ' in a_log.read_text(errors="replace")[a_seen:], "A lost the address"
     phones[B].sync()
     mark("B rerun idempotent; A on the shared router with PROXY")
+
+    # 7. The relay reboots: nginx (enabled by setup.sh) comes back from the relay's /etc, so do both tunnels;
+    #    both phones sync again.
+    assert [s.name for s in boot_services(world.relay_etc)] == ["nginx.service"]
+    since = {role: status(world, role)["tunnel"]["connected_since"] for role in (A, B)}
+    world.reboot_relay()
+    wait_until(lambda: world.tcp_open("phone", relay_addr, 443), 30, "nginx back on the relay's 443")
+    for role in (A, B):
+        def back(role: str = role) -> bool:
+            t = status(world, role).get("tunnel") or {}
+            return t.get("state") == "up" and t.get("connected_since") != since[role] and all(
+                f["bound"] for f in t.get("forwards", []))
+
+        wait_until(back, 180, f"{role}'s tunnel back after the relay's reboot", interval_s=0.5,
+                   on_timeout=lambda role=role: world.log(f"serve-{role}"))
+    for role in (A, B):
+        (phones[role].contacts / "reboot.vcf").write_text(card(f"{role}-reboot", "After The Reboot"))
+        phones[role].sync()
+    mark("relay rebooted (nginx from its /etc); both phones sync")
     med = {role: statistics.median(t) for role, t in times.items()}
     storm = [d for _, d, _ in results]
     print(f"\n[two laptops] phone sync (vdirsyncer, 1 new card), median of 5: A (migrated, via the plain hop) "

@@ -36,8 +36,16 @@ Debian's stock sshd_config, /root a folder of its own (``/root/.ssh/authorized_k
 VPS provider installs it), /run a tmpfs. ``relay-setup --apply root@relay.example.org`` runs setup.sh there
 over the real ssh, unmodified. :meth:`World.reboot_relay` is a reboot: every process in the relay's namespace is
 killed (by pid), the ruleset flushed, the sysctls back at a fresh namespace's values, /run empty, and only what
-boot would run comes back: the sysctl.d settings and the enabled NAT units of the relay's /etc
-(integration/relay_boot.py), then sshd (ssh.service is enabled on Debian).
+boot would run comes back: the sysctl.d settings and the enabled NAT units of the relay's /etc, then its
+enabled sslh and nginx services (integration/relay_boot.py), then sshd (ssh.service is enabled on Debian).
+There is no systemd in the relay: ``systemctl enable`` works offline (it writes the relay's /etc), ``systemctl
+start``/``restart`` fail, so setup.sh starts what it needs itself, as on any relay without a running systemd.
+
+Packages: the relay shares this machine's /usr, so sslh's and nginx's binaries (and their users, in the copied
+passwd) are there, but a fresh relay has neither running nor enabled: this machine's ``sslh.service`` and
+``nginx.service`` links are removed from the copy, and /etc/default/sslh (the sslh package's file) too.
+:meth:`World.relay_apt_install` models ``apt install sslh`` afterwards: the package's /etc/default/sslh, and
+its unit enabled as Debian's postinst does.
 
 Every process the world starts is stopped by pid; every namespace and veth it made is deleted on
 close, also on failure.
@@ -63,7 +71,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TypeVar
 
-from relay_boot import boot_commands, sysctl_settings
+from relay_boot import boot_commands, boot_services, sysctl_settings
 
 from tests.support import wait_until
 
@@ -116,6 +124,13 @@ _MOUNTS = {
               'mount --bind "$W/trust.pem" /etc/ssl/certs/ca-certificates.crt',
 }
 _DEFAULT_MOUNTS = 'mount --bind "$W/resolv.conf" /etc/resolv.conf'
+
+# Packages a fresh relay does not have set up (its binaries are this machine's /usr): the files under /etc they
+# bring, and the units their postinst enables. nginx's /etc/nginx stays (setup.sh only adds to it).
+RELAY_PACKAGES: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
+    "sslh": (("default/sslh",), ("sslh.service",)),
+    "nginx": ((), ("nginx.service",)),
+}
 
 DEBIAN_SSHD_CONFIG = """\
 # Debian 12's /etc/ssh/sshd_config, its uncommented lines
@@ -429,7 +444,8 @@ class World:
     def rebuild_relay(self) -> None:
         """The relay reinstalled from the provider's image: every process gone, the ruleset flushed, a fresh
         /etc (new host keys, no inverse-cloud state) and /root; sshd started again."""
-        self.stop("relay-sshd", signal.SIGKILL)
+        for name in ["relay-sshd", *(n for n in self.procs if n.startswith("relay-boot-"))]:
+            self.stop(name, signal.SIGKILL)
         self._kill_relay_processes()
         self.run("relay", "nft", "flush", "ruleset", check=True)
         self._drop_mount_ns("relay")
@@ -577,11 +593,30 @@ class World:
         (self.relay_etc / "resolv.conf").unlink(missing_ok=True)
         (self.relay_etc / "resolv.conf").write_text(f"nameserver {DNS_ADDR}\n")
         (self.relay_etc / "hostname").write_text("relay\n")
-        for wants in (self.relay_etc / "systemd" / "system").glob("*.wants/inverse-cloud-*"):
-            wants.unlink()
+        for pattern in ("*.wants/inverse-cloud-*", *(f"*.wants/{unit}" for units in RELAY_PACKAGES.values()
+                                                        for unit in units[1])):
+            for wants in (self.relay_etc / "systemd" / "system").glob(pattern):
+                wants.unlink()
+        for files, _ in RELAY_PACKAGES.values():
+            for rel in files:
+                (self.relay_etc / rel).unlink(missing_ok=True)
+        (self.relay_etc / "sslh.cfg").unlink(missing_ok=True)
         shutil.rmtree(self.relay_etc / "inverse-cloud", ignore_errors=True)
         (self.relay_etc / "sysctl.d" / "60-inverse-cloud.conf").unlink(missing_ok=True)
         self.new_relay_host_keys()
+
+    def relay_apt_install(self, package: str) -> None:
+        """``apt install PACKAGE`` on the relay (one of :data:`RELAY_PACKAGES`): its files under /etc (from this
+        machine's, where the package is installed) and its units enabled, as Debian's postinst does. Nothing is
+        started: the package's /etc/default/sslh listens on ``<change-me>:443``, no address, until configured."""
+        files, units = RELAY_PACKAGES[package]
+        for rel in files:
+            shutil.copy2(Path("/etc") / rel, self.relay_etc / rel)
+        for unit in units:
+            wants = self.relay_etc / "systemd" / "system" / "multi-user.target.wants"
+            wants.mkdir(parents=True, exist_ok=True)
+            (wants / unit).unlink(missing_ok=True)
+            (wants / unit).symlink_to(f"/lib/systemd/system/{unit}")
 
     def new_relay_host_keys(self) -> None:
         """The relay rebuilt: fresh host keys (takes effect at the next sshd start)."""
@@ -631,9 +666,11 @@ class World:
     def reboot_relay(self) -> None:
         """Power off, then boot from the relay's /etc. Off: every process in the relay's namespace is killed, its
         ruleset flushed, and every sysctl boot may set (and route_localnet, ip_forward) back to the value of a
-        fresh network namespace; a new mount namespace (an empty /run). On: what relay_boot says boot runs, then
-        sshd."""
-        self.stop("relay-sshd", signal.SIGKILL)
+        fresh network namespace; a new mount namespace (an empty /run). On: what relay_boot says boot runs (the
+        sysctls and NAT units, then the enabled sslh/nginx, each remembered as ``relay-boot-<unit>`` when it
+        runs in the foreground; a forking one's daemon is in the namespace like the rest), then sshd."""
+        for name in ["relay-sshd", *(n for n in self.procs if n.startswith("relay-boot-"))]:
+            self.stop(name, signal.SIGKILL)
         self._kill_relay_processes()
         self.run("relay", "nft", "flush", "ruleset", check=True)
         for table in ("nat", "filter", "mangle"):
@@ -649,6 +686,11 @@ class World:
         script = "set -e\n" + "".join(" ".join(shlex.quote(a) for a in cmd) + "\n"
                                       for cmd in boot_commands(self.relay_etc))
         self.run("relay", "sh", "-c", script, check=True)
+        for service in boot_services(self.relay_etc):
+            if service.forking:       # returns once the daemon runs; the daemon is killed with the relay
+                self.run("relay", *service.argv, check=True)
+            else:
+                self.popen(f"relay-boot-{service.name}", "relay", *service.argv)
         self.start_relay_sshd()
 
     # --- teardown -------------------------------------------------------------------------------------

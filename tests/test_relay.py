@@ -4,8 +4,10 @@ network namespace of their own), setup.sh `sh -n`."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
+import signal
 import subprocess
 from pathlib import Path
 
@@ -15,6 +17,7 @@ from inverse_cloud.config import loads
 from inverse_cloud.errors import HostKeyMismatch
 from inverse_cloud.tunnel import relay_files as relay
 from inverse_cloud.tunnel.commands import pin_host_key, set_config_value
+from tests.support import wait_until
 
 TUN = "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIPdR/oJumYvxBj5EcrtzZ7CKnzQkJornglLlC0nU8PWb tunnel laptop.test"
 TKO = "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIIkGPrKIDriY0NovBgUlqIKnU7vKVf01jD7MhuH3zs5N takeover"
@@ -347,6 +350,63 @@ def test_relay_setup_proxy_protocol_needs_nat_none_and_sets_the_option(instance,
     assert "proxy_protocol on;" in (out / "nginx-stream.conf").read_text()
     assert main(["relay-setup", "--config", str(instance), "--adopt", str(out)]) == 0   # once setup.sh ran there
     assert load(Path(instance)).relay.proxy_protocol
+
+
+def _sslh_start(tmp_path: Path, systemctl_rc: int, sslh_body: str) -> subprocess.CompletedProcess[str]:
+    """The tail of setup.sh's sslh part (after sslh.cfg is written) with a fake ``systemctl`` exiting
+    ``systemctl_rc`` and a fake ``sslh`` running ``sslh_body``; /run paths moved into ``tmp_path``."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir(exist_ok=True)
+    for name, body in (("systemctl", f"exit {systemctl_rc}"), ("sslh", sslh_body)):
+        (bin_dir / name).write_text(f"#!/bin/sh\n{body}\n")
+        (bin_dir / name).chmod(0o755)
+    script = relay.sslh_setup(spec(ssh_on_443=True)).split("/etc/default/sslh\nfi\n", 1)[1]
+    script = script.replace("/run/", f"{tmp_path}/run-")
+    return subprocess.run(["sh", "-ec", script], env={"PATH": f"{bin_dir}:/usr/bin:/bin"}, capture_output=True,
+                          text=True, timeout=30, check=False)
+
+
+def test_sslh_is_started_by_setup_sh_where_no_systemd_runs(tmp_path):
+    """setup.sh on a relay without a running systemd (systemctl restart fails): it starts sslh itself, with
+    /etc/sslh.cfg and a pid file, its descriptors not the ssh session's. A rerun stops the sslh it started
+    before (by that pid file) and starts it again. sslh refusing to start: its own line and one line of ours,
+    exit 1. With systemd running, systemctl restarts it and setup.sh starts nothing."""
+    args, pidfile = tmp_path / "args", tmp_path / "run-sslh.pid"
+    # like sslh, the "daemon" keeps the descriptors it was started with: a run that left them on the
+    # script's stdout/stderr would not end (subprocess.run waits for them to close)
+    daemon = f'echo "$@" >> {args}; sleep 300 & echo $! > {pidfile}'
+    started: list[int] = []
+    try:
+        out = _sslh_start(tmp_path, 1, daemon)
+        assert out.returncode == 0, out.stderr
+        assert args.read_text() == f"-F/etc/sslh.cfg --pidfile {pidfile}\n"
+        first = int(pidfile.read_text())
+        started.append(first)
+        out = _sslh_start(tmp_path, 1, daemon)
+        assert out.returncode == 0, out.stderr
+        started.append(int(pidfile.read_text()))
+        assert len(args.read_text().splitlines()) == 2
+        wait_until(lambda: _is_gone(first), 10, "the first sslh stopped by the rerun")
+        out = _sslh_start(tmp_path, 1, "echo '0.0.0.0:443:bind: Address already in use' >&2; exit 1")
+        assert out.returncode == 1
+        assert out.stderr.splitlines() == ["0.0.0.0:443:bind: Address already in use",
+                                           "sslh did not start (no systemd here to start it): see the line above"]
+        args.unlink()
+        out = _sslh_start(tmp_path, 0, daemon)
+        assert out.returncode == 0 and not args.exists(), out.stderr
+    finally:
+        for pid in started:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+
+
+def _is_gone(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return True
+    # a zombie (its parent, the script's shell, is gone; whoever reaps it has not yet) has ended too
+    return Path(f"/proc/{pid}/stat").read_text().split(") ", 1)[1].startswith("Z")
 
 
 def test_sslh_with_proxy_protocol_sends_v2_and_refuses_sslh_1(tmp_path):

@@ -64,6 +64,25 @@ def sslh_config_text(spec: FrontSpec, listen: str = "0.0.0.0", public_port: int 
     )
 
 
+SSLH_PIDFILE = "/run/sslh.pid"
+
+# Without a running systemd (a container, a VPS image without it), setup.sh starts sslh itself, as the nginx
+# variants start nginx: one it started before is stopped first (its pid file), so a rerun takes the new config.
+# sslh keeps the descriptors it was started with while it runs, so they are not the ssh session's (which would
+# then never end); a refused start (a port in use, a bad file) still prints sslh's own line.
+SSLH_START = (
+    "ic_start_sslh() {\n"
+    f"    if [ -s {SSLH_PIDFILE} ] && kill -0 \"$(cat {SSLH_PIDFILE})\" 2>/dev/null; then\n"
+    f"        old=$(cat {SSLH_PIDFILE}); kill \"$old\"; n=0\n"
+    "        while kill -0 \"$old\" 2>/dev/null && [ \"$n\" -lt 100 ]; do sleep 0.1; n=$((n + 1)); done\n"
+    "    fi\n"
+    f"    sslh -F/etc/sslh.cfg --pidfile {SSLH_PIDFILE} </dev/null >/dev/null 2>/run/sslh.start || {{\n"
+    "        cat /run/sslh.start >&2\n"
+    "        echo 'sslh did not start (no systemd here to start it): see the line above' >&2; exit 1; }\n"
+    "}\n"
+)
+
+
 def sslh_setup_text(spec: FrontSpec) -> str:
     """The setup.sh part that installs :func:`sslh_config_text` (sslh must be installed: it is a package choice)."""
     return (
@@ -77,8 +96,9 @@ def sslh_setup_text(spec: FrontSpec) -> str:
         "if [ -f /etc/default/sslh ]; then\n"
         "    sed -i 's|^DAEMON_OPTS=.*|DAEMON_OPTS=\"-F/etc/sslh.cfg\"|' /etc/default/sslh\n"
         "fi\n"
+        + SSLH_START +
         "systemctl enable sslh 2>/dev/null || true\n"
-        "systemctl restart sslh 2>/dev/null || echo 'note: start sslh yourself: sslh -F /etc/sslh.cfg'\n"
+        "systemctl restart sslh 2>/dev/null || ic_start_sslh\n"
     )
 
 
