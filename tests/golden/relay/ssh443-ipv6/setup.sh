@@ -241,6 +241,15 @@ sslh -F/etc/sslh.cfg -V >/dev/null || { echo 'sslh refuses /etc/sslh.cfg' >&2; e
 if [ -f /etc/default/sslh ]; then
     sed -i 's|^DAEMON_OPTS=.*|DAEMON_OPTS="-F/etc/sslh.cfg"|' /etc/default/sslh
 fi
+ic_start_sslh() {
+    if [ -s /run/sslh.pid ] && kill -0 "$(cat /run/sslh.pid)" 2>/dev/null; then
+        old=$(cat /run/sslh.pid); kill "$old"; n=0
+        while kill -0 "$old" 2>/dev/null && [ "$n" -lt 100 ]; do sleep 0.1; n=$((n + 1)); done
+    fi
+    sslh -F/etc/sslh.cfg --pidfile /run/sslh.pid </dev/null >/dev/null 2>/run/sslh.start || {
+        cat /run/sslh.start >&2
+        echo 'sslh did not start (no systemd here to start it): see the line above' >&2; exit 1; }
+}
 systemctl enable sslh 2>/dev/null || true
-systemctl restart sslh 2>/dev/null || echo 'note: start sslh yourself: sslh -F /etc/sslh.cfg'
+systemctl restart sslh 2>/dev/null || ic_start_sslh
 echo "inverse-cloud: relay ready for user $U"
