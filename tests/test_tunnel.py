@@ -174,6 +174,10 @@ class FakeRelay:
         self.reject_auth = 0             # how many public-key logins to refuse (any key)
         self.hang_takeover = False       # the takeover command never ends
         self.takeover_runs = 0
+        self.takeover_commands: list[str | None] = []   # the command each takeover session asked for
+        self.takeover_output = "inverse-cloud takeover: ended 1 other session(s)\n"
+        self.takeover_exit = 0
+        self.logins: list[bytes] = []    # the public key of each accepted key check, in order
         self.listen_requests: list[tuple[str, int]] = []
         self.conns: list[asyncssh.SSHServerConnection] = []
         self.server: asyncssh.SSHAcceptor | None = None
@@ -196,7 +200,10 @@ class FakeRelay:
                 if relay.reject_auth > 0:
                     relay.reject_auth -= 1
                     return False
-                return username == "ictunnel" and key.export_public_key() in relay.allowed
+                ok = username == "ictunnel" and key.export_public_key() in relay.allowed
+                if ok:
+                    relay.logins.append(key.export_public_key())
+                return ok
 
             def server_requested(self, listen_host, listen_port):
                 relay.listen_requests.append((listen_host, listen_port))
@@ -209,11 +216,12 @@ class FakeRelay:
 
         async def process(proc: asyncssh.SSHServerProcess) -> None:
             relay.takeover_runs += 1
+            relay.takeover_commands.append(proc.command)
             if relay.hang_takeover:
                 await asyncio.Event().wait()   # until the client gives up and the connection closes
             relay.refuse_listens = 0
-            proc.stdout.write("inverse-cloud takeover: ended 1 other session(s)\n")
-            proc.exit(0)
+            proc.stdout.write(relay.takeover_output)
+            proc.exit(relay.takeover_exit)
 
         self.server = await asyncssh.listen("127.0.0.1", 0, server_host_keys=[self.host_key],
                                             server_factory=Server, process_factory=process)
@@ -993,3 +1001,70 @@ print("later:", OpenSSL.crypto.__name__)
     assert "loaded: False" in out, out
     assert "key: ssh-ed25519" in out, out
     assert "later: OpenSSL.crypto" in out, out
+
+
+async def test_each_takeover_runs_the_takeover_command_with_the_takeover_key(rig, caplog):
+    """A refused listen: the takeover logs in with the takeover key (not the tunnel key) and asks for the
+    command "takeover"; the tunnel comes up with the tunnel key. A second stale port later: a second
+    takeover, counted (2)."""
+    caplog.set_level(logging.INFO)
+    make, relay, _ = rig
+    tunnel_key, takeover_key = relay.allowed
+    relay.refuse_listens = 1
+    async with started(make()) as t:
+        await wait_for(lambda: t.state == "up", what="up after the takeover")
+        assert relay.takeover_commands == ["takeover"]
+        # asyncssh asks about a key before it checks the signature: one login can be two entries in a row
+        logins = [k for i, k in enumerate(relay.logins) if i == 0 or relay.logins[i - 1] != k]
+        assert logins == [tunnel_key, takeover_key, tunnel_key]
+        relay.refuse_listens = 1
+        relay.conns[-1].close()
+        await wait_for(lambda: t.takeovers == 2 and t.state == "up" and len(relay.takeover_commands) == 2,
+                       what="a second takeover and the link up again")
+        assert relay.takeover_commands == ["takeover", "takeover"]
+
+
+async def test_a_takeover_without_output_logs_its_exit_status(rig, caplog):
+    """The takeover command prints nothing and exits 3: one INFO line '<tag> takeover exited with 3' (not a
+    failure: the command ran), and the link comes up."""
+    caplog.set_level(logging.INFO)
+    make, relay, _ = rig
+    relay.refuse_listens, relay.takeover_output, relay.takeover_exit = 1, "", 3
+    async with started(make()) as t:
+        await wait_for(lambda: t.state == "up", what="up after the takeover")
+        assert f"{t.tag} takeover exited with 3" in tunnel_lines(caplog)
+        assert not [m for m in tunnel_lines(caplog) if "takeover of the stale session failed" in m]
+
+
+async def test_an_unsafe_takeover_key_is_named_as_the_takeover_key(rig, caplog, tmp_path):
+    """The takeover key file is group-readable: one WARNING, with the tag, naming 'relay takeover key', its
+    path and the chmod; the relay is left to drop the stale session, and the link comes up after it."""
+    caplog.set_level(logging.INFO)
+    make, relay, _ = rig
+    (tmp_path / "tko").chmod(0o640)
+    relay.refuse_listens = 1
+    async with started(make()) as t:
+        await wait_for(lambda: t.state == "up", what="up once the stale port is free")
+        warned = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING
+                  and "takeover of the stale session failed" in r.getMessage()]
+        assert warned == [f"{t.tag} takeover of the stale session failed: relay takeover key {tmp_path / 'tko'} has "
+                          f"mode 0640; must be 0600 (run: chmod 600 {tmp_path / 'tko'}); waiting for the relay to "
+                          "drop it (ClientAlive)"], warned
+        assert relay.takeover_commands == []
+
+
+async def test_retry_now_and_sigusr1_say_why_in_the_log_and_in_status(rig, caplog):
+    """retry_now during a backoff: one INFO line '<tag> retrying now (<why>)'. SIGUSR1 on a live link: status's
+    last reconnect says 'requested (SIGUSR1)'."""
+    caplog.set_level(logging.INFO)
+    make, relay, _ = rig
+    async with silent_port() as blocked:
+        async with started(make(port=blocked, connect_timeout_s=1)) as t:
+            await wait_for(lambda: t.attempts >= 1 and t.state != "connecting", what="a failed attempt")
+            t.retry_now("the network changed")
+            assert f"{t.tag} retrying now (the network changed)" in tunnel_lines(caplog)
+    async with started(make()) as t:
+        await wait_for(lambda: t.state == "up", what="up")
+        t.reconnect()
+        await wait_for(lambda: t.connections == 2 and t.state == "up", what="reconnected")
+        assert t.status()["last_reconnect"]["reason"] == "requested (SIGUSR1)"
