@@ -173,6 +173,7 @@ class FakeRelay:
         self.refuse_hosts: set[str] = set()     # listen hosts always refused (a Match block without [::])
         self.reject_auth = 0             # how many public-key logins to refuse (any key)
         self.hang_takeover = False       # the takeover command never ends
+        self.hang_takeover_login = False  # a login with the takeover key never gets an answer
         self.takeover_runs = 0
         self.takeover_commands: list[str | None] = []   # the command each takeover session asked for
         self.takeover_output = "inverse-cloud takeover: ended 1 other session(s)\n"
@@ -196,10 +197,12 @@ class FakeRelay:
             def public_key_auth_supported(self):
                 return True
 
-            def validate_public_key(self, username, key):
+            async def validate_public_key(self, username, key):
                 if relay.reject_auth > 0:
                     relay.reject_auth -= 1
                     return False
+                if relay.hang_takeover_login and key.export_public_key() == relay.allowed[-1]:
+                    await asyncio.Event().wait()   # until the client gives up and the connection closes
                 ok = username == "ictunnel" and key.export_public_key() in relay.allowed
                 if ok:
                     relay.logins.append(key.export_public_key())
@@ -1068,3 +1071,17 @@ async def test_retry_now_and_sigusr1_say_why_in_the_log_and_in_status(rig, caplo
         t.reconnect()
         await wait_for(lambda: t.connections == 2 and t.state == "up", what="reconnected")
         assert t.status()["last_reconnect"]["reason"] == "requested (SIGUSR1)"
+
+
+async def test_a_takeover_login_that_hangs_times_out_too(rig, caplog, monkeypatch):
+    """The relay never answers the takeover key's login: after TAKEOVER_TIMEOUT_S (0.3 s) one WARNING
+    'takeover ... failed: timed out', no takeover command ran, and the loop goes on (up)."""
+    caplog.set_level(logging.INFO)
+    patch_tunnel(monkeypatch, "TAKEOVER_TIMEOUT_S", 0.3)
+    make, relay, _ = rig
+    relay.refuse_listens, relay.hang_takeover_login = 1, True
+    async with started(make(connect_timeout_s=60)) as t:     # the takeover's own bound, not the dial's
+        await wait_for(lambda: t.state == "up", what="up after the timed-out takeover login")
+        failed = [m for m in tunnel_lines(caplog) if "takeover of the stale session failed" in m]
+        assert len(failed) == 1 and "failed: timed out;" in failed[0], tunnel_lines(caplog)
+        assert relay.takeover_commands == []
