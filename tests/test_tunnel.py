@@ -174,6 +174,7 @@ class FakeRelay:
         self.reject_auth = 0             # how many public-key logins to refuse (any key)
         self.hang_takeover = False       # the takeover command never ends
         self.hang_takeover_login = False  # a login with the takeover key never gets an answer
+        self.hang_logins = False          # no login gets an answer
         self.takeover_runs = 0
         self.takeover_commands: list[str | None] = []   # the command each takeover session asked for
         self.takeover_output = "inverse-cloud takeover: ended 1 other session(s)\n"
@@ -201,7 +202,7 @@ class FakeRelay:
                 if relay.reject_auth > 0:
                     relay.reject_auth -= 1
                     return False
-                if relay.hang_takeover_login and key.export_public_key() == relay.allowed[-1]:
+                if relay.hang_logins or (relay.hang_takeover_login and key.export_public_key() == relay.allowed[-1]):
                     await asyncio.Event().wait()   # until the client gives up and the connection closes
                 ok = username == "ictunnel" and key.export_public_key() in relay.allowed
                 if ok:
@@ -1085,3 +1086,47 @@ async def test_a_takeover_login_that_hangs_times_out_too(rig, caplog, monkeypatc
         failed = [m for m in tunnel_lines(caplog) if "takeover of the stale session failed" in m]
         assert len(failed) == 1 and "failed: timed out;" in failed[0], tunnel_lines(caplog)
         assert relay.takeover_commands == []
+
+
+async def test_status_keeps_a_days_reconnects_and_names_the_last_one_and_the_watch(rig, caplog):
+    """status() on a wall clock the test sets: reconnects less than a day old are listed, one exactly a day old
+    is not; the last reconnect has its time (ISO, UTC) and reason; no link watcher -> network_watch None."""
+    make, relay, _ = rig
+    now = [1_800_000_000.0]
+    t = make()
+    t._clock = lambda: now[0]
+    t.reconnects = [now[0] - 86400, now[0] - 86399]
+    t.last_reconnect = (now[0] - 60, "address change")
+    st = t.status()
+    assert st["reconnects"] == ["2027-01-14T08:00:01+00:00"]
+    assert st["last_reconnect"] == {"at": "2027-01-15T07:59:00+00:00", "reason": "address change"}
+    assert st["network_watch"] is None
+    t.last_reconnect = None
+    assert t.status()["last_reconnect"] is None
+
+
+async def test_after_a_requested_reconnect_the_next_failure_is_reported_again(rig, caplog):
+    """SIGUSR1 drops a live link: while the new login hangs, the state is exactly 'connecting'; once logins are
+    refused for good, that failure is not taken for another requested drop: 'failed' with its ERROR line."""
+    caplog.set_level(logging.INFO)
+    make, relay, _ = rig
+    async with started(make(connect_timeout_s=2)) as t:
+        await wait_for(lambda: t.state == "up", what="up")
+        relay.hang_logins = True
+        t.reconnect()
+        await wait_for(lambda: t.state == "connecting" and t.connections == 1, what="connecting again")
+        relay.hang_logins, relay.reject_auth = False, 10_000
+        await wait_for(lambda: t.state == "failed", timeout_s=20, what="the refused login reported")
+        assert [r for r in caplog.records if r.name == "inverse_cloud.tunnel.link" and r.levelno == logging.ERROR]
+
+
+async def test_a_relay_that_stops_answering_is_noticed_by_keepalive(rig, caplog):
+    """The relay's side stops reading (a dead path: nothing is refused, nothing arrives): the tunnel's SSH
+    keepalive (1 s x 3 here) gives up and the link is reported lost."""
+    caplog.set_level(logging.INFO)
+    make, relay, _ = rig
+    async with started(make(keepalive_interval_s=1, keepalive_count_max=3)) as t:
+        await wait_for(lambda: t.state == "up", what="up")
+        relay.conns[-1]._transport.pause_reading()
+        await wait_for(lambda: t.state != "up", timeout_s=20, what="keepalive noticing the dead link")
+        assert any("relay link lost" in m for m in tunnel_lines(caplog)), tunnel_lines(caplog)
