@@ -190,3 +190,137 @@ def test_import_refusals_before_anything_changes(instance, tmp_path, monkeypatch
     assert str(err.value) == ("refusing to import while inverse-cloud is running; stop it first "
                               "(systemctl --user stop inverse-cloud)")
     assert not any(p.name.startswith(".import-") for p in b.server.data_dir.iterdir())
+
+
+def test_items_are_the_files_of_the_collections_without_radicales_bookkeeping(instance, tmp_path):
+    cfg = config_mod.load(instance)
+    assert backup.store_items(tmp_path / "no-store") == 0
+    _fill(cfg, cards=3, events=1)
+    assert backup.store_items(cfg.server.storage_dir) == 4       # .Radicale.props and caches not counted
+
+
+def test_an_encrypted_export_in_this_process(instance, tmp_path):
+    """Encrypted export -> import: no passphrase, a wrong one, the file over the size cap (refused, exact
+    lines); with the right passphrase it is restored."""
+    cfg = config_mod.load(instance)
+    _fill(cfg, cards=1, events=0)
+    export = tmp_path / "e.age"
+    export_backup(cfg, export, "correct horse battery")
+    size = export.stat().st_size
+    target = tmp_path / "new"
+
+    def restore(**kw: Any) -> Any:
+        return import_backup(export, None, config_path=target / "config.toml", data_dir=target / "data",
+                             accept_changes=True, **kw)
+
+    for kw, message in (
+        ({}, f"{export} is encrypted: give its passphrase (--passphrase-file FILE, or run on a terminal to be "
+             "asked)"),
+        ({"passphrase": "wrong"}, f"{export}: wrong passphrase, or the file was modified after export; nothing "
+                                  "was changed"),
+        ({"passphrase": "correct horse battery", "max_total_bytes": size - 1},
+         f"{export}: {size} bytes is over the import's {size - 1}-byte cap"),
+    ):
+        with pytest.raises(BackupError) as err:
+            restore(**kw)
+        assert str(err.value) == message
+    result = restore(passphrase="correct horse battery")
+    assert result.items == 1
+
+
+def _members(export: Path) -> list[tuple[Any, bytes]]:
+    import tarfile
+
+    with tarfile.open(export) as tar:
+        return [(m, tar.extractfile(m).read()) for m in tar.getmembers()]  # type: ignore[union-attr]
+
+
+def _write(dest: Path, members: list[tuple[Any, bytes]]) -> Path:
+    import io
+    import tarfile
+
+    with tarfile.open(dest, "w:gz") as tar:
+        for info, data in members:
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+    return dest
+
+
+def test_extraction_boundaries_modes_times_and_the_manifest_anywhere(instance, tmp_path, monkeypatch):
+    """Caps equal to the largest member and to the total are not exceeded; MANIFEST.json first in the file
+    works as well as last; every restored file is 0600 with its exported mtime; one entry over MAX_MEMBERS is
+    refused; a manifest without a file list refuses every member."""
+    import json
+
+    cfg = config_mod.load(instance)
+    _fill(cfg, cards=2, events=0)
+    export = tmp_path / "e.tar.gz"
+    export_backup(cfg, export, None)
+    members = _members(export)
+    files = [(m, d) for m, d in members if m.name != "MANIFEST.json"]
+    manifest = [(m, d) for m, d in members if m.name == "MANIFEST.json"]
+    first = _write(tmp_path / "first.tar.gz", manifest + files)
+    target = tmp_path / "new"
+    biggest, total = max(m.size for m, _ in files), sum(m.size for m, _ in files)
+    result = import_backup(first, None, config_path=target / "config.toml", data_dir=target / "data",
+                           accept_changes=True, max_member_bytes=biggest, max_total_bytes=10 * total)
+    assert result.files == len(files)
+    for info, _data in files:
+        if info.name == "config.toml":
+            continue               # rewritten for this laptop's data folder (its own test above)
+        restored = target / info.name
+        assert stat.S_IMODE(restored.stat().st_mode) == 0o600, info.name
+        assert int(restored.stat().st_mtime) == info.mtime, info.name
+
+    staging = tmp_path / "staging"
+    staging.mkdir()
+    import tarfile
+
+    with tarfile.open(first) as tar:
+        doc = json.loads(tar.extractfile("MANIFEST.json").read())  # type: ignore[union-attr]
+        assert backup._extract_checked(tar, doc, staging, first, biggest, total) == len(files)
+    for kw, message in (({"max_member_bytes": biggest - 1}, "per file; nothing was changed"),
+                        ({"max_total_bytes": total - 1}, "in all, over the import's cap; nothing was changed")):
+        with tarfile.open(first) as tar, pytest.raises(BackupError) as err:
+            args = {"max_member_bytes": biggest, "max_total_bytes": total, **kw}
+            backup._extract_checked(tar, doc, tmp_path / f"s{len(kw)}{message[:3]}", first,
+                                    args["max_member_bytes"], args["max_total_bytes"])
+        assert str(err.value).endswith(message), str(err.value)
+    no_list = {k: v for k, v in doc.items() if k != "files"}
+    with tarfile.open(first) as tar, pytest.raises(BackupError) as err:
+        backup._extract_checked(tar, no_list, tmp_path / "s-nolist", first, biggest, total)
+    assert "is not in the manifest; refusing the whole file" in str(err.value)
+    monkeypatch.setattr(backup, "MAX_MEMBERS", len(members) - 1)
+    with pytest.raises(BackupError) as err:
+        import_backup(first, None, config_path=tmp_path / "n2" / "config.toml", data_dir=tmp_path / "n2" / "data")
+    assert str(err.value) == f"{first}: more than {len(members) - 1} entries; refusing the whole file"
+
+
+def test_the_set_aside_store_is_named_by_the_time_and_nested_files_are_merged(tmp_path):
+    import re
+
+    staged, target = tmp_path / "staged", tmp_path / "target"
+    (staged / "collections").mkdir(parents=True)
+    (staged / "ssh" / "deep").mkdir(parents=True)
+    (staged / "ssh" / "deep" / "key").write_text("new")
+    (target / "collections").mkdir(parents=True)
+    (target / "ssh").mkdir()
+    moved = backup._install(staged, target)
+    assert moved is not None and re.fullmatch(r"collections\.before-import-\d{8}-\d{6}", moved.name), moved
+    assert (target / "ssh" / "deep" / "key").read_text() == "new"
+
+
+def test_changes_not_accepted_carry_their_message_and_list(instance, tmp_path):
+    from tests.support import init_instance
+
+    cfg = config_mod.load(instance)
+    _fill(cfg, cards=1, events=0)
+    export = tmp_path / "e.tar.gz"
+    export_backup(cfg, export, None)
+    b_path = init_instance(tmp_path / "b", password="another long password")
+    b = config_mod.load(b_path)
+    with pytest.raises(backup.ChangesNotAccepted) as err:
+        import_backup(export, b, config_path=b_path)
+    assert str(err.value).startswith(f"{export} would change ") and "--accept-changes" in str(err.value)
+    assert err.value.changes and all(isinstance(line, str) and line for line in err.value.changes)
+    assert f"would change {len(err.value.changes)} thing(s)" in str(err.value)
