@@ -102,7 +102,10 @@ async def test_a_declared_length_over_the_limit_is_refused_before_reading_and_at
     assert over.content.pieces == [b"x" * 9]                  # not a byte read
     exact = make_mocked_request("PUT", "/radicale/x", headers={"Content-Length": "8"}, payload=Pieces(b"x" * 8))
     body = await read_body(exact, 8, 5.0, 1)
-    assert body.read() == b"x" * 8
+    try:
+        assert body.read() == b"x" * 8
+    finally:
+        body.close()
 
 
 async def test_a_body_past_the_spool_size_goes_to_disk_and_a_small_one_stays_in_memory():
@@ -118,3 +121,113 @@ async def test_a_body_past_the_spool_size_goes_to_disk_and_a_small_one_stays_in_
     finally:
         spooled.close()
         kept.close()
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 100.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+class Stalled:
+    """A body that sends ``first`` and then nothing, while the test's clock moves on by ``step`` per read."""
+
+    def __init__(self, clock: Clock, first: bytes, step: float) -> None:
+        self.clock, self.first, self.step = clock, first, step
+
+    async def readany(self) -> bytes:
+        self.clock.now += self.step
+        if self.first:
+            chunk, self.first = self.first, b""
+            return chunk
+        import asyncio
+
+        await asyncio.Event().wait()
+        return b""
+
+
+async def test_a_body_slower_than_the_minimum_rate_is_an_exact_408():
+    """grace 5 s, 1 byte/s: 3 bytes arrive at 4 s, then the clock reaches 8 s (5 + 3) before anything else:
+    408 'request body too slow (3 bytes in 8 s)'."""
+    clock = Clock()
+    request = make_mocked_request("PUT", "/radicale/x", headers={}, payload=Stalled(clock, b"abc", 4.0))
+
+    async def hop() -> None:
+        import asyncio
+
+        while clock.now < 108.0:
+            await asyncio.sleep(0.01)
+            clock.now = 108.0
+
+    import asyncio
+
+    task = asyncio.ensure_future(hop())
+    try:
+        with pytest.raises(BodyError) as err:
+            await asyncio.wait_for(read_body(request, 100, 5.0, 1, clock=clock), 10)
+    finally:
+        task.cancel()
+    assert (err.value.status, err.value.reason) == (408, "request body too slow (3 bytes in 8 s)")
+
+
+async def test_a_deadline_already_past_is_408_without_waiting():
+    clock = Clock()
+
+    class Late:
+        async def readany(self) -> bytes:
+            clock.now += 10.0           # the first piece arrives 10 s late: past the 5 s grace
+            return b"ab"
+
+    request = make_mocked_request("PUT", "/radicale/x", headers={}, payload=Late())
+    with pytest.raises(BodyError) as err:
+        await read_body(request, 100, 5.0, 1, clock=clock)
+    assert (err.value.status, err.value.reason) == (408, "request body too slow (2 bytes in 10 s)")
+
+
+async def test_a_client_gone_mid_body_and_a_short_body_are_exact_400s():
+    class Gone:
+        async def readany(self) -> bytes:
+            raise ConnectionResetError("reset by peer")
+
+    request = make_mocked_request("PUT", "/radicale/x", headers={"Content-Length": "5"}, payload=Gone())
+    with pytest.raises(BodyError) as err:
+        await read_body(request, 100, 5.0, 1)
+    assert (err.value.status, err.value.reason) == (400, "connection closed by the client after 0 body bytes")
+    short = make_mocked_request("PUT", "/radicale/x", headers={"Content-Length": "5"}, payload=Pieces(b"abc"))
+    with pytest.raises(BodyError) as err:
+        await read_body(short, 100, 5.0, 1)
+    assert (err.value.status, err.value.reason) == (400, "request body shorter than Content-Length")
+
+
+async def test_an_undeclared_body_may_be_exactly_the_limit_and_not_a_byte_more():
+    ok = make_mocked_request("PUT", "/radicale/x", headers={}, payload=Pieces(b"abcd", b"efgh"))
+    body = await read_body(ok, 8, 5.0, 1)
+    try:
+        assert body.read() == b"abcdefgh"
+    finally:
+        body.close()
+    over = make_mocked_request("PUT", "/radicale/x", headers={}, payload=Pieces(b"abcd", b"efghi"))
+    with pytest.raises(BodyError) as err:
+        await read_body(over, 8, 5.0, 1)
+    assert (err.value.status, err.value.reason) == (413, "body over the 8-byte limit")
+
+
+@pytest.mark.parametrize(("user", "valid"), [("a", True), ("a" * 256, True), ("a" * 257, False), ("", False)])
+def test_basic_user_names_are_one_to_256_characters(user, valid):
+    import base64
+
+    token = base64.b64encode(f"{user}:pass:word".encode()).decode()
+    assert env_mod.valid_basic_auth(f"Basic {token}") is valid
+
+
+def test_basic_credentials_must_be_strict_base64():
+    import base64
+
+    token = base64.b64encode(b"alice:pw").decode()
+    assert env_mod.valid_basic_auth(f"Basic {token}")
+    assert not env_mod.valid_basic_auth(f"Basic {token[:4]}*{token[4:]}")      # a stray character
+    assert not env_mod.valid_basic_auth("Basic " + base64.b64encode(b"alice-no-colon").decode())
+    assert not env_mod.valid_basic_auth("Basic " + base64.b64encode(b"\xff\xfe:pw").decode())
+    assert env_mod.valid_basic_auth("Bearer abc")      # not Basic: Radicale answers it itself
