@@ -12,6 +12,7 @@ import io
 import json
 import os
 import re
+import statistics
 import subprocess
 import sys
 import time
@@ -21,6 +22,7 @@ import pytest
 from relay_boot import boot_services
 from relay_sshd import configure
 from test_journey import Phone, card
+from test_world_ipv6 import propfind_times
 from world import HOSTS, RELAY_NAME, ZONE
 
 from tests.support import wait_until
@@ -112,7 +114,7 @@ def test_ssh_on_443_ipv6_phone_keeps_its_address_through_sslh_and_a_relay_reboot
        forwards bound (127.0.0.1 and [::]).
     2. An IPv6-only phone syncs through https://away6.example.org/ (sslh on the relay's [v6]:443): every DAV
        line of the access log names the phone's IPv6 address, none ::1 or 127.0.0.1. An IPv4 phone syncs: its
-       lines name its IPv4 address.
+       lines name its IPv4 address. Printed, not asserted: PROPFIND times from each phone through sslh.
     3. The relay reboots: boot (integration/relay_boot.py) runs the NAT unit (ip and ip6 tables, the policy
        rules and routes of both families) and starts sslh from its enabled unit. The tunnel reconnects; the
        IPv6 phone syncs a new card, a second IPv6 phone sees it; the access log still names the phone's IPv6
@@ -207,6 +209,9 @@ def _journey(world, tmp_path: Path) -> None:
     lines = access_lines(log.read_text()[seen:])
     assert named_by(lines, phone4_addr), lines[-5:]
 
+    url = f"https://{DOMAIN}/radicale/alice/"
+    v4, v6 = propfind_times(world, "phone", "-4", url), propfind_times(world, phone6, "-6", url)
+
     # 3. the relay reboots: the ip6 divert (table, rule, route) and sslh come back from its /etc
     seen = len(log.read_text())
     before = status(world)["tunnel"]["connected_since"]
@@ -229,4 +234,6 @@ def _journey(world, tmp_path: Path) -> None:
     assert named_by(lines, phone6_addr), lines[-5:]
     assert "Traceback" not in log.read_text()
     print(f"\n[ssh-on-443 ipv6 world] first sync through sslh: IPv6 phone {sync6_s:.1f} s, IPv4 phone "
-          f"{sync4_s:.1f} s; relay reboot -> tunnel up, four forwards bound: {reboot_s:.1f} s")
+          f"{sync4_s:.1f} s; PROPFIND Depth 1 through sslh and the tunnel, median of {len(v4)}: IPv4 "
+          f"{statistics.median(v4) * 1000:.1f} ms, IPv6 {statistics.median(v6) * 1000:.1f} ms; relay reboot -> "
+          f"tunnel up, four forwards bound: {reboot_s:.1f} s")
