@@ -1,7 +1,8 @@
 """What a relay's boot re-applies, read from its /etc: a reboot step for relays simulated in namespaces.
 
-A reboot loses every runtime change: the nftables ruleset, sysctls set with ``sysctl -w``, processes. What comes
-back is only what the machine's /etc holds and what is enabled in it. Here that is:
+A reboot loses every runtime change: the nftables ruleset, policy routing (``ip rule``, routes in tables of their
+own), sysctls set with ``sysctl -w``, processes. What comes back is only what the machine's /etc holds and what is
+enabled in it. Here that is:
 
 * every ``net.*`` key of ``/etc/sysctl.d/*.conf`` (systemd-sysctl.service applies them at boot, in name order;
   the other keys are the shared host kernel's, not the simulated relay's);

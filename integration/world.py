@@ -31,15 +31,17 @@ userdel rename over it, as other tests do while the session's world lives), and 
 machine's /root (its known_hosts: "Host key verification failed"). Its /usr/local/bin is
 an overlay, so what an install links there stays on the laptop.
 
-The relay: /etc is a copy of this machine's (users, PAM, sshd's Debian defaults) with its own host keys and
-Debian's stock sshd_config, /root a folder of its own (``/root/.ssh/authorized_keys`` holds the admin's key, as a
-VPS provider installs it), /run a tmpfs. ``relay-setup --apply root@relay.example.org`` runs setup.sh there
-over the real ssh, unmodified. :meth:`World.reboot_relay` is a reboot: every process in the relay's namespace is
-killed (by pid), the ruleset flushed, the sysctls back at a fresh namespace's values, /run empty, and only what
-boot would run comes back: the sysctl.d settings and the enabled NAT units of the relay's /etc, then its
-enabled sslh and nginx services (integration/relay_boot.py), then sshd (ssh.service is enabled on Debian).
-There is no systemd in the relay: ``systemctl enable`` works offline (it writes the relay's /etc), ``systemctl
-start``/``restart`` fail, so setup.sh starts what it needs itself, as on any relay without a running systemd.
+The relay: /etc is a copy of this machine's (users, PAM, sshd's Debian defaults) with its own host keys, Debian's
+stock sshd_config and Debian's stock /etc/hosts (``localhost`` is 127.0.0.1 and ::1, which a transparent sslh's
+targets need with ``--ipv6``; this machine's may name only 127.0.0.1), /root a folder of its own
+(``/root/.ssh/authorized_keys`` holds the admin's key, as a VPS provider installs it), /run a tmpfs. ``relay-setup
+--apply root@relay.example.org`` runs setup.sh there over the real ssh, unmodified. :meth:`World.reboot_relay` is a
+reboot: every process in the relay's namespace is killed (by pid), the ruleset and the policy routing (``ip rule``,
+routing tables of its own) flushed, the sysctls back at a fresh namespace's values, /run empty, and only what boot
+would run comes back: the sysctl.d settings and the enabled NAT units of the relay's /etc, then its enabled sslh and
+nginx services (integration/relay_boot.py), then sshd (ssh.service is enabled on Debian). There is no systemd in the
+relay: ``systemctl enable`` works offline (it writes the relay's /etc), ``systemctl start``/``restart`` fail, so
+setup.sh starts what it needs itself, as on any relay without a running systemd.
 
 Packages: the relay shares this machine's /usr, so sslh's and nginx's binaries (and their users, in the copied
 passwd) are there, but a fresh relay has neither running nor enabled: this machine's ``sslh.service`` and
@@ -131,6 +133,11 @@ RELAY_PACKAGES: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
     "sslh": (("default/sslh",), ("sslh.service",)),
     "nginx": ((), ("nginx.service",)),
 }
+
+# Debian 12's /etc/hosts as the installer writes it (netcfg), the host's own name on 127.0.1.1
+DEBIAN_HOSTS = ("127.0.0.1\tlocalhost\n127.0.1.1\trelay\n\n"
+                "# The following lines are desirable for IPv6 capable hosts\n"
+                "::1     localhost ip6-localhost ip6-loopback\nff02::1 ip6-allnodes\nff02::2 ip6-allrouters\n")
 
 DEBIAN_SSHD_CONFIG = """\
 # Debian 12's /etc/ssh/sshd_config, its uncommented lines
@@ -442,12 +449,13 @@ class World:
         return address
 
     def rebuild_relay(self) -> None:
-        """The relay reinstalled from the provider's image: every process gone, the ruleset flushed, a fresh
-        /etc (new host keys, no inverse-cloud state) and /root; sshd started again."""
+        """The relay reinstalled from the provider's image: every process gone, the ruleset and policy routing
+        flushed, a fresh /etc (new host keys, no inverse-cloud state) and /root; sshd started again."""
         for name in ["relay-sshd", *(n for n in self.procs if n.startswith("relay-boot-"))]:
             self.stop(name, signal.SIGKILL)
         self._kill_relay_processes()
         self.run("relay", "nft", "flush", "ruleset", check=True)
+        self._flush_relay_policy_routes()
         self._drop_mount_ns("relay")
         shutil.rmtree(self.relay_root)
         self._make_relay_etc()
@@ -593,6 +601,7 @@ class World:
         (self.relay_etc / "resolv.conf").unlink(missing_ok=True)
         (self.relay_etc / "resolv.conf").write_text(f"nameserver {DNS_ADDR}\n")
         (self.relay_etc / "hostname").write_text("relay\n")
+        (self.relay_etc / "hosts").write_text(DEBIAN_HOSTS)
         for pattern in ("*.wants/inverse-cloud-*", *(f"*.wants/{unit}" for units in RELAY_PACKAGES.values()
                                                         for unit in units[1])):
             for wants in (self.relay_etc / "systemd" / "system").glob(pattern):
@@ -665,14 +674,15 @@ class World:
 
     def reboot_relay(self) -> None:
         """Power off, then boot from the relay's /etc. Off: every process in the relay's namespace is killed, its
-        ruleset flushed, and every sysctl boot may set (and route_localnet, ip_forward) back to the value of a
-        fresh network namespace; a new mount namespace (an empty /run). On: what relay_boot says boot runs (the
-        sysctls and NAT units, then the enabled sslh/nginx, each remembered as ``relay-boot-<unit>`` when it
-        runs in the foreground; a forking one's daemon is in the namespace like the rest), then sshd."""
+        ruleset and policy routing flushed, and every sysctl boot may set (and route_localnet, ip_forward) back to
+        the value of a fresh network namespace; a new mount namespace (an empty /run). On: what relay_boot says boot
+        runs (the sysctls and NAT units, then the enabled sslh/nginx, each remembered as ``relay-boot-<unit>`` when
+        it runs in the foreground; a forking one's daemon is in the namespace like the rest), then sshd."""
         for name in ["relay-sshd", *(n for n in self.procs if n.startswith("relay-boot-"))]:
             self.stop(name, signal.SIGKILL)
         self._kill_relay_processes()
         self.run("relay", "nft", "flush", "ruleset", check=True)
+        self._flush_relay_policy_routes()
         for table in ("nat", "filter", "mangle"):
             self.run("relay", "iptables-legacy" if shutil.which("iptables-legacy") else "iptables", "-t", table, "-F")
         keys = {k for k, _ in sysctl_settings(self.relay_etc) if k.startswith("net.")}
@@ -692,6 +702,20 @@ class World:
             else:
                 self.popen(f"relay-boot-{service.name}", "relay", *service.argv)
         self.start_relay_sshd()
+
+    def _flush_relay_policy_routes(self) -> None:
+        """The relay's policy routing back at a fresh boot's, for both families: only the kernel's rules (local,
+        main, default) and tables (what the NAT unit adds, ``ip rule`` and routes in a table of its own, is gone
+        at power-off like the ruleset)."""
+        for family in ("-4", "-6"):
+            rules = json.loads(self.run("relay", "ip", "-j", family, "rule", "show", check=True).stdout or "[]")
+            for rule in rules:
+                if rule.get("priority") not in (0, 32766, 32767):
+                    self.run("relay", "ip", family, "rule", "del", "priority", str(rule["priority"]), check=True)
+            routes = json.loads(self.run("relay", "ip", "-j", family, "route", "show", "table", "all",
+                                         check=True).stdout or "[]")
+            for table in sorted({str(r["table"]) for r in routes if "table" in r} - {"main", "local", "default"}):
+                self.run("relay", "ip", family, "route", "flush", "table", table, check=True)
 
     # --- teardown -------------------------------------------------------------------------------------
 
