@@ -201,7 +201,7 @@ def relay_choices(args: argparse.Namespace, state: SetupState) -> dict[str, str]
     step was done with, the relay and dns steps are no longer done (one line says so): the relay side, the
     laptop's [relay] settings and the records follow the new variant.
 
-    :raises ConfigError: a combination relay-setup cannot build (--nat sni with --ssh-on-443).
+    :raises ConfigError: a combination relay-setup cannot build (none of setup's choices today).
     """
     from inverse_cloud.tunnel.commands import variant_problem
 
