@@ -279,7 +279,7 @@ def sslh_setup(spec: RelaySpec) -> str:
     return relay_front.sslh_setup_text(_front(spec))
 
 
-def readme(spec: RelaySpec) -> str:
+def readme(spec: RelaySpec, nat: str = "nft") -> str:
     # sshd ends a client when its count of silent intervals goes ABOVE ClientAliveCountMax: interval x (count + 1)
     alive = spec.client_alive_interval_s * (spec.client_alive_count_max + 1)
     return (
@@ -298,6 +298,7 @@ def readme(spec: RelaySpec) -> str:
         "   Several laptops on one relay (--nat sni): nginx takes public 443 (by server name, a PROXY header\n"
         "   naming the phone) and 80 (by Host) for all of them, each laptop with its own tunnel user, ports and\n"
         f"   record in {relay_sni.SITES}; a name no laptop carries is closed.\n"
+        + (relay_sni.SSH_README if spec.ssh_on_443 and nat == "sni" else "") +
         "\n"
         "When the laptop is offline nothing listens on the forwarded ports: the relay's 443 refuses the\n"
         "connection (nginx variant: closes it). Phones report \"server unreachable\" and retry later; the\n"
@@ -464,8 +465,7 @@ def setup_script(spec: RelaySpec, nat: str = "nft") -> str:
         "[ -z \"$OLD\" ] || rm -f \"$OLD\"\n"
         "systemctl reload ssh 2>/dev/null || systemctl reload sshd 2>/dev/null || "
         "kill -HUP \"$(cat /run/sshd.pid)\"\n"
-        # --nat sni takes SSH on 443 into its own nginx router (no sslh)
-        + localnet + nat_block + (sslh_setup(spec) if spec.ssh_on_443 and nat != "sni" else "") +
+        + localnet + nat_block + (sslh_setup(spec) if spec.ssh_on_443 and nat != "sni" else "") +  # sni: nginx
         "echo \"inverse-cloud: relay ready for user $U\"\n"
     )
 
@@ -474,7 +474,7 @@ def bundle(spec: RelaySpec, nat: str = "nft") -> dict[str, str]:
     """File name -> content, in the order ``relay-setup`` shows them."""
     if nat == "sni":
         return {
-            "README.txt": readme(spec),
+            "README.txt": readme(spec, nat),
             "authorized_keys": authorized_keys(spec),
             "sshd_config.d/inverse-cloud.conf": sshd_dropin(spec),
             "nginx-sni-stream.conf": relay_sni.stream_frame(spec.ipv6),

@@ -40,6 +40,9 @@ SOCKETS = "/run/inverse-cloud"
 STREAM_CONF = "/etc/nginx/inverse-cloud/stream.conf"
 HTTP_CONF = "/etc/nginx/conf.d/inverse-cloud.conf"
 SSH_ROUTE = "/etc/inverse-cloud/ssh-route"       # relay-wide: SSH on the shared 443 (--ssh-on-443)
+# the bundle README's line for it
+SSH_README = ("   SSH on that 443 (--ssh-on-443): what is not TLS goes to this relay's sshd, which sees it from\n"
+              "   127.0.0.1 (fail2ban cannot tell those clients apart; port 22 still shows real addresses).\n")
 
 
 def sites_check(mode: str) -> str:
@@ -172,9 +175,10 @@ def ssh_route(sshd_port: int) -> dict[str, str]:
     sends what is not TLS to an inner server, ``sshd.stream`` is that server: it reads the public server's
     PROXY header (dropping it: sshd does not speak PROXY) and connects to the relay's sshd on loopback.
 
-    A client that waits for the server to speak first sends nothing: nginx's preread then waits
-    ``preread_timeout`` (30 s by default) and passes it on with empty variables, so it reaches sshd after 30 s,
-    which then sends its banner. SSH clients send their banner at once, so they are routed without a wait."""
+    ``ssl_preread`` stops at the first byte that is no TLS handshake record and routes at once: SSH clients
+    send their banner first, so they reach sshd without a wait. A client that waits for the server to speak
+    first sends nothing: nginx 1.22 waits ``preread_timeout`` (30 s by default), then closes the connection
+    without connecting anywhere (seen with a silent client: no upstream connect, closed at the timeout)."""
     return {
         "protocol.map": f'    "" unix:{SOCKETS}/ssh.sock;\n',
         "sshd.stream": (
