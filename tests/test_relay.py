@@ -217,6 +217,7 @@ GOLDEN_CASES = {
     "public-listen": (dict(listen_host="203.0.113.7", https_port=1443, http_port=1080, client_alive_interval_s=20,
                            client_alive_count_max=4), "nft"),
     "sni": (dict(proxy_protocol=True), "sni"),
+    "sni-ssh443": (dict(proxy_protocol=True, ssh_on_443=True), "sni"),
     "ssh443-ipv6": (dict(ssh_on_443=True, ipv6=True, listen_host6="::", sslh_transparent=True), "nft"),
 }
 

@@ -116,7 +116,8 @@ def test_the_shared_router_routes_by_name_closes_unknown_names_and_sends_proxy_h
 
 def test_generated_shared_router_is_accepted_by_nginx(tmp_path):
     """The frame plus the pieces ic_write_site writes for a laptop that reads PROXY headers and one migrated from
-    DNAT (which does not) pass `nginx -t` (which opens no listener), in a private prefix."""
+    DNAT (which does not), plus the SSH route of --ssh-on-443, pass `nginx -t` (which opens no listener), in a
+    private prefix."""
     nginx = shutil.which("nginx") or "/usr/sbin/nginx"
     assert Path(nginx).exists(), "nginx missing: apt-get install -y nginx-light libnginx-mod-stream"
     module = Path("/usr/lib/nginx/modules/ngx_stream_module.so")
@@ -133,10 +134,14 @@ def test_generated_shared_router_is_accepted_by_nginx(tmp_path):
     assert (sites / "inverse-cloud-2.map").read_text() == "    family.example.org 127.0.0.1:44354;\n"
     run = tmp_path / "run"
     run.mkdir()
+    ssh = tmp_path / "ssh-route"
+    ssh.mkdir()
+    for name, text in relay_sni.ssh_route(22).items():
+        (ssh / name).write_text(text)
     stream = relay_sni.stream_frame(ipv6=False).replace(relay_sni.SITES, str(sites)).replace(
-        relay_sni.SOCKETS, str(run))
+        relay_sni.SOCKETS, str(run)).replace(relay_sni.SSH_ROUTE, str(ssh))
     http = relay_sni.http_frame().replace(relay_sni.SITES, str(sites))
-    for f in sites.glob("*"):
+    for f in [*sites.glob("*"), *ssh.glob("*")]:
         f.write_text(f.read_text().replace(relay_sni.SOCKETS, str(run)))
     conf = tmp_path / "nginx.conf"
     conf.write_text(f"load_module {module};\npid {tmp_path / 'nginx.pid'};\nerror_log stderr;\n"
@@ -146,19 +151,16 @@ def test_generated_shared_router_is_accepted_by_nginx(tmp_path):
     assert out.returncode == 0, out.stderr
 
 
-def test_relay_setup_nat_sni_sets_proxy_protocol_and_refuses_sslh_on_the_same_443(instance, tmp_path, capsys):
-    """`--nat sni --ssh-on-443`: refused with one line (nginx and sslh both want 443), nothing changed.
-    `--nat sni --ipv6`: writes the shared router with [::]:443; --adopt of it sets [relay] proxy_protocol = true."""
+def test_relay_setup_nat_sni_sets_proxy_protocol_and_with_ssh_on_443_the_fallback_port(instance, tmp_path, capsys):
+    """`--nat sni --ipv6`: writes the shared router with [::]:443; --adopt of it sets [relay] proxy_protocol =
+    true. `--nat sni --ssh-on-443` (no longer refused: nginx alone takes SSH on 443): the bundle carries the SSH
+    route, no sslh, and its laptop.toml asks for fallback_port = 443 too; --adopt sets it."""
     from inverse_cloud.cli import main
     from inverse_cloud.config import load
 
     Path(instance).write_text(Path(instance).read_text().replace('host = ""', 'host = "relay.example"'))
     out = tmp_path / "bundle"
     base = ["relay-setup", "--config", str(instance), "--output", str(out), "--no-pin", "--nat", "sni"]
-    assert main([*base, "--ssh-on-443"]) == 2
-    err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and "--nat sni and --ssh-on-443 both want the relay's public 443" in err[0], err
-    assert not out.exists() and not load(Path(instance)).relay.proxy_protocol
     assert main([*base, "--ipv6"]) == 0
     assert "listen [::]:443;" in (out / "nginx-sni-stream.conf").read_text()
     assert not load(Path(instance)).relay.proxy_protocol   # until setup.sh ran on the relay and --adopt
@@ -166,3 +168,41 @@ def test_relay_setup_nat_sni_sets_proxy_protocol_and_refuses_sslh_on_the_same_44
     assert "set [relay] proxy_protocol = true" in capsys.readouterr().out
     assert load(Path(instance)).relay.proxy_protocol
     assert main([*base, "--proxy-protocol"]) == 0   # implied, and accepted when given
+    both = tmp_path / "both"
+    capsys.readouterr()
+    assert main(["relay-setup", "--config", str(instance), "--output", str(both), "--no-pin", "--nat", "sni",
+                 "--ssh-on-443"]) == 0, capsys.readouterr().err
+    assert "sslh.cfg" not in {p.name for p in both.iterdir()}
+    assert '"" unix:/run/inverse-cloud/ssh.sock;' in (both / "nginx-sni-ssh.conf").read_text()
+    settings = (both / "laptop.toml").read_text()
+    assert "fallback_port = 443" in settings and "proxy_protocol = true" in settings, settings
+    assert load(Path(instance)).relay.fallback_port != 443
+    assert main(["relay-setup", "--config", str(instance), "--adopt", str(both)]) == 0
+    assert "set [relay] fallback_port = 443" in capsys.readouterr().out
+    assert load(Path(instance)).relay.fallback_port == 443
+
+
+def test_ssh_on_443_routes_what_is_not_tls_to_sshd_without_a_proxy_header():
+    """--nat sni --ssh-on-443: the frame looks at $ssl_preread_protocol first: empty (the first bytes are no TLS
+    ClientHello: an SSH client's "SSH-2.0-...") goes to an inner server that takes the PROXY header off and
+    connects to the relay's own sshd; anything TLS keeps the routing by name. The route lives in files of its
+    own, which setup.sh writes only with --ssh-on-443 (a later laptop without it leaves them alone)."""
+    stream = relay_sni.stream_frame(ipv6=False)
+    assert "map $ssl_preread_protocol $inverse_cloud_upstream {" in stream
+    assert f"include {relay_sni.SSH_ROUTE}/*.map;" in stream and f"include {relay_sni.SSH_ROUTE}/*.stream;" in stream
+    assert "default $inverse_cloud_by_name;" in stream
+    assert "map $ssl_preread_server_name $inverse_cloud_by_name {" in stream
+    route = relay_sni.ssh_route(2222)
+    assert route["protocol.map"] == '    "" unix:/run/inverse-cloud/ssh.sock;\n'
+    inner = route["sshd.stream"]
+    assert "listen unix:/run/inverse-cloud/ssh.sock proxy_protocol;" in inner
+    assert "proxy_pass 127.0.0.1:2222;" in inner and "proxy_protocol on" not in inner
+    with_ssh = relay.bundle(spec(proxy_protocol=True, ssh_on_443=True, sshd_port=2222), "sni")
+    script = with_ssh["setup.sh"]
+    assert f"{relay_sni.SSH_ROUTE}/protocol.map" in script and "proxy_pass 127.0.0.1:2222;" in script
+    assert script.index(f"{relay_sni.SSH_ROUTE}/protocol.map") < script.index("nginx -t -q")
+    assert "sslh" not in script.lower().replace("no sslh", "")
+    assert "dport 443" not in script
+    without = relay.bundle(spec(proxy_protocol=True), "sni")["setup.sh"]
+    assert f"{relay_sni.SSH_ROUTE}/protocol.map" not in without
+    assert f"mkdir -p \"$SITES\" {relay_sni.SSH_ROUTE}" in without

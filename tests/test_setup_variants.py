@@ -13,7 +13,6 @@ import pytest
 
 from inverse_cloud.cli import build_parser
 from inverse_cloud.config import load, loads
-from inverse_cloud.errors import ConfigError
 from inverse_cloud.ops import setup_steps
 from inverse_cloud.ops.setup import Lines, SetupState, relay_choices
 from inverse_cloud.tunnel import commands as tunnel_commands
@@ -119,18 +118,17 @@ def test_choices_are_kept_and_a_changed_one_runs_relay_and_dns_again(tmp_path, c
     assert "the relay and dns steps run again" in out
 
 
-def test_sni_with_ssh_on_443_is_refused_in_one_line(tmp_path):
-    """--nat sni --ssh-on-443 (also when one of them is the saved choice): relay-setup's own refusal, nothing
-    saved."""
+def test_sni_with_ssh_on_443_is_a_variant_like_the_others(tmp_path):
+    """--nat sni --ssh-on-443 (nginx alone routes SSH on the shared 443; refused before): saved like any choice,
+    also when one of them was saved before."""
     path = tmp_path / "state.json"
-    with pytest.raises(ConfigError, match="--nat sni and --ssh-on-443 both want the relay's public 443"):
-        relay_choices(_parse("--nat", "sni", "--ssh-on-443"), SetupState(path, {}, []))
-    assert not path.exists()
+    state = SetupState(path, {}, [])
+    assert relay_choices(_parse("--nat", "sni", "--ssh-on-443"), state) == {"nat": "sni", "ipv6": "no",
+                                                                             "ssh_on_443": "yes"}
     state = SetupState(path, {}, [])
     relay_choices(_parse("--nat", "sni"), state)
-    with pytest.raises(ConfigError, match="choose one"):
-        relay_choices(_parse("--ssh-on-443"), state)
-    assert SetupState.load(path).answers["ssh_on_443"] == "no"
+    assert relay_choices(_parse("--ssh-on-443"), state)["nat"] == "sni"
+    assert SetupState.load(path).answers["ssh_on_443"] == "yes"
 
 
 def _dns_ctx(cfg: Path, dns: ThreadedDns, answers: dict[str, str], wait_s: float) -> setup_steps.Context:

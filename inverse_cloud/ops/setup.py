@@ -201,7 +201,7 @@ def relay_choices(args: argparse.Namespace, state: SetupState) -> dict[str, str]
     step was done with, the relay and dns steps are no longer done (one line says so): the relay side, the
     laptop's [relay] settings and the records follow the new variant.
 
-    :raises ConfigError: a combination relay-setup cannot build (--nat sni with --ssh-on-443).
+    :raises ConfigError: a combination relay-setup cannot build (none of setup's choices today).
     """
     from inverse_cloud.tunnel.commands import variant_problem
 
@@ -322,8 +322,8 @@ def add_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser], commo
                    "relay-setup --ipv6: the dns step then also prints (or creates) the AAAA record and waits for "
                    "it (default: IPv4 only, or the saved choice)")
     p.add_argument("--ssh-on-443", action=argparse.BooleanOptionalAction, help="also put the relay's SSH on "
-                   "public 443 behind sslh, as relay-setup --ssh-on-443, for laptops in networks that block "
-                   "outbound SSH (default: no, or the saved choice)")
+                   "public 443 behind sslh (with --nat sni: in its nginx router), as relay-setup --ssh-on-443, for "
+                   "laptops in networks that block outbound SSH (default: no, or the saved choice)")
     p.add_argument("--staging", action="store_true", help="use Let's Encrypt's staging CA first, so retries "
                    "cannot hit production rate limits (rerun without it later)")
     p.add_argument("--yes", action="store_true", help="accept the relay's host key without asking (it is "

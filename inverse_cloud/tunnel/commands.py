@@ -66,8 +66,8 @@ def add_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser], commo
     p.add_argument("--authorized-keys-file", metavar="PATH", default="",
                    help="where the relay keeps the tunnel user's keys (default /etc/ssh/inverse-cloud/USER.keys)")
     p.add_argument("--ssh-on-443", action="store_true",
-                   help="also put the relay's SSH on public 443 behind sslh (for laptops in networks that block "
-                        "outbound SSH); sets [relay] fallback_port = 443 here")
+                   help="also put the relay's SSH on public 443 behind sslh, or with --nat sni in its nginx router "
+                        "(for laptops in networks that block outbound SSH); sets [relay] fallback_port = 443 here")
     p.add_argument("--proxy-protocol", action="store_true",
                    help="with --nat none: nginx-stream.conf sends a PROXY header to the laptop and the existing "
                         "site, so both see the visitor's address (with --ssh-on-443: sslh 2 sends it); sets "
@@ -343,8 +343,6 @@ def variant_problem(nat: str, *, ssh_on_443: bool, ipv6: bool, proxy_protocol: b
     if proxy_protocol and nat not in ("none", "sni") and not ssh_on_443:
         return ("--proxy-protocol needs --nat none (nginx) or --ssh-on-443 (sslh): with DNAT of 443 a phone reaches "
                 "the forwarded port directly and could send a PROXY header naming any address")
-    if nat == "sni" and ssh_on_443:
-        return "--nat sni and --ssh-on-443 both want the relay's public 443 (nginx and sslh); choose one"
     if ipv6 and nat == "iptables":
         return ("--ipv6 with DNAT needs --nat nft (its ip6 table maps IPv6 onto the laptop's [::] forwards); the "
                 "iptables rules cover IPv4 only")

@@ -77,8 +77,9 @@ class RelaySpec:
     authorized_keys_file: str = ""   # default: /etc/ssh/inverse-cloud/<user>.keys
     home: str = ""                   # default: /var/lib/<user>
     dropin_path: str = ""            # default: /etc/ssh/sshd_config.d/inverse-cloud-<user>.conf
-    ssh_on_443: bool = False         # sslh on public 443: SSH to sshd, TLS to the https forward (no 443 DNAT)
-    sshd_port: int = 22              # where sslh hands SSH over (the relay's own sshd)
+    ssh_on_443: bool = False         # sslh on public 443: SSH to sshd, TLS to the https forward (no 443 DNAT);
+                                     # with --nat sni the nginx router sends what is not TLS to sshd
+    sshd_port: int = 22              # where sslh (or nginx) hands SSH over (the relay's own sshd)
     proxy_protocol: bool = False     # nginx stream sends a PROXY header to both upstreams (client addresses)
     ipv6: bool = False               # sslh / nginx stream also listen on [::]:443 (a v6 listener, no ip6 NAT)
     listen_host6: str = ""           # the laptop's second pair of forwards, for the ip6 NAT (relay_nat6.py)
@@ -278,7 +279,7 @@ def sslh_setup(spec: RelaySpec) -> str:
     return relay_front.sslh_setup_text(_front(spec))
 
 
-def readme(spec: RelaySpec) -> str:
+def readme(spec: RelaySpec, nat: str = "nft") -> str:
     # sshd ends a client when its count of silent intervals goes ABOVE ClientAliveCountMax: interval x (count + 1)
     alive = spec.client_alive_interval_s * (spec.client_alive_count_max + 1)
     return (
@@ -297,6 +298,7 @@ def readme(spec: RelaySpec) -> str:
         "   Several laptops on one relay (--nat sni): nginx takes public 443 (by server name, a PROXY header\n"
         "   naming the phone) and 80 (by Host) for all of them, each laptop with its own tunnel user, ports and\n"
         f"   record in {relay_sni.SITES}; a name no laptop carries is closed.\n"
+        + (relay_sni.SSH_README if spec.ssh_on_443 and nat == "sni" else "") +
         "\n"
         "When the laptop is offline nothing listens on the forwarded ports: the relay's 443 refuses the\n"
         "connection (nginx variant: closes it). Phones report \"server unreachable\" and retry later; the\n"
@@ -383,7 +385,7 @@ def setup_script(spec: RelaySpec, nat: str = "nft") -> str:
                      "iptables -C INPUT -j INVERSE_CLOUD_IN 2>/dev/null || iptables -I INPUT -j INVERSE_CLOUD_IN\n"
                      "INVERSE_CLOUD_EOF\n"),
         "none": "echo 'NAT not touched (--nat none): map public 443/80 yourself (see README)'\n",
-        "sni": relay_sni.sni_setup(spec.ipv6),
+        "sni": relay_sni.sni_setup(spec.ipv6, spec.sshd_port if spec.ssh_on_443 else None),
     }[nat]
     if nat not in ("none", "sni"):
         nat_block += (
@@ -463,7 +465,7 @@ def setup_script(spec: RelaySpec, nat: str = "nft") -> str:
         "[ -z \"$OLD\" ] || rm -f \"$OLD\"\n"
         "systemctl reload ssh 2>/dev/null || systemctl reload sshd 2>/dev/null || "
         "kill -HUP \"$(cat /run/sshd.pid)\"\n"
-        + localnet + nat_block + (sslh_setup(spec) if spec.ssh_on_443 else "") +
+        + localnet + nat_block + (sslh_setup(spec) if spec.ssh_on_443 and nat != "sni" else "") +  # sni: nginx
         "echo \"inverse-cloud: relay ready for user $U\"\n"
     )
 
@@ -472,11 +474,12 @@ def bundle(spec: RelaySpec, nat: str = "nft") -> dict[str, str]:
     """File name -> content, in the order ``relay-setup`` shows them."""
     if nat == "sni":
         return {
-            "README.txt": readme(spec),
+            "README.txt": readme(spec, nat),
             "authorized_keys": authorized_keys(spec),
             "sshd_config.d/inverse-cloud.conf": sshd_dropin(spec),
             "nginx-sni-stream.conf": relay_sni.stream_frame(spec.ipv6),
             "nginx-sni-http.conf": relay_sni.http_frame(),
+            **({"nginx-sni-ssh.conf": relay_sni.ssh_route_review(spec.sshd_port)} if spec.ssh_on_443 else {}),
             "setup.sh": setup_script(spec, nat),
         }
     return {
