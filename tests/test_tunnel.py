@@ -185,7 +185,7 @@ class FakeRelay:
         self.server: asyncssh.SSHAcceptor | None = None
         self.port = 0
 
-    async def start(self) -> None:
+    async def start(self, port: int = 0) -> None:
         relay = self
 
         class Server(asyncssh.SSHServer):
@@ -227,7 +227,7 @@ class FakeRelay:
             proc.stdout.write(relay.takeover_output)
             proc.exit(relay.takeover_exit)
 
-        self.server = await asyncssh.listen("127.0.0.1", 0, server_host_keys=[self.host_key],
+        self.server = await asyncssh.listen("127.0.0.1", port, server_host_keys=[self.host_key],
                                             server_factory=Server, process_factory=process)
         self.port = self.server.sockets[0].getsockname()[1]
 
@@ -436,7 +436,10 @@ async def test_listen_refused_after_takeover_names_permitlisten(rig, caplog):
         assert len(errors) == 1, errors
         assert f"relay refused to listen on 127.0.0.1:{t.relay.https_port} (check permitlisten" in errors[0]
         assert "PermitListen" in errors[0] and "'localhost' is not '127.0.0.1'" in errors[0]
+        assert errors[0].endswith("`inverse-cloud relay-setup` prints them)"), errors[0]
         assert t.status()["last_error"] == errors[0].split("] ", 1)[1]
+        held = [m for m in tunnel_lines(caplog) if "still held by a previous session" in m]
+        assert len(held) == 1, held          # once per outage, not once per refusal cycle
 
 
 async def test_wrong_host_key_is_refused_with_both_fingerprints(rig, caplog):
@@ -490,7 +493,16 @@ async def test_key_file_mode_checked(rig, tmp_path):
     (tmp_path / "tun").chmod(0o644)
     async with started(make()) as t:
         await wait_for(lambda: t.state == "failed", what="failed")
-        assert "has mode 0644; must be 0600" in t.status()["last_error"]
+        assert t.status()["last_error"] == (f"relay key {tmp_path / 'tun'} has mode 0644; must be 0600 (run: chmod "
+                                            f"600 {tmp_path / 'tun'})")
+
+
+async def test_an_unreadable_key_file_is_named_as_the_relay_key(rig, tmp_path):
+    make, _, _ = rig
+    (tmp_path / "tun").write_text("not a key\n")
+    async with started(make()) as t:
+        await wait_for(lambda: t.state == "failed", what="failed")
+        assert t.status()["last_error"].startswith(f"relay key {tmp_path / 'tun'} cannot be read: ")
 
 
 async def test_empty_host_key_does_not_connect(rig, caplog):
@@ -1026,6 +1038,8 @@ async def test_each_takeover_runs_the_takeover_command_with_the_takeover_key(rig
         await wait_for(lambda: t.takeovers == 2 and t.state == "up" and len(relay.takeover_commands) == 2,
                        what="a second takeover and the link up again")
         assert relay.takeover_commands == ["takeover", "takeover"]
+        held = [m for m in tunnel_lines(caplog) if "still held by a previous session" in m]
+        assert len(held) == 2, held          # the link was up in between: a new outage, a new line
 
 
 async def test_a_takeover_without_output_logs_its_exit_status(rig, caplog):
@@ -1130,3 +1144,66 @@ async def test_a_relay_that_stops_answering_is_noticed_by_keepalive(rig, caplog)
         relay.conns[-1]._transport.pause_reading()
         await wait_for(lambda: t.state != "up", timeout_s=20, what="keepalive noticing the dead link")
         assert any("relay link lost" in m for m in tunnel_lines(caplog)), tunnel_lines(caplog)
+
+
+async def test_a_lost_link_stays_down_with_one_line_while_the_relay_is_gone(rig, caplog):
+    """Up, then the relay goes away (its listener closed, the session cut): the state is 'down' with one
+    WARNING 'relay link lost (...); reconnecting' and no 'cannot reach relay' line; each retry updates
+    last_error; every retry logs its delay at DEBUG with the tag and the reason. Once the relay is back, status
+    names why the link was lost."""
+    caplog.set_level(logging.DEBUG, "inverse_cloud.tunnel.link")
+    make, relay, _ = rig
+    async with started(make()) as t:
+        await wait_for(lambda: t.state == "up", what="up")
+        port = relay.port
+        assert relay.server is not None
+        relay.server.close()
+        relay.conns[-1].close()
+        await wait_for(lambda: t.state == "down" and t.attempts >= 3, timeout_s=20, what="three failed retries")
+        lines = tunnel_lines(caplog)
+        assert [m for m in lines if "relay link lost" in m] == [
+            f"{t.tag} relay link lost (relay closed the connection); reconnecting"], lines
+        assert not [m for m in lines if "cannot reach relay" in m], lines
+        assert t.last_error is not None and "refused" in t.last_error
+        debug = [r.getMessage() for r in caplog.records if r.levelno == logging.DEBUG
+                 and r.name == "inverse_cloud.tunnel.link" and "next attempt in" in r.getMessage()]
+        assert debug and all(m.startswith(f"{t.tag} next attempt in ") for m in debug), debug
+        assert debug[-1].endswith(f"({t.last_error})"), debug
+        await relay.start(port)            # back on the same port
+        await wait_for(lambda: t.state == "up" and t.connections == 2, timeout_s=20, what="up again")
+        assert t.status()["last_reconnect"]["reason"] == "relay closed"
+
+
+async def test_a_requested_drop_and_a_stable_link_lost_retry_without_waiting(rig, monkeypatch):
+    """The delay the loop waits before the next attempt: 0 after SIGUSR1 (and the attempt count starts over),
+    0 after a link that had been up for STABLE_S is lost."""
+    patch_tunnel(monkeypatch, "STABLE_S", 0.0)
+    make, relay, _ = rig
+    t = make()
+    waits: list[float] = []
+    real_sleep = t._sleep_or_wake
+
+    async def recorded(delay_s: float) -> None:
+        waits.append(delay_s)
+        await real_sleep(delay_s)
+
+    t._sleep_or_wake = recorded  # type: ignore[method-assign]
+    async with started(t):
+        await wait_for(lambda: t.state == "up", what="up")
+        t.reconnect()
+        await wait_for(lambda: t.connections == 2 and t.state == "up", what="reconnected")
+        assert waits == [0.0]
+        relay.conns[-1].close()
+        await wait_for(lambda: t.connections == 3 and t.state == "up", what="reconnected after the loss")
+        assert waits == [0.0, 0.0]
+
+
+async def test_a_relay_that_only_listens_on_ipv6_is_named_with_brackets(rig, caplog):
+    """[relay] listen_host is an IPv6 address and every listen is refused: the final ERROR names [::1]:port."""
+    caplog.set_level(logging.INFO)
+    make, relay, _ = rig
+    relay.refuse_always = True
+    async with started(make(listen_host="::1")) as t:
+        await wait_for(lambda: relay.takeover_runs >= 1 and t.state == "failed", what="failed")
+        errors = [r.getMessage() for r in caplog.records if r.levelno == logging.ERROR]
+        assert errors and f"relay refused to listen on [::1]:{t.relay.https_port} (check permitlisten" in errors[0]
