@@ -66,6 +66,9 @@ def test_xml_depth_counts_open_elements_not_elements_seen():
     n = env_mod.MAX_XML_DEPTH
     assert xml_problem(io.BytesIO(b"<e>" * n + b"</e>" * n)) is None
     assert xml_problem(io.BytesIO(b"<e>" * (n + 1) + b"</e>" * (n + 1))) == f"XML nested deeper than {n} levels"
+    # down one level and up two: n + 1 open at once, although no run of opening tags is longer than n
+    zigzag = b"<e>" * n + b"</e>" + b"<e><e>" + b"</e>" * (n + 1)
+    assert xml_problem(io.BytesIO(zigzag)) == f"XML nested deeper than {n} levels"
 
 
 def test_xml_larger_than_one_read_is_checked_whole_and_rewound():
