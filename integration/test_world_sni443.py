@@ -8,13 +8,12 @@ It reinstalls the relay first (no other test's laptop on it) and again at the en
 
 from __future__ import annotations
 
-import re
-import time
 from pathlib import Path
 
 import pytest
 from relay_sshd import configure
 from test_journey import Phone, _copy_repo, card
+from test_world_ssh_on_443 import access_lines, away_from_home
 from test_world_two_laptops import apply, cli, status
 from world import HOSTS, RELAY_NAME, ZONE
 
@@ -24,11 +23,6 @@ ROLE, SUBNET = "wos4", 44                 # the laptop (its home network 192.168
 DOMAIN = f"shared.{ZONE}"
 BLOCK = "s4_block"                         # the router's nft table that drops outbound SSH
 PASSWORD = "correct horse"
-
-
-def access_lines(log: str) -> list[str]:
-    """The access log's DAV lines (``<client> [time] "METHOD /radicale/...``)."""
-    return [line for line in log.splitlines() if re.search(r'"(PROPFIND|REPORT|PUT|GET) /radicale/', line)]
 
 
 @pytest.mark.slow
@@ -105,32 +99,8 @@ def _journey(world, tmp_path: Path, request) -> None:
     assert lines and any(phone_addr in line for line in lines), lines[-5:]
 
     # 2. a network that drops outbound SSH (the home router drops what it forwards to port 22)
-    request.addfinalizer(lambda: world.run("router", "nft", "delete", "table", "inet", BLOCK))
-    sshd_log_path = world.root / "relay-sshd.log"
-    seen, sshd_seen = len(log.read_text()), len(sshd_log_path.read_text(errors="replace"))
-    t0 = time.monotonic()
-    world.run("router", "nft", f"add table inet {BLOCK}; add chain inet {BLOCK} home_out {{ type filter hook "
-              f"forward priority 0; policy accept; }}; add rule inet {BLOCK} home_out iifname \"wol{SUBNET}\" "
-              "tcp dport 22 drop", check=True)
-
-    def on_443() -> bool:
-        t = status(world, ROLE).get("tunnel") or {}
-        return t.get("state") == "up" and t.get("ssh_port") == 443 and t.get("fallback") is True and all(
-            f["bound"] for f in t.get("forwards", []))
-
-    wait_until(on_443, 240, "the tunnel back over 443 after outbound SSH was dropped", interval_s=0.5,
-               on_timeout=dump)
-    up_s = time.monotonic() - t0
-    assert "SSH reaches the relay on the fallback port 443 (port 22: timed out)" in log.read_text(), dump()
-    text = cli(world, ROLE, "status").stdout
-    assert ":443 (fallback port: 22 not reachable" in text, text
-    (phone.contacts / "away.vcf").write_text(card("away", "Away From Home"))
-    phone.sync()
-    sync_s = time.monotonic() - t0
-    since = access_lines(log.read_text()[seen:])
-    assert since and all(phone_addr in line for line in since), since[-5:]
+    up_s, sync_s, sshd_log = away_from_home(world, request, ROLE, SUBNET, BLOCK, phone, log, dump, 240)
     # the new session came through nginx's SSH route: sshd sees it from 127.0.0.1 (the trade-off)
-    sshd_log = sshd_log_path.read_text(errors="replace")[sshd_seen:]
     assert "Accepted publickey for inverse-cloud from 127.0.0.1 port" in sshd_log, sshd_log[-2000:]
     assert "Traceback" not in log.read_text()
     print(f"\n[sni + ssh-on-443 world] outbound 22 dropped -> tunnel on 443 through nginx: {up_s:.1f} s "

@@ -34,6 +34,43 @@ def access_lines(log: str) -> list[str]:
     return [line for line in log.splitlines() if re.search(r'"(PROPFIND|REPORT|PUT|GET) /radicale/', line)]
 
 
+def tunnel_on_443(world, role: str) -> bool:
+    """``status`` on ``role``: the tunnel up on the fallback port 443 with every forward bound."""
+    t = status(world, role).get("tunnel") or {}
+    return t.get("state") == "up" and t.get("ssh_port") == 443 and t.get("fallback") is True and all(
+        f["bound"] for f in t.get("forwards", []))
+
+
+def away_from_home(world, request, role: str, subnet: int, block: str, phone, log: Path, dump,
+                   deadline_s: float) -> tuple[float, float, str]:
+    """The laptop moves to a network that drops outbound SSH: the home router drops what it forwards from
+    ``wol<subnet>`` to port 22 (nft table ``block``, removed at teardown). Waits for the tunnel back on its own
+    over 443 with status saying so, then a phone sync; every access-log line since names the phone. Returns the
+    seconds to the tunnel on 443, to the phone synced, and sshd's log since the drop."""
+    request.addfinalizer(lambda: world.run("router", "nft", "delete", "table", "inet", block))
+    sshd_log_path = world.root / "relay-sshd.log"
+    seen, sshd_seen = len(log.read_text()), len(sshd_log_path.read_text(errors="replace"))
+    t0 = time.monotonic()
+    world.run("router", "nft", f"add table inet {block}; add chain inet {block} home_out {{ type filter hook "
+              f"forward priority 0; policy accept; }}; add rule inet {block} home_out iifname \"wol{subnet}\" "
+              "tcp dport 22 drop", check=True)
+
+    wait_until(lambda: tunnel_on_443(world, role), deadline_s,
+               "the tunnel back over 443 after outbound SSH was dropped", interval_s=0.5,
+               on_timeout=dump)
+    up_s = time.monotonic() - t0
+    assert "SSH reaches the relay on the fallback port 443 (port 22: timed out)" in log.read_text(), dump()
+    text = cli(world, role, "status").stdout
+    assert ":443 (fallback port: 22 not reachable" in text, text
+    (phone.contacts / "away.vcf").write_text(card("away", "Away From Home"))
+    phone.sync()
+    sync_s = time.monotonic() - t0
+    since = access_lines(log.read_text()[seen:])
+    phone_addr = HOSTS["phone"].address
+    assert since and all(phone_addr in line for line in since), since[-5:]
+    return up_s, sync_s, sshd_log_path.read_text(errors="replace")[sshd_seen:]
+
+
 def relay_sslh(world) -> set[int]:
     """Pids of the sslh processes in the relay's network namespace (pgrep alone sees this machine's too)."""
     out = world.run("relay", "pgrep", "-x", "sslh")
@@ -128,33 +165,9 @@ def _journey(world, tmp_path: Path, request) -> None:
     assert any(phone_addr in line for line in lines), lines[-5:]
 
     # 2. a network that drops outbound SSH (the home router drops what it forwards to port 22)
-    request.addfinalizer(lambda: world.run("router", "nft", "delete", "table", "inet", BLOCK))
-    sshd_log_path = world.root / "relay-sshd.log"
-    seen, sshd_seen = len(log.read_text()), len(sshd_log_path.read_text(errors="replace"))
-    t0 = time.monotonic()
-    world.run("router", "nft", f"add table inet {BLOCK}; add chain inet {BLOCK} home_out {{ type filter hook "
-              f"forward priority 0; policy accept; }}; add rule inet {BLOCK} home_out iifname \"wol{SUBNET}\" "
-              "tcp dport 22 drop", check=True)
-
-    def on_443() -> bool:
-        t = status(world, ROLE).get("tunnel") or {}
-        return t.get("state") == "up" and t.get("ssh_port") == 443 and t.get("fallback") is True and all(
-            f["bound"] for f in t.get("forwards", []))
-
-    wait_until(on_443, 180, "the tunnel back over 443 after outbound SSH was dropped", interval_s=0.5,
-               on_timeout=dump)
-    up_s = time.monotonic() - t0
-    assert "SSH reaches the relay on the fallback port 443 (port 22: timed out)" in log.read_text(), dump()
-    text = cli(world, ROLE, "status").stdout
-    assert ":443 (fallback port: 22 not reachable" in text, text
-    (phone.contacts / "away.vcf").write_text(card("away", "Away From Home"))
-    phone.sync()
-    sync_s = time.monotonic() - t0
-    since = access_lines(log.read_text()[seen:])
-    assert since and all(phone_addr in line for line in since), since[-5:]
+    up_s, sync_s, sshd_log = away_from_home(world, request, ROLE, SUBNET, BLOCK, phone, log, dump, 180)
     # the new session came through sslh, and sshd saw the laptop's (router's) own address: sslh is transparent
     # for SSH too
-    sshd_log = sshd_log_path.read_text(errors="replace")[sshd_seen:]
     assert f"Accepted publickey for inverse-cloud from {HOSTS['router'].address} port" in sshd_log, sshd_log[-2000:]
     assert "from 127.0.0.1" not in sshd_log, sshd_log[-2000:]
 
@@ -169,7 +182,7 @@ def _journey(world, tmp_path: Path, request) -> None:
     assert not started & relay_sslh(world), "the sslh setup.sh started survived the reboot"
     wait_until(lambda: relay_sslh(world) and world.tcp_open("phone", HOSTS["relay"].address, 443), 30,
                "sslh back on the relay's 443 after the reboot", on_timeout=lambda: world.log("relay-boot-sslh.service"))
-    wait_until(lambda: on_443() and status(world, ROLE)["tunnel"]["connected_since"] != before, 180,
+    wait_until(lambda: tunnel_on_443(world, ROLE) and status(world, ROLE)["tunnel"]["connected_since"] != before, 180,
                "a new tunnel session over 443 after the reboot", interval_s=0.5, on_timeout=dump)
     reboot_s = time.monotonic() - t1
     (phone.contacts / "reboot.vcf").write_text(card("reboot", "After The Reboot"))
