@@ -25,6 +25,7 @@ from inverse_cloud.tunnel.link import (
     QuickAckConnector,
     Tunnel,
     classify,
+    quickack_supported,
     retry_delay,
 )
 from tests.support import free_port, wait_for
@@ -510,6 +511,7 @@ async def test_empty_host_key_does_not_connect(rig, caplog):
     make, relay, _ = rig
     t = make(host_key="")
     await t.start()
+    assert t.state == "failed"
     await t.aclose()
     assert t.attempts == 0 and relay.conns == []
     assert t.status()["last_error"] == "relay host key not pinned; run `inverse-cloud relay-setup`"
@@ -1117,6 +1119,9 @@ async def test_status_keeps_a_days_reconnects_and_names_the_last_one_and_the_wat
     assert st["network_watch"] is None
     t.last_reconnect = None
     assert t.status()["last_reconnect"] is None
+    assert st["state"] == "down" and st["host_key_fingerprint"] is None and st["connected_since"] is None
+    assert Tunnel(t.cfg, t.target, quickack=False).quickack is False
+    assert Tunnel(t.cfg, t.target).quickack is quickack_supported()
 
 
 async def test_after_a_requested_reconnect_the_next_failure_is_reported_again(rig, caplog):
@@ -1165,6 +1170,8 @@ async def test_a_lost_link_stays_down_with_one_line_while_the_relay_is_gone(rig,
             f"{t.tag} relay link lost (relay closed the connection); reconnecting"], lines
         assert not [m for m in lines if "cannot reach relay" in m], lines
         assert t.last_error is not None and "refused" in t.last_error
+        st = t.status()
+        assert st["connected_since"] is None and not any(f["bound"] for f in st["forwards"]), st
         debug = [r.getMessage() for r in caplog.records if r.levelno == logging.DEBUG
                  and r.name == "inverse_cloud.tunnel.link" and "next attempt in" in r.getMessage()]
         assert debug and all(m.startswith(f"{t.tag} next attempt in ") for m in debug), debug
@@ -1174,7 +1181,7 @@ async def test_a_lost_link_stays_down_with_one_line_while_the_relay_is_gone(rig,
         assert t.status()["last_reconnect"]["reason"] == "relay closed"
 
 
-async def test_a_requested_drop_and_a_stable_link_lost_retry_without_waiting(rig, monkeypatch):
+async def test_a_requested_drop_and_a_stable_link_lost_retry_without_waiting(rig, monkeypatch, caplog):
     """The delay the loop waits before the next attempt: 0 after SIGUSR1 (and the attempt count starts over),
     0 after a link that had been up for STABLE_S is lost."""
     patch_tunnel(monkeypatch, "STABLE_S", 0.0)
@@ -1188,11 +1195,13 @@ async def test_a_requested_drop_and_a_stable_link_lost_retry_without_waiting(rig
         await real_sleep(delay_s)
 
     t._sleep_or_wake = recorded  # type: ignore[method-assign]
+    caplog.set_level(logging.DEBUG, "inverse_cloud.tunnel.link")
     async with started(t):
         await wait_for(lambda: t.state == "up", what="up")
         t.reconnect()
         await wait_for(lambda: t.connections == 2 and t.state == "up", what="reconnected")
         assert waits == [0.0]
+        assert f"{t.tag} next attempt in 0.0 s (reconnect requested)" in [r.getMessage() for r in caplog.records]
         relay.conns[-1].close()
         await wait_for(lambda: t.connections == 3 and t.state == "up", what="reconnected after the loss")
         assert waits == [0.0, 0.0]
@@ -1207,3 +1216,14 @@ async def test_a_relay_that_only_listens_on_ipv6_is_named_with_brackets(rig, cap
         await wait_for(lambda: relay.takeover_runs >= 1 and t.state == "failed", what="failed")
         errors = [r.getMessage() for r in caplog.records if r.levelno == logging.ERROR]
         assert errors and f"relay refused to listen on [::1]:{t.relay.https_port} (check permitlisten" in errors[0]
+
+
+async def test_the_up_line_names_each_forward_and_the_host_key(rig, caplog):
+    caplog.set_level(logging.INFO)
+    make, relay, target = rig
+    async with started(make()) as t:
+        await wait_for(lambda: t.state == "up", what="up")
+        https, http = t.relay.https_port, t.relay.http_port
+        assert [m for m in tunnel_lines(caplog) if "tunnel up" in m] == [
+            f"{t.tag} tunnel up: 127.0.0.1:{https} -> local :{target.https_port}, 127.0.0.1:{http} -> local "
+            f":{target.http_port} (relay host key {relay.host_key.get_fingerprint('sha256')} (ssh-ed25519))"]
