@@ -52,7 +52,8 @@ def add_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser], commo
                    help="how setup.sh maps public 443/80 to the forwarded ports (default: nft; 'none' when "
                         "80/443 are used by a web server: see nginx-*.conf; 'sni' for several laptops on one "
                         "relay: nginx routes 443 by server name and 80 by Host, each laptop with its own tunnel "
-                        "user and ports; sets [relay] proxy_protocol = true here)")
+                        "user and ports; the laptop gets [relay] proxy_protocol = true: with --apply once "
+                        "setup.sh ran, with --output through --adopt)")
     p.add_argument("--yes", action="store_true", help="accept the fetched host key without asking")
     p.add_argument("--accept-new-host-key", action="store_true",
                    help="replace a pinned host key that differs (the relay was rebuilt)")
@@ -67,16 +68,17 @@ def add_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser], commo
                    help="where the relay keeps the tunnel user's keys (default /etc/ssh/inverse-cloud/USER.keys)")
     p.add_argument("--ssh-on-443", action="store_true",
                    help="also put the relay's SSH on public 443 behind sslh, or with --nat sni in its nginx router "
-                        "(for laptops in networks that block outbound SSH); sets [relay] fallback_port = 443 here")
+                        "(for laptops in networks that block outbound SSH); the laptop gets [relay] "
+                        "fallback_port = 443 (--apply: once setup.sh ran; --output: through --adopt)")
     p.add_argument("--proxy-protocol", action="store_true",
                    help="with --nat none: nginx-stream.conf sends a PROXY header to the laptop and the existing "
-                        "site, so both see the visitor's address (with --ssh-on-443: sslh 2 sends it); sets "
-                        "[relay] proxy_protocol = true here")
+                        "site, so both see the visitor's address (with --ssh-on-443: sslh 2 sends it); the laptop gets "
+                        "[relay] proxy_protocol = true (--apply: once setup.sh ran; --output: through --adopt)")
     p.add_argument("--ipv6", action="store_true",
                    help="also serve phones on IPv6 (publish an AAAA record then): with --nat nft an ip6 table maps "
-                        "[v6]:443/80 onto a second pair of forwards the laptop binds on [::] (sets [relay] "
-                        "listen_host6 = \"::\" here); with --ssh-on-443 sslh, with --nat none nginx, also listen "
-                        "on [::]:443 (default: IPv4 only)")
+                        "[v6]:443/80 onto a second pair of forwards the laptop binds on [::] ([relay] "
+                        "listen_host6 = \"::\", set like the others); with --ssh-on-443 sslh, with --nat none "
+                        "nginx, also listen on [::]:443 (default: IPv4 only)")
     p.set_defaults(func=cmd_relay_setup)
 
 
