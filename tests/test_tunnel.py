@@ -590,15 +590,17 @@ async def test_backoff_grows_with_each_consecutive_failure(rig, backoff):
 
 async def test_flapping_link_keeps_its_backoff(rig, backoff):
     """Two rejected logins (attempts 0 and 1, 'fatal'), then up, then the relay drops the link at once
-    (up for less than STABLE_S): the next wait continues the count (attempt 2), it does not start over."""
+    (up for less than STABLE_S): the next wait continues the count (attempt 2), and so does the one after
+    (a refused login: attempt 3); it does not start over."""
     make, relay, _ = rig
     relay.reject_auth = 2
     async with started(make()) as t:
         await wait_for(lambda: t.state == "up", what="up after two rejected logins")
         assert backoff.calls == [(0, "fatal"), (1, "fatal")]
+        relay.reject_auth = 1                 # and the first login after the drop is refused
         relay.conns[-1].close()
-        await wait_for(lambda: len(backoff.calls) >= 3, what="the drop handled")
-        assert backoff.calls[2] == (2, "transient")
+        await wait_for(lambda: len(backoff.calls) >= 4, what="the drop and the refused login handled")
+        assert backoff.calls[2:4] == [(2, "transient"), (3, "fatal")]    # the count goes on: no fresh start
 
 
 async def test_stable_link_that_drops_is_retried_at_once_and_backoff_starts_over(rig, backoff, monkeypatch):
@@ -1227,3 +1229,26 @@ async def test_the_up_line_names_each_forward_and_the_host_key(rig, caplog):
         assert [m for m in tunnel_lines(caplog) if "tunnel up" in m] == [
             f"{t.tag} tunnel up: 127.0.0.1:{https} -> local :{target.https_port}, 127.0.0.1:{http} -> local "
             f":{target.http_port} (relay host key {relay.host_key.get_fingerprint('sha256')} (ssh-ed25519))"]
+
+
+async def test_after_sigusr1_the_backoff_count_starts_over(rig, backoff):
+    """Two rejected logins (attempts 0, 1), up; SIGUSR1 drops the link and the next login is refused: that
+    failure asks for attempt 0 again (the requested drop reset the count)."""
+    make, relay, _ = rig
+    relay.reject_auth = 2
+    async with started(make()) as t:
+        await wait_for(lambda: t.state == "up", what="up after two rejected logins")
+        relay.reject_auth = 1
+        t.reconnect()
+        await wait_for(lambda: len(backoff.calls) >= 4, what="the requested drop and the refused login")
+        assert backoff.calls[2][1] == "transient" and backoff.calls[3] == (0, "fatal"), backoff.calls
+
+
+async def test_the_tunnel_connection_goes_through_the_quickack_connector_where_supported(rig):
+    make, relay, _ = rig
+    async with started(make()) as t:
+        await wait_for(lambda: t.state == "up", what="up")
+        if quickack_supported():
+            assert isinstance(t._connector, QuickAckConnector) and t._connector.protocol is not None
+        else:
+            assert t._connector is None
