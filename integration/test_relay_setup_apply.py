@@ -16,7 +16,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from tests.support import init_instance
+from tests.support import default_signals, init_instance
 
 SANDBOX = r"""#!/bin/sh
 # usage: sandbox.sh ROOT CMD...   (stdin passed through)
@@ -70,7 +70,7 @@ def _apply(cfg: Path, bindir: Path, *extra: str) -> subprocess.CompletedProcess[
     env = {**os.environ, "PATH": f"{bindir}:{os.environ['PATH']}"}
     return subprocess.run([sys.executable, "-m", "inverse_cloud.cli", "relay-setup", "--config", str(cfg), "--apply",
                            "root@relay.example:2222", "--no-pin", *extra], capture_output=True, text=True,
-                          timeout=120, env=env)
+                          timeout=120, env=env, preexec_fn=default_signals)   # the stand-in sshd traps SIGHUP
 
 
 def test_apply_sets_up_the_relay_idempotently(tmp_path):

@@ -36,6 +36,7 @@ from test_journey import PASSWORD, REPO, Phone, _copy_repo, card, two_phones_syn
 from world import DOMAIN, HOSTS, RELAY_NAME, World
 
 from inverse_cloud import config as config_mod
+from tests.support import default_signals
 from tests.support.docs import shell_blocks
 
 CAA_ISSUER = "pebble.invalid"   # the world's CA is not Let's Encrypt: its CAA issuer domain is given as a flag
@@ -82,7 +83,8 @@ class User:
         # in the laptop's namespaces: nsenter execs, so the pty stays the command's terminal and the exit
         # status is the command's own (as a shell shows it: 130 after Ctrl-C)
         child = pexpect.spawn("nsenter", [*self.world.prefix("laptop")[1:], *shlex.split(line)],
-                              env=self.world.env("laptop"), encoding="utf-8", timeout=240, dimensions=(50, 250))
+                              env=self.world.env("laptop"), encoding="utf-8", timeout=240, dimensions=(50, 250),
+                              preexec_fn=default_signals)
         child.logfile_read = io.StringIO()
         return child
 

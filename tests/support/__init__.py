@@ -15,10 +15,21 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
 
-__all__ = ["ServeProcess", "ThrowawayCA", "client_handshake", "free_port", "handshake_with_permissive_server",
-           "init_instance", "wait_until"]
+__all__ = ["ServeProcess", "ThrowawayCA", "client_handshake", "default_signals", "free_port",
+           "handshake_with_permissive_server", "init_instance", "wait_until"]
 
 T = TypeVar("T")
+
+
+def default_signals() -> None:
+    """A child's ``preexec_fn``: SIGINT, SIGQUIT and SIGHUP back to their defaults, as a terminal gives a
+    foreground command. A test run started as a background job of a non-interactive shell, or under nohup,
+    inherits them ignored, and an ignored signal stays ignored across exec: Python then installs no Ctrl-C
+    handler and sh cannot trap SIGHUP, so tests that send those signals would test nothing."""
+    import signal
+
+    for sig in (signal.SIGINT, signal.SIGQUIT, signal.SIGHUP):
+        signal.signal(sig, signal.SIG_DFL)
 
 
 def wait_until(predicate: Callable[[], T], timeout_s: float, what: str, interval_s: float = 0.02,
