@@ -495,11 +495,26 @@ def test_ip6_rules_drop_what_was_not_mapped_and_load(tmp_path):
         v6 = rules.split("table ip6 inverse_cloud {")[1]
         assert f"fib daddr type local tcp dport 443 {action}" in v6
         assert 'iif != "lo" tcp dport { 44353, 8053 } ct status & dnat == 0 drop' in v6
+        # the relay itself reaching its own public [v6]:443/80 (OUTPUT): mapped too, but not ::1's own ports
+        output = v6.split("chain output {")[1].split("}")[0]
+        assert f"fib daddr type local ip6 daddr != ::1 tcp dport 443 {action}" in output, output
+        assert f"fib daddr type local ip6 daddr != ::1 tcp dport 80 {action.replace('44353', '8053')}" in output
         (tmp_path / "r.nft").write_text(rules)
         out = subprocess.run(["unshare", "-n", _need("nft"), "-c", "-f", str(tmp_path / "r.nft")],
                              capture_output=True, text=True)
         assert out.returncode == 0, out.stderr
     assert "ip6" not in relay.nftables_rules(spec())
+
+
+def test_ip6_table_maps_443_unless_sslh_owns_it():
+    """nftables6_rules maps public [v6]:443 by default, in PREROUTING and OUTPUT; with map_443=False (sslh on
+    443) only port 80 is mapped, in both chains."""
+    from inverse_cloud.tunnel.relay_nat6 import nftables6_rules
+
+    both = nftables6_rules("d.example", "::", 44353, 8053)
+    assert both.count("tcp dport 443 redirect to :44353") == 2 and both.count("tcp dport 80 redirect to :8053") == 2
+    only80 = nftables6_rules("d.example", "::", 44353, 8053, map_443=False)
+    assert "dport 443" not in only80 and only80.count("tcp dport 80 redirect to :8053") == 2
 
 
 def test_ip6_permits_pass_sshd_t(tmp_path):
