@@ -632,3 +632,14 @@ def test_ssh_on_443_with_ipv6_keeps_sslh_transparent_for_both_families(instance,
     assert "transparent: false;" in (out / "sslh.cfg").read_text()
     assert "mark set" not in (out / "nftables.conf").read_text()
     assert 'host: "127.0.0.1"; port: "22"' in (out / "sslh.cfg").read_text()
+
+
+def test_divert_routes_are_ipv4_only_unless_asked():
+    """divert_routes() without ipv6 gives only the IPv4 rule and route (a relay with no IPv6 route table must
+    not get `ip -6` lines that fail at boot); with ipv6 the IPv6 twin follows."""
+    from inverse_cloud.tunnel.relay_divert import divert_routes
+
+    v4 = divert_routes()
+    assert "ip -6" not in v4 and v4.count("ip rule add fwmark 0x1c lookup 1443\n") == 1
+    assert divert_routes(ipv6=True).startswith(v4) and "ip -6 route replace local ::/0 dev lo table 1443\n" in \
+        divert_routes(ipv6=True)
