@@ -114,10 +114,11 @@ def test_the_shared_router_routes_by_name_closes_unknown_names_and_sends_proxy_h
     assert "route_localnet = 1" not in script
 
 
-def test_generated_shared_router_is_accepted_by_nginx(tmp_path):
-    """The frame plus the pieces ic_write_site writes for a laptop that reads PROXY headers and one migrated from
-    DNAT (which does not), plus the SSH route of --ssh-on-443, pass `nginx -t` (which opens no listener), in a
-    private prefix."""
+@pytest.mark.parametrize("ipv6", [False, True])
+def test_generated_shared_router_is_accepted_by_nginx(tmp_path, ipv6):
+    """The frame (with and without the [::]:443 listener of --ipv6) plus the pieces ic_write_site writes for a
+    laptop that reads PROXY headers and one migrated from DNAT (which does not), plus the SSH route of
+    --ssh-on-443, pass `nginx -t` (which opens no listener), in a private prefix."""
     nginx = shutil.which("nginx") or "/usr/sbin/nginx"
     assert Path(nginx).exists(), "nginx missing: apt-get install -y nginx-light libnginx-mod-stream"
     module = Path("/usr/lib/nginx/modules/ngx_stream_module.so")
@@ -138,7 +139,7 @@ def test_generated_shared_router_is_accepted_by_nginx(tmp_path):
     ssh.mkdir()
     for name, text in relay_sni.ssh_route(22).items():
         (ssh / name).write_text(text)
-    stream = relay_sni.stream_frame(ipv6=False).replace(relay_sni.SITES, str(sites)).replace(
+    stream = relay_sni.stream_frame(ipv6=ipv6).replace(relay_sni.SITES, str(sites)).replace(
         relay_sni.SOCKETS, str(run)).replace(relay_sni.SSH_ROUTE, str(ssh))
     http = relay_sni.http_frame().replace(relay_sni.SITES, str(sites))
     for f in [*sites.glob("*"), *ssh.glob("*")]:
