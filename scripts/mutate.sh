@@ -35,7 +35,7 @@ declare -A TESTS=(
   [inverse_cloud/tunnel/policy.py]="tests/test_tunnel.py tests/test_netwatch.py"
   # control paths (the tunnel's retry_delay/classify are decisions inside link.py)
   [inverse_cloud/tunnel/link.py]="tests/test_tunnel.py tests/test_watcher.py"
-  [inverse_cloud/tunnel/handoff.py]="tests/test_tunnel.py tests/test_descriptors.py"
+  [inverse_cloud/tunnel/handoff.py]="tests/test_tunnel.py tests/test_descriptors.py tests/test_handoff.py"
   [inverse_cloud/dav/listeners.py]="tests/test_listeners.py tests/test_server.py"
   [inverse_cloud/dav/wsgi.py]="tests/test_web.py tests/test_server.py tests/test_bridge.py tests/test_bridge_upkeep.py tests/test_wsgi_memory.py"
   [inverse_cloud/dav/throttle.py]="tests/test_throttle.py tests/test_bridge.py"
