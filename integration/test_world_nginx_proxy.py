@@ -9,7 +9,8 @@ through nginx's 443; the laptop and the existing site both see the phone's addre
 site's `allow 127.0.0.1` does not open to the internet. Then the relay reboots: nginx comes back from its enabled
 unit with the new configuration, and so do the tunnel and the phone's sync.
 
-It reinstalls the relay first (no other test's laptop on it) and again at the end (no nginx left on 443/80)."""
+It reinstalls the relay first (no other test's laptop on it) and again at the end (no nginx left on 443/80).
+docs/test-matrix.md F21."""
 
 from __future__ import annotations
 
