@@ -253,6 +253,8 @@ def _journey(world, tmp_path: Path) -> None:
     assert adopt in text and "[relay] proxy_protocol = true" in text, text
     assert "proxy_protocol = true" not in cfg.read_text()     # not before the relay carries its side
     assert "proxy_protocol on;" in (bundle / "nginx-stream.conf").read_text()
+    readme = (bundle / "README.txt").read_text()      # what a user reads next to setup.sh
+    assert adopt in readme and "setup.sh leaves public 443 and 80 to your nginx" in readme, readme
 
     code, text = ssh_interactive(world, ROLE, ["scp", "-r", BUNDLE, f"root@{RELAY_NAME}:"])
     assert code == 0, text
