@@ -34,7 +34,8 @@ an overlay, so what an install links there stays on the laptop.
 The relay: /etc is a copy of this machine's (users, PAM, sshd's Debian defaults) with its own host keys, Debian's
 stock sshd_config and Debian's stock /etc/hosts (``localhost`` is 127.0.0.1 and ::1, which a transparent sslh's
 targets need with ``--ipv6``; this machine's may name only 127.0.0.1), /root a folder of its own
-(``/root/.ssh/authorized_keys`` holds the admin's key, as a VPS provider installs it), /run a tmpfs. ``relay-setup
+(``/root/.ssh/authorized_keys`` holds the admin's key, as a VPS provider installs it), /run a tmpfs, /var/www and
+/var/log/nginx folders of its own (a site's files and nginx's logs are the relay's, not this machine's). ``relay-setup
 --apply root@relay.example.org`` runs setup.sh there over the real ssh, unmodified. :meth:`World.reboot_relay` is a
 reboot: every process in the relay's namespace is killed (by pid), the ruleset and the policy routing (``ip rule``,
 routing tables of its own) flushed, the sysctls back at a fresh namespace's values, /run empty, and only what boot
@@ -114,7 +115,8 @@ ROUTER_LAN = "192.168.7.1"
 # command run on that host. $W is the world's folder.
 _MOUNTS = {
     "relay": 'mount --bind "$W/relay/etc" /etc; mount --bind "$W/relay/root" /root; mount -t tmpfs tmpfs /run; '
-             'mkdir -p /run/sshd',
+             'mkdir -p /run/sshd; mount --bind "$W/relay/var-www" /var/www; '
+             'mount --bind "$W/relay/var-log-nginx" /var/log/nginx',
     "laptop": 'mount --bind "$W/resolv.conf" /etc/resolv.conf; '
               'mount --bind "$W/trust.pem" /etc/ssl/certs/ca-certificates.crt; '
               'mount --bind "$W/laptop-home" /root; '
@@ -584,15 +586,19 @@ class World:
 
         return self.call("ca", fetch)
 
-    def trust_pebble(self) -> None:
-        """Devices trust the ACME server's HTTPS and the certificates Pebble issues (its roots change per run)."""
-        self._make_trust([self.wfe_ca.read_bytes(), self.pebble_roots()])
+    def trust_pebble(self, *, also: tuple[bytes, ...] = ()) -> None:
+        """Devices trust the ACME server's HTTPS and the certificates Pebble issues (its roots change per run),
+        and the CA certificates ``also`` (PEM): another public CA, whose certificates a site had before the
+        journey. Called again without ``also``, those are trusted no more."""
+        self._make_trust([self.wfe_ca.read_bytes(), self.pebble_roots(), *also])
 
     # --- the relay --------------------------------------------------------------------------------------
 
     def _make_relay_etc(self) -> None:
         self.relay_root.mkdir()
         (self.relay_root / "root").mkdir(mode=0o700)
+        for own in ("var-www", "var-log-nginx"):       # the VPS's web roots and nginx logs, not this machine's
+            (self.relay_root / own).mkdir(mode=0o755)
         _run("cp", "-a", "/etc", str(self.relay_etc))
         ssh = self.relay_etc / "ssh"
         for old in [*ssh.glob("ssh_host_*"), *(ssh / "sshd_config.d").glob("*.conf")]:

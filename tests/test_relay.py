@@ -72,6 +72,16 @@ def test_readme_says_offline_refuses_and_no_aaaa():
     assert "NO AAAA record" in text
 
 
+def test_readme_of_the_nginx_variant_says_setup_sh_leaves_80_443_to_nginx():
+    """--nat none: setup.sh installs no NAT rules and no inverse-cloud-nat.service, so README.txt must not say
+    it does; it names the two nginx files to install and the reload that applies them."""
+    text = relay.readme(spec(), "none")
+    assert "setup.sh leaves public 443 and 80 to your nginx" in text, text
+    assert "nginx-stream.conf" in text and "nginx-http.conf" in text and "nginx -t && nginx -s reload" in text
+    assert "inverse-cloud-nat.service" not in text and "DNAT" not in text, text
+    assert "inverse-cloud-nat.service (enabled) loads them again at boot" in relay.readme(spec(), "nft")
+
+
 def test_readme_gives_the_real_clientalive_drop_time():
     """sshd ends a silent client when its count of silent intervals goes above ClientAliveCountMax: with
     15 s x 3 that is ~60 s, not 45 s (the old figure, interval x count): in README.txt and the drop-in."""

@@ -56,6 +56,19 @@ def test_output_leaves_the_config_and_adopt_sets_it(instance, tmp_path, capsys, 
     assert "already" in capsys.readouterr().out
 
 
+@pytest.mark.parametrize("extra", [["--ssh-on-443"], ["--nat", "none", "--proxy-protocol"]])
+def test_output_readme_names_laptop_toml_and_the_adopt_step(instance, tmp_path, capsys, extra):
+    """The bundle's README.txt (what a user reads before running setup.sh on the relay) says that laptop.toml
+    holds the [relay] settings this relay side needs, and the exact command to run on the laptop once
+    setup.sh succeeded: without it, a user following the bundle alone leaves the laptop without them."""
+    cfg = _with_relay(instance)
+    out = tmp_path / "bundle"
+    assert main(["relay-setup", "--config", str(cfg), "--output", str(out), "--no-pin", *extra]) == 0
+    readme = (out / "README.txt").read_text()
+    assert "laptop.toml" in readme, readme
+    assert f"inverse-cloud relay-setup --config {cfg} --adopt {out}" in readme, readme
+
+
 def test_output_of_the_default_variant_names_no_adopt_step(instance, tmp_path, capsys):
     """The default DNAT variant needs no new [relay] setting: --output says nothing about --adopt, and --adopt
     of that bundle changes nothing."""
@@ -64,6 +77,7 @@ def test_output_of_the_default_variant_names_no_adopt_step(instance, tmp_path, c
     out = tmp_path / "bundle"
     assert main(["relay-setup", "--config", str(cfg), "--output", str(out), "--no-pin"]) == 0
     assert "--adopt" not in capsys.readouterr().out
+    assert "--adopt" not in (out / "README.txt").read_text()
     assert main(["relay-setup", "--config", str(cfg), "--adopt", str(out)]) == 0
     assert cfg.read_bytes() == before
 

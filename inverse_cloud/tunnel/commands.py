@@ -397,6 +397,10 @@ def cmd_relay_setup(args: argparse.Namespace) -> int:
         out = Path(args.output).expanduser().absolute()
         adopt = _adopt_command(cfg, out)
         files = {**files, SETTINGS_FILE: render_settings(cfg, wanted, adopt)}
+        if wanted:   # a user who follows the bundle alone must not leave the laptop without them
+            files["README.txt"] += (f"\nThe laptop: {SETTINGS_FILE} holds the [relay] settings this relay side "
+                                    f"needs there\n({', '.join(sorted(wanted))}). Once setup.sh succeeded on "
+                                    f"the relay, run on the laptop:\n    {adopt}\n")
         for name, content in files.items():
             atomic_write(out / name, content.encode(), mode=0o755 if name.endswith(".sh") else 0o644)
         print(f"wrote {', '.join(files)} to {out}")

@@ -291,10 +291,13 @@ def readme(spec: RelaySpec, nat: str = "nft") -> str:
         f"2. {spec.keys_path}: the tunnel key (reverse forwards to {spec.listen_host}:{spec.https_port} and\n"
         f"   {spec.listen_host}:{spec.http_port} only) and the takeover key (ends this user's stale sessions).\n"
         f"3. {spec.dropin}: the sshd Match block (Debian's sshd_config includes sshd_config.d/*.conf).\n"
-        f"4. Public 443 -> {spec.https_port} and 80 -> {spec.http_port}: nftables.conf (or iptables.rules),\n"
-        "   DNAT keeps the phone's address; inverse-cloud-nat.service (enabled) loads them again at boot.\n"
-        "   If 80/443 already serve a web site, use nginx-http.conf and\n"
-        "   nginx-stream.conf instead (SNI routing: the relay still never decrypts anything).\n"
+        + ("4. --nat none: setup.sh leaves public 443 and 80 to your nginx. Install nginx-stream.conf and\n"
+           "   nginx-http.conf as their first lines say, then `nginx -t && nginx -s reload` (SNI routing:\n"
+           "   the relay still never decrypts anything).\n" if nat == "none" else
+           f"4. Public 443 -> {spec.https_port} and 80 -> {spec.http_port}: nftables.conf (or iptables.rules),\n"
+           "   DNAT keeps the phone's address; inverse-cloud-nat.service (enabled) loads them again at boot.\n"
+           "   If 80/443 already serve a web site, use --nat none (nginx-http.conf and\n"
+           "   nginx-stream.conf instead: SNI routing, the relay still never decrypts anything).\n") +
         "   Several laptops on one relay (--nat sni): nginx takes public 443 (by server name, a PROXY header\n"
         "   naming the phone) and 80 (by Host) for all of them, each laptop with its own tunnel user, ports and\n"
         f"   record in {relay_sni.SITES}; a name no laptop carries is closed.\n"
@@ -483,7 +486,7 @@ def bundle(spec: RelaySpec, nat: str = "nft") -> dict[str, str]:
             "setup.sh": setup_script(spec, nat),
         }
     return {
-        "README.txt": readme(spec),
+        "README.txt": readme(spec, nat),
         "authorized_keys": authorized_keys(spec),
         "sshd_config.d/inverse-cloud.conf": sshd_dropin(spec),
         "nftables.conf": nftables_rules(spec),
