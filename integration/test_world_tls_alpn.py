@@ -100,7 +100,8 @@ def test_tls_alpn_01_through_the_relay_whose_provider_drops_port_80(world, tmp_p
        (nft bridge table alw_provider on the world's internet). The user sets `[acme] challenge = "auto"` in
        config.toml (init has no flag for it). The A record doctor prints is published.
     2. `serve`: the HTTP-01 self-check through the name times out; one line "using tls-alpn-01: public path
-       http://noport80.example.org/ does not reach this laptop (no answer from noport80.example.org:80 ...)".
+       http://noport80.example.org/ does not reach this laptop (no answer from noport80.example.org:80 within
+       5 s (timed out))".
        Pebble issues (printed: seconds to the certificate) and its log has no HTTP-01 attempt. From the phone:
        80 times out (dropped), 443 is open. A phone syncs through https://noport80.example.org/, verifying the
        chain with its own trust.
@@ -174,7 +175,7 @@ def _journey(world, tmp_path: Path) -> None:
     first = issued()
     text = log.read_text()
     why = (f"using tls-alpn-01: public path http://{DOMAIN}/ does not reach this laptop (no answer from "
-           f"{DOMAIN}:80")
+           f"{DOMAIN}:80 within 5 s (timed out))")
     assert text.count(why) == 1, dump()
     validated_without_http(pebble_log.read_text(errors="replace")[pebble_seen:])
     assert probe(world, "phone", relay4, 80) == "timed out"
