@@ -199,3 +199,27 @@ async def test_auto_prefers_http01_and_falls_back_to_tls_alpn01(listener, caplog
     method, why = await choose_challenge(http_only, DOMAIN, ChallengeStore(), tls.alpn, 0.2)
     assert method == "" and why == (f"public path http://{DOMAIN}/ does not reach this laptop (connecting to "
                                     f"127.0.0.1:{closed} failed (connection refused))")
+
+
+
+async def test_http01_self_check_names_a_timeout_as_one():
+    """The HTTP-01 self-check against a path that never answers (here a listener that accepts and stays silent;
+    through a provider's firewall that drops port 80 the connect itself times out): the reason is "no answer
+    from HOST:PORT within N s (timed out)", not an exception's class name."""
+    from inverse_cloud.certs.probe import check_public_path
+    from inverse_cloud.dav.web import ChallengeStore
+
+    async def silent(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            await reader.read()   # never answers; returns when the client gives up
+        finally:
+            writer.close()
+
+    server = await asyncio.start_server(silent, "127.0.0.1", 0)
+    try:
+        port = server.sockets[0].getsockname()[1]
+        why = await check_public_path(DOMAIN, ChallengeStore(), ("127.0.0.1", port), timeout_s=0.5, window_s=0.2)
+    finally:
+        server.close()
+        await server.wait_closed()
+    assert why == f"no answer from 127.0.0.1:{port} within 0.5 s (timed out)", why

@@ -85,7 +85,9 @@ async def check_public_path(domain: str, challenges: ChallengeAnswers, address: 
                 except aiohttp.ClientConnectorError as exc:
                     why = f"connecting to {where} failed ({_os_reason(exc.os_error)})"
                     retry = True
-                except (TimeoutError, aiohttp.ClientError) as exc:
+                except TimeoutError:   # aiohttp's connect and read timeouts too: a dropped port 80 lands here
+                    why = f"no answer from {where} within {timeout_s:g} s (timed out)"
+                except aiohttp.ClientError as exc:
                     why = f"no answer from {where} ({type(exc).__name__})"
                 if not retry or loop.time() + 0.1 > deadline:
                     return why

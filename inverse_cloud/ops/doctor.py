@@ -315,22 +315,13 @@ async def check_forwards(ctx: _Ctx) -> Check:
 
 
 async def check_public_http(ctx: _Ctx) -> Check:
+    from inverse_cloud.ops.control import ControlError, ask_async
+
     cfg = ctx.cfg
     assert cfg is not None
     domain = cfg.server.domain
     if cfg.acme.challenge == "tls-alpn-01":
         return Check("public HTTP", "skip", "[acme] challenge = tls-alpn-01: the CA validates on port 443 only")
-    check = await _check_public_http(ctx, domain)
-    if check.state == "fail" and cfg.acme.challenge == "auto":
-        return Check("public HTTP", "warn", f"{check.detail}; TLS-ALPN-01 is used instead", check.fix)
-    return check
-
-
-async def _check_public_http(ctx: _Ctx, domain: str) -> Check:
-    from inverse_cloud.ops.control import ControlError, ask_async
-
-    cfg = ctx.cfg
-    assert cfg is not None
     try:
         probe = await ask_async(cfg.server.control_socket, "probe", timeout_s=ctx.opts.timeout_s)
         target = await ctx.public_target(80)
@@ -339,15 +330,23 @@ async def _check_public_http(ctx: _Ctx, domain: str) -> Check:
     except ControlError as exc:
         return Check("public HTTP", "fail", str(exc), "see: journalctl --user -u inverse-cloud")
     except (OSError, TimeoutError) as exc:
-        return Check("public HTTP", "fail", f"http://{domain}/ does not answer ({describe(exc)})",
-                     "the relay must forward its port 80 to the tunnel's HTTP port: re-run the NAT part of "
-                     "`inverse-cloud relay-setup` on the relay")
-    if status != 200 or body.strip() != str(probe["value"]).encode():
-        return Check("public HTTP", "fail", f"http://{domain}/.well-known/acme-challenge/<probe> answered {status} "
-                     "without our probe token: something else answers on the relay's port 80",
-                     "stop the other web server on the relay, or forward only /.well-known/acme-challenge/ "
-                     "to the tunnel (relay-setup prints the snippet)")
-    return Check("public HTTP", "ok", f"http://{domain}/ reaches this process (probe token answered)")
+        check = Check("public HTTP", "fail", f"http://{domain}/ does not answer ({describe(exc)})",
+                      "the relay must forward its port 80 to the tunnel's HTTP port: re-run the NAT part of "
+                      "`inverse-cloud relay-setup` on the relay")
+    else:
+        if status == 200 and body.strip() == str(probe["value"]).encode():
+            return Check("public HTTP", "ok", f"http://{domain}/ reaches this process (probe token answered)")
+        check = Check("public HTTP", "fail", f"http://{domain}/.well-known/acme-challenge/<probe> answered {status} "
+                      "without our probe token: something else answers on the relay's port 80",
+                      "stop the other web server on the relay, or forward only /.well-known/acme-challenge/ "
+                      "to the tunnel (relay-setup prints the snippet)")
+    if cfg.acme.challenge == "auto":
+        # Not a warning: "auto" is the setting for a relay whose port 80 is closed (a provider's firewall), and
+        # telling that user to forward port 80 sends them after what they cannot and need not change. If
+        # TLS-ALPN-01 fails too, no certificate is issued and "public HTTPS" says so.
+        return Check("public HTTP", "skip", f"{check.detail}: [acme] challenge = auto, so the CA validates with "
+                     "TLS-ALPN-01 on port 443 (port 80 is not needed)")
+    return check
 
 
 async def check_public_https(ctx: _Ctx) -> Check:
