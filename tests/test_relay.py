@@ -229,6 +229,8 @@ GOLDEN_CASES = {
     "sni": (dict(proxy_protocol=True), "sni"),
     "sni-ssh443": (dict(proxy_protocol=True, ssh_on_443=True), "sni"),
     "ssh443-ipv6": (dict(ssh_on_443=True, ipv6=True, listen_host6="::", sslh_transparent=True), "nft"),
+    "none-proxy": (dict(proxy_protocol=True), "none"),
+    "ssh443-proxy": (dict(ssh_on_443=True, proxy_protocol=True), "nft"),
 }
 
 
