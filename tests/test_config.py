@@ -128,8 +128,10 @@ def test_staging_switches_only_the_default_directory():
 
 
 def test_relay_fallback_port_and_proxy_protocol_are_read():
-    cfg = config.loads(GOOD + '[relay]\nhost = "relay.example"\nfallback_port = 443\nproxy_protocol = true\n')
-    assert (cfg.relay.fallback_port, cfg.relay.proxy_protocol) == (443, True)
+    cfg = config.loads(GOOD + '[relay]\nhost = "relay.example"\nfallback_port = 443\nproxy_protocol = true\n'
+                       'listen_host6 = "::"\n')
+    assert (cfg.relay.fallback_port, cfg.relay.proxy_protocol, cfg.relay.listen_host6) == (443, True, "::")
+    assert config.loads(GOOD).relay.listen_host6 == ""
 
 
 def test_config_path_order(monkeypatch, tmp_path):
@@ -172,6 +174,21 @@ def test_radicale_pass_through_options():
 def test_overrides_win_over_file():
     cfg = config.loads(GOOD + "max_connections = 10\n", overrides={"server": {"max_connections": 20}})
     assert cfg.server.max_connections == 20
+    # a section the file does not have
+    assert config.loads(GOOD, overrides={"relay": {"host": "relay.example"}}).relay.host == "relay.example"
+
+
+@pytest.mark.parametrize(("text", "message"), [
+    ('[server]\ndomain = "a.test"\ndomain = "b.test"\n',
+     "config: line 3, column 18: TOML syntax error: [server] domain is defined twice"),
+    ('[server]\ndomain = "a.test"\n[relay]\nhost = "r"\n[relay]\n',
+     "config: line 5, column 7: TOML syntax error: [relay] is defined twice"),
+])
+def test_a_key_or_table_defined_twice_is_named(text, message):
+    """tomllib's "Cannot overwrite a value" / "Cannot declare" become "<name> is defined twice"."""
+    with pytest.raises(ConfigError) as caught:
+        config.loads(text)
+    assert str(caught.value) == message
 
 
 @pytest.mark.parametrize(("text", "expected"), [
