@@ -231,6 +231,8 @@ GOLDEN_CASES = {
     "ssh443-ipv6": (dict(ssh_on_443=True, ipv6=True, listen_host6="::", sslh_transparent=True), "nft"),
     "none-proxy": (dict(proxy_protocol=True), "none"),
     "ssh443-proxy": (dict(ssh_on_443=True, proxy_protocol=True), "nft"),
+    "nft-ipv6": (dict(ipv6=True, listen_host6="::"), "nft"),
+    "sni-ipv6": (dict(proxy_protocol=True, ipv6=True), "sni"),
 }
 
 

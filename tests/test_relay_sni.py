@@ -99,8 +99,9 @@ def test_a_second_laptop_with_its_own_user_and_ports_joins_the_shared_router(tmp
 def test_the_shared_router_routes_by_name_closes_unknown_names_and_sends_proxy_headers():
     """Public 443: ssl_preread (no termination), each laptop's name from its map file, a name no laptop carries
     to a socket nobody listens on, a PROXY header to every laptop. Port 80: each laptop's server_name."""
-    stream = relay_sni.stream_frame(ipv6=True)
-    assert "ssl_preread on;" in stream and "proxy_protocol on;" in stream and "listen [::]:443;" in stream
+    stream = relay_sni.stream_frame()
+    assert "ssl_preread on;" in stream and "proxy_protocol on;" in stream
+    assert "        listen 443;\n        include /etc/inverse-cloud/listen6/stream*.conf;\n" in stream
     assert "include /etc/inverse-cloud/sites/*.map;" in stream
     assert "default unix:/run/inverse-cloud/unknown-name.sock;" in stream
     assert "ssl_certificate" not in stream
@@ -112,13 +113,17 @@ def test_the_shared_router_routes_by_name_closes_unknown_names_and_sends_proxy_h
     assert script.index("CLASH=$(ic_sites | ic_clash)") < script.index("useradd")
     assert 'ic_write_site "$U" "$DOMAIN" "$HTTPS_AT" "$HTTP_AT" 1' in script
     assert "route_localnet = 1" not in script
+    # without --ipv6 the relay-wide IPv6 listeners are left as another laptop's --ipv6 wrote them
+    assert "    include /etc/inverse-cloud/listen6/http*.conf;\n" in script
+    assert "write_file /etc/inverse-cloud/listen6/" not in script and "rm -f /etc/inverse-cloud/listen6" not in script
 
 
 @pytest.mark.parametrize("ipv6", [False, True])
 def test_generated_shared_router_is_accepted_by_nginx(tmp_path, ipv6):
-    """The frame (with and without the [::]:443 listener of --ipv6) plus the pieces ic_write_site writes for a
-    laptop that reads PROXY headers and one migrated from DNAT (which does not), plus the SSH route of
-    --ssh-on-443, pass `nginx -t` (which opens no listener), in a private prefix."""
+    """The frame (with and without the relay-wide [::]:443 and [::]:80 listeners of --ipv6, which every laptop's
+    port-80 site includes) plus the pieces ic_write_site writes for a laptop that reads PROXY headers and one
+    migrated from DNAT (which does not), plus the SSH route of --ssh-on-443, pass `nginx -t` (which opens no
+    listener), in a private prefix."""
     nginx = shutil.which("nginx") or "/usr/sbin/nginx"
     assert Path(nginx).exists(), "nginx missing: apt-get install -y nginx-light libnginx-mod-stream"
     module = Path("/usr/lib/nginx/modules/ngx_stream_module.so")
@@ -139,11 +144,15 @@ def test_generated_shared_router_is_accepted_by_nginx(tmp_path, ipv6):
     ssh.mkdir()
     for name, text in relay_sni.ssh_route(22).items():
         (ssh / name).write_text(text)
-    stream = relay_sni.stream_frame(ipv6=ipv6).replace(relay_sni.SITES, str(sites)).replace(
-        relay_sni.SOCKETS, str(run)).replace(relay_sni.SSH_ROUTE, str(ssh))
+    listen6 = tmp_path / "listen6"
+    listen6.mkdir()
+    for name, text in (relay_sni.listen6().items() if ipv6 else ()):
+        (listen6 / name).write_text(text)
+    stream = relay_sni.stream_frame().replace(relay_sni.SITES, str(sites)).replace(
+        relay_sni.SOCKETS, str(run)).replace(relay_sni.SSH_ROUTE, str(ssh)).replace(relay_sni.LISTEN6, str(listen6))
     http = relay_sni.http_frame().replace(relay_sni.SITES, str(sites))
     for f in [*sites.glob("*"), *ssh.glob("*")]:
-        f.write_text(f.read_text().replace(relay_sni.SOCKETS, str(run)))
+        f.write_text(f.read_text().replace(relay_sni.SOCKETS, str(run)).replace(relay_sni.LISTEN6, str(listen6)))
     conf = tmp_path / "nginx.conf"
     conf.write_text(f"load_module {module};\npid {tmp_path / 'nginx.pid'};\nerror_log stderr;\n"
                     "events {}\n" + stream + f"http {{\naccess_log off;\n{http}}}\n")
@@ -153,8 +162,10 @@ def test_generated_shared_router_is_accepted_by_nginx(tmp_path, ipv6):
 
 
 def test_relay_setup_nat_sni_sets_proxy_protocol_and_with_ssh_on_443_the_fallback_port(instance, tmp_path, capsys):
-    """`--nat sni --ipv6`: writes the shared router with [::]:443; --adopt of it sets [relay] proxy_protocol =
-    true. `--nat sni --ssh-on-443` (no longer refused: nginx alone takes SSH on 443): the bundle carries the SSH
+    """`--nat sni --ipv6`: setup.sh writes the relay-wide IPv6 listeners, [::]:443 for the shared router and
+    [::]:80 for every laptop's port-80 site (a CA validating HTTP-01 over the AAAA record must reach the
+    laptop's server name, not nginx's default site); --adopt of it sets [relay] proxy_protocol = true.
+    `--nat sni --ssh-on-443` (no longer refused: nginx alone takes SSH on 443): the bundle carries the SSH
     route, no sslh, and its laptop.toml asks for fallback_port = 443 too; --adopt sets it."""
     from inverse_cloud.cli import main
     from inverse_cloud.config import load
@@ -163,7 +174,9 @@ def test_relay_setup_nat_sni_sets_proxy_protocol_and_with_ssh_on_443_the_fallbac
     out = tmp_path / "bundle"
     base = ["relay-setup", "--config", str(instance), "--output", str(out), "--no-pin", "--nat", "sni"]
     assert main([*base, "--ipv6"]) == 0
-    assert "listen [::]:443;" in (out / "nginx-sni-stream.conf").read_text()
+    assert "listen [::]:443;\n" in (out / "nginx-sni-listen6.conf").read_text()
+    assert "write_file /etc/inverse-cloud/listen6/http.conf 0644 <<'INVERSE_CLOUD_EOF'\nlisten [::]:80;\n" in \
+        (out / "setup.sh").read_text()
     assert not load(Path(instance)).relay.proxy_protocol   # until setup.sh ran on the relay and --adopt
     assert main(["relay-setup", "--config", str(instance), "--adopt", str(out)]) == 0
     assert "set [relay] proxy_protocol = true" in capsys.readouterr().out
@@ -188,7 +201,7 @@ def test_ssh_on_443_routes_what_is_not_tls_to_sshd_without_a_proxy_header():
     ClientHello: an SSH client's "SSH-2.0-...") goes to an inner server that takes the PROXY header off and
     connects to the relay's own sshd; anything TLS keeps the routing by name. The route lives in files of its
     own, which setup.sh writes only with --ssh-on-443 (a later laptop without it leaves them alone)."""
-    stream = relay_sni.stream_frame(ipv6=False)
+    stream = relay_sni.stream_frame()
     assert "map $ssl_preread_protocol $inverse_cloud_upstream {" in stream
     assert f"include {relay_sni.SSH_ROUTE}/*.map;" in stream and f"include {relay_sni.SSH_ROUTE}/*.stream;" in stream
     assert "default $inverse_cloud_by_name;" in stream

@@ -480,9 +480,10 @@ def bundle(spec: RelaySpec, nat: str = "nft") -> dict[str, str]:
             "README.txt": readme(spec, nat),
             "authorized_keys": authorized_keys(spec),
             "sshd_config.d/inverse-cloud.conf": sshd_dropin(spec),
-            "nginx-sni-stream.conf": relay_sni.stream_frame(spec.ipv6),
+            "nginx-sni-stream.conf": relay_sni.stream_frame(),
             "nginx-sni-http.conf": relay_sni.http_frame(),
             **({"nginx-sni-ssh.conf": relay_sni.ssh_route_review(spec.sshd_port)} if spec.ssh_on_443 else {}),
+            **({"nginx-sni-listen6.conf": relay_sni.listen6_review()} if spec.ipv6 else {}),
             "setup.sh": setup_script(spec, nat),
         }
     return {

@@ -131,6 +131,7 @@ INVERSE_CLOUD_EOF
 # $2 on port 80: ACME HTTP-01 and redirects (the laptop sees nginx's address here)
 server {
     listen 80;
+    include /etc/inverse-cloud/listen6/http*.conf;
     server_name $2;
     location / {
         proxy_pass http://$4;
@@ -144,7 +145,7 @@ server {
 }
 INVERSE_CLOUD_EOF
 }
-mkdir -p "$SITES" /etc/inverse-cloud/ssh-route /run/inverse-cloud
+mkdir -p "$SITES" /etc/inverse-cloud/ssh-route /etc/inverse-cloud/listen6 /run/inverse-cloud
 write_file /etc/tmpfiles.d/inverse-cloud.conf 0644 <<'INVERSE_CLOUD_EOF'
 d /run/inverse-cloud 0755 root root -
 INVERSE_CLOUD_EOF
@@ -172,6 +173,7 @@ stream {
     include /etc/inverse-cloud/ssh-route/*.stream;
     server {
         listen 443;
+        include /etc/inverse-cloud/listen6/stream*.conf;
         ssl_preread on;
         proxy_pass $inverse_cloud_upstream;
         # the phone's address, for the laptop's failed-login limits and logs
