@@ -42,7 +42,7 @@ declare -A TESTS=(
   [inverse_cloud/dav/environ.py]="tests/test_environ.py tests/test_web.py tests/test_bridge.py"
   [inverse_cloud/ops/backup.py]="tests/test_backup.py tests/test_backup_paths.py"
   [inverse_cloud/ops/backup_crypt.py]="tests/test_backup_crypt.py tests/test_backup.py"
-  [inverse_cloud/ops/backup_review.py]="tests/test_backup.py"
+  [inverse_cloud/ops/backup_review.py]="tests/test_backup_review.py tests/test_backup.py"
 )
 ORDER=(inverse_cloud/certs/policy.py inverse_cloud/tunnel/relay_files.py inverse_cloud/tunnel/relay_front.py
        inverse_cloud/tunnel/relay_sni.py inverse_cloud/tunnel/relay_nat6.py inverse_cloud/tunnel/relay_divert.py
