@@ -232,6 +232,8 @@ GOLDEN_CASES = {
     "none-proxy": (dict(proxy_protocol=True), "none"),
     "ssh443-proxy": (dict(ssh_on_443=True, proxy_protocol=True), "nft"),
     "nft-ipv6": (dict(ipv6=True, listen_host6="::"), "nft"),
+    "ssh443": (dict(ssh_on_443=True, sslh_transparent=True), "nft"),
+    "ssh443-iptables": (dict(ssh_on_443=True), "iptables"),
     "sni-ipv6": (dict(proxy_protocol=True, ipv6=True), "sni"),
 }
 
@@ -646,6 +648,13 @@ def test_ssh_on_443_with_ipv6_keeps_sslh_transparent_for_both_families(instance,
     assert "transparent: false;" in (out / "sslh.cfg").read_text()
     assert "mark set" not in (out / "nftables.conf").read_text()
     assert 'host: "127.0.0.1"; port: "22"' in (out / "sslh.cfg").read_text()
+
+
+def test_sslh_reaches_a_forward_bound_on_an_ipv6_loopback():
+    """[relay] listen_host = "::1": sslh's tls target is host "::1", port 44353 (the port is what follows the
+    last colon of the forward's address)."""
+    cfg = relay.sslh_config(spec(ssh_on_443=True, listen_host="::1"))
+    assert '{ name: "tls"; host: "::1"; port: "44353";' in cfg, cfg
 
 
 def test_divert_routes_are_ipv4_only_unless_asked():
