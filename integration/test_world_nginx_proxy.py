@@ -24,9 +24,9 @@ from pathlib import Path
 import pytest
 from relay_boot import boot_services
 from relay_sshd import configure
-from test_journey import Phone, _copy_repo, card
+from test_journey import Phone, card
 from test_world_ssh_on_443 import access_lines
-from test_world_two_laptops import cli, status
+from test_world_two_laptops import admin_key, cli, install_and_init, status
 from world import HOSTS, RELAY_NAME, ZONE
 
 from tests.support import wait_until
@@ -230,21 +230,10 @@ def _journey(world, tmp_path: Path) -> None:
 
     # 2. the laptop, then what docs/setup.md says for a relay whose 443 is taken
     home = world.home_of(ROLE)
-    clone = _copy_repo(home / "inverse-cloud")
-    out = world.run(ROLE, "sh", "scripts/install.sh", cwd=clone, net=False, timeout=900)
-    assert out.returncode == 0, out.stdout + out.stderr
-    (home / "password").write_text(PASSWORD + "\n")
-    out = cli(world, ROLE, "init", "--non-interactive", "--domain", DOMAIN, "--user", "alice", "--password-file",
-              str(home / "password"), "--relay", RELAY_NAME, "--acme-email", "", "--acme-directory",
-              world.acme_directory, "--acme-ca-bundle", "/etc/ssl/certs/ca-certificates.crt")
-    assert out.returncode == 0, out.stdout + out.stderr
-    cfg = home / ".config" / "inverse-cloud" / "config.toml"
+    cfg = install_and_init(world, ROLE, DOMAIN, PASSWORD)
     configure(cfg, "relay", keepalive_interval_s=2, keepalive_count_max=3, connect_timeout_s=5)
     configure(cfg, "acme", caa_issuer="pebble.invalid")
-    key = home / ".ssh" / "id_ed25519"
-    world.run(ROLE, "mkdir", "-p", "-m", "700", str(key.parent), check=True)
-    world.run(ROLE, "ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(key), check=True)
-    world.authorize_admin(Path(f"{key}.pub").read_text())
+    admin_key(world, ROLE)
 
     code, text = relay_setup_output(world, ROLE)
     assert code == 0, text

@@ -12,10 +12,10 @@ from pathlib import Path
 
 import pytest
 from relay_sshd import configure
-from test_journey import Phone, _copy_repo, card
+from test_journey import Phone, card
 from test_world_ssh_on_443 import access_lines, away_from_home
-from test_world_two_laptops import apply, cli, status
-from world import HOSTS, RELAY_NAME, ZONE
+from test_world_two_laptops import admin_key, apply, install_and_init, status
+from world import HOSTS, ZONE
 
 from tests.support import wait_until
 
@@ -51,21 +51,9 @@ def test_sni_router_carries_ssh_on_443_from_a_network_that_drops_ssh(world, tmp_
 
 def _journey(world, tmp_path: Path, request) -> None:
     phone_addr, relay_addr = HOSTS["phone"].address, HOSTS["relay"].address
-    home = world.home_of(ROLE)
-    clone = _copy_repo(home / "inverse-cloud")
-    out = world.run(ROLE, "sh", "scripts/install.sh", cwd=clone, net=False, timeout=900)
-    assert out.returncode == 0, out.stdout + out.stderr
-    (home / "password").write_text(PASSWORD + "\n")
-    out = cli(world, ROLE, "init", "--non-interactive", "--domain", DOMAIN, "--user", "alice", "--password-file",
-              str(home / "password"), "--relay", RELAY_NAME, "--acme-email", "", "--acme-directory",
-              world.acme_directory, "--acme-ca-bundle", "/etc/ssl/certs/ca-certificates.crt")
-    assert out.returncode == 0, out.stdout + out.stderr
-    cfg = home / ".config" / "inverse-cloud" / "config.toml"
+    cfg = install_and_init(world, ROLE, DOMAIN, PASSWORD)
     configure(cfg, "relay", keepalive_interval_s=2, keepalive_count_max=3, connect_timeout_s=5)
-    key = home / ".ssh" / "id_ed25519"
-    world.run(ROLE, "mkdir", "-p", "-m", "700", str(key.parent), check=True)
-    world.run(ROLE, "ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(key), check=True)
-    world.authorize_admin(Path(f"{key}.pub").read_text())
+    admin_key(world, ROLE)
 
     # 1. at home: the shared router with SSH on its 443
     code, text = apply(world, ROLE, "--nat", "sni", "--ssh-on-443")

@@ -18,8 +18,8 @@ import pytest
 from relay_boot import boot_services
 from relay_sshd import configure
 from test_journey import Phone, card
-from test_world_two_laptops import apply, cli, status
-from world import HOSTS, RELAY_NAME, ZONE
+from test_world_two_laptops import admin_key, apply, cli, install_and_init, status
+from world import HOSTS, ZONE
 
 from tests.support import wait_until
 
@@ -108,25 +108,12 @@ def test_ssh_on_443_from_a_network_that_drops_ssh_and_after_a_relay_reboot(world
 
 
 def _journey(world, tmp_path: Path, request) -> None:
-    from test_journey import _copy_repo
 
     phone_addr = HOSTS["phone"].address
-    home = world.home_of(ROLE)
-    clone = _copy_repo(home / "inverse-cloud")
-    out = world.run(ROLE, "sh", "scripts/install.sh", cwd=clone, net=False, timeout=900)
-    assert out.returncode == 0, out.stdout + out.stderr
-    (home / "password").write_text(PASSWORD + "\n")
-    out = cli(world, ROLE, "init", "--non-interactive", "--domain", DOMAIN, "--user", "alice", "--password-file",
-              str(home / "password"), "--relay", RELAY_NAME, "--acme-email", "", "--acme-directory",
-              world.acme_directory, "--acme-ca-bundle", "/etc/ssl/certs/ca-certificates.crt")
-    assert out.returncode == 0, out.stdout + out.stderr
-    cfg = home / ".config" / "inverse-cloud" / "config.toml"
+    cfg = install_and_init(world, ROLE, DOMAIN, PASSWORD)
     configure(cfg, "relay", keepalive_interval_s=2, keepalive_count_max=3, connect_timeout_s=5)
     configure(cfg, "acme", caa_issuer="pebble.invalid")
-    key = home / ".ssh" / "id_ed25519"
-    world.run(ROLE, "mkdir", "-p", "-m", "700", str(key.parent), check=True)
-    world.run(ROLE, "ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(key), check=True)
-    world.authorize_admin(Path(f"{key}.pub").read_text())
+    admin_key(world, ROLE)
 
     # 1. at home: relay-setup --ssh-on-443 on the relay where sslh is installed
     code, text = apply(world, ROLE, "--ssh-on-443")

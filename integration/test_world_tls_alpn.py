@@ -22,8 +22,8 @@ from pathlib import Path
 import pytest
 from relay_sshd import configure
 from test_journey import Phone, card
-from test_world_two_laptops import apply, cli, status
-from world import HOSTS, RELAY_NAME, ZONE, _run
+from test_world_two_laptops import admin_key, apply, cli, install_and_init, status
+from world import HOSTS, ZONE, _run
 
 from tests.support import wait_until
 
@@ -126,24 +126,11 @@ def test_tls_alpn_01_through_the_relay_whose_provider_drops_port_80(world, tmp_p
 
 
 def _journey(world, tmp_path: Path) -> None:
-    from test_journey import _copy_repo
 
     relay4 = HOSTS["relay"].address
-    home = world.home_of(ROLE)
-    clone = _copy_repo(home / "inverse-cloud")
-    out = world.run(ROLE, "sh", "scripts/install.sh", cwd=clone, net=False, timeout=900)
-    assert out.returncode == 0, out.stdout + out.stderr
-    (home / "password").write_text(PASSWORD + "\n")
-    out = cli(world, ROLE, "init", "--non-interactive", "--domain", DOMAIN, "--user", "alice", "--password-file",
-              str(home / "password"), "--relay", RELAY_NAME, "--acme-email", "", "--acme-directory",
-              world.acme_directory, "--acme-ca-bundle", "/etc/ssl/certs/ca-certificates.crt")
-    assert out.returncode == 0, out.stdout + out.stderr
-    cfg = home / ".config" / "inverse-cloud" / "config.toml"
+    cfg = install_and_init(world, ROLE, DOMAIN, PASSWORD)
     configure(cfg, "acme", caa_issuer=CAA_ISSUER, challenge="auto")
-    key = home / ".ssh" / "id_ed25519"
-    world.run(ROLE, "mkdir", "-p", "-m", "700", str(key.parent), check=True)
-    world.run(ROLE, "ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(key), check=True)
-    world.authorize_admin(Path(f"{key}.pub").read_text())
+    admin_key(world, ROLE)
 
     # 1. relay-setup with the default DNAT of 80 and 443; the provider drops inbound 80 before the relay
     code, text = apply(world, ROLE)

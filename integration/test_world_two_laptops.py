@@ -68,6 +68,31 @@ def apply(world, role: str, *extra: str) -> tuple[int, str]:
     return child.exitstatus, child.logfile_read.getvalue()
 
 
+def install_and_init(world, role: str, domain: str, password: str = PASSWORD) -> Path:
+    """A laptop as README takes it: scripts/install.sh from a copy of this checkout, then the installed
+    `inverse-cloud init --non-interactive` for ``domain`` (user alice, the relay by name, the world's CA). The
+    path of the config init wrote."""
+    home = world.home_of(role)
+    clone = _copy_repo(home / "inverse-cloud")
+    out = world.run(role, "sh", "scripts/install.sh", cwd=clone, net=False, timeout=900)
+    assert out.returncode == 0, out.stdout + out.stderr
+    (home / "password").write_text(password + "\n")
+    out = cli(world, role, "init", "--non-interactive", "--domain", domain, "--user", "alice", "--password-file",
+              str(home / "password"), "--relay", RELAY_NAME, "--acme-email", "", "--acme-directory",
+              world.acme_directory, "--acme-ca-bundle", "/etc/ssl/certs/ca-certificates.crt")
+    assert out.returncode == 0, out.stdout + out.stderr
+    return home / ".config" / "inverse-cloud" / "config.toml"
+
+
+def admin_key(world, role: str, *, also: bool = False) -> None:
+    """An SSH key of ``role``'s user, installed for the relay's root as a VPS provider installs it (``also``:
+    next to the keys already there)."""
+    key = world.home_of(role) / ".ssh" / "id_ed25519"
+    world.run(role, "mkdir", "-p", "-m", "700", str(key.parent), check=True)
+    world.run(role, "ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(key), check=True)
+    world.authorize_admin(Path(f"{key}.pub").read_text(), also=also)
+
+
 def relay_sessions(world, user: str) -> set[int]:
     """The relay's sshd processes of ``user`` (the per-session child that holds its forwards)."""
     out = world.run("relay", "pgrep", "-u", user, "-x", "sshd|sshd-session")
@@ -122,21 +147,9 @@ def _two_laptops(world, tmp_path: Path, relay_addr: str, steps, t0: float) -> No
 
     cfgs: dict[str, Path] = {}
     for role in (A, B):
-        clone = _copy_repo(world.home_of(role) / "inverse-cloud")
-        out = world.run(role, "sh", "scripts/install.sh", cwd=clone, net=False, timeout=900)
-        assert out.returncode == 0, out.stdout + out.stderr
-        pw = world.home_of(role) / "password"
-        pw.write_text(PASSWORD + "\n")
-        out = cli(world, role, "init", "--non-interactive", "--domain", DOMAINS[role], "--user", "alice",
-                  "--password-file", str(pw), "--relay", RELAY_NAME, "--acme-email", "",
-                  "--acme-directory", world.acme_directory, "--acme-ca-bundle", "/etc/ssl/certs/ca-certificates.crt")
-        assert out.returncode == 0, out.stdout + out.stderr
-        cfgs[role] = world.home_of(role) / ".config" / "inverse-cloud" / "config.toml"
+        cfgs[role] = install_and_init(world, role, DOMAINS[role])
         configure(cfgs[role], "relay", keepalive_interval_s=2, keepalive_count_max=3, connect_timeout_s=5)
-        key = world.home_of(role) / ".ssh" / "id_ed25519"
-        world.run(role, "mkdir", "-p", "-m", "700", str(key.parent), check=True)
-        world.run(role, "ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(key), check=True)
-        world.authorize_admin(Path(f"{key}.pub").read_text(), also=True)
+        admin_key(world, role, also=True)
     mark("install + init, both")
 
     def serve(role: str) -> None:
