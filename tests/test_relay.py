@@ -555,9 +555,12 @@ def _with_relay(instance: Path, user: str) -> Path:
 
 
 @pytest.mark.parametrize(("user", "apply", "fragment"), [
-    ("root", None, "[relay] user is root"),
+    ("root", None, "[relay] user is root: setup.sh would wipe root's password and leave it only the tunnel key; "
+                   "the tunnel needs an account of its own, e.g. inverse-cloud (root belongs in --apply root@RELAY)"),
     ("root", "root@relay.example", "[relay] user is root"),
-    ("admin", "admin@relay.example:2222", "is the admin given to --apply"),
+    ("admin", "admin@relay.example:2222", "[relay] user admin is the admin given to --apply: setup.sh would lock "
+                                          "that login to the tunnel key; use an account of its own for the tunnel, "
+                                          "e.g. inverse-cloud"),
 ])
 def test_relay_setup_refuses_root_or_the_admin_as_tunnel_login(instance, tmp_path, capsys, user, apply, fragment):
     """The tunnel login is never root or the --apply admin: setup.sh would wipe its password and shell and
