@@ -33,6 +33,7 @@ def tree(root: Path, files: dict[str, str | bytes]) -> Path:
     ("zed:1\namy:2\n", "", ["users: adds amy, zed (with the passwords set in the export)"]),
     ("b:1\nc:9\n", "a:1\nc:2\n", ["users: adds b (with the passwords set in the export)", "users: removes a",
                                    "users: replaces the password of c"]),
+    ("x:1\ny:1\n", "x:2\ny:2\n", ["users: replaces the password of x, y"]),
 ])
 def test_user_changes(tmp_path, staged, current, lines):
     staging = tree(tmp_path / "staging", {"data/users.htpasswd": staged})
@@ -54,11 +55,12 @@ def test_file_changes_name_keys_and_acme_state_and_skip_the_store(tmp_path):
     acme/ -> ACME state, else "file") and whether it replaces or adds; identical files, the collections and
     the htpasswd (listed as users) are not."""
     staging = tree(tmp_path / "staging", {
-        "data/ssh/id_ed25519": "new key", "data/ssh/known_hosts": "same",
+        "data/acme/0-same.json": "same", "data/ssh/id_ed25519": "new key", "data/ssh/known_hosts": "same",
         "data/acme/account.json": "{}", "data/other.txt": "x",
         "data/collections/collection-root/alice/card.vcf": "BEGIN:VCARD", "data/users.htpasswd": "",
     })
-    target = tree(tmp_path / "target", {"ssh/id_ed25519": "old key", "ssh/known_hosts": "same"})
+    target = tree(tmp_path / "target", {"acme/0-same.json": "same", "ssh/id_ed25519": "old key",
+                                        "ssh/known_hosts": "same"})
     assert describe_changes(staging, target, None, False) == [
         f"ACME account key or state: adds {target / 'acme' / 'account.json'}",
         f"file: adds {target / 'other.txt'}",
@@ -100,3 +102,7 @@ def test_the_exported_config_is_summarised_only_when_it_will_be_written(tmp_path
     assert lines[1].endswith(", pinned host key (none)") and lines[2].endswith(", email (none)"), lines
     off = config.loads('[server]\ndomain = "laptop.test"\n[acme]\nenabled = false\n')
     assert describe_changes(staging, target, off, True)[1:] == ["config: no relay", "config: ACME off"]
+    # users and files first, then the config
+    tree(staging, {"data/users.htpasswd": "alice:1\n"})
+    assert describe_changes(staging, target, full, True)[:2] == [
+        "users: adds alice (with the passwords set in the export)", "config: domain laptop.test"]
