@@ -324,3 +324,78 @@ def test_changes_not_accepted_carry_their_message_and_list(instance, tmp_path):
     assert str(err.value).startswith(f"{export} would change ") and "--accept-changes" in str(err.value)
     assert err.value.changes and all(isinstance(line, str) and line for line in err.value.changes)
     assert f"would change {len(err.value.changes)} thing(s)" in str(err.value)
+
+
+def test_an_import_into_a_store_that_holds_items_is_refused(instance, tmp_path):
+    """The store already holds items: refused with one line naming the store and the count; nothing staged."""
+    cfg = config_mod.load(instance)
+    _fill(cfg, cards=2, events=0)
+    export = tmp_path / "e.tar.gz"
+    export_backup(cfg, export, None)
+    with pytest.raises(BackupError) as err:
+        import_backup(export, cfg, config_path=instance, accept_changes=True, check_running=False)
+    storage = cfg.server.data_dir / "collections"
+    assert str(err.value) == (f"refusing to import: the store {storage} already holds 2 item(s); importing would "
+                              "mix or roll back data that phones have synced (see docs/operations.md). Export it "
+                              "first, then move it away to import here")
+    assert not any(p.name.startswith(".import-") for p in cfg.server.data_dir.iterdir())
+
+
+def test_radicale_verifies_the_staged_store_with_the_settings_that_will_serve_it(instance, tmp_path, monkeypatch):
+    """Before anything is moved, Radicale verifies the store where it lies, in a ".import-" folder inside the
+    target data folder, with the existing config (an import into a configured laptop) or the exported one (a
+    new laptop)."""
+    from tests.support import init_instance
+
+    cfg = config_mod.load(instance)
+    _fill(cfg, cards=1, events=0)
+    export = tmp_path / "e.tar.gz"
+    export_backup(cfg, export, None)
+    seen: list[config_mod.Config] = []
+    real = backup.verify_store
+    monkeypatch.setattr(backup, "verify_store", lambda c: (seen.append(c), real(c))[1])
+
+    b_path = init_instance(tmp_path / "b", password="another long password")
+    b = config_mod.load(b_path)
+    import_backup(export, b, config_path=b_path, accept_changes=True, check_running=False)
+    staged = seen[-1].server.data_dir
+    assert len(seen) == 1 and seen[0].path == b_path
+    assert staged.name == "data" and staged.parent.parent == b.server.data_dir
+    assert staged.parent.name.startswith(".import-") and not staged.parent.exists()
+
+    new_config, new_data = tmp_path / "c" / "config.toml", tmp_path / "c-data"
+    import_backup(export, None, config_path=new_config, data_dir=new_data, accept_changes=True)
+    assert len(seen) == 2 and seen[1].path == Path("config.toml") and seen[1].server.domain == cfg.server.domain
+    assert seen[1].server.data_dir.parent.parent == new_data
+
+
+def test_a_new_laptop_is_shown_the_exported_config_and_a_broken_one_is_refused(instance, tmp_path):
+    """With no config yet, the change list carries the exported config's summary and the refusal says how to go
+    on; with a config, no "config:" line. An export whose config.toml is refused: one line naming the file's
+    own error, nothing written."""
+    from tests.support import init_instance
+
+    cfg = config_mod.load(instance)
+    _fill(cfg, cards=1, events=0)
+    export = tmp_path / "e.tar.gz"
+    export_backup(cfg, export, None)
+    new_config = tmp_path / "c" / "config.toml"
+    with pytest.raises(backup.ChangesNotAccepted) as err:
+        import_backup(export, None, config_path=new_config, data_dir=tmp_path / "c-data")
+    changes = err.value.changes
+    assert f"config: domain {cfg.server.domain}" in changes
+    assert str(err.value) == (f"{export} would change {len(changes)} thing(s) listed above; nothing was changed "
+                              "(run again with --accept-changes to restore it)")
+    b_path = init_instance(tmp_path / "b", password="another long password")
+    with pytest.raises(backup.ChangesNotAccepted) as err:
+        import_backup(export, config_mod.load(b_path), config_path=b_path, check_running=False)
+    assert err.value.changes and not [c for c in err.value.changes if c.startswith("config:")]
+
+    Path(instance).write_text(Path(instance).read_text() + '[rely]\nhost = "x"\n')
+    broken = tmp_path / "broken.tar.gz"
+    export_backup(cfg, broken, None)
+    with pytest.raises(BackupError) as err:
+        import_backup(broken, None, config_path=new_config, data_dir=tmp_path / "d-data", accept_changes=True)
+    assert str(err.value).startswith(f"{broken}: its config is refused: config.toml: line ")
+    assert str(err.value).endswith(': [rely]: unknown section (did you mean "[relay]"?); nothing was changed')
+    assert not new_config.exists()
