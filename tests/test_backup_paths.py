@@ -357,7 +357,8 @@ def test_radicale_verifies_the_staged_store_with_the_settings_that_will_serve_it
 
     b_path = init_instance(tmp_path / "b", password="another long password")
     b = config_mod.load(b_path)
-    import_backup(export, b, config_path=b_path, accept_changes=True, check_running=False)
+    result = import_backup(export, b, config_path=b_path, accept_changes=True, check_running=False)
+    assert (result.data_dir, result.items, result.config_written) == (b.server.data_dir, 1, None)
     staged = seen[-1].server.data_dir
     assert len(seen) == 1 and seen[0].path == b_path
     assert staged.name == "data" and staged.parent.parent == b.server.data_dir
