@@ -407,3 +407,59 @@ def test_a_new_laptop_is_shown_the_exported_config_and_a_broken_one_is_refused(i
     assert str(err.value).startswith(f"{broken}: its config is refused: config.toml: line ")
     assert str(err.value).endswith(': [rely]: unknown section (did you mean "[relay]"?); nothing was changed')
     assert not new_config.exists()
+
+
+def test_an_export_reports_what_it_wrote_and_its_manifest_says_where_from(instance, tmp_path, monkeypatch):
+    """Into a folder that does not exist yet: the result names the file, its size, every file and item
+    written and the lock's wait and hold (within the call's own time); the manifest carries the format,
+    version, domain, creation time and data folder (import rewrites paths from it) and a hash per file; the
+    file is first written as a hidden temporary next to the destination (so the final rename is atomic);
+    a config that was not loaded from a file is not exported."""
+    import dataclasses
+    import datetime as dt
+    import hashlib
+    import json
+    import tarfile
+    import tempfile
+    import time
+
+    from inverse_cloud import __version__
+
+    cfg = config_mod.load(instance)
+    _fill(cfg, cards=2, events=1)
+    temps: list[tuple[str, str]] = []
+    real_mkstemp = tempfile.mkstemp
+
+    def mkstemp(*, prefix: str, dir: Path) -> tuple[int, str]:
+        temps.append((prefix, str(dir)))
+        return real_mkstemp(prefix=prefix, dir=dir)
+
+    monkeypatch.setattr(backup.tempfile, "mkstemp", mkstemp)
+    dest = tmp_path / "new" / "nested" / "snap.tar.gz"
+    before = dt.datetime.now(dt.UTC).replace(microsecond=0)
+    t0 = time.monotonic()
+    result = export_backup(cfg, dest, None)
+    elapsed = time.monotonic() - t0
+    after = dt.datetime.now(dt.UTC)
+    assert temps == [(".snap.tar.gz.", str(dest.parent))]
+    assert sorted(p.name for p in dest.parent.iterdir()) == ["snap.tar.gz"]
+    with tarfile.open(dest) as tar:
+        members = {m.name: tar.extractfile(m).read() for m in tar.getmembers()}  # type: ignore[union-attr]
+    manifest = json.loads(members.pop("MANIFEST.json"))
+    assert {n: hashlib.sha256(d).hexdigest() for n, d in members.items()} == manifest["files"]
+    items = sorted(n for n in members if n.startswith("data/collections/collection-root/")
+                   and not n.rsplit("/", 1)[-1].startswith("."))
+    assert len(items) == 3 and "config.toml" in members
+    assert (result.path, result.files, result.items, result.bytes) == (dest, len(members), 3, dest.stat().st_size)
+    assert 0 <= result.lock_wait_s and 0 <= result.locked_s and result.lock_wait_s + result.locked_s <= elapsed
+    assert {k: v for k, v in manifest.items() if k not in ("files", "created")} == {
+        "format": backup.FORMAT, "version": __version__, "domain": cfg.server.domain,
+        "data_dir": str(cfg.server.data_dir), "items": 3}
+    created = dt.datetime.strptime(manifest["created"], "%Y-%m-%dT%H:%M:%SZ").replace(tzinfo=dt.UTC)
+    assert before <= created <= after
+
+    no_file = dataclasses.replace(cfg, path=None)
+    again = export_backup(no_file, tmp_path / "no-config.tar.gz", None)
+    with tarfile.open(again.path) as tar:
+        names = tar.getnames()
+    assert "config.toml" not in names and again.files == len(names) - 1 == result.files - 1
