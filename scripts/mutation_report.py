@@ -3,7 +3,11 @@ surviving mutant. Run by scripts/mutate.sh after ``mutmut run``; arguments restr
 
 ``--previous REPORT``: this run re-checked only the survivors of REPORT (``RECHECK=REPORT scripts/mutate.sh``).
 The module must be byte-identical to the one REPORT mutated (its sha256 line): then a mutant killed there is
-still killed (tests were only added), and the score is REPORT's kills plus the survivors killed now."""
+still killed (tests were only added), and the score is REPORT's kills plus the survivors killed now. The
+mutants an interrupted run did not reach are listed too, and a re-check runs them with the survivors.
+
+Run it by hand in an interrupted run's scratch folder (or any folder holding ``mutants/MODULE.meta`` and the
+module's source) to report what that run got to."""
 
 from __future__ import annotations
 
@@ -41,6 +45,7 @@ def main(argv: list[str]) -> int:
     mutmut = str(Path(sys.executable).parent / "mutmut")
     rows: list[tuple[str, Counter[str]]] = []
     survivors: list[str] = []
+    not_run: list[str] = []     # an interrupted run's rest: RECHECK runs these too
     for meta in sorted(Path("mutants").rglob("*.py.meta")):
         module = meta.relative_to("mutants").as_posix().removesuffix(".meta")
         if wanted and module not in wanted:
@@ -67,14 +72,16 @@ def main(argv: list[str]) -> int:
             if digest != hashlib.sha256(Path(module).read_bytes()).hexdigest():
                 raise SystemExit(f"{module} changed since {previous}: run the whole module again")
             rechecked = counts["killed"] + counts["timeout"] + counts["survived"] + counts["no tests"]
-            if rechecked != before["survived"] + before["no tests"]:
-                raise SystemExit(f"{rechecked} mutants re-checked, {previous} had "
-                                 f"{before['survived'] + before['no tests']} survivors")
+            survived_before = before["survived"] + before["no tests"]
+            if not survived_before <= rechecked <= survived_before + before["not run"]:
+                raise SystemExit(f"{rechecked} mutants re-checked, {previous} had {survived_before} survivors "
+                                 f"and {before['not run']} not run")
             counts = Counter({"killed": before["killed"] + counts["killed"],
                               "timeout": before["timeout"] + counts["timeout"],
                               "survived": counts["survived"], "no tests": counts["no tests"],
-                              "not run": before["not run"]})
+                              "not run": survived_before + before["not run"] - rechecked})
         rows.append((module, counts))
+        not_run.extend(name for name, code in codes.items() if code in NOT_RUN and previous is None)
     print(f"{'module':45} {'killed':>7} {'timeout':>7} {'survived':>8} {'no tests':>8} {'not run':>7} {'score':>6}")
     for module, c in rows:
         tested = sum(c.values()) - c["not run"]    # score over the mutants the run got to
@@ -91,6 +98,10 @@ def main(argv: list[str]) -> int:
         print(f"\n{name}")
         for line in lines:
             print(f"    {line}")
+    if not_run:
+        print(f"\n{len(not_run)} mutant(s) not run yet (the run was interrupted; RECHECK runs them too):")
+        for name in not_run:
+            print(name)
     return 0
 
 
