@@ -33,7 +33,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from inverse_cloud.dav.storage.index import _SCHEMA  # noqa: E402
+from inverse_cloud.dav.storage.schema import SCHEMA as _SCHEMA  # noqa: E402
 
 
 def rows(n: int) -> list[tuple[str, str, str, int, int, int]]:

@@ -1,12 +1,13 @@
 """Differential test: the storage plugin against stock multifilesystem, side by side (hypothesis).
 
 Random sequences of PUT (new, replacing, conflicting UIDs, If-None-Match), DELETE, MOVE (within and across
-collections), deleting and re-creating a collection, a PUT of a whole address book replacing one,
+collections), deleting and re-creating a collection, a PUT of a whole address book or calendar replacing one,
 sync-collection from random earlier tokens, multiget, PROPFIND and restarts of our side go to two Radicale
 apps that differ only in ``[storage] type``. Every answer must be the same: statuses, item sets and etags,
 and what each sync reports (href, status, etag); the bodies of a PROPFIND Depth 1 and of a multiget with
 the items' data must be the same bytes, but for the collection's own tokens (sync-token, CTag and the
-collection's etag, which the index makes from its change log). The sync tokens are compared through a
+collection's etag, which the index makes from its change log). Two address books and a calendar of events
+and tasks (its listing names each item's component from the index). The sync tokens are compared through a
 pairing, so that a token repeats on one side exactly when it repeats on the other (a sync reports "no
 change" on both or on neither).
 
@@ -34,7 +35,8 @@ from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, ru
 from inverse_cloud.dav.storage import PLUGIN
 from tests.support.dav import Dav, collection_tokens_masked, radicale_app, vcard
 
-COLLS = ["/alice/book/", "/alice/other/"]
+CAL = "/alice/cal/"
+COLLS = ["/alice/book/", "/alice/other/", CAL]
 HREFS = ["a.vcf", "b.vcf", "c.vcf", "d.vcf"]
 UIDS = ["u1", "u2", "u3"]
 NAMES = ["Ann", "Bob"]
@@ -44,6 +46,19 @@ FAST = {"_filesystem_fsync": "False"}
 PROPFIND_ALL = ('<?xml version="1.0"?><d:propfind xmlns:d="DAV:" xmlns:cs="http://calendarserver.org/ns/"><d:prop>'
                 '<d:resourcetype/><d:getetag/><d:getcontenttype/><d:getcontentlength/><d:sync-token/><cs:getctag/>'
                 '<d:displayname/></d:prop></d:propfind>')
+
+COMPONENT = {"Ann": "VEVENT", "Bob": "VTODO"}
+
+
+def component(uid: str, name: str) -> str:
+    kind = COMPONENT[name]
+    when = "DTSTART:20260101T100000Z\r\nDURATION:PT1H\r\n" if kind == "VEVENT" else "DUE:20260102T100000Z\r\n"
+    return f"BEGIN:{kind}\r\nUID:{uid}\r\n{when}SUMMARY:{name}\r\nDTSTAMP:20260101T000000Z\r\nEND:{kind}\r\n"
+
+
+def ics(components: str) -> str:
+    return f"BEGIN:VCALENDAR\r\nVERSION:2.0\r\nPRODID:x\r\n{components}END:VCALENDAR\r\n"
+
 
 colls = st.sampled_from(COLLS)
 hrefs = st.sampled_from(HREFS)
@@ -73,12 +88,16 @@ class StorageDifferential(RuleBasedStateMachine):
     @initialize()
     def collections(self) -> None:
         for c in COLLS:
-            assert self.both("mkcol", c) == 201
+            assert self.both("mkcol", c, "calendar" if c == CAL else "addressbook") == 201
 
     @rule(coll=colls, href=hrefs, uid=st.sampled_from(UIDS), name=st.sampled_from(NAMES), create=st.booleans())
     def put(self, coll: str, href: str, uid: str, name: str, create: bool) -> None:
         headers = {"if_none_match": "*"} if create else {}
-        self.both("put", coll + href, vcard(uid, name), **headers)
+        if coll == CAL:
+            self.both("request", "PUT", coll + href, ics(component(uid, name)), content_type="text/calendar",
+                      **headers)
+        else:
+            self.both("put", coll + href, vcard(uid, name), **headers)
 
     @rule(coll=colls, href=hrefs)
     def delete(self, coll: str, href: str) -> None:
@@ -91,7 +110,7 @@ class StorageDifferential(RuleBasedStateMachine):
     @rule(coll=colls)
     def recreate_collection(self, coll: str) -> None:
         self.both("delete", coll)
-        assert self.both("mkcol", coll) == 201
+        assert self.both("mkcol", coll, "calendar" if coll == CAL else "addressbook") == 201
         self.tokens[coll].clear()
         self.pairs[coll].clear()
         self.back[coll].clear()
@@ -99,9 +118,13 @@ class StorageDifferential(RuleBasedStateMachine):
     @rule(coll=colls, uids=st.lists(st.sampled_from(UIDS), min_size=1, max_size=3, unique=True),
           name=st.sampled_from(NAMES))
     def put_whole_collection(self, coll: str, uids: list[str], name: str) -> None:
-        """A PUT of a whole address book replaces the collection (Radicale's create_collection with items)."""
-        body = "".join(vcard(u, name) for u in uids)
-        self.both("request", "PUT", coll, body, content_type="text/vcard")
+        """A PUT of a whole address book or calendar replaces the collection (Radicale's create_collection
+        with items)."""
+        if coll == CAL:
+            self.both("request", "PUT", coll, ics("".join(component(u, name) for u in uids)),
+                      content_type="text/calendar")
+        else:
+            self.both("request", "PUT", coll, "".join(vcard(u, name) for u in uids), content_type="text/vcard")
 
     @rule(coll=colls, data=st.data())
     def sync(self, coll: str, data: st.DataObject) -> None:
@@ -123,7 +146,7 @@ class StorageDifferential(RuleBasedStateMachine):
 
     @rule(coll=colls, subset=st.sets(hrefs, min_size=1))
     def multiget(self, coll: str, subset: set[str]) -> None:
-        self.both("multiget", coll, [coll + h for h in sorted(subset)])
+        self.both("multiget", coll, [coll + h for h in sorted(subset)], "calendar" if coll == CAL else "addressbook")
 
     def same_bodies(self, method: str, path: str, body: str, **headers: str) -> None:
         s_status, s_body = self.stock.request(method, path, body, **headers)
@@ -137,9 +160,11 @@ class StorageDifferential(RuleBasedStateMachine):
 
     @rule(coll=colls, subset=st.sets(hrefs, min_size=1))
     def multiget_body(self, coll: str, subset: set[str]) -> None:
-        body = ('<?xml version="1.0"?><c:addressbook-multiget xmlns:d="DAV:" xmlns:c="urn:ietf:params:xml:ns:carddav">'
-                '<d:prop><d:getetag/><d:getcontenttype/><c:address-data/></d:prop>'
-                + "".join(f"<d:href>{coll}{h}</d:href>" for h in sorted(subset)) + "</c:addressbook-multiget>")
+        report, ns, data = (("calendar-multiget", "caldav", "calendar-data") if coll == CAL
+                            else ("addressbook-multiget", "carddav", "address-data"))
+        body = (f'<?xml version="1.0"?><c:{report} xmlns:d="DAV:" xmlns:c="urn:ietf:params:xml:ns:{ns}">'
+                f'<d:prop><d:getetag/><d:getcontenttype/><c:{data}/></d:prop>'
+                + "".join(f"<d:href>{coll}{h}</d:href>" for h in sorted(subset)) + f"</c:{report}>")
         self.same_bodies("REPORT", coll, body, depth="1")
 
     @rule(coll=colls, href=hrefs)

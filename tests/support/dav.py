@@ -110,11 +110,12 @@ class Dav:
                 result[href] = etag
         return result
 
-    def multiget(self, path: str, hrefs: list[str]) -> dict[str, tuple[int, str]]:
-        """href -> (status, etag) from an addressbook-multiget."""
-        body = ('<?xml version="1.0"?><c:addressbook-multiget xmlns:d="DAV:" xmlns:c="urn:ietf:params:xml:ns:carddav">'
+    def multiget(self, path: str, hrefs: list[str], report: str = "addressbook") -> dict[str, tuple[int, str]]:
+        """href -> (status, etag) from an addressbook-multiget (``report="calendar"``: a calendar-multiget)."""
+        ns = "urn:ietf:params:xml:ns:carddav" if report == "addressbook" else "urn:ietf:params:xml:ns:caldav"
+        body = (f'<?xml version="1.0"?><c:{report}-multiget xmlns:d="DAV:" xmlns:c="{ns}">'
                 '<d:prop><d:getetag/></d:prop>' + "".join(f"<d:href>{h}</d:href>" for h in hrefs)
-                + "</c:addressbook-multiget>")
+                + f"</c:{report}-multiget>")
         status, out = self.request("REPORT", path, body, depth="1")
         assert status == 207, (status, out[:300])
         return _responses(out)

@@ -27,7 +27,8 @@ from radicale import storage as radicale_storage
 from radicale.storage import multifilesystem
 
 from inverse_cloud.dav.storage.collection import Collection
-from inverse_cloud.dav.storage.index import Index, IndexUnavailable
+from inverse_cloud.dav.storage.index import Found, Index, IndexUnavailable
+from inverse_cloud.dav.storage.items import found
 from inverse_cloud.dav.storage.locks import WHOLE_STORE, ProcessLock, RootLocks, ScopedApplication, root_of
 
 __all__ = ["INDEX_FILE", "PLUGIN", "TESTED_RADICALE", "Collection", "ScopedApplication", "Storage",
@@ -133,7 +134,7 @@ class Storage(multifilesystem.Storage):
         if not getattr(self._deferred, "on", False):
             super()._sync_directory(path)
 
-    def record(self, collection: Collection, changes: dict[str, tuple[str, str] | None]) -> None:
+    def record(self, collection: Collection, changes: dict[str, Found | None]) -> None:
         """Tell the index about our own write. The files are written already: if the index cannot take
         it, the collection is compared with its files at its next use."""
         try:
@@ -172,10 +173,10 @@ class Storage(multifilesystem.Storage):
         except OSError as e:
             log.warning("storage: moving the cache entry of %r failed: %s", item.href, e)
         if src.path == to_collection.path:
-            self.record(src, {item.href: None, to_href: (item.uid, item.etag)})
+            self.record(src, {item.href: None, to_href: found(item)})
         else:
             self.record(src, {item.href: None})
-            self.record(to_collection, {to_href: (item.uid, item.etag)})
+            self.record(to_collection, {to_href: found(item)})
 
     def create_collection(self, href: str, items: Iterable[radicale_item.Item] | None = None,
                           props: Mapping[str, str] | None = None) -> Any:

@@ -31,8 +31,8 @@ from radicale import pathutils, storage
 from radicale.storage import multifilesystem
 from radicale.storage.multifilesystem.cache import CacheContent
 
-from inverse_cloud.dav.storage.index import IndexUnavailable
-from inverse_cloud.dav.storage.items import IndexedItem
+from inverse_cloud.dav.storage.index import Found, IndexUnavailable
+from inverse_cloud.dav.storage.items import IndexedItem, found
 
 if TYPE_CHECKING:
     from inverse_cloud.dav.storage import Storage
@@ -77,7 +77,7 @@ class Collection(multifilesystem.Collection):
     def is_item_name(self, name: str) -> bool:
         return bool(pathutils.is_safe_filesystem_path_component(name))
 
-    def read_items(self, hrefs: list[str]) -> dict[str, tuple[str, str] | None]:
+    def read_items(self, hrefs: list[str]) -> dict[str, Found | None]:
         """Each item through Radicale's ``_get``; the item cache entries it writes (every item, on a store
         the index has never seen) are made durable together (see :meth:`_store_item_cache`)."""
         if len(hrefs) < 2:
@@ -94,9 +94,9 @@ class Collection(multifilesystem.Collection):
                 self._cache_batch = None
         return found
 
-    def read_item(self, href: str) -> tuple[str, str] | None:
+    def read_item(self, href: str) -> Found | None:
         item = self._read(href)
-        return None if item is None else (item.uid, item.etag)
+        return None if item is None else found(item)
 
     def _store_item_cache(self, href: str, item: radicale_item.Item, cache_hash: str = "") -> Any:
         """Radicale's, except within :meth:`read_items`: there the entry is written (without fsync) into the
@@ -132,14 +132,14 @@ class Collection(multifilesystem.Collection):
 
     # --- listings answered by the index (items.py) -------------------------------------------------
 
-    _indexed: dict[str, tuple[str, str, int, int]] | None = None
+    _indexed: dict[str, tuple[str, str, str | None, int, int]] | None = None
 
     def _list(self) -> Iterator[str]:
-        """Radicale's listing; for an address book, the index's rows are fetched along (one query), and
-        ``_get`` of a listed item whose file still matches its row answers from the row."""
+        """Radicale's listing; for an address book or a calendar, the index's rows are fetched along (one
+        query), and ``_get`` of a listed item whose file still matches its row answers from the row."""
         names = list(super()._list())
         self._indexed = None
-        if names and self.tag == "VADDRESSBOOK":
+        if names and self.tag in ("VADDRESSBOOK", "VCALENDAR"):
             try:
                 self._indexed = self._storage.index.live_rows(self)
             except IndexUnavailable:
@@ -149,13 +149,14 @@ class Collection(multifilesystem.Collection):
     def _get(self, href: str, verify_href: bool = True) -> radicale_item.Item | None:
         rows = self._indexed
         row = None if rows is None or verify_href else rows.get(href)
-        if row is not None:
+        if row is not None and row[2] is not None:
             try:
                 st = os.stat(os.path.join(self._filesystem_path, href))
             except OSError:
                 st = None
-            if st is not None and stat.S_ISREG(st.st_mode) and (st.st_size, st.st_mtime_ns) == row[2:]:
-                return IndexedItem(self, href, row[0], row[1], st.st_mtime, self._read)
+            if st is not None and stat.S_ISREG(st.st_mode) and (st.st_size, st.st_mtime_ns) == row[3:]:
+                name, _, component = row[2].partition("/")
+                return IndexedItem(self, href, row[0], row[1], name, component, st.st_mtime, self._read)
         return super()._get(href, verify_href)
 
     def _read(self, href: str) -> radicale_item.Item | None:
@@ -253,7 +254,7 @@ class Collection(multifilesystem.Collection):
             self._store_item_cache(href, item, cache_hash)
         except Exception as e:
             raise ValueError(f"Failed to store item cache of {href!r} in collection {self.path!r}: {e}") from e
-        self._storage.record(self, {href: (item.uid, item.etag)})
+        self._storage.record(self, {href: found(item)})
         uploaded_item = self._get(href, verify_href=False)
         if uploaded_item is None:
             raise RuntimeError("Storage modified externally")

@@ -1,4 +1,5 @@
-"""The persisted per-collection index: href -> uid, etag, size, mtime, plus the change log behind sync tokens.
+"""The persisted per-collection index: href -> uid, etag, component, size, mtime, plus the change log behind
+sync tokens.
 
 One SQLite database (stdlib ``sqlite3``, WAL, ``synchronous=FULL``) for the whole store, next to
 Radicale's own caches. Why SQLite and not files: one PUT is one small transaction (the item's row and
@@ -35,28 +36,16 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Concatenate, ParamSpec, Protocol, TypeVar, cast
 
+from inverse_cloud.dav.storage.schema import Found, open_database
 from inverse_cloud.dav.storage.tokens import TOKEN_PREFIX, make_token, parse_token
 from inverse_cloud.dav.storage.watch import DirWatcher
 
-__all__ = ["TOKEN_PREFIX", "Folder", "Index", "IndexUnavailable", "parse_token"]
+__all__ = ["TOKEN_PREFIX", "Folder", "Found", "Index", "IndexUnavailable", "parse_token"]
 
 log = logging.getLogger(__name__)
 
-SCHEMA_VERSION = "1"
 # How often (at most) tombstones past max_sync_token_age are looked for in one collection.
 PRUNE_INTERVAL_S = 3600.0
-
-_SCHEMA = """
-CREATE TABLE IF NOT EXISTS meta(key TEXT PRIMARY KEY, value TEXT NOT NULL);
-CREATE TABLE IF NOT EXISTS collections(
-    id INTEGER PRIMARY KEY, path TEXT UNIQUE NOT NULL, gen TEXT NOT NULL,
-    seq INTEGER NOT NULL, pruned_seq INTEGER NOT NULL DEFAULT 0);
-CREATE TABLE IF NOT EXISTS items(
-    coll INTEGER NOT NULL, href TEXT NOT NULL, uid TEXT, etag TEXT, size INTEGER, mtime_ns INTEGER,
-    seq INTEGER NOT NULL, deleted_at REAL, PRIMARY KEY(coll, href)) WITHOUT ROWID;
-CREATE INDEX IF NOT EXISTS items_uid ON items(coll, uid);
-CREATE INDEX IF NOT EXISTS items_seq ON items(coll, seq);
-"""
 
 
 _A = TypeVar("_A")
@@ -81,8 +70,9 @@ class Folder(Protocol):
         """Whether a file of this name in the folder is an item (Radicale's rule)."""
         ...
 
-    def read_items(self, hrefs: list[str]) -> dict[str, tuple[str, str] | None]:
-        """href -> (uid, etag) of each item file, through Radicale's item cache; None: not a valid item."""
+    def read_items(self, hrefs: list[str]) -> dict[str, Found | None]:
+        """href -> (uid, etag, kind) of each item file, through Radicale's item cache; None: not a
+        valid item."""
         ...
 
 
@@ -164,7 +154,7 @@ class Index:
     def _conn(self) -> sqlite3.Connection:
         if self._db is None:
             try:
-                self._db = self._open()
+                self._db = open_database(self._db_path)
             except sqlite3.DatabaseError as exc:
                 if isinstance(exc, sqlite3.OperationalError):
                     raise           # disk full, permissions, locked: the file may be fine
@@ -175,27 +165,8 @@ class Index:
                     with contextlib.suppress(FileNotFoundError):
                         os.remove(self._db_path + suffix)
                 self._colls.clear()
-                self._db = self._open()
+                self._db = open_database(self._db_path)
         return self._db
-
-    def _open(self) -> sqlite3.Connection:
-        db = sqlite3.connect(self._db_path, isolation_level=None, check_same_thread=False)
-        try:
-            db.execute("PRAGMA journal_mode=WAL")
-            # FULL: a commit is on disk before the client hears 201, so a token handed out before a power
-            # loss never names a change the index forgot (one fsync of the WAL per write).
-            db.execute("PRAGMA synchronous=FULL")
-            db.executescript(_SCHEMA)
-            row = db.execute("SELECT value FROM meta WHERE key='schema'").fetchone()
-            if row is None:
-                db.execute("INSERT INTO meta(key, value) VALUES('schema', ?)", (SCHEMA_VERSION,))
-            elif row[0] != SCHEMA_VERSION:
-                raise sqlite3.DatabaseError(f"index schema {row[0]}, expected {SCHEMA_VERSION}")
-            os.chmod(self._db_path, 0o600)
-        except BaseException:
-            db.close()
-            raise
-        return db
 
     def close(self) -> None:
         with self._lock:
@@ -320,13 +291,12 @@ class Index:
                ) -> None:
         """Record what the files now say for ``todo`` (href -> stat, None: gone), in one transaction.
         The items are read (through Radicale's item cache) before the database lock is taken."""
-        found: dict[str, tuple[str, str] | None] = dict.fromkeys(sorted(todo))
+        found: dict[str, Found | None] = dict.fromkeys(sorted(todo))
         found.update(folder.read_items([h for h in found
                                         if (st := todo[h]) is not None and st.st_size <= self._max_item_bytes]))
         self._write(c, [(href, rows.get(href), found[href], todo[href]) for href in found])
 
-    def _write(self, c: _Coll, changes: list[tuple[str, _Row | None, tuple[str, str] | None, os.stat_result | None]]
-               ) -> None:
+    def _write(self, c: _Coll, changes: list[tuple[str, _Row | None, Found | None, os.stat_result | None]]) -> None:
         with self._lock:
             db = self._conn()
             db.execute("BEGIN IMMEDIATE")
@@ -342,7 +312,7 @@ class Index:
             c.seq = seq
 
     def _put_row(self, db: sqlite3.Connection, c: _Coll, seq: int, href: str, row: _Row | None,
-                 found: tuple[str, str] | None, st: os.stat_result | None) -> int:
+                 found: Found | None, st: os.stat_result | None) -> int:
         if found is None:
             if row is not None and not row.deleted:
                 seq += 1
@@ -350,14 +320,15 @@ class Index:
                            "WHERE coll=? AND href=?", (seq, time.time(), c.id, href))
             return seq
         assert st is not None
-        uid, etag = found
+        uid, etag, kind = found
         if row is None or row.deleted or row.etag != etag:
             seq += 1
             row_seq = seq
         else:
             row_seq = row.seq
-        db.execute("INSERT OR REPLACE INTO items(coll, href, uid, etag, size, mtime_ns, seq, deleted_at) "
-                   "VALUES(?, ?, ?, ?, ?, ?, ?, NULL)", (c.id, href, uid, etag, st.st_size, st.st_mtime_ns, row_seq))
+        db.execute("INSERT OR REPLACE INTO items(coll, href, uid, etag, size, mtime_ns, seq, deleted_at, kind) "
+                   "VALUES(?, ?, ?, ?, ?, ?, ?, NULL, ?)",
+                   (c.id, href, uid, etag, st.st_size, st.st_mtime_ns, row_seq, kind))
         return seq
 
     def _prune(self, c: _Coll) -> None:
@@ -417,11 +388,13 @@ class Index:
             "SELECT href FROM items WHERE coll=? AND seq>? AND seq<=? ORDER BY href", (c.id, seq, seq_now))]
 
     @_guarded
-    def live_rows(self, folder: Folder) -> dict[str, tuple[str, str, int, int]]:
-        """href -> (uid, etag, size, mtime_ns) of every item the collection holds, as its files now say."""
+    def live_rows(self, folder: Folder) -> dict[str, tuple[str, str, str | None, int, int]]:
+        """href -> (uid, etag, kind or None: not known, size, mtime_ns) of every item the collection holds,
+        as its files now say."""
         c = self._coll(folder)
-        return {str(h): (str(u), str(e), int(cast(int, s)), int(cast(int, m))) for h, u, e, s, m in self._query(
-            "SELECT href, uid, etag, size, mtime_ns FROM items WHERE coll=? AND deleted_at IS NULL", (c.id,))}
+        return {str(h): (str(u), str(e), None if k is None else str(k), int(cast(int, s)), int(cast(int, m)))
+                for h, u, e, k, s, m in self._query("SELECT href, uid, etag, kind, size, mtime_ns FROM items "
+                                                    "WHERE coll=? AND deleted_at IS NULL", (c.id,))}
 
     @_guarded
     def state(self, folder: Folder) -> tuple[str, int, int]:
@@ -436,12 +409,12 @@ class Index:
     # --- our own writes ---------------------------------------------------------------------------
 
     @_guarded
-    def record(self, folder: Folder, changes: dict[str, tuple[str, str] | None]) -> None:
-        """This process changed items of ``folder``: href -> (uid, etag) written, or None removed.
+    def record(self, folder: Folder, changes: dict[str, Found | None]) -> None:
+        """This process changed items of ``folder``: href -> (uid, etag, kind) written, or None removed.
         Called under Radicale's write lock, after the files are on disk."""
         c = self._coll(folder)      # the watch reports our own write: usually already recorded here
         rows = self._rows(c, changes)
-        todo: list[tuple[str, _Row | None, tuple[str, str] | None, os.stat_result | None]] = []
+        todo: list[tuple[str, _Row | None, Found | None, os.stat_result | None]] = []
         for href, found in changes.items():
             st = None
             row = rows.get(href)
