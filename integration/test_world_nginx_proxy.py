@@ -14,7 +14,6 @@ docs/test-matrix.md F21."""
 
 from __future__ import annotations
 
-import datetime as dt
 import io
 import json
 import re
@@ -27,7 +26,7 @@ from relay_sshd import configure
 from test_journey import Phone, card
 from test_world_ssh_on_443 import access_lines
 from test_world_two_laptops import admin_key, cli, install_and_init, status
-from world import HOSTS, RELAY_NAME, ZONE
+from world import HOSTS, RELAY_NAME, ZONE, ca_and_leaf
 
 from tests.support import wait_until
 
@@ -40,42 +39,11 @@ PASSWORD = "correct horse"
 BUNDLE = "relay-bundle"                    # relay-setup --output DIR, in the laptop's home; scp puts it in root's
 
 
-def site_ca_and_leaf() -> tuple[bytes, bytes, bytes]:
-    """A CA the phone trusts (as it trusts any public CA) and the site's certificate and key from it (PEM)."""
-    from cryptography import x509
-    from cryptography.hazmat.primitives import hashes, serialization
-    from cryptography.hazmat.primitives.asymmetric import ec
-    from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
-
-    now = dt.datetime.now(dt.UTC)
-    start, end = now - dt.timedelta(hours=1), now + dt.timedelta(days=2)
-    ca_key = ec.generate_private_key(ec.SECP256R1())
-    ca_name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "test world web CA")])
-    ca = (x509.CertificateBuilder().subject_name(ca_name).issuer_name(ca_name).public_key(ca_key.public_key())
-          .serial_number(x509.random_serial_number()).not_valid_before(start).not_valid_after(end)
-          .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
-          .add_extension(x509.SubjectKeyIdentifier.from_public_key(ca_key.public_key()), critical=False)
-          .sign(ca_key, hashes.SHA256()))
-    key = ec.generate_private_key(ec.SECP256R1())
-    leaf = (x509.CertificateBuilder()
-            .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, SITE)]))
-            .issuer_name(ca_name).public_key(key.public_key()).serial_number(x509.random_serial_number())
-            .not_valid_before(start).not_valid_after(end)
-            .add_extension(x509.SubjectAlternativeName([x509.DNSName(SITE)]), critical=False)
-            .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
-            .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH]), critical=False)
-            .add_extension(x509.AuthorityKeyIdentifier.from_issuer_public_key(ca_key.public_key()), critical=False)
-            .sign(ca_key, hashes.SHA256()))
-    pem = serialization.Encoding.PEM
-    return (ca.public_bytes(pem), leaf.public_bytes(pem),
-            key.private_bytes(pem, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()))
-
-
 def existing_site(world) -> bytes:
     """The VPS before the journey: nginx installed, a site for www.example.org in sites-enabled (HTTPS on 443
     with its own certificate, port 80 redirecting, an /admin only for 127.0.0.1), its files in /var/www.
     Returns the CA certificate the phone must trust."""
-    ca, leaf, key = site_ca_and_leaf()
+    ca, leaf, key = ca_and_leaf("test world web CA", SITE)
     etc = world.relay_etc
     (etc / "ssl" / "certs" / f"{SITE}.pem").write_bytes(leaf)
     key_path = etc / "ssl" / "private" / f"{SITE}.key"

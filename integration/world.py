@@ -171,8 +171,9 @@ def _setns(path: str) -> None:
         os.close(fd)
 
 
-def _pebble_certs(d: Path) -> tuple[Path, Path, Path]:
-    """A CA and a leaf for acme.example.net: Pebble's own HTTPS listener (the ACME directory)."""
+def ca_and_leaf(ca_cn: str, name: str) -> tuple[bytes, bytes, bytes]:
+    """A CA called ``ca_cn`` and a server certificate for ``name`` from it, and its key (PEM): a CA the world's
+    clients trust as they trust a public one."""
     from cryptography import x509
     from cryptography.hazmat.primitives import hashes, serialization
     from cryptography.hazmat.primitives.asymmetric import ec
@@ -181,7 +182,7 @@ def _pebble_certs(d: Path) -> tuple[Path, Path, Path]:
     now = dt.datetime.now(dt.UTC)
     start, end = now - dt.timedelta(hours=1), now + dt.timedelta(days=2)
     ca_key = ec.generate_private_key(ec.SECP256R1())
-    ca_name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "test world ACME server CA")])
+    ca_name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, ca_cn)])
     ca = (x509.CertificateBuilder().subject_name(ca_name).issuer_name(ca_name).public_key(ca_key.public_key())
           .serial_number(x509.random_serial_number()).not_valid_before(start).not_valid_after(end)
           .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
@@ -189,20 +190,25 @@ def _pebble_certs(d: Path) -> tuple[Path, Path, Path]:
           .sign(ca_key, hashes.SHA256()))
     key = ec.generate_private_key(ec.SECP256R1())
     leaf = (x509.CertificateBuilder()
-            .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, CA_NAME)]))
+            .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name)]))
             .issuer_name(ca_name).public_key(key.public_key()).serial_number(x509.random_serial_number())
             .not_valid_before(start).not_valid_after(end)
-            .add_extension(x509.SubjectAlternativeName([x509.DNSName(CA_NAME)]), critical=False)
+            .add_extension(x509.SubjectAlternativeName([x509.DNSName(name)]), critical=False)
             .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
             .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH]), critical=False)
             .add_extension(x509.AuthorityKeyIdentifier.from_issuer_public_key(ca_key.public_key()), critical=False)
             .sign(ca_key, hashes.SHA256()))
+    pem = serialization.Encoding.PEM
+    return (ca.public_bytes(pem), leaf.public_bytes(pem),
+            key.private_bytes(pem, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()))
+
+
+def _pebble_certs(d: Path) -> tuple[Path, Path, Path]:
+    """A CA and a leaf for acme.example.net: Pebble's own HTTPS listener (the ACME directory)."""
     d.mkdir(parents=True, exist_ok=True)
     paths = d / "wfe-ca.pem", d / "wfe.pem", d / "wfe.key"
-    paths[0].write_bytes(ca.public_bytes(serialization.Encoding.PEM))
-    paths[1].write_bytes(leaf.public_bytes(serialization.Encoding.PEM))
-    paths[2].write_bytes(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
-                                           serialization.NoEncryption()))
+    for path, pem in zip(paths, ca_and_leaf("test world ACME server CA", CA_NAME), strict=True):
+        path.write_bytes(pem)
     os.chmod(paths[2], 0o600)
     return paths
 
