@@ -22,6 +22,18 @@ def body(dav: Dav, props: str) -> bytes:
     return collection_tokens_masked(out)
 
 
+def counting_reads(monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    read: list[str] = []
+    real_get = multifilesystem.Collection._get
+
+    def counting_get(self: multifilesystem.Collection, href: str, verify_href: bool = True) -> object:
+        read.append(href)
+        return real_get(self, href, verify_href)
+
+    monkeypatch.setattr(multifilesystem.Collection, "_get", counting_get)
+    return read
+
+
 def test_propfind_of_an_address_book_reads_no_item_and_answers_as_stock(tmp_path: Path,
                                                                          monkeypatch: pytest.MonkeyPatch) -> None:
     """20 cards on both sides; once the index knows them, the plugin's PROPFIND Depth 1 (etag, content type,
@@ -38,14 +50,7 @@ def test_propfind_of_an_address_book_reads_no_item_and_answers_as_stock(tmp_path
             assert dav.put(f"{BOOK}c{i}.vcf", vcard(f"u{i}")) == 201
         dav.sync(BOOK)
         stock = Dav(radicale_app(tmp_path / "s", "multifilesystem"))
-        read: list[str] = []
-        real_get = multifilesystem.Collection._get
-
-        def counting_get(self: multifilesystem.Collection, href: str, verify_href: bool = True) -> object:
-            read.append(href)
-            return real_get(self, href, verify_href)
-
-        monkeypatch.setattr(multifilesystem.Collection, "_get", counting_get)
+        read = counting_reads(monkeypatch)
         status, ours = dav.request("PROPFIND", BOOK, PROPS, depth="1")
         assert status == 207 and ours.count(b"<response>") == 21
         assert read == []
@@ -74,18 +79,6 @@ def calendar_body(dav: Dav, props: str = PROPS) -> bytes:
     status, out = dav.request("PROPFIND", CAL, props, depth="1")
     assert status == 207
     return collection_tokens_masked(out)
-
-
-def counting_reads(monkeypatch: pytest.MonkeyPatch) -> list[str]:
-    read: list[str] = []
-    real_get = multifilesystem.Collection._get
-
-    def counting_get(self: multifilesystem.Collection, href: str, verify_href: bool = True) -> object:
-        read.append(href)
-        return real_get(self, href, verify_href)
-
-    monkeypatch.setattr(multifilesystem.Collection, "_get", counting_get)
-    return read
 
 
 def test_propfind_of_a_calendar_reads_no_item_and_names_each_items_component(tmp_path: Path,
