@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import logging
 import stat
+import tarfile
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
@@ -419,6 +420,7 @@ def test_an_export_reports_what_it_wrote_and_its_manifest_says_where_from(instan
     import datetime as dt
     import hashlib
     import json
+    import os
     import tarfile
     import tempfile
     import time
@@ -438,13 +440,24 @@ def test_an_export_reports_what_it_wrote_and_its_manifest_says_where_from(instan
     dest = tmp_path / "new" / "nested" / "snap.tar.gz"
     before = dt.datetime.now(dt.UTC).replace(microsecond=0)
     t0 = time.monotonic()
-    result = export_backup(cfg, dest, None)
+    zone = os.environ.get("TZ")
+    os.environ["TZ"] = "Asia/Tokyo"      # "created" is UTC, whatever the laptop's time zone
+    time.tzset()
+    try:
+        result = export_backup(cfg, dest, None)
+    finally:
+        if zone is None:
+            del os.environ["TZ"]
+        else:
+            os.environ["TZ"] = zone
+        time.tzset()
     elapsed = time.monotonic() - t0
     after = dt.datetime.now(dt.UTC)
     assert temps == [(".snap.tar.gz.", str(dest.parent))]
     assert sorted(p.name for p in dest.parent.iterdir()) == ["snap.tar.gz"]
     with tarfile.open(dest) as tar:
         members = {m.name: tar.extractfile(m).read() for m in tar.getmembers()}  # type: ignore[union-attr]
+        assert {m.mode for m in tar.getmembers()} == {0o600}      # private also for a plain `tar -x`
     manifest = json.loads(members.pop("MANIFEST.json"))
     assert {n: hashlib.sha256(d).hexdigest() for n, d in members.items()} == manifest["files"]
     items = sorted(n for n in members if n.startswith("data/collections/collection-root/")
@@ -463,3 +476,21 @@ def test_an_export_reports_what_it_wrote_and_its_manifest_says_where_from(instan
     with tarfile.open(again.path) as tar:
         names = tar.getnames()
     assert "config.toml" not in names and again.files == len(names) - 1 == result.files - 1
+
+
+@pytest.mark.parametrize(("error", "reason"), [
+    (tarfile.ReadError(), "ReadError"),                       # no message: the error's name
+    (tarfile.ReadError("file could not be opened successfully:\n- method gz: x"),
+     "file could not be opened successfully"),                              # first line, without its colon
+])
+def test_an_unreadable_export_is_one_line_naming_the_reason(tmp_path, monkeypatch, error, reason):
+    src = tmp_path / "e.tar.gz"
+    src.write_bytes(b"not a tar")
+
+    def refuse(*_a: Any, **_kw: Any) -> Any:
+        raise error
+
+    monkeypatch.setattr(backup.tarfile, "open", refuse)
+    with pytest.raises(BackupError) as err:
+        backup._open_export(src, None, 1 << 20)
+    assert str(err.value) == f"{src}: not a readable export ({reason})"
