@@ -362,8 +362,8 @@ class Index:
     @_guarded
     def has_uid(self, folder: Folder, uid: str) -> bool:
         c = self._coll(folder)
-        return bool(self._query("SELECT 1 FROM items WHERE coll=? AND uid=? AND deleted_at IS NULL LIMIT 1",
-                                (c.id, uid)))
+        return bool(self._query("SELECT 1 FROM items INDEXED BY items_uid WHERE coll=? AND uid=? "
+                                "AND deleted_at IS NULL LIMIT 1", (c.id, uid)))
 
     @_guarded
     def sync(self, folder: Folder, old_token: str) -> tuple[str, Iterable[str]]:
@@ -402,7 +402,8 @@ class Index:
         last-modified are made of."""
         c = self._coll(folder)
         with self._lock:
-            row = self._conn().execute("SELECT max(mtime_ns) FROM items WHERE coll=? AND deleted_at IS NULL",
+            # A tombstone's mtime_ns is NULL, which max() skips: the items_mtime index answers alone.
+            row = self._conn().execute("SELECT max(mtime_ns) FROM items INDEXED BY items_mtime WHERE coll=?",
                                        (c.id,)).fetchone()
             return c.gen, c.seq, int(row[0] or 0)
 
